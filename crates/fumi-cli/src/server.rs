@@ -1,0 +1,98 @@
+//! `fumi server`: settings from defaults, a TOML file, `FUMI_*` environment variables and flags,
+//! each overriding the one before.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use fumi_server::Config;
+
+#[derive(Args)]
+pub struct ServerArgs {
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "FUMI_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Data directory (database) [default: ./fumi-data].
+    #[arg(long, env = "FUMI_DATA")]
+    data: Option<PathBuf>,
+    /// TOML file with any of the settings in docs/OPERATIONS.md.
+    #[arg(long, env = "FUMI_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+/// Builds the configuration: defaults, then the file, then `FUMI_<SETTING>` variables, then flags.
+fn load_config(args: &ServerArgs) -> Result<Config> {
+    let mut table = toml::Table::try_from(Config::default()).context("default settings")?;
+    if let Some(path) = &args.config {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let file: toml::Table =
+            toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+        for (key, value) in file {
+            if !table.contains_key(&key) {
+                bail!("{}: unknown setting {key:?}", path.display());
+            }
+            table.insert(key, value);
+        }
+    }
+    let keys: Vec<String> = table.keys().cloned().collect();
+    for key in keys {
+        let variable = format!("FUMI_{}", key.to_ascii_uppercase());
+        if let Ok(value) = std::env::var(&variable) {
+            let parsed = match table[&key] {
+                toml::Value::Integer(_) => {
+                    toml::Value::Integer(value.parse().with_context(|| format!("{variable} must be a number"))?)
+                }
+                _ => toml::Value::String(value),
+            };
+            table.insert(key, parsed);
+        }
+    }
+    let mut config: Config = table.try_into().context("invalid settings")?;
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(data) = &args.data {
+        config.data = data.clone();
+    }
+    Ok(config)
+}
+
+pub fn run(args: ServerArgs) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FUMI_LOG").unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let config = load_config(&args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let address = listener.local_addr()?;
+        println!(
+            "fumi server listening on http://{address}, data in {}",
+            fumi_server::database_path(&config).display()
+        );
+        std::io::stdout().flush()?;
+        fumi_server::run(config, listener, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,192 @@
+//! Test harness: the real `fumi` binary as server and as clients, on 127.0.0.1, each test in its
+//! own temporary directory.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+pub const FUMI: &str = env!("CARGO_BIN_EXE_fumi");
+
+/// A running `fumi server` process with its own data directory and log file.
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    listen: String,
+    child: Option<Child>,
+}
+
+impl Server {
+    /// Starts a server on an ephemeral port.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut server = Server { dir, url: String::new(), listen: "127.0.0.1:0".into(), child: None };
+        server.spawn(&[]);
+        server
+    }
+
+    /// Starts a server with extra environment variables (settings).
+    pub fn start_with_env(env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut server = Server { dir, url: String::new(), listen: "127.0.0.1:0".into(), child: None };
+        server.spawn(env);
+        server
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
+    pub fn database(&self) -> PathBuf {
+        self.data_dir().join("fumi.db")
+    }
+
+    fn spawn(&mut self, env: &[(&str, &str)]) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log file");
+        let mut command = Command::new(FUMI);
+        command
+            .args(["server", "--listen", &self.listen, "--data"])
+            .arg(self.data_dir())
+            .env("FUMI_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(log);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("start fumi server");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("server prints its address");
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .trim_end_matches(',')
+            .to_owned();
+        // Restarts reuse the port, because clients keep the server URL in their home.
+        self.listen = url.trim_start_matches("http://").to_owned();
+        self.url = url;
+        self.child = Some(child);
+    }
+
+    /// Kills the server with SIGKILL: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("kill -9");
+            child.wait().expect("reap");
+        }
+    }
+
+    /// Stops the server with SIGTERM and waits for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill -TERM");
+            assert!(status.success());
+            let exit = child.wait().expect("reap");
+            assert!(exit.success(), "server exited with {exit}");
+        }
+    }
+
+    /// Starts the server again on the same port and data directory.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or kill the server first");
+        self.spawn(&[]);
+    }
+
+    /// Every byte the server wrote: database files and its log.
+    pub fn all_written_bytes(&self) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut files = Vec::new();
+        collect_files(self.dir.path(), &mut files);
+        files.into_iter().map(|path| (path.clone(), std::fs::read(&path).expect("read"))).collect()
+    }
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("read dir") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            collect_files(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A person with one device: a home directory for the `fumi` CLI.
+pub struct User {
+    pub home: tempfile::TempDir,
+    pub username: String,
+}
+
+impl User {
+    /// Registers through the CLI and returns the user with its full username.
+    pub fn register(server: &Server, nickname: &str, name: &str) -> Self {
+        let home = tempfile::tempdir().expect("temp dir");
+        let out = fumi_ok(home.path(), &["register", "--server", &server.url, "--name", name, "--username", nickname]);
+        let username = out.trim().strip_prefix("registered ").unwrap_or_else(|| panic!("unexpected: {out}")).to_owned();
+        assert!(username.starts_with(&format!("{nickname}.")), "{username}");
+        User { home, username }
+    }
+
+    /// Runs a command that must succeed; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        fumi_ok(self.home.path(), args)
+    }
+
+    /// Runs a command; returns the whole output.
+    pub fn run(&self, args: &[&str]) -> Output {
+        fumi(self.home.path(), args)
+    }
+
+    /// Receives queued messages as JSON objects.
+    pub fn receive_json(&self) -> Vec<serde_json::Value> {
+        self.ok(&["receive", "--json"])
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON line {line:?}: {e}")))
+            .collect()
+    }
+
+    /// Texts of received (non-event) messages.
+    pub fn receive_texts(&self) -> Vec<String> {
+        self.receive_json()
+            .into_iter()
+            .filter(|m| m["event"] == false)
+            .map(|m| m["text"].as_str().expect("text").to_owned())
+            .collect()
+    }
+}
+
+pub fn fumi(home: &Path, args: &[&str]) -> Output {
+    Command::new(FUMI)
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .env_remove("FUMI_HOME")
+        .output()
+        .expect("run fumi")
+}
+
+pub fn fumi_ok(home: &Path, args: &[&str]) -> String {
+    let output = fumi(home, args);
+    assert!(
+        output.status.success(),
+        "fumi {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        String::from_utf8_lossy(&output.stdout)
+    );
+    String::from_utf8(output.stdout).expect("utf-8")
+}

@@ -1,0 +1,1095 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+pub mod store;
+pub mod transport;
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fumi_core::content::{Body, Content, ContentError, MemberProfileKey};
+use fumi_core::mls::{Commit, Incoming, Member, MlsDevice, MlsError};
+use fumi_core::{AccountIdentity, Profile, ProfileKey, Username};
+use fumi_proto::*;
+use rand::RngCore;
+use reqwest::Method;
+use thiserror::Error;
+
+use crate::store::{AccountRow, Conversation, OutboxEntry, Provider, Store, StoredMessage};
+use crate::transport::{Delivery, Transport};
+
+/// One-time KeyPackages uploaded at registration and topped up to.
+const KEY_PACKAGE_STOCK: usize = 20;
+/// Below this stock, the client uploads more.
+const KEY_PACKAGE_LOW_WATER: u64 = 5;
+/// How often a commit is retried after losing its epoch to another member's commit.
+const COMMIT_ATTEMPTS: usize = 5;
+
+/// Errors of client operations; each message is meant for the user.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// The user asked for something that cannot be done (unknown contact, bad name, ...).
+    #[error("{0}")]
+    Usage(String),
+    /// The home directory holds no account.
+    #[error("no account in this home directory; run `fumi register` first")]
+    NotRegistered,
+    /// The server refused a request.
+    #[error("server refused ({status} {code}): {message}")]
+    Server {
+        /// HTTP status.
+        status: u16,
+        /// Stable error code.
+        code: String,
+        /// Server's message.
+        message: String,
+        /// For `epoch_conflict`, the group's epoch on the server.
+        current_epoch: Option<u64>,
+    },
+    /// The server could not be reached.
+    #[error("network: {0}")]
+    Network(String),
+    /// The server answered something that does not follow the protocol.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// An MLS or credential check failed.
+    #[error("{0}")]
+    Mls(#[from] MlsError),
+    /// The client store failed.
+    #[error("client store: {0}")]
+    Store(String),
+}
+
+impl ClientError {
+    fn is_code(&self, wanted: &str) -> bool {
+        matches!(self, ClientError::Server { code, .. } if code == wanted)
+    }
+}
+
+/// A message or event for display.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DisplayMessage {
+    /// Sender-chosen message id.
+    pub id: String,
+    /// Conversation (group) id.
+    pub conversation: String,
+    /// Group name, or the peer's username for a 1:1 conversation.
+    pub conversation_name: String,
+    /// Whether the conversation is a group.
+    pub group: bool,
+    /// Sender's username (or account id if no profile is known yet).
+    pub sender: String,
+    /// Sender's display name, from their encrypted profile.
+    pub sender_name: Option<String>,
+    /// Text, or a description of a membership change.
+    pub text: String,
+    /// True for membership changes.
+    pub event: bool,
+    /// Whether this device sent it.
+    pub outgoing: bool,
+    /// Sender's timestamp, ms since the Unix epoch.
+    pub sent_at: u64,
+}
+
+/// A conversation summary.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ConversationSummary {
+    /// Group id.
+    pub id: String,
+    /// Group name or the peer's username.
+    pub name: String,
+    /// Whether it is a group.
+    pub group: bool,
+    /// Members' usernames (or account ids), this account excluded.
+    pub members: Vec<String>,
+    /// Messages not yet shown.
+    pub unread: u64,
+    /// False once this device was removed.
+    pub active: bool,
+}
+
+/// Who this device is.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct WhoAmI {
+    /// Full username.
+    pub username: Option<String>,
+    /// Display name.
+    pub name: String,
+    /// Account id.
+    pub account_id: String,
+    /// Device id.
+    pub device_id: String,
+    /// Server URL.
+    pub server: String,
+}
+
+/// A registered device: store, transport and MLS state.
+///
+/// Call [`FumiClient::sync`] before sending or changing a group, so that the change is made on
+/// the group's current epoch and a member removed by someone else gets nothing new. A commit
+/// that loses its epoch anyway is retried after processing the winner.
+pub struct FumiClient {
+    store: Store,
+    transport: Transport,
+    device: MlsDevice<Provider>,
+    account: AccountRow,
+    /// Groups joined during this sync: we introduce ourselves (profile key) to them after it.
+    joined: Vec<GroupId>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes
+}
+
+impl FumiClient {
+    /// Creates an account on `server` with a username `nickname.NN` (the client picks NN) and the
+    /// display name `name`, storing everything in `home`.
+    pub async fn register(home: &Path, server: &str, name: &str, nickname: &str) -> Result<Self, ClientError> {
+        if Store::exists(home) && Store::open(home)?.0.account()?.is_some() {
+            return Err(ClientError::Usage(format!(
+                "{} already holds an account; use another --home",
+                home.display()
+            )));
+        }
+        let nickname = Username::validate_nickname(nickname).map_err(|e| ClientError::Usage(e.to_string()))?;
+        Profile::new(name, None).map_err(|e| ClientError::Usage(e.to_string()))?;
+        let mut transport = Transport::new(server)?;
+        let identity = AccountIdentity::generate(&mut rand::rng());
+        let device_secret: [u8; 32] = random_bytes();
+        let request = RegisterRequest {
+            identity_key: Base64Bytes(identity.public_key().to_vec()),
+            device_secret_hash: Base64Bytes(sha256(&device_secret).to_vec()),
+        };
+        let registered: RegisterResponse = transport.request(Method::POST, "/v1/accounts", Some(&request)).await?;
+        transport.authenticate(registered.device_id, &device_secret);
+
+        let (store, provider) = Store::open(home)?;
+        let signature_key = MlsDevice::generate_signature_key(&provider)?;
+        let mut account = AccountRow {
+            server: server.trim_end_matches('/').to_owned(),
+            account_id: registered.account_id,
+            device_id: registered.device_id,
+            device_secret,
+            identity_secret: identity.secret(),
+            signature_key: Some(signature_key.clone()),
+            profile_key: random_bytes(),
+            username: None,
+            display_name: name.trim().to_owned(),
+        };
+        store.save_account(&account)?;
+        let me = Member {
+            account: account.account_id,
+            device: account.device_id,
+        };
+        let device = MlsDevice::open(provider, &identity, me, &signature_key)?;
+        let (one_time, last_resort) = device.key_packages(KEY_PACKAGE_STOCK, true)?;
+        let upload = KeyPackageUpload {
+            key_packages: one_time.into_iter().map(Base64Bytes).collect(),
+            last_resort: last_resort.map(Base64Bytes),
+        };
+        let _: KeyPackageCount = transport
+            .request(Method::POST, "/v1/keypackages", Some(&upload))
+            .await?;
+
+        let username = claim_username(&transport, &nickname).await?;
+        account.username = Some(username.to_string());
+        store.save_account(&account)?;
+        let mut client = Self {
+            store,
+            transport,
+            device,
+            account,
+            joined: Vec::new(),
+        };
+        client.publish_profile().await?;
+        Ok(client)
+    }
+
+    /// Opens the device stored in `home`.
+    pub fn open(home: &Path) -> Result<Self, ClientError> {
+        if !Store::exists(home) {
+            return Err(ClientError::NotRegistered);
+        }
+        let (store, provider) = Store::open(home)?;
+        let account = store.account()?.ok_or(ClientError::NotRegistered)?;
+        let signature_key = account.signature_key.clone().ok_or(ClientError::NotRegistered)?;
+        let mut transport = Transport::new(&account.server)?;
+        transport.authenticate(account.device_id, &account.device_secret);
+        let identity = AccountIdentity::from_secret(&account.identity_secret);
+        let me = Member {
+            account: account.account_id,
+            device: account.device_id,
+        };
+        let device = MlsDevice::open(provider, &identity, me, &signature_key)?;
+        Ok(Self {
+            store,
+            transport,
+            device,
+            account,
+            joined: Vec::new(),
+        })
+    }
+
+    /// Who this device is.
+    pub fn whoami(&self) -> WhoAmI {
+        WhoAmI {
+            username: self.account.username.clone(),
+            name: self.account.display_name.clone(),
+            account_id: self.account.account_id.to_string(),
+            device_id: self.account.device_id.to_string(),
+            server: self.account.server.clone(),
+        }
+    }
+
+    /// Changes the display name and republishes the sealed profile.
+    pub async fn set_name(&mut self, name: &str) -> Result<(), ClientError> {
+        Profile::new(name, None).map_err(|e| ClientError::Usage(e.to_string()))?;
+        self.account.display_name = name.trim().to_owned();
+        self.store.save_account(&self.account)?;
+        self.publish_profile().await
+    }
+
+    async fn publish_profile(&mut self) -> Result<(), ClientError> {
+        let profile = Profile::new(&self.account.display_name, self.account.username.clone())
+            .map_err(|e| ClientError::Usage(e.to_string()))?;
+        let sealed = profile.seal(
+            &ProfileKey::from_bytes(self.account.profile_key),
+            self.account.account_id,
+            &mut rand::rng(),
+        );
+        let _: () = self
+            .transport
+            .request(
+                Method::PUT,
+                "/v1/profile",
+                Some(&SealedProfile {
+                    sealed: Base64Bytes(sealed),
+                }),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Resolves a full username to an account through its hash.
+    pub async fn lookup(&self, username: &str) -> Result<AccountId, ClientError> {
+        let username = Username::parse(username).map_err(|e| ClientError::Usage(e.to_string()))?;
+        if Some(username.to_string()) == self.account.username {
+            return Ok(self.account.account_id);
+        }
+        let path = format!("/v1/usernames/{}", hex::encode(username.hash()));
+        let found: UsernameLookup = match self.transport.request::<(), _>(Method::GET, &path, None).await {
+            Err(e) if e.is_code("unknown_username") => {
+                return Err(ClientError::Usage(format!("no one has the username {username}")));
+            }
+            other => other?,
+        };
+        self.store
+            .upsert_contact(found.account_id, Some(&username.to_string()), None)?;
+        Ok(found.account_id)
+    }
+
+    /// Sends a text to a username, opening the 1:1 conversation on first use.
+    pub async fn send_direct(&mut self, username: &str, text: &str) -> Result<MessageId, ClientError> {
+        let peer = self.lookup(username).await?;
+        if peer == self.account.account_id {
+            return Err(ClientError::Usage(
+                "you cannot open a conversation with yourself".into(),
+            ));
+        }
+        let group = match self.direct_conversation(peer)? {
+            Some(group) => group,
+            None => self.create_conversation(None, &[peer]).await?,
+        };
+        self.send_text(group, text).await
+    }
+
+    /// Sends a text into a group, by name.
+    pub async fn send_group(&mut self, name: &str, text: &str) -> Result<MessageId, ClientError> {
+        let group = self.group_by_name(name)?;
+        self.send_text(group, text).await
+    }
+
+    /// Creates a group with the given members (usernames).
+    pub async fn create_group(&mut self, name: &str, members: &[String]) -> Result<GroupId, ClientError> {
+        let name = validate_group_name(name)?;
+        if self.group_by_name(&name).is_ok() {
+            return Err(ClientError::Usage(format!("you already have a group named {name:?}")));
+        }
+        let mut accounts = Vec::new();
+        for member in members {
+            let account = self.lookup(member).await?;
+            if account != self.account.account_id && !accounts.contains(&account) {
+                accounts.push(account);
+            }
+        }
+        self.create_conversation(Some(name), &accounts).await
+    }
+
+    /// Adds members (usernames) to a group.
+    pub async fn add_to_group(&mut self, name: &str, members: &[String]) -> Result<(), ClientError> {
+        let group = self.group_by_name(name)?;
+        let mut accounts = Vec::new();
+        for member in members {
+            accounts.push(self.lookup(member).await?);
+        }
+        let present: Vec<AccountId> = self.device.members(group)?.iter().map(|m| m.account).collect();
+        if let Some(already) = accounts.iter().find(|a| present.contains(a)) {
+            return Err(ClientError::Usage(format!(
+                "{} is already a member",
+                self.display_account(*already)?
+            )));
+        }
+        let key_packages = self.claim_key_packages(&accounts).await?;
+        self.commit(group, |device| device.add_members(group, &key_packages))
+            .await?;
+        self.send_conversation_settings(group).await?;
+        Ok(())
+    }
+
+    /// Removes members (usernames), all their devices, from a group.
+    pub async fn remove_from_group(&mut self, name: &str, members: &[String]) -> Result<(), ClientError> {
+        let group = self.group_by_name(name)?;
+        let mut accounts = Vec::new();
+        for member in members {
+            accounts.push(self.lookup(member).await?);
+        }
+        if accounts.contains(&self.account.account_id) {
+            return Err(ClientError::Usage(
+                "to leave a group, ask another member to remove you".into(),
+            ));
+        }
+        self.commit(group, |device| {
+            let removed: Vec<Member> = device
+                .members(group)?
+                .into_iter()
+                .filter(|m| accounts.contains(&m.account))
+                .collect();
+            if removed.is_empty() {
+                return Err(MlsError::Refused("none of them is a member of this group".into()));
+            }
+            device.remove_members(group, &removed)
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Receives everything queued, then keeps listening until `listen` has passed; returns the
+    /// messages and events not shown before, and marks them shown.
+    pub async fn receive(&mut self, listen: Duration) -> Result<Vec<DisplayMessage>, ClientError> {
+        self.flush_outbox().await?;
+        let deadline = tokio::time::Instant::now() + listen;
+        let mut delivery = self.transport.connect().await?;
+        let mut drained = false;
+        loop {
+            let frame = if drained {
+                match tokio::time::timeout_at(deadline, delivery.next()).await {
+                    Ok(frame) => frame?,
+                    Err(_) => break,
+                }
+            } else {
+                delivery.next().await?
+            };
+            match frame {
+                None => break,
+                Some(ServerFrame::Drained) => drained = true,
+                Some(ServerFrame::Envelope { seq, message, .. }) => {
+                    self.process_envelope(&mut delivery, seq, message.as_slice()).await?
+                }
+            }
+        }
+        delivery.close().await;
+        self.after_sync().await?;
+        let unseen = self.store.unseen()?;
+        let ids: Vec<i64> = unseen.iter().map(|m| m.local_id).collect();
+        let shown = unseen.iter().map(|m| self.display(m)).collect::<Result<Vec<_>, _>>()?;
+        self.store.mark_seen(&ids)?;
+        Ok(shown)
+    }
+
+    /// Processes everything queued on the server without showing it (before sending, so that
+    /// commits land on the current epoch and removed members get nothing new).
+    pub async fn sync(&mut self) -> Result<(), ClientError> {
+        self.flush_outbox().await?;
+        let mut delivery = self.transport.connect().await?;
+        while let Some(frame) = delivery.next().await? {
+            match frame {
+                ServerFrame::Drained => break,
+                ServerFrame::Envelope { seq, message, .. } => {
+                    self.process_envelope(&mut delivery, seq, message.as_slice()).await?
+                }
+            }
+        }
+        delivery.close().await;
+        self.after_sync().await
+    }
+
+    /// Conversations with unread counts, most recent first.
+    pub fn conversations(&self) -> Result<Vec<ConversationSummary>, ClientError> {
+        self.store
+            .conversations()?
+            .into_iter()
+            .map(|c| {
+                let members = if c.active {
+                    self.device
+                        .members(c.group_id)?
+                        .into_iter()
+                        .map(|m| m.account)
+                        .filter(|a| *a != self.account.account_id)
+                        .fold(Vec::new(), |mut acc, a| {
+                            if !acc.contains(&a) {
+                                acc.push(a);
+                            }
+                            acc
+                        })
+                        .into_iter()
+                        .map(|a| self.display_account(a))
+                        .collect::<Result<Vec<_>, _>>()?
+                } else {
+                    vec![]
+                };
+                Ok(ConversationSummary {
+                    id: c.group_id.to_string(),
+                    name: self.conversation_name(&c)?,
+                    group: !c.direct,
+                    members,
+                    unread: self.store.unseen_count(c.group_id)?,
+                    active: c.active,
+                })
+            })
+            .collect()
+    }
+
+    /// Local history of a conversation, named by a username (1:1) or a group name; marks it read.
+    pub fn history(&self, conversation: &str) -> Result<Vec<DisplayMessage>, ClientError> {
+        let group = match Username::parse(conversation) {
+            Ok(username) => {
+                let peer = self
+                    .store
+                    .contact_by_username(&username.to_string())?
+                    .ok_or_else(|| ClientError::Usage(format!("no conversation with {username}")))?;
+                self.direct_conversation(peer)?
+                    .ok_or_else(|| ClientError::Usage(format!("no conversation with {username}")))?
+            }
+            Err(_) => self.group_by_name(conversation)?,
+        };
+        let messages = self.store.history(group)?;
+        self.store
+            .mark_seen(&messages.iter().map(|m| m.local_id).collect::<Vec<_>>())?;
+        messages.iter().map(|m| self.display(m)).collect()
+    }
+
+    // --- conversations -------------------------------------------------------------------
+
+    async fn create_conversation(
+        &mut self,
+        name: Option<String>,
+        accounts: &[AccountId],
+    ) -> Result<GroupId, ClientError> {
+        let group = GroupId::from_bytes(random_bytes());
+        let key_packages = self.claim_key_packages(accounts).await?;
+        let direct = name.is_none();
+        let conversation = Conversation {
+            group_id: group,
+            direct,
+            name: name.clone(),
+            peer: direct.then(|| accounts[0]),
+            active: true,
+        };
+        self.store.transaction(|| {
+            self.device.create_group(group)?;
+            self.store.insert_conversation(&conversation, now_ms())
+        })?;
+        if !key_packages.is_empty() {
+            self.commit(group, |device| device.add_members(group, &key_packages))
+                .await?;
+        }
+        self.send_conversation_settings(group).await?;
+        Ok(group)
+    }
+
+    /// Claims and verifies one KeyPackage for every device of these accounts (and of our own
+    /// other devices).
+    async fn claim_key_packages(
+        &self,
+        accounts: &[AccountId],
+    ) -> Result<Vec<openmls::prelude::KeyPackage>, ClientError> {
+        if accounts.is_empty() {
+            return Ok(vec![]);
+        }
+        let claim = KeyPackageClaim {
+            accounts: accounts.to_vec(),
+        };
+        let claimed: ClaimedKeyPackages = match self
+            .transport
+            .request(Method::POST, "/v1/keypackages/claim", Some(&claim))
+            .await
+        {
+            Err(e) if e.is_code("no_key_package") => {
+                return Err(ClientError::Usage(
+                    "a member's device has no key package left; ask them to run `fumi receive`".into(),
+                ));
+            }
+            other => other?,
+        };
+        let mut verified = Vec::new();
+        for entry in claimed.key_packages {
+            if !accounts.contains(&entry.account_id) {
+                return Err(ClientError::Protocol(
+                    "the server returned a key package for an account we did not ask for".into(),
+                ));
+            }
+            let expected = Member {
+                account: entry.account_id,
+                device: entry.device_id,
+            };
+            verified.push(self.device.verify_key_package(entry.key_package.as_slice(), expected)?);
+        }
+        Ok(verified)
+    }
+
+    /// Makes a commit, sends it, and applies it; on an epoch conflict processes the winner and
+    /// makes the commit again on the new epoch.
+    async fn commit(
+        &mut self,
+        group: GroupId,
+        make: impl Fn(&MlsDevice<Provider>) -> Result<Commit, MlsError>,
+    ) -> Result<(), ClientError> {
+        for _ in 0..COMMIT_ATTEMPTS {
+            let entry = self.store.transaction(|| {
+                let commit = make(&self.device)?;
+                let request = SubmitMessage {
+                    id: MessageId::from_bytes(random_bytes()),
+                    message: Base64Bytes(commit.message.clone()),
+                    recipients: commit.recipients.iter().map(|m| m.device).collect(),
+                    welcome: commit.welcome.clone().map(|w| WelcomeDelivery {
+                        message: Base64Bytes(w),
+                        recipients: commit.added.iter().map(|m| m.device).collect(),
+                    }),
+                };
+                let entry = OutboxEntry {
+                    message_id: request.id,
+                    group_id: group,
+                    is_commit: true,
+                    request: serde_json::to_string(&request).expect("request serialises"),
+                    event: self.describe_own_commit(&commit)?,
+                };
+                self.store.push_outbox(&entry, now_ms())?;
+                Ok(entry)
+            })?;
+            match self.send_outbox_entry(&entry).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_code("epoch_conflict") => {
+                    // Another member's commit won this epoch: it is in our mailbox.
+                    self.sync().await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ClientError::Usage(
+            "the group kept changing while committing; try again".into(),
+        ))
+    }
+
+    async fn send_conversation_settings(&mut self, group: GroupId) -> Result<(), ClientError> {
+        let conversation = self.store.conversation(group)?.ok_or(MlsError::UnknownGroup)?;
+        let accounts: Vec<AccountId> = self.device.members(group)?.iter().map(|m| m.account).collect();
+        let profiles = self
+            .store
+            .profile_keys(&accounts)?
+            .into_iter()
+            .map(|(account, key)| MemberProfileKey {
+                account,
+                profile_key: key,
+            })
+            .collect();
+        let body = Body::Conversation {
+            name: if conversation.direct { None } else { conversation.name },
+            profiles,
+        };
+        self.send_content(group, body).await.map(drop)
+    }
+
+    async fn send_text(&mut self, group: GroupId, text: &str) -> Result<MessageId, ClientError> {
+        if text.len() > fumi_core::content::MAX_TEXT_BYTES {
+            return Err(ClientError::Usage(ContentError::TooLong.to_string()));
+        }
+        if text.trim().is_empty() {
+            return Err(ClientError::Usage("refusing to send an empty message".into()));
+        }
+        self.send_content(group, Body::Text { text: text.to_owned() }).await
+    }
+
+    /// Encrypts content, stores it (history and outbox) in one transaction, then sends it.
+    async fn send_content(&mut self, group: GroupId, body: Body) -> Result<MessageId, ClientError> {
+        let id = MessageId::from_bytes(random_bytes());
+        let sent_at = now_ms();
+        let content = Content {
+            v: fumi_core::content::CONTENT_VERSION,
+            id,
+            sent_at,
+            profile_key: self.account.profile_key,
+            body,
+        };
+        let entry = self.store.transaction(|| {
+            let outgoing = self.device.encrypt(group, &content.encode())?;
+            let request = SubmitMessage {
+                id,
+                message: Base64Bytes(outgoing.message),
+                recipients: outgoing.recipients.iter().map(|m| m.device).collect(),
+                welcome: None,
+            };
+            if let Body::Text { text } = &content.body {
+                let stored = StoredMessage {
+                    local_id: 0,
+                    id,
+                    group_id: group,
+                    sender: self.account.account_id,
+                    is_event: false,
+                    text: text.clone(),
+                    sent_at,
+                    outgoing: true,
+                };
+                self.store.insert_message(&stored, true, now_ms())?;
+            }
+            let entry = OutboxEntry {
+                message_id: id,
+                group_id: group,
+                is_commit: false,
+                request: serde_json::to_string(&request).expect("serialises"),
+                event: None,
+            };
+            self.store.push_outbox(&entry, now_ms())?;
+            Ok(entry)
+        })?;
+        self.send_outbox_entry(&entry).await?;
+        Ok(id)
+    }
+
+    /// Sends whatever an earlier run queued but could not confirm (crash, network loss).
+    async fn flush_outbox(&mut self) -> Result<(), ClientError> {
+        for entry in self.store.outbox()? {
+            match self.send_outbox_entry(&entry).await {
+                Ok(()) => {}
+                // A commit that lost its epoch is dropped; the user's command reported it.
+                Err(e) if e.is_code("epoch_conflict") => {}
+                Err(e @ (ClientError::Network(_) | ClientError::Server { status: 500.., .. })) => return Err(e),
+                Err(e) => tracing::warn!(error = %e, "dropped an outgoing message the server refused"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Submits one outbox entry. Accepted (or already accepted): confirms a commit and removes
+    /// the entry. Refused: discards a commit and removes the entry. Network failure: keeps it.
+    async fn send_outbox_entry(&mut self, entry: &OutboxEntry) -> Result<(), ClientError> {
+        let request: SubmitMessage =
+            serde_json::from_str(&entry.request).map_err(|e| ClientError::Store(e.to_string()))?;
+        let result: Result<SubmitAccepted, ClientError> = self
+            .transport
+            .request(Method::POST, "/v1/messages", Some(&request))
+            .await;
+        match result {
+            Ok(_) => self.store.transaction(|| {
+                if entry.is_commit {
+                    self.device.confirm_commit(entry.group_id)?;
+                }
+                if let Some(event) = &entry.event {
+                    self.store_event(entry.group_id, self.account.account_id, event, true)?;
+                }
+                self.store.remove_outbox(entry.message_id)
+            }),
+            Err(e @ (ClientError::Network(_) | ClientError::Server { status: 500.., .. })) => Err(e),
+            Err(e) => {
+                self.store.transaction(|| {
+                    if entry.is_commit {
+                        self.device.discard_commit(entry.group_id)?;
+                    }
+                    self.store.remove_outbox(entry.message_id)
+                })?;
+                Err(e)
+            }
+        }
+    }
+
+    // --- receiving -----------------------------------------------------------------------
+
+    /// Processes one envelope in one transaction, then acknowledges it. An envelope that cannot
+    /// be processed (garbage, a message for a group we left) is recorded and acknowledged, so it
+    /// cannot block the mailbox.
+    async fn process_envelope(&mut self, delivery: &mut Delivery, seq: u64, bytes: &[u8]) -> Result<(), ClientError> {
+        if !self.store.is_processed(seq)? {
+            let result = self.store.transaction(|| {
+                let joined = self.handle_incoming(bytes)?;
+                self.store.mark_processed(seq, now_ms())?;
+                Ok(joined)
+            });
+            let result = result.map(|joined| self.joined.extend(joined));
+            if let Err(error) = result {
+                match error {
+                    ClientError::Store(_) => return Err(error),
+                    other => {
+                        tracing::warn!(seq, error = %other, "dropped a message that could not be processed");
+                        self.store.transaction(|| self.store.mark_processed(seq, now_ms()))?;
+                    }
+                }
+            }
+        }
+        delivery.ack(vec![seq]).await
+    }
+
+    /// Applies one received message to the store; returns the group if we just joined one.
+    fn handle_incoming(&self, bytes: &[u8]) -> Result<Option<GroupId>, ClientError> {
+        let me = self.account.account_id;
+        match self.device.handle_message(bytes)? {
+            Incoming::Joined { group, by, members } => {
+                let distinct: Vec<AccountId> = distinct_accounts(&members).into_iter().filter(|a| *a != me).collect();
+                let direct = distinct.len() == 1;
+                let conversation = Conversation {
+                    group_id: group,
+                    direct,
+                    name: None,
+                    peer: direct.then(|| distinct[0]),
+                    active: true,
+                };
+                self.store.insert_conversation(&conversation, now_ms())?;
+                let text = format!("{} added you", mention(by.account));
+                self.store_event(group, by.account, &text, false)?;
+                Ok(Some(group))
+            }
+            Incoming::Application {
+                group,
+                sender,
+                plaintext,
+            } => {
+                let content = Content::decode(&plaintext).map_err(|e| ClientError::Protocol(e.to_string()))?;
+                self.store.set_profile_key(sender.account, &content.profile_key)?;
+                match content.body {
+                    Body::Text { text } => {
+                        let message = StoredMessage {
+                            local_id: 0,
+                            id: content.id,
+                            group_id: group,
+                            sender: sender.account,
+                            is_event: false,
+                            text,
+                            sent_at: content.sent_at,
+                            outgoing: sender.account == me,
+                        };
+                        self.store.insert_message(&message, false, now_ms())?;
+                    }
+                    Body::Conversation { name, profiles } => {
+                        let members = self.device.members(group)?;
+                        for profile in profiles {
+                            if profile.account != me && members.iter().any(|m| m.account == profile.account) {
+                                self.store.set_profile_key(profile.account, &profile.profile_key)?;
+                            }
+                        }
+                        let peer = if name.is_none() {
+                            members.iter().map(|m| m.account).find(|a| *a != me)
+                        } else {
+                            None
+                        };
+                        let name = name.map(|n| validate_group_name(&n)).transpose()?;
+                        self.store
+                            .update_conversation(group, name.is_none(), name.as_deref(), peer)?;
+                    }
+                    Body::Unknown => {
+                        let message = StoredMessage {
+                            local_id: 0,
+                            id: content.id,
+                            group_id: group,
+                            sender: sender.account,
+                            is_event: true,
+                            text: "(a message this version of fumi cannot show)".into(),
+                            sent_at: content.sent_at,
+                            outgoing: false,
+                        };
+                        self.store.insert_message(&message, false, now_ms())?;
+                    }
+                    // The profile key in every content is all an introduction carries.
+                    Body::Introduction => {}
+                }
+                Ok(None)
+            }
+            Incoming::Commit {
+                group,
+                by,
+                added,
+                removed,
+                self_removed,
+            } => {
+                if self_removed {
+                    self.store.deactivate_conversation(group)?;
+                    let text = format!(
+                        "{} removed you; you will receive nothing more in this conversation",
+                        mention(by.account)
+                    );
+                    self.store_event(group, by.account, &text, false)?;
+                    return Ok(None);
+                }
+                let mut parts = Vec::new();
+                for account in distinct_accounts(&added) {
+                    parts.push(format!("added {}", mention(account)));
+                }
+                for account in distinct_accounts(&removed) {
+                    parts.push(format!("removed {}", mention(account)));
+                }
+                if !parts.is_empty() {
+                    let text = format!("{} {}", mention(by.account), parts.join(", "));
+                    self.store_event(group, by.account, &text, false)?;
+                }
+                Ok(None)
+            }
+            Incoming::Other { .. } => Ok(None),
+        }
+    }
+
+    /// Introduces us to groups just joined, fetches new profiles and tops up KeyPackages.
+    async fn after_sync(&mut self) -> Result<(), ClientError> {
+        for group in std::mem::take(&mut self.joined) {
+            if self.device.is_member(group) {
+                self.send_content(group, Body::Introduction).await?;
+            }
+        }
+        for (account, key) in self.store.profiles_to_fetch()? {
+            let path = format!("/v1/accounts/{account}/profile");
+            match self
+                .transport
+                .request::<(), SealedProfile>(Method::GET, &path, None)
+                .await
+            {
+                Ok(sealed) => match Profile::open(sealed.sealed.as_slice(), &ProfileKey::from_bytes(key), account) {
+                    Ok(profile) => {
+                        let username = profile.username.as_deref().filter(|u| Username::parse(u).is_ok());
+                        self.store.set_profile(account, username, &profile.name)?;
+                    }
+                    Err(e) => {
+                        tracing::warn!(account = %account.redacted(), error = %e, "a contact's profile did not open")
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(account = %account.redacted(), error = %e, "could not fetch a contact's profile")
+                }
+            }
+        }
+        let stock: KeyPackageCount = self
+            .transport
+            .request::<(), _>(Method::GET, "/v1/keypackages/count", None)
+            .await?;
+        if stock.count < KEY_PACKAGE_LOW_WATER {
+            let (one_time, _) = self.device.key_packages(KEY_PACKAGE_STOCK, false)?;
+            let upload = KeyPackageUpload {
+                key_packages: one_time.into_iter().map(Base64Bytes).collect(),
+                last_resort: None,
+            };
+            let _: KeyPackageCount = self
+                .transport
+                .request(Method::POST, "/v1/keypackages", Some(&upload))
+                .await?;
+        }
+        Ok(())
+    }
+
+    // --- naming --------------------------------------------------------------------------
+
+    /// Text for this device's own history when it commits a membership change.
+    fn describe_own_commit(&self, commit: &Commit) -> Result<Option<String>, ClientError> {
+        // Mentions are resolved when shown, once the members' profiles are known.
+        let mut parts = Vec::new();
+        for account in distinct_accounts(&commit.added) {
+            parts.push(format!("added {}", mention(account)));
+        }
+        for account in distinct_accounts(&commit.removed) {
+            parts.push(format!("removed {}", mention(account)));
+        }
+        Ok((!parts.is_empty()).then(|| format!("you {}", parts.join(", "))))
+    }
+
+    fn store_event(&self, group: GroupId, by: AccountId, text: &str, outgoing: bool) -> Result<(), ClientError> {
+        let event = StoredMessage {
+            local_id: 0,
+            id: MessageId::from_bytes(random_bytes()),
+            group_id: group,
+            sender: by,
+            is_event: true,
+            text: text.to_owned(),
+            sent_at: now_ms(),
+            outgoing,
+        };
+        self.store.insert_message(&event, outgoing, now_ms()).map(drop)
+    }
+
+    fn direct_conversation(&self, peer: AccountId) -> Result<Option<GroupId>, ClientError> {
+        Ok(self
+            .store
+            .conversations()?
+            .into_iter()
+            .find(|c| c.direct && c.active && c.peer == Some(peer))
+            .map(|c| c.group_id))
+    }
+
+    fn group_by_name(&self, name: &str) -> Result<GroupId, ClientError> {
+        let matches: Vec<Conversation> = self
+            .store
+            .conversations()?
+            .into_iter()
+            .filter(|c| !c.direct && c.name.as_deref().is_some_and(|n| n == name.trim()))
+            .collect();
+        match matches.as_slice() {
+            [] => Err(ClientError::Usage(format!(
+                "no group named {name:?}; see `fumi group list`"
+            ))),
+            [one] if !one.active => Err(ClientError::Usage(format!("you are no longer a member of {name:?}"))),
+            [one] => Ok(one.group_id),
+            _ => Err(ClientError::Usage(format!("several groups are named {name:?}"))),
+        }
+    }
+
+    fn display_account(&self, account: AccountId) -> Result<String, ClientError> {
+        if account == self.account.account_id {
+            return Ok(self.account.username.clone().unwrap_or_else(|| "you".into()));
+        }
+        Ok(self
+            .store
+            .contact(account)?
+            .and_then(|c| c.username)
+            .unwrap_or_else(|| format!("account {}", &account.to_string()[..8])))
+    }
+
+    /// Replaces `{@<account id>}` mentions in event texts with the account's current name.
+    fn render_mentions(&self, text: &str) -> Result<String, ClientError> {
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(start) = rest.find("{@") {
+            out.push_str(&rest[..start]);
+            let candidate = &rest[start + 2..];
+            match candidate
+                .get(..33)
+                .filter(|t| t.ends_with('}'))
+                .and_then(|t| AccountId::parse(&t[..32]).ok())
+            {
+                Some(account) => {
+                    out.push_str(&self.display_account(account)?);
+                    rest = &candidate[33..];
+                }
+                None => {
+                    out.push_str("{@");
+                    rest = candidate;
+                }
+            }
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+
+    fn conversation_name(&self, c: &Conversation) -> Result<String, ClientError> {
+        Ok(match (&c.name, c.peer) {
+            (Some(name), _) if !c.direct => name.clone(),
+            (_, Some(peer)) => self.display_account(peer)?,
+            _ => format!("conversation {}", &c.group_id.to_string()[..8]),
+        })
+    }
+
+    fn display(&self, m: &StoredMessage) -> Result<DisplayMessage, ClientError> {
+        let conversation = self.store.conversation(m.group_id)?;
+        let (conversation_name, group) = match &conversation {
+            Some(c) => (self.conversation_name(c)?, !c.direct),
+            None => (String::new(), false),
+        };
+        let sender_name = if m.sender == self.account.account_id {
+            Some(self.account.display_name.clone())
+        } else {
+            self.store.contact(m.sender)?.and_then(|c| c.display_name)
+        };
+        Ok(DisplayMessage {
+            id: m.id.to_string(),
+            conversation: m.group_id.to_string(),
+            conversation_name,
+            group,
+            sender: self.display_account(m.sender)?,
+            sender_name,
+            text: if m.is_event {
+                self.render_mentions(&m.text)?
+            } else {
+                m.text.clone()
+            },
+            event: m.is_event,
+            outgoing: m.outgoing,
+            sent_at: m.sent_at,
+        })
+    }
+}
+
+/// A reference to an account inside a stored event text, resolved when shown.
+fn mention(account: AccountId) -> String {
+    format!("{{@{account}}}")
+}
+
+fn distinct_accounts(members: &[Member]) -> Vec<AccountId> {
+    let mut accounts: Vec<AccountId> = Vec::new();
+    for member in members {
+        if !accounts.contains(&member.account) {
+            accounts.push(member.account);
+        }
+    }
+    accounts
+}
+
+fn validate_group_name(name: &str) -> Result<String, ClientError> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
+        return Err(ClientError::Usage("a group name is 1 to 64 characters".into()));
+    }
+    if Username::parse(name).is_ok() {
+        return Err(ClientError::Usage(
+            "a group name cannot look like a username (name.NN)".into(),
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
+}
+
+/// Claims `nickname.NN`, trying random two-digit discriminators, then longer ones.
+async fn claim_username(transport: &Transport, nickname: &str) -> Result<Username, ClientError> {
+    for attempt in 0..30u32 {
+        let discriminator = {
+            let mut rng = rand::rng();
+            let (low, high) = if attempt < 10 {
+                (1, 100)
+            } else if attempt < 20 {
+                (100, 1000)
+            } else {
+                (1000, 100_000)
+            };
+            low + rng.next_u32() % (high - low)
+        };
+        let username = Username::new(nickname, discriminator).map_err(|e| ClientError::Usage(e.to_string()))?;
+        let claim = UsernameClaim {
+            username_hash: Base64Bytes(username.hash().to_vec()),
+        };
+        match transport
+            .request::<_, ()>(Method::PUT, "/v1/username", Some(&claim))
+            .await
+        {
+            Ok(()) => return Ok(username),
+            Err(e) if e.is_code("username_taken") => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(ClientError::Usage(format!(
+        "could not find a free number for {nickname}; try another name"
+    )))
+}

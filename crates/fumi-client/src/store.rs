@@ -1,0 +1,688 @@
+//! The client store: one SQLite file in the home directory holding the OpenMLS state (through
+//! `openmls_sqlite_storage`) and Fumi's own tables: the account, contacts, conversations, history,
+//! the outbox, and which envelopes were processed.
+//!
+//! Received messages are processed inside one transaction that covers both OpenMLS's writes and
+//! ours, so a crash leaves either all of a message's effects or none.
+
+use std::path::Path;
+use std::rc::Rc;
+
+use fumi_proto::{AccountId, DeviceId, GroupId, MessageId};
+use openmls_rust_crypto::RustCrypto;
+use openmls_sqlite_storage::{Codec, SqliteStorageProvider};
+use openmls_traits::OpenMlsProvider;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::ClientError;
+
+/// File name of the store inside the home directory.
+pub const STORE_FILE: &str = "fumi.db";
+
+/// Fumi's own schema, applied after OpenMLS's migrations; `PRAGMA user_version` counts them.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE account (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    server TEXT NOT NULL,
+    account_id BLOB NOT NULL,
+    device_id BLOB NOT NULL,
+    device_secret BLOB NOT NULL,
+    identity_secret BLOB NOT NULL,
+    signature_key BLOB,
+    profile_key BLOB NOT NULL,
+    username TEXT,
+    display_name TEXT NOT NULL
+);
+CREATE TABLE contacts (
+    account_id BLOB PRIMARY KEY,
+    username TEXT,
+    display_name TEXT,
+    profile_key BLOB,
+    profile_fetched INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE conversations (
+    group_id BLOB PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('direct', 'group')),
+    name TEXT,
+    peer BLOB,
+    created_at INTEGER NOT NULL,
+    active INTEGER NOT NULL DEFAULT 1
+);
+CREATE TABLE messages (
+    rowid INTEGER PRIMARY KEY AUTOINCREMENT,
+    id BLOB NOT NULL,
+    group_id BLOB NOT NULL,
+    sender_account BLOB NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('text', 'event')),
+    text TEXT NOT NULL,
+    sent_at INTEGER NOT NULL,
+    received_at INTEGER NOT NULL,
+    outgoing INTEGER NOT NULL,
+    seen INTEGER NOT NULL,
+    UNIQUE (group_id, sender_account, id)
+);
+CREATE INDEX messages_by_group ON messages(group_id, rowid);
+CREATE TABLE processed_envelopes (
+    seq INTEGER PRIMARY KEY,
+    processed_at INTEGER NOT NULL
+);
+CREATE TABLE outbox (
+    message_id BLOB PRIMARY KEY,
+    group_id BLOB NOT NULL,
+    is_commit INTEGER NOT NULL,
+    request TEXT NOT NULL,
+    event TEXT,
+    created_at INTEGER NOT NULL
+);
+"#];
+
+/// JSON codec for OpenMLS's stored values.
+#[derive(Debug, Default)]
+pub struct JsonCodec;
+
+impl Codec for JsonCodec {
+    type Error = serde_json::Error;
+
+    fn to_vec<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Self::Error> {
+        serde_json::to_vec(value)
+    }
+
+    fn from_slice<T: serde::de::DeserializeOwned>(slice: &[u8]) -> Result<T, Self::Error> {
+        serde_json::from_slice(slice)
+    }
+}
+
+/// The OpenMLS provider of a native client: RustCrypto primitives, state in the client store.
+pub struct Provider {
+    crypto: RustCrypto,
+    storage: SqliteStorageProvider<JsonCodec, Rc<Connection>>,
+}
+
+impl OpenMlsProvider for Provider {
+    type CryptoProvider = RustCrypto;
+    type RandProvider = RustCrypto;
+    type StorageProvider = SqliteStorageProvider<JsonCodec, Rc<Connection>>;
+
+    fn storage(&self) -> &Self::StorageProvider {
+        &self.storage
+    }
+
+    fn crypto(&self) -> &Self::CryptoProvider {
+        &self.crypto
+    }
+
+    fn rand(&self) -> &Self::RandProvider {
+        &self.crypto
+    }
+}
+
+/// The account this store belongs to.
+#[derive(Clone)]
+pub struct AccountRow {
+    /// Server base URL.
+    pub server: String,
+    /// Account id.
+    pub account_id: AccountId,
+    /// This device.
+    pub device_id: DeviceId,
+    /// The device's authentication secret.
+    pub device_secret: [u8; 32],
+    /// The account identity key's secret.
+    pub identity_secret: [u8; 32],
+    /// Public MLS signature key of this device, once generated.
+    pub signature_key: Option<Vec<u8>>,
+    /// Profile key.
+    pub profile_key: [u8; 32],
+    /// Full username, once claimed.
+    pub username: Option<String>,
+    /// Display name.
+    pub display_name: String,
+}
+
+/// A contact as the store knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Contact {
+    /// The account.
+    pub account_id: AccountId,
+    /// Full username, from the contact's own profile (or from a lookup we made).
+    pub username: Option<String>,
+    /// Display name from the contact's profile.
+    pub display_name: Option<String>,
+}
+
+/// A conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conversation {
+    /// The MLS group.
+    pub group_id: GroupId,
+    /// 1:1 or group.
+    pub direct: bool,
+    /// Group name (`None` for 1:1 and until the name arrives).
+    pub name: Option<String>,
+    /// The other account of a 1:1 conversation.
+    pub peer: Option<AccountId>,
+    /// False once this device was removed.
+    pub active: bool,
+}
+
+/// One entry of local history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// Local order.
+    pub local_id: i64,
+    /// Sender-chosen id.
+    pub id: MessageId,
+    /// Conversation.
+    pub group_id: GroupId,
+    /// Sender account.
+    pub sender: AccountId,
+    /// A text message, or a membership event written by this client.
+    pub is_event: bool,
+    /// The text.
+    pub text: String,
+    /// Sender's timestamp (ms).
+    pub sent_at: u64,
+    /// Whether this device sent it.
+    pub outgoing: bool,
+}
+
+/// A queued outgoing request.
+#[derive(Debug, Clone)]
+pub struct OutboxEntry {
+    /// The request id.
+    pub message_id: MessageId,
+    /// The group.
+    pub group_id: GroupId,
+    /// Whether it carries this device's pending commit.
+    pub is_commit: bool,
+    /// JSON of the `SubmitMessage`.
+    pub request: String,
+    /// History event to record once the server accepts it (e.g. "you added bob.17").
+    pub event: Option<String>,
+}
+
+/// The client store.
+pub struct Store {
+    conn: Rc<Connection>,
+}
+
+fn sql(error: rusqlite::Error) -> ClientError {
+    ClientError::Store(error.to_string())
+}
+
+fn id16<T>(bytes: Vec<u8>, make: impl Fn(&[u8]) -> Result<T, fumi_proto::IdError>) -> rusqlite::Result<T> {
+    make(&bytes).map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, Box::new(e)))
+}
+
+fn key32(bytes: Vec<u8>) -> rusqlite::Result<[u8; 32]> {
+    bytes.try_into().map_err(|_| rusqlite::Error::InvalidQuery)
+}
+
+impl Store {
+    /// Whether a store exists in `home`.
+    pub fn exists(home: &Path) -> bool {
+        home.join(STORE_FILE).exists()
+    }
+
+    /// Opens or creates the store in `home` (created with mode 0700, the file 0600).
+    pub fn open(home: &Path) -> Result<(Self, Provider), ClientError> {
+        create_private_dir(home)?;
+        let path = home.join(STORE_FILE);
+        create_private_file(&path)?;
+        let mut conn = Connection::open(&path).map_err(sql)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(sql)?;
+        // WAL with synchronous=NORMAL: durable against process crashes, and fast enough for
+        // OpenMLS, which writes on every state change.
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(sql)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(sql)?;
+        SqliteStorageProvider::<JsonCodec, &mut Connection>::new(&mut conn)
+            .run_migrations()
+            .map_err(|e| ClientError::Store(format!("OpenMLS store migration: {e}")))?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(sql)?;
+        let applied = usize::try_from(version).unwrap_or(usize::MAX);
+        if applied > MIGRATIONS.len() {
+            return Err(ClientError::Store(
+                "this store was written by a newer fumi; upgrade fumi".into(),
+            ));
+        }
+        for migration in &MIGRATIONS[applied..] {
+            conn.execute_batch(migration).map_err(sql)?;
+        }
+        conn.pragma_update(None, "user_version", MIGRATIONS.len() as i64)
+            .map_err(sql)?;
+        let conn = Rc::new(conn);
+        let provider = Provider {
+            crypto: RustCrypto::default(),
+            storage: SqliteStorageProvider::new(conn.clone()),
+        };
+        Ok((Self { conn }, provider))
+    }
+
+    /// Runs `f` in one immediate transaction; rolls back if it fails.
+    pub fn transaction<T>(&self, f: impl FnOnce() -> Result<T, ClientError>) -> Result<T, ClientError> {
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(sql)?;
+        match f() {
+            Ok(value) => {
+                self.conn.execute_batch("COMMIT").map_err(sql)?;
+                Ok(value)
+            }
+            Err(error) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(error)
+            }
+        }
+    }
+
+    /// Saves the account row.
+    pub fn save_account(&self, a: &AccountRow) -> Result<(), ClientError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO account (id, server, account_id, device_id, device_secret, identity_secret, signature_key, profile_key, username, display_name)
+                 VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                params![
+                    a.server,
+                    a.account_id.as_bytes().as_slice(),
+                    a.device_id.as_bytes().as_slice(),
+                    a.device_secret.as_slice(),
+                    a.identity_secret.as_slice(),
+                    a.signature_key,
+                    a.profile_key.as_slice(),
+                    a.username,
+                    a.display_name
+                ],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// The account row, if registered.
+    pub fn account(&self) -> Result<Option<AccountRow>, ClientError> {
+        self.conn
+            .query_row(
+                "SELECT server, account_id, device_id, device_secret, identity_secret, signature_key, profile_key, username, display_name FROM account WHERE id = 1",
+                [],
+                |r| {
+                    Ok(AccountRow {
+                        server: r.get(0)?,
+                        account_id: id16(r.get(1)?, AccountId::from_slice)?,
+                        device_id: id16(r.get(2)?, DeviceId::from_slice)?,
+                        device_secret: key32(r.get(3)?)?,
+                        identity_secret: key32(r.get(4)?)?,
+                        signature_key: r.get(5)?,
+                        profile_key: key32(r.get(6)?)?,
+                        username: r.get(7)?,
+                        display_name: r.get(8)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(sql)
+    }
+
+    /// Records what we learned of a contact; `None` fields keep their stored value.
+    pub fn upsert_contact(
+        &self,
+        account: AccountId,
+        username: Option<&str>,
+        display_name: Option<&str>,
+    ) -> Result<(), ClientError> {
+        self.conn
+            .execute(
+                "INSERT INTO contacts (account_id, username, display_name) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (account_id) DO UPDATE SET username = COALESCE(?2, username), display_name = COALESCE(?3, display_name)",
+                params![account.as_bytes().as_slice(), username, display_name],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// Records a contact's profile key; returns true if it is new (the profile must be fetched).
+    pub fn set_profile_key(&self, account: AccountId, key: &[u8; 32]) -> Result<bool, ClientError> {
+        let current: Option<Option<Vec<u8>>> = self
+            .conn
+            .query_row(
+                "SELECT profile_key FROM contacts WHERE account_id = ?",
+                [account.as_bytes().as_slice()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql)?;
+        if current.flatten().as_deref() == Some(key.as_slice()) {
+            return Ok(false);
+        }
+        self.conn
+            .execute(
+                "INSERT INTO contacts (account_id, profile_key, profile_fetched) VALUES (?1, ?2, 0)
+                 ON CONFLICT (account_id) DO UPDATE SET profile_key = ?2, profile_fetched = 0",
+                params![account.as_bytes().as_slice(), key.as_slice()],
+            )
+            .map_err(sql)?;
+        Ok(true)
+    }
+
+    /// Contacts whose profile key changed since their profile was last fetched.
+    pub fn profiles_to_fetch(&self) -> Result<Vec<(AccountId, [u8; 32])>, ClientError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT account_id, profile_key FROM contacts WHERE profile_key IS NOT NULL AND profile_fetched = 0",
+            )
+            .map_err(sql)?;
+        let rows = stmt
+            .query_map([], |r| Ok((id16(r.get(0)?, AccountId::from_slice)?, key32(r.get(1)?)?)))
+            .map_err(sql)?;
+        rows.collect::<Result<_, _>>().map_err(sql)
+    }
+
+    /// Stores a fetched profile.
+    pub fn set_profile(
+        &self,
+        account: AccountId,
+        username: Option<&str>,
+        display_name: &str,
+    ) -> Result<(), ClientError> {
+        self.conn
+            .execute(
+                "UPDATE contacts SET username = COALESCE(?2, username), display_name = ?3, profile_fetched = 1 WHERE account_id = ?1",
+                params![account.as_bytes().as_slice(), username, display_name],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// Profile keys of these accounts that we know.
+    pub fn profile_keys(&self, accounts: &[AccountId]) -> Result<Vec<(AccountId, [u8; 32])>, ClientError> {
+        let mut keys = Vec::new();
+        for account in accounts {
+            let key: Option<Option<Vec<u8>>> = self
+                .conn
+                .query_row(
+                    "SELECT profile_key FROM contacts WHERE account_id = ?",
+                    [account.as_bytes().as_slice()],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(sql)?;
+            if let Some(Some(key)) = key {
+                keys.push((*account, key32(key).map_err(sql)?));
+            }
+        }
+        Ok(keys)
+    }
+
+    /// A contact.
+    pub fn contact(&self, account: AccountId) -> Result<Option<Contact>, ClientError> {
+        self.conn
+            .query_row(
+                "SELECT username, display_name FROM contacts WHERE account_id = ?",
+                [account.as_bytes().as_slice()],
+                |r| {
+                    Ok(Contact {
+                        account_id: account,
+                        username: r.get(0)?,
+                        display_name: r.get(1)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(sql)
+    }
+
+    /// The contact known under a full username.
+    pub fn contact_by_username(&self, username: &str) -> Result<Option<AccountId>, ClientError> {
+        self.conn
+            .query_row("SELECT account_id FROM contacts WHERE username = ?", [username], |r| {
+                id16(r.get(0)?, AccountId::from_slice)
+            })
+            .optional()
+            .map_err(sql)
+    }
+
+    /// Creates a conversation if it does not exist.
+    pub fn insert_conversation(&self, c: &Conversation, now: u64) -> Result<(), ClientError> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO conversations (group_id, kind, name, peer, created_at, active) VALUES (?, ?, ?, ?, ?, ?)",
+                params![
+                    c.group_id.as_bytes().as_slice(),
+                    if c.direct { "direct" } else { "group" },
+                    c.name,
+                    c.peer.map(|p| p.as_bytes().to_vec()),
+                    now as i64,
+                    c.active
+                ],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// Sets a conversation's kind and name (from a conversation settings message).
+    pub fn update_conversation(
+        &self,
+        group: GroupId,
+        direct: bool,
+        name: Option<&str>,
+        peer: Option<AccountId>,
+    ) -> Result<(), ClientError> {
+        self.conn
+            .execute(
+                "UPDATE conversations SET kind = ?2, name = ?3, peer = ?4 WHERE group_id = ?1",
+                params![
+                    group.as_bytes().as_slice(),
+                    if direct { "direct" } else { "group" },
+                    name,
+                    peer.map(|p| p.as_bytes().to_vec())
+                ],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// Marks a conversation as left (this device was removed).
+    pub fn deactivate_conversation(&self, group: GroupId) -> Result<(), ClientError> {
+        self.conn
+            .execute(
+                "UPDATE conversations SET active = 0 WHERE group_id = ?",
+                [group.as_bytes().as_slice()],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// All conversations, newest activity first.
+    pub fn conversations(&self) -> Result<Vec<Conversation>, ClientError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT c.group_id, c.kind, c.name, c.peer, c.active FROM conversations c
+                 ORDER BY COALESCE((SELECT MAX(rowid) FROM messages m WHERE m.group_id = c.group_id), 0) DESC, c.created_at DESC",
+            )
+            .map_err(sql)?;
+        let rows = stmt
+            .query_map([], |r| {
+                let peer: Option<Vec<u8>> = r.get(3)?;
+                Ok(Conversation {
+                    group_id: id16(r.get(0)?, GroupId::from_slice)?,
+                    direct: r.get::<_, String>(1)? == "direct",
+                    name: r.get(2)?,
+                    peer: peer.map(|p| id16(p, AccountId::from_slice)).transpose()?,
+                    active: r.get(4)?,
+                })
+            })
+            .map_err(sql)?;
+        rows.collect::<Result<_, _>>().map_err(sql)
+    }
+
+    /// One conversation.
+    pub fn conversation(&self, group: GroupId) -> Result<Option<Conversation>, ClientError> {
+        Ok(self.conversations()?.into_iter().find(|c| c.group_id == group))
+    }
+
+    /// Appends to history; returns false if this message was already stored.
+    pub fn insert_message(&self, m: &StoredMessage, seen: bool, now: u64) -> Result<bool, ClientError> {
+        let changed = self
+            .conn
+            .execute(
+                "INSERT OR IGNORE INTO messages (id, group_id, sender_account, kind, text, sent_at, received_at, outgoing, seen)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                params![
+                    m.id.as_bytes().as_slice(),
+                    m.group_id.as_bytes().as_slice(),
+                    m.sender.as_bytes().as_slice(),
+                    if m.is_event { "event" } else { "text" },
+                    m.text,
+                    m.sent_at as i64,
+                    now as i64,
+                    m.outgoing,
+                    seen
+                ],
+            )
+            .map_err(sql)?;
+        Ok(changed == 1)
+    }
+
+    fn messages_where(&self, condition: &str, group: Option<GroupId>) -> Result<Vec<StoredMessage>, ClientError> {
+        let query = format!(
+            "SELECT rowid, id, group_id, sender_account, kind, text, sent_at, outgoing FROM messages WHERE {condition} ORDER BY rowid"
+        );
+        let mut stmt = self.conn.prepare(&query).map_err(sql)?;
+        let map = |r: &rusqlite::Row<'_>| {
+            Ok(StoredMessage {
+                local_id: r.get(0)?,
+                id: id16(r.get(1)?, MessageId::from_slice)?,
+                group_id: id16(r.get(2)?, GroupId::from_slice)?,
+                sender: id16(r.get(3)?, AccountId::from_slice)?,
+                is_event: r.get::<_, String>(4)? == "event",
+                text: r.get(5)?,
+                sent_at: r.get::<_, i64>(6)? as u64,
+                outgoing: r.get(7)?,
+            })
+        };
+        let rows = match group {
+            Some(group) => stmt.query_map([group.as_bytes().as_slice()], map),
+            None => stmt.query_map([], map),
+        }
+        .map_err(sql)?;
+        rows.collect::<Result<_, _>>().map_err(sql)
+    }
+
+    /// Messages not yet shown to the user, oldest first.
+    pub fn unseen(&self) -> Result<Vec<StoredMessage>, ClientError> {
+        self.messages_where("seen = 0", None)
+    }
+
+    /// The history of one conversation.
+    pub fn history(&self, group: GroupId) -> Result<Vec<StoredMessage>, ClientError> {
+        self.messages_where("group_id = ?", Some(group))
+    }
+
+    /// Marks messages as seen.
+    pub fn mark_seen(&self, local_ids: &[i64]) -> Result<(), ClientError> {
+        for id in local_ids {
+            self.conn
+                .execute("UPDATE messages SET seen = 1 WHERE rowid = ?", [id])
+                .map_err(sql)?;
+        }
+        Ok(())
+    }
+
+    /// Number of unseen messages in a conversation.
+    pub fn unseen_count(&self, group: GroupId) -> Result<u64, ClientError> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*) FROM messages WHERE group_id = ? AND seen = 0",
+                [group.as_bytes().as_slice()],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(sql)
+    }
+
+    /// Whether an envelope was already processed (it is redelivered if the ack was lost).
+    pub fn is_processed(&self, seq: u64) -> Result<bool, ClientError> {
+        self.conn
+            .query_row("SELECT 1 FROM processed_envelopes WHERE seq = ?", [seq as i64], |_| {
+                Ok(())
+            })
+            .optional()
+            .map(|r| r.is_some())
+            .map_err(sql)
+    }
+
+    /// Records an envelope as processed.
+    pub fn mark_processed(&self, seq: u64, now: u64) -> Result<(), ClientError> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO processed_envelopes (seq, processed_at) VALUES (?, ?)",
+                params![seq as i64, now as i64],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// Queues an outgoing request.
+    pub fn push_outbox(&self, entry: &OutboxEntry, now: u64) -> Result<(), ClientError> {
+        self.conn
+            .execute(
+                "INSERT INTO outbox (message_id, group_id, is_commit, request, event, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                params![entry.message_id.as_bytes().as_slice(), entry.group_id.as_bytes().as_slice(), entry.is_commit, entry.request, entry.event, now as i64],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// Queued outgoing requests, oldest first.
+    pub fn outbox(&self) -> Result<Vec<OutboxEntry>, ClientError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT message_id, group_id, is_commit, request, event FROM outbox ORDER BY created_at, rowid")
+            .map_err(sql)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(OutboxEntry {
+                    message_id: id16(r.get(0)?, MessageId::from_slice)?,
+                    group_id: id16(r.get(1)?, GroupId::from_slice)?,
+                    is_commit: r.get(2)?,
+                    request: r.get(3)?,
+                    event: r.get(4)?,
+                })
+            })
+            .map_err(sql)?;
+        rows.collect::<Result<_, _>>().map_err(sql)
+    }
+
+    /// Removes a sent request.
+    pub fn remove_outbox(&self, message_id: MessageId) -> Result<(), ClientError> {
+        self.conn
+            .execute(
+                "DELETE FROM outbox WHERE message_id = ?",
+                [message_id.as_bytes().as_slice()],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+}
+
+fn create_private_dir(home: &Path) -> Result<(), ClientError> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+        .create(home)
+        .map_err(|e| ClientError::Store(format!("cannot create {}: {e}", home.display())))
+}
+
+fn create_private_file(path: &Path) -> Result<(), ClientError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+        .open(path)
+        .map(drop)
+        .map_err(|e| ClientError::Store(format!("cannot create {}: {e}", path.display())))
+}

@@ -1,0 +1,157 @@
+//! HTTP and WebSocket transport to a Fumi server.
+
+use fumi_proto::{AUTH_SCHEME, ClientFrame, DeviceId, ErrorBody, ServerFrame};
+use futures_util::{SinkExt, StreamExt};
+use reqwest::{Method, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::ClientError;
+
+/// Talks to one server as one device.
+#[derive(Clone)]
+pub struct Transport {
+    base: String,
+    http: reqwest::Client,
+    authorization: Option<String>,
+}
+
+impl Transport {
+    /// A transport to `server` (e.g. `http://127.0.0.1:8080`), not yet authenticated.
+    pub fn new(server: &str) -> Result<Self, ClientError> {
+        let base = server.trim_end_matches('/').to_owned();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(ClientError::Usage(format!(
+                "server must be an http:// or https:// URL, not {server:?}"
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+            .map_err(|e| ClientError::Network(e.to_string()))?;
+        Ok(Self {
+            base,
+            http,
+            authorization: None,
+        })
+    }
+
+    /// Authenticates every later request as `device`.
+    pub fn authenticate(&mut self, device: DeviceId, secret: &[u8; 32]) {
+        self.authorization = Some(format!("{AUTH_SCHEME} {device}:{}", hex::encode(secret)));
+    }
+
+    /// Sends a request with an optional JSON body and decodes a JSON answer (or none for 204).
+    pub async fn request<B: Serialize, R: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<R, ClientError> {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(authorization) = &self.authorization {
+            request = request.header(reqwest::header::AUTHORIZATION, authorization);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| ClientError::Network(format!("cannot reach {}: {e}", self.base)))?;
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| ClientError::Network(e.to_string()))?;
+        if !status.is_success() {
+            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(body) => ClientError::Server {
+                    status: status.as_u16(),
+                    code: body.error.code,
+                    message: body.error.message,
+                    current_epoch: body.error.current_epoch,
+                },
+                Err(_) => ClientError::Server {
+                    status: status.as_u16(),
+                    code: "unknown".into(),
+                    message: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+                    current_epoch: None,
+                },
+            });
+        }
+        let bytes = if status == StatusCode::NO_CONTENT || bytes.is_empty() {
+            &b"null"[..]
+        } else {
+            &bytes[..]
+        };
+        serde_json::from_slice(bytes).map_err(|e| ClientError::Protocol(format!("unexpected answer from server: {e}")))
+    }
+
+    /// Opens the delivery WebSocket.
+    pub async fn connect(&self) -> Result<Delivery, ClientError> {
+        let url = format!("{}/v1/ws", self.base.replacen("http", "ws", 1));
+        let mut request = url
+            .into_client_request()
+            .map_err(|e| ClientError::Network(e.to_string()))?;
+        if let Some(authorization) = &self.authorization {
+            request.headers_mut().insert(
+                "authorization",
+                authorization
+                    .parse()
+                    .map_err(|_| ClientError::Protocol("bad credential".into()))?,
+            );
+        }
+        let (socket, _) = tokio_tungstenite::connect_async(request).await.map_err(|e| match e {
+            tokio_tungstenite::tungstenite::Error::Http(response) => ClientError::Server {
+                status: response.status().as_u16(),
+                code: "websocket_refused".into(),
+                message: String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).into_owned(),
+                current_epoch: None,
+            },
+            other => ClientError::Network(format!("cannot open the delivery connection: {other}")),
+        })?;
+        Ok(Delivery { socket })
+    }
+}
+
+/// An open delivery WebSocket.
+pub struct Delivery {
+    socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Delivery {
+    /// The next frame from the server; `None` when the server closed the connection.
+    pub async fn next(&mut self) -> Result<Option<ServerFrame>, ClientError> {
+        loop {
+            match self.socket.next().await {
+                None | Some(Ok(Message::Close(_))) => return Ok(None),
+                Some(Err(e)) => return Err(ClientError::Network(e.to_string())),
+                Some(Ok(Message::Text(text))) => {
+                    return serde_json::from_str(&text)
+                        .map(Some)
+                        .map_err(|e| ClientError::Protocol(format!("malformed frame from server: {e}")));
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// Acknowledges processed envelopes.
+    pub async fn ack(&mut self, seqs: Vec<u64>) -> Result<(), ClientError> {
+        let text = serde_json::to_string(&ClientFrame::Ack { seqs }).expect("frame serialises");
+        self.socket
+            .send(Message::Text(text.into()))
+            .await
+            .map_err(|e| ClientError::Network(e.to_string()))
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(mut self) {
+        let _ = self.socket.close(None).await;
+    }
+}

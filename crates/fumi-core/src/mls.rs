@@ -1,0 +1,498 @@
+//! Every OpenMLS call in Fumi lives in this module, behind [`MlsDevice`]: OpenMLS changes its API
+//! between minor releases, and one small surface keeps an upgrade contained.
+//!
+//! The device is sans-I/O: it turns intentions into bytes to send ([`Commit`], [`Outgoing`]) and
+//! received bytes into [`Incoming`] events. Persistence goes through the OpenMLS provider's
+//! storage, which the caller chooses (SQLite natively).
+
+use fumi_proto::{AccountId, DeviceId, GroupId};
+use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
+use openmls::prelude::*;
+use openmls_basic_credential::SignatureKeyPair;
+use openmls_traits::OpenMlsProvider;
+use openmls_traits::types::Ciphersuite;
+use thiserror::Error;
+
+use crate::identity::{AccountIdentity, CredentialError, DeviceCredential};
+
+/// The one ciphersuite Fumi uses; switching to the post-quantum hybrid suite happens here.
+pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+
+/// How many past epochs' secrets a member keeps, so that application messages sent just before a
+/// commit still decrypt after it.
+const MAX_PAST_EPOCHS: usize = 8;
+
+/// Most members a group may have (each device is one member).
+pub const MAX_GROUP_MEMBERS: usize = 1000;
+
+/// A member of a group: one device of one account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Member {
+    /// The account.
+    pub account: AccountId,
+    /// The device.
+    pub device: DeviceId,
+}
+
+/// Errors of MLS operations.
+#[derive(Debug, Error)]
+pub enum MlsError {
+    /// The bytes are not a well-formed MLS message or KeyPackage.
+    #[error("malformed MLS data: {0}")]
+    Malformed(String),
+    /// A credential did not verify.
+    #[error(transparent)]
+    Credential(#[from] CredentialError),
+    /// A KeyPackage claims another device than the one it was handed out for.
+    #[error("the server handed out a key package of another device than requested")]
+    KeyPackageMismatch,
+    /// The message is for a group this device is not in.
+    #[error("message for a conversation this device is not a member of")]
+    UnknownGroup,
+    /// The operation would break a group limit.
+    #[error("a group has at most {MAX_GROUP_MEMBERS} member devices")]
+    GroupTooLarge,
+    /// MLS refused the message or operation (wrong epoch, bad signature, replay, ...).
+    #[error("MLS refused: {0}")]
+    Refused(String),
+    /// The device is no longer a member of the group.
+    #[error("this device is no longer a member of the conversation")]
+    NotMember,
+    /// Persisting MLS state failed.
+    #[error("client store: {0}")]
+    Storage(String),
+}
+
+/// A commit ready to send. Apply it with [`MlsDevice::confirm_commit`] once the server accepted
+/// it, or drop it with [`MlsDevice::discard_commit`] if the server refused it.
+#[derive(Debug)]
+pub struct Commit {
+    /// The group.
+    pub group: GroupId,
+    /// The epoch the commit was made in (the server orders commits by it).
+    pub epoch: u64,
+    /// TLS-serialised commit message.
+    pub message: Vec<u8>,
+    /// Devices that must receive the commit: every member but the sender, removed ones included.
+    pub recipients: Vec<Member>,
+    /// Welcome for added members, if any.
+    pub welcome: Option<Vec<u8>>,
+    /// Added devices, who receive the Welcome.
+    pub added: Vec<Member>,
+    /// Removed devices.
+    pub removed: Vec<Member>,
+}
+
+/// An application message ready to send.
+#[derive(Debug)]
+pub struct Outgoing {
+    /// TLS-serialised MLS PrivateMessage.
+    pub message: Vec<u8>,
+    /// Every member device but the sender.
+    pub recipients: Vec<Member>,
+}
+
+/// What a received message did.
+#[derive(Debug)]
+pub enum Incoming {
+    /// This device was added to a group.
+    Joined {
+        /// The group.
+        group: GroupId,
+        /// Who added us.
+        by: Member,
+        /// Members after joining (including us).
+        members: Vec<Member>,
+    },
+    /// An application message (still padded content).
+    Application {
+        /// The group.
+        group: GroupId,
+        /// The authenticated sender.
+        sender: Member,
+        /// Decrypted, padded content.
+        plaintext: Vec<u8>,
+    },
+    /// Another member's commit changed the group.
+    Commit {
+        /// The group.
+        group: GroupId,
+        /// Who committed.
+        by: Member,
+        /// Devices added.
+        added: Vec<Member>,
+        /// Devices removed.
+        removed: Vec<Member>,
+        /// True if this device was removed: it can read nothing more in this group.
+        self_removed: bool,
+    },
+    /// A proposal or other handshake message that changes nothing visible yet.
+    Other {
+        /// The group.
+        group: GroupId,
+    },
+}
+
+/// One device's MLS state machine over an OpenMLS provider.
+pub struct MlsDevice<P: OpenMlsProvider> {
+    provider: P,
+    signer: SignatureKeyPair,
+    credential: CredentialWithKey,
+    me: Member,
+}
+
+impl<P: OpenMlsProvider> MlsDevice<P> {
+    /// Creates a fresh MLS signature key for a device, stores it in the provider and returns its
+    /// public key (the caller keeps it to reopen the device later).
+    pub fn generate_signature_key(provider: &P) -> Result<Vec<u8>, MlsError> {
+        let signer = SignatureKeyPair::new(CIPHERSUITE.signature_algorithm())
+            .map_err(|e| MlsError::Storage(format!("{e:?}")))?;
+        signer
+            .store(provider.storage())
+            .map_err(|e| MlsError::Storage(format!("{e:?}")))?;
+        Ok(signer.to_public_vec())
+    }
+
+    /// Opens a device whose signature key is in the provider's storage.
+    pub fn open(
+        provider: P,
+        identity: &AccountIdentity,
+        me: Member,
+        signature_public_key: &[u8],
+    ) -> Result<Self, MlsError> {
+        let signer = SignatureKeyPair::read(
+            provider.storage(),
+            signature_public_key,
+            CIPHERSUITE.signature_algorithm(),
+        )
+        .ok_or_else(|| MlsError::Storage("device signature key missing from the client store".into()))?;
+        let device_credential = identity.certify_device(me.account, me.device, signature_public_key);
+        let credential = CredentialWithKey {
+            credential: BasicCredential::new(device_credential.encode()).into(),
+            signature_key: signature_public_key.to_vec().into(),
+        };
+        Ok(Self {
+            provider,
+            signer,
+            credential,
+            me,
+        })
+    }
+
+    /// The provider (for the caller's transactions around MLS calls).
+    pub fn provider(&self) -> &P {
+        &self.provider
+    }
+
+    /// This device.
+    pub fn me(&self) -> Member {
+        self.me
+    }
+
+    /// Makes `count` one-time KeyPackages and, if asked, one last-resort KeyPackage.
+    pub fn key_packages(&self, count: usize, last_resort: bool) -> Result<(Vec<Vec<u8>>, Option<Vec<u8>>), MlsError> {
+        let make = |last: bool| -> Result<Vec<u8>, MlsError> {
+            let mut builder = KeyPackage::builder();
+            if last {
+                builder = builder.mark_as_last_resort();
+            }
+            let bundle = builder
+                .build(CIPHERSUITE, &self.provider, &self.signer, self.credential.clone())
+                .map_err(|e| MlsError::Storage(format!("{e:?}")))?;
+            serialize(&MlsMessageOut::from(bundle.key_package().clone()))
+        };
+        let one_time = (0..count).map(|_| make(false)).collect::<Result<Vec<_>, _>>()?;
+        let last = if last_resort { Some(make(true)?) } else { None };
+        Ok((one_time, last))
+    }
+
+    /// Parses a claimed KeyPackage and checks its signature, lifetime and device certificate, and
+    /// that it belongs to the device the server said it does.
+    pub fn verify_key_package(&self, bytes: &[u8], expected: Member) -> Result<KeyPackage, MlsError> {
+        let message = MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| MlsError::Malformed(e.to_string()))?;
+        let key_package_in = match message.extract() {
+            MlsMessageBodyIn::KeyPackage(kp) => kp,
+            _ => return Err(MlsError::Malformed("not a key package".into())),
+        };
+        let key_package = key_package_in
+            .validate(self.provider.crypto(), ProtocolVersion::Mls10)
+            .map_err(|e| MlsError::Refused(e.to_string()))?;
+        if key_package.ciphersuite() != CIPHERSUITE {
+            return Err(MlsError::Refused("key package uses another ciphersuite".into()));
+        }
+        let member = member_of(
+            key_package.leaf_node().credential(),
+            key_package.leaf_node().signature_key().as_slice(),
+        )?;
+        if member != expected {
+            return Err(MlsError::KeyPackageMismatch);
+        }
+        Ok(key_package)
+    }
+
+    /// Creates a new group with only this device in it.
+    pub fn create_group(&self, group: GroupId) -> Result<(), MlsError> {
+        let config = MlsGroupCreateConfig::builder()
+            .ciphersuite(CIPHERSUITE)
+            .use_ratchet_tree_extension(true)
+            .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
+            .max_past_epochs(MAX_PAST_EPOCHS)
+            .build();
+        MlsGroup::new_with_group_id(
+            &self.provider,
+            &self.signer,
+            &config,
+            openmls::group::GroupId::from_slice(group.as_bytes()),
+            self.credential.clone(),
+        )
+        .map_err(|e| MlsError::Storage(format!("{e:?}")))?;
+        Ok(())
+    }
+
+    /// Members of a group this device is in.
+    pub fn members(&self, group: GroupId) -> Result<Vec<Member>, MlsError> {
+        let mls_group = self.load(group)?;
+        mls_group
+            .members()
+            .map(|m| member_of(&m.credential, &m.signature_key))
+            .collect()
+    }
+
+    /// The group's current epoch.
+    pub fn epoch(&self, group: GroupId) -> Result<u64, MlsError> {
+        Ok(self.load(group)?.epoch().as_u64())
+    }
+
+    /// Whether this device is an active member of `group`.
+    pub fn is_member(&self, group: GroupId) -> bool {
+        self.load(group).is_ok_and(|g| g.is_active())
+    }
+
+    /// Commits adding the devices behind verified KeyPackages.
+    pub fn add_members(&self, group: GroupId, key_packages: &[KeyPackage]) -> Result<Commit, MlsError> {
+        let mut mls_group = self.load(group)?;
+        if mls_group.members().count() + key_packages.len() > MAX_GROUP_MEMBERS {
+            return Err(MlsError::GroupTooLarge);
+        }
+        let added = key_packages
+            .iter()
+            .map(|kp| member_of(kp.leaf_node().credential(), kp.leaf_node().signature_key().as_slice()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let recipients = self.others(&mls_group)?;
+        let epoch = mls_group.epoch().as_u64();
+        let (commit, welcome, _) = mls_group
+            .add_members(&self.provider, &self.signer, key_packages)
+            .map_err(|e| MlsError::Refused(e.to_string()))?;
+        Ok(Commit {
+            group,
+            epoch,
+            message: serialize(&commit)?,
+            recipients,
+            welcome: Some(serialize(&welcome)?),
+            added,
+            removed: vec![],
+        })
+    }
+
+    /// Commits removing every device of the given members.
+    pub fn remove_members(&self, group: GroupId, removed: &[Member]) -> Result<Commit, MlsError> {
+        let mut mls_group = self.load(group)?;
+        let (indices, removed): (Vec<_>, Vec<_>) = mls_group
+            .members()
+            .filter_map(|m| {
+                member_of(&m.credential, &m.signature_key)
+                    .ok()
+                    .filter(|member| removed.contains(member))
+                    .map(|member| (m.index, member))
+            })
+            .unzip();
+        if indices.is_empty() {
+            return Err(MlsError::Refused("none of these devices is a member".into()));
+        }
+        let recipients = self.others(&mls_group)?;
+        let epoch = mls_group.epoch().as_u64();
+        let (commit, _, _) = mls_group
+            .remove_members(&self.provider, &self.signer, &indices)
+            .map_err(|e| MlsError::Refused(e.to_string()))?;
+        Ok(Commit {
+            group,
+            epoch,
+            message: serialize(&commit)?,
+            recipients,
+            welcome: None,
+            added: vec![],
+            removed,
+        })
+    }
+
+    /// Applies this device's pending commit after the server accepted it.
+    pub fn confirm_commit(&self, group: GroupId) -> Result<(), MlsError> {
+        let mut mls_group = self.load(group)?;
+        mls_group
+            .merge_pending_commit(&self.provider)
+            .map_err(|e| MlsError::Storage(format!("{e:?}")))
+    }
+
+    /// Drops this device's pending commit after the server refused it.
+    pub fn discard_commit(&self, group: GroupId) -> Result<(), MlsError> {
+        let mut mls_group = self.load(group)?;
+        mls_group
+            .clear_pending_commit(self.provider.storage())
+            .map_err(|e| MlsError::Storage(format!("{e:?}")))
+    }
+
+    /// Encrypts padded content for every other member.
+    pub fn encrypt(&self, group: GroupId, plaintext: &[u8]) -> Result<Outgoing, MlsError> {
+        let mut mls_group = self.load(group)?;
+        if !mls_group.is_active() {
+            return Err(MlsError::NotMember);
+        }
+        let recipients = self.others(&mls_group)?;
+        let message = mls_group
+            .create_message(&self.provider, &self.signer, plaintext)
+            .map_err(|e| MlsError::Refused(e.to_string()))?;
+        Ok(Outgoing {
+            message: serialize(&message)?,
+            recipients,
+        })
+    }
+
+    /// Processes one message from this device's mailbox.
+    pub fn handle_message(&self, bytes: &[u8]) -> Result<Incoming, MlsError> {
+        let message = MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| MlsError::Malformed(e.to_string()))?;
+        match message.extract() {
+            MlsMessageBodyIn::Welcome(welcome) => self.handle_welcome(welcome),
+            MlsMessageBodyIn::PrivateMessage(m) => self.handle_protocol_message(m.into()),
+            MlsMessageBodyIn::PublicMessage(m) => self.handle_protocol_message(m.into()),
+            _ => Err(MlsError::Malformed("unexpected MLS message type in a mailbox".into())),
+        }
+    }
+
+    fn handle_welcome(&self, welcome: Welcome) -> Result<Incoming, MlsError> {
+        let config = MlsGroupJoinConfig::builder()
+            .use_ratchet_tree_extension(true)
+            .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
+            .max_past_epochs(MAX_PAST_EPOCHS)
+            .build();
+        let staged = StagedWelcome::new_from_welcome(&self.provider, &config, welcome, None)
+            .map_err(|e| MlsError::Refused(e.to_string()))?;
+        let sender = staged.welcome_sender().map_err(|e| MlsError::Refused(e.to_string()))?;
+        let by = member_of(sender.credential(), sender.signature_key().as_slice())?;
+        let members = staged
+            .members()
+            .map(|m| member_of(&m.credential, &m.signature_key))
+            .collect::<Result<Vec<_>, _>>()?;
+        if members.len() > MAX_GROUP_MEMBERS {
+            return Err(MlsError::GroupTooLarge);
+        }
+        let mls_group = staged
+            .into_group(&self.provider)
+            .map_err(|e| MlsError::Storage(format!("{e:?}")))?;
+        let group = fumi_group_id(mls_group.group_id())?;
+        Ok(Incoming::Joined { group, by, members })
+    }
+
+    fn handle_protocol_message(&self, message: ProtocolMessage) -> Result<Incoming, MlsError> {
+        let group = fumi_group_id(message.group_id())?;
+        let mut mls_group = self.load(group)?;
+        let processed = mls_group
+            .process_message(&self.provider, message)
+            .map_err(|e| MlsError::Refused(e.to_string()))?;
+        let sender = member_of(
+            processed.credential(),
+            &sender_signature_key(&mls_group, processed.sender())?,
+        )?;
+        match processed.into_content() {
+            ProcessedMessageContent::ApplicationMessage(app) => Ok(Incoming::Application {
+                group,
+                sender,
+                plaintext: app.into_bytes(),
+            }),
+            ProcessedMessageContent::StagedCommitMessage(staged) => {
+                let added = staged
+                    .add_proposals()
+                    .map(|p| {
+                        let leaf = p.add_proposal().key_package().leaf_node();
+                        member_of(leaf.credential(), leaf.signature_key().as_slice())
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let removed = staged
+                    .remove_proposals()
+                    .filter_map(|p| mls_group.member_at(p.remove_proposal().removed()))
+                    .map(|m| member_of(&m.credential, &m.signature_key))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let self_removed = staged.self_removed();
+                if mls_group.members().count() + added.len() > MAX_GROUP_MEMBERS + removed.len() {
+                    return Err(MlsError::GroupTooLarge);
+                }
+                mls_group
+                    .merge_staged_commit(&self.provider, *staged)
+                    .map_err(|e| MlsError::Storage(format!("{e:?}")))?;
+                Ok(Incoming::Commit {
+                    group,
+                    by: sender,
+                    added,
+                    removed,
+                    self_removed,
+                })
+            }
+            ProcessedMessageContent::ProposalMessage(proposal) => {
+                // Fumi clients always commit their proposals at once; a stray proposal is kept
+                // so that the commit that references it can be processed.
+                mls_group
+                    .store_pending_proposal(self.provider.storage(), *proposal)
+                    .map_err(|e| MlsError::Storage(format!("{e:?}")))?;
+                Ok(Incoming::Other { group })
+            }
+            _ => Ok(Incoming::Other { group }),
+        }
+    }
+
+    fn load(&self, group: GroupId) -> Result<MlsGroup, MlsError> {
+        MlsGroup::load(
+            self.provider.storage(),
+            &openmls::group::GroupId::from_slice(group.as_bytes()),
+        )
+        .map_err(|e| MlsError::Storage(format!("{e:?}")))?
+        .ok_or(MlsError::UnknownGroup)
+    }
+
+    fn others(&self, mls_group: &MlsGroup) -> Result<Vec<Member>, MlsError> {
+        let own = mls_group.own_leaf_index();
+        mls_group
+            .members()
+            .filter(|m| m.index != own)
+            .map(|m| member_of(&m.credential, &m.signature_key))
+            .collect()
+    }
+}
+
+/// Reads and verifies the Fumi identity of an MLS credential.
+fn member_of(credential: &Credential, signature_key: &[u8]) -> Result<Member, MlsError> {
+    let basic = BasicCredential::try_from(credential.clone()).map_err(|_| CredentialError::Malformed)?;
+    let device = DeviceCredential::verify(basic.identity(), signature_key)?;
+    Ok(Member {
+        account: device.account,
+        device: device.device,
+    })
+}
+
+fn sender_signature_key(group: &MlsGroup, sender: &Sender) -> Result<Vec<u8>, MlsError> {
+    match sender {
+        Sender::Member(index) => group
+            .member_at(*index)
+            .map(|m| m.signature_key)
+            .ok_or_else(|| MlsError::Refused("sender is not a member".into())),
+        _ => Err(MlsError::Refused("only members may send in a Fumi group".into())),
+    }
+}
+
+fn fumi_group_id(id: &openmls::group::GroupId) -> Result<GroupId, MlsError> {
+    GroupId::from_slice(id.as_slice()).map_err(|_| MlsError::Malformed("group id is not 16 bytes".into()))
+}
+
+fn serialize(message: &MlsMessageOut) -> Result<Vec<u8>, MlsError> {
+    message
+        .tls_serialize_detached()
+        .map_err(|e| MlsError::Malformed(e.to_string()))
+}

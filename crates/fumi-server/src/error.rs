@@ -1,0 +1,109 @@
+//! One error type for every HTTP answer: a status, a stable code and a human message. Internal
+//! details are logged, never sent.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use fumi_proto::{ErrorBody, ErrorDetail};
+
+use crate::storage::StorageError;
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    current_epoch: Option<u64>,
+}
+
+impl ApiError {
+    /// An error with a status, a stable code and a message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            current_epoch: None,
+        }
+    }
+
+    /// 400 `bad_request`.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    /// 401 `unauthenticated`.
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthenticated", message)
+    }
+
+    /// 404 `not_found`.
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    /// 413 `too_large`.
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
+    }
+
+    /// 500 `internal`: the cause is logged here and hidden from the client.
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        tracing::error!(%cause, "internal error");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal server error")
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+impl From<StorageError> for ApiError {
+    fn from(error: StorageError) -> Self {
+        match error {
+            StorageError::UsernameTaken => Self::new(
+                StatusCode::CONFLICT,
+                "username_taken",
+                "this username is taken; pick another number",
+            ),
+            StorageError::EpochConflict { current } => Self {
+                current_epoch: Some(current),
+                ..Self::new(
+                    StatusCode::CONFLICT,
+                    "epoch_conflict",
+                    "another commit was accepted for this epoch first; process it and retry",
+                )
+            },
+            StorageError::MessageIdReused => Self::new(
+                StatusCode::CONFLICT,
+                "message_id_reused",
+                "this message id was already used for a different message",
+            ),
+            StorageError::UnknownGroup => {
+                Self::not_found("unknown_group", "no commit was ever accepted for this group")
+            }
+            StorageError::UnknownDevice => Self::not_found("unknown_device", "a recipient device does not exist"),
+            StorageError::UnknownAccount => Self::not_found("unknown_account", "no such account"),
+            StorageError::NoKeyPackage => Self::not_found(
+                "no_key_package",
+                "a device of this account has no key package available",
+            ),
+            StorageError::Database(cause) => Self::internal(cause),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message,
+                current_epoch: self.current_epoch,
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}

@@ -1,0 +1,86 @@
+//! Telling a device's delivery connection that its mailbox changed. In-process by default; the
+//! trait lets a multi-node deployment carry the same events over a message bus.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use fumi_proto::DeviceId;
+use tokio::sync::watch;
+
+/// Carries "new message for device X" events to whichever connection serves X.
+pub trait Fanout: Send + Sync + 'static {
+    /// Wakes the connection of `device`, if any.
+    fn notify(&self, device: DeviceId);
+    /// Registers a new delivery connection for `device`; a previous connection of the same
+    /// device is told to close (one WebSocket per device).
+    fn connect(&self, device: DeviceId) -> Subscription;
+}
+
+/// A delivery connection's view of its device's events.
+#[derive(Debug)]
+pub struct Subscription {
+    /// Changes whenever the mailbox may have new envelopes.
+    pub mailbox: watch::Receiver<u64>,
+    /// Changes when a newer connection of the same device replaced this one.
+    pub replaced: watch::Receiver<u64>,
+    /// This connection's number, compared with `replaced`.
+    pub connection: u64,
+}
+
+impl Subscription {
+    /// Whether a newer connection replaced this one.
+    pub fn is_replaced(&self) -> bool {
+        *self.replaced.borrow() != self.connection
+    }
+}
+
+#[derive(Debug)]
+struct DeviceChannels {
+    mailbox: watch::Sender<u64>,
+    connection: watch::Sender<u64>,
+}
+
+/// Fan-out inside one process.
+#[derive(Debug, Default)]
+pub struct InProcessFanout {
+    devices: Mutex<HashMap<DeviceId, DeviceChannels>>,
+}
+
+impl InProcessFanout {
+    fn with_channels<T>(&self, device: DeviceId, f: impl FnOnce(&DeviceChannels) -> T) -> T {
+        let mut devices = self.devices.lock().expect("fanout lock poisoned");
+        // Drop channels nobody listens to any more, so the map stays the size of the online set.
+        if devices.len() > 1024 {
+            devices.retain(|_, c| c.mailbox.receiver_count() > 0);
+        }
+        let channels = devices.entry(device).or_insert_with(|| DeviceChannels {
+            mailbox: watch::channel(0).0,
+            connection: watch::channel(0).0,
+        });
+        f(channels)
+    }
+}
+
+impl Fanout for InProcessFanout {
+    fn notify(&self, device: DeviceId) {
+        let devices = self.devices.lock().expect("fanout lock poisoned");
+        if let Some(channels) = devices.get(&device) {
+            channels.mailbox.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    fn connect(&self, device: DeviceId) -> Subscription {
+        self.with_channels(device, |channels| {
+            let mut connection = 0;
+            channels.connection.send_modify(|n| {
+                *n += 1;
+                connection = *n;
+            });
+            Subscription {
+                mailbox: channels.mailbox.subscribe(),
+                replaced: channels.connection.subscribe(),
+                connection,
+            }
+        })
+    }
+}

@@ -1,0 +1,187 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+pub mod auth;
+pub mod error;
+pub mod fanout;
+pub mod framing;
+pub mod metrics;
+pub mod rate_limit;
+pub mod routes;
+pub mod storage;
+pub mod ws;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use fumi_proto::DeviceId;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::fanout::{Fanout, InProcessFanout};
+use crate::metrics::Metrics;
+use crate::rate_limit::RateLimiter;
+use crate::storage::{SqliteStorage, Storage};
+
+/// Server settings. Every field has a default; the CLI layers a TOML file, `FUMI_*` environment
+/// variables and flags on top.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Directory holding the database (`fumi.db`).
+    pub data: PathBuf,
+    /// Largest MLS message (plus Welcome) accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Most recipient devices of one message (the group size limit).
+    pub max_recipients: usize,
+    /// How long an undelivered message is kept, in seconds.
+    pub message_ttl_secs: u64,
+    /// Requests a device may make per minute.
+    pub device_requests_per_minute: u32,
+    /// Registrations per minute from one client address.
+    pub registrations_per_minute: u32,
+    /// One-time KeyPackages a device may keep in stock.
+    pub max_key_packages_per_device: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data: PathBuf::from("fumi-data"),
+            max_message_bytes: 256 * 1024,
+            max_recipients: 1000,
+            message_ttl_secs: 30 * 24 * 60 * 60,
+            device_requests_per_minute: 1200,
+            registrations_per_minute: 60,
+            max_key_packages_per_device: 200,
+        }
+    }
+}
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The database could not be opened or migrated.
+    #[error("cannot open database: {0}")]
+    Storage(#[from] storage::StorageError),
+    /// Serving failed.
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Shared state of all handlers.
+pub struct AppState {
+    /// Durable state.
+    pub storage: Arc<dyn Storage>,
+    /// Mailbox events.
+    pub fanout: Arc<dyn Fanout>,
+    /// Settings.
+    pub config: Config,
+    /// Counters.
+    pub metrics: Metrics,
+    /// Per-device request limit.
+    pub device_limiter: RateLimiter<DeviceId>,
+    /// Per-address registration limit.
+    pub address_limiter: RateLimiter<IpAddr>,
+    /// Becomes true when the server shuts down; delivery connections close.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The database file inside a data directory.
+pub fn database_path(config: &Config) -> PathBuf {
+    config.data.join("fumi.db")
+}
+
+/// Runs the server on `listener` until `shutdown` completes. Opens (and creates) the SQLite
+/// database under `config.data`.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    std::fs::create_dir_all(&config.data).map_err(|source| ServerError::DataDir {
+        path: config.data.clone(),
+        source,
+    })?;
+    let storage: Arc<dyn Storage> = Arc::new(SqliteStorage::open(&database_path(&config)).await?);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let state = Arc::new(AppState {
+        storage,
+        fanout: Arc::new(InProcessFanout::default()),
+        device_limiter: RateLimiter::new(config.device_requests_per_minute),
+        address_limiter: RateLimiter::new(config.registrations_per_minute),
+        config,
+        metrics: Metrics::default(),
+        shutdown: shutdown_rx,
+    });
+
+    let expiry = tokio::spawn(expire_messages(state.clone()));
+    let app = routes::router(state.clone()).layer(axum::middleware::from_fn_with_state(state.clone(), log_request));
+    let served = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            let _ = shutdown_tx.send(true);
+        })
+        .await;
+    expiry.abort();
+    served.map_err(ServerError::Io)
+}
+
+/// Deletes expired messages once a minute.
+async fn expire_messages(state: Arc<AppState>) {
+    let mut interval = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        interval.tick().await;
+        match state.storage.purge_expired(now_ms()).await {
+            Ok(0) => {}
+            Ok(count) => tracing::info!(count, "expired undelivered envelopes deleted"),
+            Err(error) => tracing::warn!(%error, "expiring messages failed"),
+        }
+    }
+}
+
+/// Logs one line per request with the route template (never the concrete path, which may carry
+/// ids), the status and the latency; counts statuses.
+async fn log_request(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "<unmatched>".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    let status = response.status();
+    let counter = match status.as_u16() {
+        500.. => &state.metrics.http_server_errors,
+        400..=499 => &state.metrics.http_client_errors,
+        _ => &state.metrics.http_ok,
+    };
+    Metrics::inc(counter);
+    tracing::info!(%method, route, status = status.as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "request");
+    response
+}

@@ -1,0 +1,415 @@
+//! HTTP handlers. Each validates sizes and encodings before touching storage, so bad input gets a
+//! 4xx and changes nothing.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{ConnectInfo, FromRequest, Path, Request, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::{Json, Router, routing};
+use fumi_proto::*;
+use rand::RngCore;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+use crate::error::ApiError;
+use crate::framing;
+use crate::metrics::Metrics;
+use crate::storage::{Ciphertext, Delivery, Submission, SubmitOutcome};
+use crate::{AppState, auth::AuthDevice, now_ms, ws};
+
+/// Largest sealed profile accepted.
+const MAX_PROFILE_BYTES: usize = 8 * 1024;
+/// Largest KeyPackage accepted.
+const MAX_KEY_PACKAGE_BYTES: usize = 16 * 1024;
+/// Most KeyPackages in one upload.
+const MAX_KEY_PACKAGES_PER_UPLOAD: usize = 100;
+/// Most accounts in one claim.
+const MAX_ACCOUNTS_PER_CLAIM: usize = 100;
+
+/// Every route of the public API.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/health", routing::get(health))
+        .route("/metrics", routing::get(metrics))
+        .route("/v1/accounts", routing::post(register))
+        .route("/v1/accounts/{account}", routing::get(account_info))
+        .route("/v1/accounts/{account}/profile", routing::get(get_profile))
+        .route("/v1/profile", routing::put(put_profile))
+        .route("/v1/username", routing::put(claim_username))
+        .route("/v1/usernames/{hash}", routing::get(lookup_username))
+        .route("/v1/keypackages", routing::post(upload_key_packages))
+        .route("/v1/keypackages/count", routing::get(key_package_count))
+        .route("/v1/keypackages/claim", routing::post(claim_key_packages))
+        .route("/v1/messages", routing::post(submit_message))
+        .route("/v1/ws", routing::get(ws::upgrade))
+        .fallback(|| async { ApiError::not_found("not_found", "no such endpoint; see docs/PROTOCOL.md") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not accept that method",
+            )
+        })
+        .with_state(state)
+}
+
+/// A JSON body whose rejections are answered in Fumi's error format.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(Self(value)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> ApiError {
+    match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large("request body is too large"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send JSON with Content-Type: application/json",
+        ),
+        _ => ApiError::bad_request(format!("malformed JSON body: {}", rejection.body_text())),
+    }
+}
+
+fn parse_path_id<T: std::str::FromStr>(text: &str, what: &str) -> Result<T, ApiError> {
+    text.parse()
+        .map_err(|_| ApiError::bad_request(format!("{what} must be 32 hexadecimal digits")))
+}
+
+fn exact_32(bytes: &Base64Bytes, what: &str) -> Result<[u8; 32], ApiError> {
+    bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| ApiError::bad_request(format!("{what} must be 32 bytes")))
+}
+
+async fn health() -> impl IntoResponse {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiError> {
+    let stats = state.storage.stats().await?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(stats),
+    ))
+}
+
+async fn register(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ApiJson(request): ApiJson<RegisterRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    if !state.address_limiter.check(&peer.ip(), Instant::now()) {
+        Metrics::inc(&state.metrics.rate_limited);
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many registrations from this address; try later",
+        ));
+    }
+    let identity_key = exact_32(&request.identity_key, "identity_key")?;
+    let secret_hash = exact_32(&request.device_secret_hash, "device_secret_hash")?;
+    let (account_id, device_id) = {
+        // ThreadRng is not Send: keep it out of the await below.
+        let mut rng = rand::rng();
+        let mut random_id = || {
+            let mut bytes = [0u8; 16];
+            rng.fill_bytes(&mut bytes);
+            bytes
+        };
+        (AccountId::from_bytes(random_id()), DeviceId::from_bytes(random_id()))
+    };
+    state
+        .storage
+        .create_account(account_id, &identity_key, device_id, &secret_hash, now_ms())
+        .await?;
+    Metrics::inc(&state.metrics.registrations);
+    Ok((StatusCode::CREATED, Json(RegisterResponse { account_id, device_id })))
+}
+
+async fn account_info(
+    _device: AuthDevice,
+    State(state): State<Arc<AppState>>,
+    Path(account): Path<String>,
+) -> Result<Json<AccountInfo>, ApiError> {
+    let account_id: AccountId = parse_path_id(&account, "account id")?;
+    let record = state
+        .storage
+        .account(account_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("unknown_account", "no such account"))?;
+    Ok(Json(AccountInfo {
+        account_id,
+        identity_key: Base64Bytes(record.identity_key),
+        devices: record.devices,
+    }))
+}
+
+async fn get_profile(
+    _device: AuthDevice,
+    State(state): State<Arc<AppState>>,
+    Path(account): Path<String>,
+) -> Result<Json<SealedProfile>, ApiError> {
+    let account_id: AccountId = parse_path_id(&account, "account id")?;
+    let sealed = state
+        .storage
+        .profile(account_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("unknown_profile", "this account has no profile"))?;
+    Ok(Json(SealedProfile {
+        sealed: Base64Bytes(sealed.0),
+    }))
+}
+
+async fn put_profile(
+    device: AuthDevice,
+    State(state): State<Arc<AppState>>,
+    ApiJson(profile): ApiJson<SealedProfile>,
+) -> Result<StatusCode, ApiError> {
+    if profile.sealed.as_slice().len() > MAX_PROFILE_BYTES {
+        return Err(ApiError::too_large(format!(
+            "a sealed profile is at most {MAX_PROFILE_BYTES} bytes"
+        )));
+    }
+    if profile.sealed.as_slice().len() < 24 + 16 {
+        return Err(ApiError::bad_request(
+            "a sealed profile is a nonce and an AEAD ciphertext",
+        ));
+    }
+    state
+        .storage
+        .put_profile(device.account, Ciphertext(profile.sealed.into_vec()), now_ms())
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn claim_username(
+    device: AuthDevice,
+    State(state): State<Arc<AppState>>,
+    ApiJson(claim): ApiJson<UsernameClaim>,
+) -> Result<StatusCode, ApiError> {
+    let hash = exact_32(&claim.username_hash, "username_hash")?;
+    state.storage.claim_username(device.account, &hash).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn lookup_username(
+    _device: AuthDevice,
+    State(state): State<Arc<AppState>>,
+    Path(hash): Path<String>,
+) -> Result<Json<UsernameLookup>, ApiError> {
+    let mut bytes = [0u8; 32];
+    hex::decode_to_slice(&hash, &mut bytes)
+        .map_err(|_| ApiError::bad_request("a username hash is 64 hexadecimal digits"))?;
+    let account_id = state
+        .storage
+        .lookup_username(&bytes)
+        .await?
+        .ok_or_else(|| ApiError::not_found("unknown_username", "no account has this username"))?;
+    Ok(Json(UsernameLookup { account_id }))
+}
+
+async fn upload_key_packages(
+    device: AuthDevice,
+    State(state): State<Arc<AppState>>,
+    ApiJson(upload): ApiJson<KeyPackageUpload>,
+) -> Result<Json<KeyPackageCount>, ApiError> {
+    if upload.key_packages.len() > MAX_KEY_PACKAGES_PER_UPLOAD {
+        return Err(ApiError::too_large(format!(
+            "at most {MAX_KEY_PACKAGES_PER_UPLOAD} key packages per upload"
+        )));
+    }
+    for key_package in upload.key_packages.iter().chain(upload.last_resort.iter()) {
+        if key_package.as_slice().len() > MAX_KEY_PACKAGE_BYTES {
+            return Err(ApiError::too_large(format!(
+                "a key package is at most {MAX_KEY_PACKAGE_BYTES} bytes"
+            )));
+        }
+        framing::check_key_package(key_package.as_slice()).map_err(ApiError::bad_request)?;
+    }
+    let stock = state.storage.key_package_count(device.device).await?;
+    if stock + upload.key_packages.len() as u64 > state.config.max_key_packages_per_device {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "too_many_key_packages",
+            format!(
+                "a device keeps at most {} key packages",
+                state.config.max_key_packages_per_device
+            ),
+        ));
+    }
+    let one_time = upload
+        .key_packages
+        .into_iter()
+        .map(|kp| Ciphertext(kp.into_vec()))
+        .collect();
+    let last_resort = upload.last_resort.map(|kp| Ciphertext(kp.into_vec()));
+    let count = state
+        .storage
+        .add_key_packages(device.device, one_time, last_resort)
+        .await?;
+    Ok(Json(KeyPackageCount { count }))
+}
+
+async fn key_package_count(
+    device: AuthDevice,
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<KeyPackageCount>, ApiError> {
+    Ok(Json(KeyPackageCount {
+        count: state.storage.key_package_count(device.device).await?,
+    }))
+}
+
+async fn claim_key_packages(
+    _device: AuthDevice,
+    State(state): State<Arc<AppState>>,
+    ApiJson(claim): ApiJson<KeyPackageClaim>,
+) -> Result<Json<ClaimedKeyPackages>, ApiError> {
+    if claim.accounts.is_empty() || claim.accounts.len() > MAX_ACCOUNTS_PER_CLAIM {
+        return Err(ApiError::bad_request(format!(
+            "claim key packages for 1 to {MAX_ACCOUNTS_PER_CLAIM} accounts"
+        )));
+    }
+    let mut seen = HashSet::new();
+    let accounts: Vec<AccountId> = claim.accounts.into_iter().filter(|a| seen.insert(*a)).collect();
+    let claimed = state.storage.claim_key_packages(&accounts).await?;
+    Ok(Json(ClaimedKeyPackages {
+        key_packages: claimed
+            .into_iter()
+            .map(|(account_id, device_id, kp)| ClaimedKeyPackage {
+                account_id,
+                device_id,
+                key_package: Base64Bytes(kp.0),
+            })
+            .collect(),
+    }))
+}
+
+async fn submit_message(
+    device: AuthDevice,
+    State(state): State<Arc<AppState>>,
+    ApiJson(request): ApiJson<SubmitMessage>,
+) -> Result<Json<SubmitAccepted>, ApiError> {
+    let config = &state.config;
+    let total = request.message.as_slice().len() + request.welcome.as_ref().map_or(0, |w| w.message.as_slice().len());
+    if total > config.max_message_bytes {
+        return Err(ApiError::too_large(format!(
+            "a message is at most {} bytes",
+            config.max_message_bytes
+        )));
+    }
+    let welcome_recipients = request.welcome.as_ref().map_or(0, |w| w.recipients.len());
+    if request.recipients.len() + welcome_recipients > config.max_recipients {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "too_many_recipients",
+            format!("a message goes to at most {} devices", config.max_recipients),
+        ));
+    }
+    check_recipients(&request.recipients, device.device)?;
+    let framing = framing::inspect_group_message(request.message.as_slice()).map_err(ApiError::bad_request)?;
+    let mut deliveries = vec![Delivery {
+        body: Ciphertext(request.message.as_slice().to_vec()),
+        recipients: request.recipients.clone(),
+    }];
+    if let Some(welcome) = &request.welcome {
+        if !framing.is_commit {
+            return Err(ApiError::bad_request(
+                "a welcome travels only with the commit that adds its members",
+            ));
+        }
+        framing::check_welcome(welcome.message.as_slice()).map_err(ApiError::bad_request)?;
+        check_recipients(&welcome.recipients, device.device)?;
+        deliveries.push(Delivery {
+            body: Ciphertext(welcome.message.as_slice().to_vec()),
+            recipients: welcome.recipients.clone(),
+        });
+    }
+
+    let now = now_ms();
+    let submission = Submission {
+        sender: device.device,
+        message_id: request.id,
+        digest: submission_digest(&request),
+        group: framing.group,
+        commit_epoch: framing.is_commit.then_some(framing.epoch),
+        deliveries,
+        now,
+        expires_at: now.saturating_add(config.message_ttl_secs.saturating_mul(1000)),
+    };
+    let recipients: Vec<DeviceId> = submission
+        .deliveries
+        .iter()
+        .flat_map(|d| d.recipients.iter().copied())
+        .collect();
+    let outcome = match state.storage.submit(submission).await {
+        Err(error @ crate::storage::StorageError::EpochConflict { .. }) => {
+            Metrics::inc(&state.metrics.commit_conflicts);
+            return Err(error.into());
+        }
+        other => other?,
+    };
+    let accepted = match outcome {
+        SubmitOutcome::Accepted { accepted_at } => {
+            Metrics::inc(&state.metrics.messages_accepted);
+            for recipient in recipients {
+                state.fanout.notify(recipient);
+            }
+            SubmitAccepted {
+                accepted_at,
+                duplicate: false,
+            }
+        }
+        SubmitOutcome::Duplicate { accepted_at } => SubmitAccepted {
+            accepted_at,
+            duplicate: true,
+        },
+    };
+    Ok(Json(accepted))
+}
+
+fn check_recipients(recipients: &[DeviceId], sender: DeviceId) -> Result<(), ApiError> {
+    let unique: HashSet<_> = recipients.iter().collect();
+    if unique.len() != recipients.len() {
+        return Err(ApiError::bad_request("a recipient is listed twice"));
+    }
+    if unique.contains(&sender) {
+        return Err(ApiError::bad_request("the sending device cannot be a recipient"));
+    }
+    Ok(())
+}
+
+/// SHA-256 over everything submitted, so a retry (same id, same body) is told apart from a reuse
+/// of the id for something else.
+fn submission_digest(request: &SubmitMessage) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        hasher.update((bytes.len() as u64).to_be_bytes());
+        hasher.update(bytes);
+    };
+    field(request.message.as_slice());
+    for recipient in &request.recipients {
+        field(recipient.as_bytes());
+    }
+    if let Some(welcome) = &request.welcome {
+        field(welcome.message.as_slice());
+        for recipient in &welcome.recipients {
+            field(recipient.as_bytes());
+        }
+    }
+    hasher.finalize().into()
+}

@@ -1,0 +1,555 @@
+//! The embedded SQLite backend: one file in the data directory, WAL mode, `synchronous=FULL` so
+//! that an acknowledged write is on disk.
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fumi_proto::{AccountId, DeviceId, GroupId};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, Sqlite, Transaction};
+
+use super::*;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran. Never edit a
+/// released entry: append a new one.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE accounts (
+    id BLOB PRIMARY KEY,
+    identity_key BLOB NOT NULL,
+    created_at INTEGER NOT NULL,
+    suspended INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE devices (
+    id BLOB PRIMARY KEY,
+    account_id BLOB NOT NULL REFERENCES accounts(id),
+    secret_hash BLOB NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX devices_by_account ON devices(account_id);
+CREATE TABLE usernames (
+    hash BLOB PRIMARY KEY,
+    account_id BLOB NOT NULL UNIQUE REFERENCES accounts(id)
+);
+CREATE TABLE profiles (
+    account_id BLOB PRIMARY KEY REFERENCES accounts(id),
+    sealed BLOB NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE key_packages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id BLOB NOT NULL REFERENCES devices(id),
+    key_package BLOB NOT NULL,
+    last_resort INTEGER NOT NULL
+);
+CREATE INDEX key_packages_by_device ON key_packages(device_id, last_resort, id);
+CREATE TABLE groups (
+    id BLOB PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    body BLOB NOT NULL,
+    received_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE INDEX messages_by_expiry ON messages(expires_at);
+CREATE TABLE mailbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id BLOB NOT NULL,
+    message_id INTEGER NOT NULL REFERENCES messages(id)
+);
+CREATE INDEX mailbox_by_device ON mailbox(device_id, seq);
+CREATE INDEX mailbox_by_message ON mailbox(message_id);
+CREATE TABLE submissions (
+    sender_device BLOB NOT NULL,
+    message_id BLOB NOT NULL,
+    digest BLOB NOT NULL,
+    accepted_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (sender_device, message_id)
+);
+"#];
+
+/// SQLite storage in one file.
+#[derive(Debug, Clone)]
+pub struct SqliteStorage {
+    pool: SqlitePool,
+}
+
+impl SqliteStorage {
+    /// Opens (creating if needed) the database file and applies migrations.
+    pub async fn open(path: &Path) -> Result<Self, StorageError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await
+            .map_err(db)?;
+        let storage = Self { pool };
+        storage.migrate().await?;
+        Ok(storage)
+    }
+
+    async fn migrate(&self) -> Result<(), StorageError> {
+        let mut tx = self.write().await?;
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+        let applied = usize::try_from(version).map_err(|_| StorageError::Database("negative schema version".into()))?;
+        if applied > MIGRATIONS.len() {
+            return Err(StorageError::Database(format!(
+                "the database schema (version {applied}) is newer than this server (version {}); upgrade the server",
+                MIGRATIONS.len()
+            )));
+        }
+        for migration in &MIGRATIONS[applied..] {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(*migration))
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        // PRAGMA takes no bound parameters; the value is our own constant.
+        let set_version = format!("PRAGMA user_version = {}", MIGRATIONS.len());
+        sqlx::raw_sql(sqlx::AssertSqlSafe(set_version))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    /// A write transaction that takes the write lock at once, so that concurrent writers wait
+    /// on the busy timeout instead of failing on lock upgrade.
+    async fn write(&self) -> Result<Transaction<'static, Sqlite>, StorageError> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db)
+    }
+}
+
+fn db(error: sqlx::Error) -> StorageError {
+    StorageError::Database(error.to_string())
+}
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn to_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+#[async_trait]
+impl Storage for SqliteStorage {
+    async fn create_account(
+        &self,
+        account: AccountId,
+        identity_key: &[u8],
+        device: DeviceId,
+        secret_hash: &[u8; 32],
+        now: u64,
+    ) -> Result<(), StorageError> {
+        let mut tx = self.write().await?;
+        sqlx::query("INSERT INTO accounts (id, identity_key, created_at) VALUES (?, ?, ?)")
+            .bind(account.as_bytes().as_slice())
+            .bind(identity_key)
+            .bind(to_i64(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        sqlx::query("INSERT INTO devices (id, account_id, secret_hash, created_at) VALUES (?, ?, ?, ?)")
+            .bind(device.as_bytes().as_slice())
+            .bind(account.as_bytes().as_slice())
+            .bind(secret_hash.as_slice())
+            .bind(to_i64(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn device_auth(&self, device: DeviceId) -> Result<Option<DeviceAuth>, StorageError> {
+        let row = sqlx::query(
+            "SELECT d.account_id, d.secret_hash, a.suspended FROM devices d JOIN accounts a ON a.id = d.account_id WHERE d.id = ?",
+        )
+        .bind(device.as_bytes().as_slice())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        let Some(row) = row else { return Ok(None) };
+        let account: Vec<u8> = row.get(0);
+        let hash: Vec<u8> = row.get(1);
+        Ok(Some(DeviceAuth {
+            account: AccountId::from_slice(&account)
+                .map_err(|_| StorageError::Database("corrupt account id".into()))?,
+            secret_hash: hash
+                .try_into()
+                .map_err(|_| StorageError::Database("corrupt secret hash".into()))?,
+            suspended: row.get::<i64, _>(2) != 0,
+        }))
+    }
+
+    async fn account(&self, account: AccountId) -> Result<Option<AccountRecord>, StorageError> {
+        let identity: Option<Vec<u8>> = sqlx::query_scalar("SELECT identity_key FROM accounts WHERE id = ?")
+            .bind(account.as_bytes().as_slice())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        let Some(identity_key) = identity else { return Ok(None) };
+        let devices: Vec<Vec<u8>> =
+            sqlx::query_scalar("SELECT id FROM devices WHERE account_id = ? ORDER BY created_at, id")
+                .bind(account.as_bytes().as_slice())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+        let devices = devices
+            .iter()
+            .map(|d| DeviceId::from_slice(d).map_err(|_| StorageError::Database("corrupt device id".into())))
+            .collect::<Result<_, _>>()?;
+        Ok(Some(AccountRecord { identity_key, devices }))
+    }
+
+    async fn claim_username(&self, account: AccountId, hash: &[u8; 32]) -> Result<(), StorageError> {
+        let mut tx = self.write().await?;
+        let holder: Option<Vec<u8>> = sqlx::query_scalar("SELECT account_id FROM usernames WHERE hash = ?")
+            .bind(hash.as_slice())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+        match holder {
+            Some(holder) if holder == account.as_bytes() => return Ok(()),
+            Some(_) => return Err(StorageError::UsernameTaken),
+            None => {}
+        }
+        sqlx::query("DELETE FROM usernames WHERE account_id = ?")
+            .bind(account.as_bytes().as_slice())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        sqlx::query("INSERT INTO usernames (hash, account_id) VALUES (?, ?)")
+            .bind(hash.as_slice())
+            .bind(account.as_bytes().as_slice())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn lookup_username(&self, hash: &[u8; 32]) -> Result<Option<AccountId>, StorageError> {
+        let account: Option<Vec<u8>> = sqlx::query_scalar("SELECT account_id FROM usernames WHERE hash = ?")
+            .bind(hash.as_slice())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        account
+            .map(|a| AccountId::from_slice(&a).map_err(|_| StorageError::Database("corrupt account id".into())))
+            .transpose()
+    }
+
+    async fn put_profile(&self, account: AccountId, sealed: Ciphertext, now: u64) -> Result<(), StorageError> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "INSERT INTO profiles (account_id, sealed, updated_at) VALUES (?, ?, ?)
+             ON CONFLICT (account_id) DO UPDATE SET sealed = excluded.sealed, updated_at = excluded.updated_at",
+        )
+        .bind(account.as_bytes().as_slice())
+        .bind(sealed.0)
+        .bind(to_i64(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn profile(&self, account: AccountId) -> Result<Option<Ciphertext>, StorageError> {
+        let sealed: Option<Vec<u8>> = sqlx::query_scalar("SELECT sealed FROM profiles WHERE account_id = ?")
+            .bind(account.as_bytes().as_slice())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(sealed.map(Ciphertext))
+    }
+
+    async fn add_key_packages(
+        &self,
+        device: DeviceId,
+        one_time: Vec<Ciphertext>,
+        last_resort: Option<Ciphertext>,
+    ) -> Result<u64, StorageError> {
+        let mut tx = self.write().await?;
+        for key_package in one_time {
+            sqlx::query("INSERT INTO key_packages (device_id, key_package, last_resort) VALUES (?, ?, 0)")
+                .bind(device.as_bytes().as_slice())
+                .bind(key_package.0)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        if let Some(key_package) = last_resort {
+            sqlx::query("DELETE FROM key_packages WHERE device_id = ? AND last_resort = 1")
+                .bind(device.as_bytes().as_slice())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            sqlx::query("INSERT INTO key_packages (device_id, key_package, last_resort) VALUES (?, ?, 1)")
+                .bind(device.as_bytes().as_slice())
+                .bind(key_package.0)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        let count: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM key_packages WHERE device_id = ? AND last_resort = 0")
+                .bind(device.as_bytes().as_slice())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(to_u64(count))
+    }
+
+    async fn key_package_count(&self, device: DeviceId) -> Result<u64, StorageError> {
+        let count: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM key_packages WHERE device_id = ? AND last_resort = 0")
+                .bind(device.as_bytes().as_slice())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db)?;
+        Ok(to_u64(count))
+    }
+
+    async fn claim_key_packages(
+        &self,
+        accounts: &[AccountId],
+    ) -> Result<Vec<(AccountId, DeviceId, Ciphertext)>, StorageError> {
+        let mut tx = self.write().await?;
+        let mut claimed = Vec::new();
+        for account in accounts {
+            let devices: Vec<Vec<u8>> =
+                sqlx::query_scalar("SELECT id FROM devices WHERE account_id = ? ORDER BY created_at, id")
+                    .bind(account.as_bytes().as_slice())
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            if devices.is_empty() {
+                return Err(StorageError::UnknownAccount);
+            }
+            for device in devices {
+                // One-time packages first (oldest first); the last-resort one only when none is left.
+                let row = sqlx::query(
+                    "SELECT id, key_package, last_resort FROM key_packages WHERE device_id = ? ORDER BY last_resort, id LIMIT 1",
+                )
+                .bind(&device)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db)?
+                .ok_or(StorageError::NoKeyPackage)?;
+                let id: i64 = row.get(0);
+                if row.get::<i64, _>(2) == 0 {
+                    sqlx::query("DELETE FROM key_packages WHERE id = ?")
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                }
+                let device =
+                    DeviceId::from_slice(&device).map_err(|_| StorageError::Database("corrupt device id".into()))?;
+                claimed.push((*account, device, Ciphertext(row.get(1))));
+            }
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(claimed)
+    }
+
+    async fn submit(&self, submission: Submission) -> Result<SubmitOutcome, StorageError> {
+        let mut tx = self.write().await?;
+        let previous =
+            sqlx::query("SELECT digest, accepted_at FROM submissions WHERE sender_device = ? AND message_id = ?")
+                .bind(submission.sender.as_bytes().as_slice())
+                .bind(submission.message_id.as_bytes().as_slice())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db)?;
+        if let Some(row) = previous {
+            let digest: Vec<u8> = row.get(0);
+            if digest != submission.digest {
+                return Err(StorageError::MessageIdReused);
+            }
+            return Ok(SubmitOutcome::Duplicate {
+                accepted_at: to_u64(row.get(1)),
+            });
+        }
+
+        let group_epoch: Option<i64> = sqlx::query_scalar("SELECT epoch FROM groups WHERE id = ?")
+            .bind(submission.group.as_bytes().as_slice())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+        match (submission.commit_epoch, group_epoch) {
+            (Some(epoch), current) => {
+                let current = current.map(to_u64).unwrap_or(0);
+                if epoch != current {
+                    return Err(StorageError::EpochConflict { current });
+                }
+                upsert_group_epoch(&mut tx, submission.group, epoch + 1, submission.now).await?;
+            }
+            (None, None) => return Err(StorageError::UnknownGroup),
+            (None, Some(_)) => {}
+        }
+
+        for delivery in &submission.deliveries {
+            for recipient in &delivery.recipients {
+                let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM devices WHERE id = ?")
+                    .bind(recipient.as_bytes().as_slice())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                if exists.is_none() {
+                    return Err(StorageError::UnknownDevice);
+                }
+            }
+            if delivery.recipients.is_empty() {
+                continue;
+            }
+            let message_id: i64 = sqlx::query_scalar(
+                "INSERT INTO messages (body, received_at, expires_at) VALUES (?, ?, ?) RETURNING id",
+            )
+            .bind(delivery.body.0.as_slice())
+            .bind(to_i64(submission.now))
+            .bind(to_i64(submission.expires_at))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+            for recipient in &delivery.recipients {
+                sqlx::query("INSERT INTO mailbox (device_id, message_id) VALUES (?, ?)")
+                    .bind(recipient.as_bytes().as_slice())
+                    .bind(message_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            }
+        }
+        sqlx::query("INSERT INTO submissions (sender_device, message_id, digest, accepted_at, expires_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(submission.sender.as_bytes().as_slice())
+            .bind(submission.message_id.as_bytes().as_slice())
+            .bind(submission.digest.as_slice())
+            .bind(to_i64(submission.now))
+            .bind(to_i64(submission.expires_at))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(SubmitOutcome::Accepted {
+            accepted_at: submission.now,
+        })
+    }
+
+    async fn fetch(&self, device: DeviceId, after_seq: u64, limit: u32) -> Result<Vec<Envelope>, StorageError> {
+        let rows = sqlx::query(
+            "SELECT mb.seq, m.body, m.received_at FROM mailbox mb JOIN messages m ON m.id = mb.message_id
+             WHERE mb.device_id = ? AND mb.seq > ? ORDER BY mb.seq LIMIT ?",
+        )
+        .bind(device.as_bytes().as_slice())
+        .bind(to_i64(after_seq))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(rows
+            .into_iter()
+            .map(|row| Envelope {
+                seq: to_u64(row.get(0)),
+                body: Ciphertext(row.get(1)),
+                received_at: to_u64(row.get(2)),
+            })
+            .collect())
+    }
+
+    async fn acknowledge(&self, device: DeviceId, seqs: &[u64]) -> Result<u64, StorageError> {
+        let mut tx = self.write().await?;
+        let mut deleted = 0;
+        for seq in seqs {
+            let message_id: Option<i64> =
+                sqlx::query_scalar("DELETE FROM mailbox WHERE seq = ? AND device_id = ? RETURNING message_id")
+                    .bind(to_i64(*seq))
+                    .bind(device.as_bytes().as_slice())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            let Some(message_id) = message_id else { continue };
+            deleted += 1;
+            sqlx::query(
+                "DELETE FROM messages WHERE id = ? AND NOT EXISTS (SELECT 1 FROM mailbox WHERE message_id = ?)",
+            )
+            .bind(message_id)
+            .bind(message_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(deleted)
+    }
+
+    async fn purge_expired(&self, now: u64) -> Result<u64, StorageError> {
+        let mut tx = self.write().await?;
+        let envelopes =
+            sqlx::query("DELETE FROM mailbox WHERE message_id IN (SELECT id FROM messages WHERE expires_at <= ?)")
+                .bind(to_i64(now))
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?
+                .rows_affected();
+        sqlx::query("DELETE FROM messages WHERE expires_at <= ?")
+            .bind(to_i64(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        sqlx::query("DELETE FROM submissions WHERE expires_at <= ?")
+            .bind(to_i64(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(envelopes)
+    }
+
+    async fn stats(&self) -> Result<StorageStats, StorageError> {
+        let row = sqlx::query(
+            "SELECT (SELECT COUNT(*) FROM accounts), (SELECT COUNT(*) FROM devices), (SELECT COUNT(*) FROM mailbox)",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(StorageStats {
+            accounts: to_u64(row.get(0)),
+            devices: to_u64(row.get(1)),
+            queued_envelopes: to_u64(row.get(2)),
+        })
+    }
+}
+
+async fn upsert_group_epoch(
+    tx: &mut Transaction<'static, Sqlite>,
+    group: GroupId,
+    epoch: u64,
+    now: u64,
+) -> Result<(), StorageError> {
+    sqlx::query(
+        "INSERT INTO groups (id, epoch, updated_at) VALUES (?, ?, ?)
+         ON CONFLICT (id) DO UPDATE SET epoch = excluded.epoch, updated_at = excluded.updated_at",
+    )
+    .bind(group.as_bytes().as_slice())
+    .bind(to_i64(epoch))
+    .bind(to_i64(now))
+    .execute(&mut **tx)
+    .await
+    .map_err(db)?;
+    Ok(())
+}

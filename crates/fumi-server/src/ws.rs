@@ -1,0 +1,132 @@
+//! The delivery WebSocket: pushes a device's queued envelopes in order, deletes what the device
+//! acknowledges, and wakes on fan-out events.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::response::Response;
+use fumi_proto::{Base64Bytes, ClientFrame, ServerFrame};
+use futures_util::{SinkExt, StreamExt};
+
+use crate::AppState;
+use crate::auth::AuthDevice;
+use crate::metrics::Metrics;
+
+/// Largest frame a client may send (acks are small).
+const MAX_CLIENT_FRAME_BYTES: usize = 64 * 1024;
+/// Most sequence numbers in one ack.
+const MAX_ACK_SEQS: usize = 1000;
+/// Envelopes fetched from storage per round.
+const BATCH: u32 = 100;
+/// How often an idle connection re-reads its mailbox even without an event (a safety net if an
+/// event is ever lost) and pings the client.
+const IDLE_POLL: Duration = Duration::from_secs(30);
+
+/// `GET /v1/ws`.
+pub async fn upgrade(device: AuthDevice, State(state): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Response {
+    ws.max_message_size(MAX_CLIENT_FRAME_BYTES)
+        .max_frame_size(MAX_CLIENT_FRAME_BYTES)
+        .on_upgrade(move |socket| async move {
+            Metrics::inc(&state.metrics.websockets_open);
+            if let Err(cause) = deliver(socket, device, &state).await {
+                tracing::debug!(device = %device.device.redacted(), %cause, "delivery connection ended");
+            }
+            state
+                .metrics
+                .websockets_open
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        })
+}
+
+async fn deliver(socket: WebSocket, device: AuthDevice, state: &AppState) -> Result<(), String> {
+    let (mut sink, mut stream) = socket.split();
+    let mut subscription = state.fanout.connect(device.device);
+    let mut shutdown = state.shutdown.clone();
+    let mut last_sent = 0u64;
+    let mut drained_sent = false;
+    loop {
+        if *shutdown.borrow() {
+            return close(&mut sink, close_code::AWAY, "server shutting down").await;
+        }
+        if subscription.is_replaced() {
+            return close(
+                &mut sink,
+                close_code::POLICY,
+                "another connection of this device replaced this one",
+            )
+            .await;
+        }
+        // Mark the mailbox state as seen before reading it, so an event that arrives during the
+        // read wakes the next wait instead of being lost.
+        subscription.mailbox.borrow_and_update();
+        let batch = state
+            .storage
+            .fetch(device.device, last_sent, BATCH)
+            .await
+            .map_err(|e| e.to_string())?;
+        let full = batch.len() == BATCH as usize;
+        for envelope in batch {
+            last_sent = envelope.seq;
+            let frame = ServerFrame::Envelope {
+                seq: envelope.seq,
+                message: Base64Bytes(envelope.body.0),
+                received_at: envelope.received_at,
+            };
+            send(&mut sink, &frame).await?;
+        }
+        if full {
+            continue;
+        }
+        if !drained_sent {
+            send(&mut sink, &ServerFrame::Drained).await?;
+            drained_sent = true;
+        }
+        tokio::select! {
+            changed = subscription.mailbox.changed() => changed.map_err(|e| e.to_string())?,
+            _ = subscription.replaced.changed() => {}
+            _ = shutdown.changed() => {}
+            _ = tokio::time::sleep(IDLE_POLL) => {
+                sink.send(Message::Ping(Default::default())).await.map_err(|e| e.to_string())?;
+            }
+            incoming = stream.next() => match incoming {
+                None | Some(Ok(Message::Close(_))) => return Ok(()),
+                Some(Err(e)) => return Err(e.to_string()),
+                Some(Ok(Message::Text(text))) => match serde_json::from_str::<ClientFrame>(&text) {
+                    Ok(ClientFrame::Ack { seqs }) if seqs.len() <= MAX_ACK_SEQS => {
+                        let deleted = state.storage.acknowledge(device.device, &seqs).await.map_err(|e| e.to_string())?;
+                        state.metrics.envelopes_acknowledged.fetch_add(deleted, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Ok(ClientFrame::Ack { .. }) => {
+                        return close(&mut sink, close_code::POLICY, "an ack carries at most 1000 sequence numbers").await;
+                    }
+                    Err(_) => return close(&mut sink, close_code::INVALID, "frames must be JSON objects as in docs/PROTOCOL.md").await,
+                },
+                Some(Ok(Message::Binary(_))) => {
+                    return close(&mut sink, close_code::UNSUPPORTED, "binary frames are not accepted; send JSON text frames").await;
+                }
+                Some(Ok(_)) => {} // ping/pong handled by the library
+            },
+        }
+    }
+}
+
+async fn send<S: SinkExt<Message> + Unpin>(sink: &mut S, frame: &ServerFrame) -> Result<(), String>
+where
+    S::Error: std::fmt::Display,
+{
+    let text = serde_json::to_string(frame).map_err(|e| e.to_string())?;
+    sink.send(Message::Text(text.into())).await.map_err(|e| e.to_string())
+}
+
+async fn close<S: SinkExt<Message> + Unpin>(sink: &mut S, code: u16, reason: &'static str) -> Result<(), String>
+where
+    S::Error: std::fmt::Display,
+{
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    sink.send(Message::Close(Some(frame))).await.map_err(|e| e.to_string())
+}
