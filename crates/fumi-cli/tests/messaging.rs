@@ -36,10 +36,16 @@ fn one_to_one_both_ways_with_names_learned_through_mls() {
     let back = history.find("hi back").expect("reply in history");
     assert!(hello < back, "{history}");
     let conversations = alice.ok(&["conversations"]);
-    assert!(conversations.contains(&format!("{} [1:1]", bob.username)), "{conversations}");
+    assert!(
+        conversations.contains(&format!("{} [1:1]", bob.username)),
+        "{conversations}"
+    );
 
     let whoami = alice.ok(&["whoami"]);
-    assert!(whoami.starts_with(&format!("{} · Alice Example", alice.username)), "{whoami}");
+    assert!(
+        whoami.starts_with(&format!("{} · Alice Example", alice.username)),
+        "{whoami}"
+    );
 }
 
 #[test]
@@ -54,8 +60,14 @@ fn group_membership_changes_decide_who_reads_what() {
     alice.ok(&["send", "--group", "Ward 3", "shift starts at 8"]);
     for member in [&bob, &carol] {
         let out = member.ok(&["receive"]);
-        assert!(out.contains(&format!("[Ward 3] [{} · Alice] shift starts at 8", alice.username)), "{out}");
-        assert!(out.contains(&format!("* {} added you", alice.username)), "membership change shown: {out}");
+        assert!(
+            out.contains(&format!("[Ward 3] [{} · Alice] shift starts at 8", alice.username)),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("* {} added you", alice.username)),
+            "membership change shown: {out}"
+        );
     }
     bob.ok(&["send", "--group", "Ward 3", "ack from bob"]);
 
@@ -78,12 +90,18 @@ fn group_membership_changes_decide_who_reads_what() {
     let carol_texts = carol.receive_texts();
     assert_eq!(carol_texts, vec!["ack from bob", "welcome dave", "after bob left"]);
     let carol_history = carol.ok(&["history", "Ward 3"]);
-    assert!(carol_history.contains(&format!("removed {}", bob.username)), "{carol_history}");
+    assert!(
+        carol_history.contains(&format!("removed {}", bob.username)),
+        "{carol_history}"
+    );
     assert_eq!(dave.receive_texts(), vec!["after bob left"]);
 
     let groups = alice.ok(&["group", "list"]);
     assert!(groups.contains("Ward 3"), "{groups}");
-    assert!(groups.contains(&carol.username) && groups.contains(&dave.username), "{groups}");
+    assert!(
+        groups.contains(&carol.username) && groups.contains(&dave.username),
+        "{groups}"
+    );
     assert!(!groups.contains(&bob.username), "{groups}");
 }
 
@@ -97,7 +115,10 @@ fn conversations_count_unread_until_shown() {
     // A send processes the mailbox without showing it, so the messages become unread.
     bob.ok(&["send", &alice.username, "reply"]);
     let listing = bob.ok(&["conversations"]);
-    assert!(listing.contains("(3 unread)"), "two texts and the join event: {listing}");
+    assert!(
+        listing.contains("(3 unread)"),
+        "two texts and the join event: {listing}"
+    );
     bob.ok(&["history", &alice.username]);
     let listing = bob.ok(&["conversations"]);
     assert!(!listing.contains("unread"), "{listing}");
@@ -126,7 +147,15 @@ fn clear_errors_for_user_mistakes() {
     let taken_home = alice.home.path().to_str().unwrap();
     let again = common::fumi(
         std::path::Path::new(taken_home),
-        &["register", "--server", &server.url, "--name", "A", "--username", "alice"],
+        &[
+            "register",
+            "--server",
+            &server.url,
+            "--name",
+            "A",
+            "--username",
+            "alice",
+        ],
     );
     assert!(String::from_utf8_lossy(&again.stderr).contains("already holds an account"));
 }
@@ -152,6 +181,9 @@ fn every_command_has_help() {
     ] {
         let output = common::fumi(home.path(), &command);
         assert!(output.status.success(), "{command:?}");
-        assert!(String::from_utf8_lossy(&output.stdout).contains("Usage:"), "{command:?}");
+        assert!(
+            String::from_utf8_lossy(&output.stdout).contains("Usage:"),
+            "{command:?}"
+        );
     }
 }

@@ -113,7 +113,7 @@ impl Transport {
                 message: String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).into_owned(),
                 current_epoch: None,
             },
-            other => ClientError::Network(format!("cannot open the delivery connection: {other}")),
+            other => ClientError::Network(format!("cannot reach {} (delivery connection): {other}", self.base)),
         })?;
         Ok(Delivery { socket })
     }

@@ -33,6 +33,7 @@ const MAX_ACCOUNTS_PER_CLAIM: usize = 100;
 
 /// Every route of the public API.
 pub fn router(state: Arc<AppState>) -> Router {
+    let body_limit = axum::extract::DefaultBodyLimit::max(max_body_bytes(&state.config));
     Router::new()
         .route("/health", routing::get(health))
         .route("/metrics", routing::get(metrics))
@@ -55,16 +56,31 @@ pub fn router(state: Arc<AppState>) -> Router {
                 "this endpoint does not accept that method",
             )
         })
+        .layer(body_limit)
         .with_state(state)
+}
+
+/// Largest request body: a maximal message in base64 plus room for the recipient list.
+fn max_body_bytes(config: &crate::Config) -> usize {
+    config.max_message_bytes / 3 * 4 + config.max_recipients * 40 + 64 * 1024
 }
 
 /// A JSON body whose rejections are answered in Fumi's error format.
 pub struct ApiJson<T>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for ApiJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+    async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        // Refuse an announced oversized body at once instead of waiting for it to arrive.
+        let announced = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if announced.is_some_and(|len| len > max_body_bytes(&state.config)) {
+            return Err(ApiError::too_large("request body is too large"));
+        }
         match Json::<T>::from_request(req, state).await {
             Ok(Json(value)) => Ok(Self(value)),
             Err(rejection) => Err(json_rejection(rejection)),

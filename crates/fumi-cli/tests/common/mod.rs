@@ -21,7 +21,12 @@ impl Server {
     /// Starts a server on an ephemeral port.
     pub fn start() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut server = Server { dir, url: String::new(), listen: "127.0.0.1:0".into(), child: None };
+        let mut server = Server {
+            dir,
+            url: String::new(),
+            listen: "127.0.0.1:0".into(),
+            child: None,
+        };
         server.spawn(&[]);
         server
     }
@@ -29,7 +34,12 @@ impl Server {
     /// Starts a server with extra environment variables (settings).
     pub fn start_with_env(env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut server = Server { dir, url: String::new(), listen: "127.0.0.1:0".into(), child: None };
+        let mut server = Server {
+            dir,
+            url: String::new(),
+            listen: "127.0.0.1:0".into(),
+            child: None,
+        };
         server.spawn(env);
         server
     }
@@ -47,7 +57,11 @@ impl Server {
     }
 
     fn spawn(&mut self, env: &[(&str, &str)]) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log file");
         let mut command = Command::new(FUMI);
         command
             .args(["server", "--listen", &self.listen, "--data"])
@@ -61,7 +75,9 @@ impl Server {
         let mut child = command.spawn().expect("start fumi server");
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("server prints its address");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("server prints its address");
         let url = line
             .split_whitespace()
             .find(|w| w.starts_with("http://"))
@@ -85,7 +101,10 @@ impl Server {
     /// Stops the server with SIGTERM and waits for a clean exit.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill -TERM");
+            let status = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .expect("kill -TERM");
             assert!(status.success());
             let exit = child.wait().expect("reap");
             assert!(exit.success(), "server exited with {exit}");
@@ -102,7 +121,10 @@ impl Server {
     pub fn all_written_bytes(&self) -> Vec<(PathBuf, Vec<u8>)> {
         let mut files = Vec::new();
         collect_files(self.dir.path(), &mut files);
-        files.into_iter().map(|path| (path.clone(), std::fs::read(&path).expect("read"))).collect()
+        files
+            .into_iter()
+            .map(|path| (path.clone(), std::fs::read(&path).expect("read")))
+            .collect()
     }
 }
 
@@ -136,8 +158,23 @@ impl User {
     /// Registers through the CLI and returns the user with its full username.
     pub fn register(server: &Server, nickname: &str, name: &str) -> Self {
         let home = tempfile::tempdir().expect("temp dir");
-        let out = fumi_ok(home.path(), &["register", "--server", &server.url, "--name", name, "--username", nickname]);
-        let username = out.trim().strip_prefix("registered ").unwrap_or_else(|| panic!("unexpected: {out}")).to_owned();
+        let out = fumi_ok(
+            home.path(),
+            &[
+                "register",
+                "--server",
+                &server.url,
+                "--name",
+                name,
+                "--username",
+                nickname,
+            ],
+        );
+        let username = out
+            .trim()
+            .strip_prefix("registered ")
+            .unwrap_or_else(|| panic!("unexpected: {out}"))
+            .to_owned();
         assert!(username.starts_with(&format!("{nickname}.")), "{username}");
         User { home, username }
     }

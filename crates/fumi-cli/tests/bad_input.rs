@@ -1,0 +1,459 @@
+//! Bad input gets its documented 4xx, never a 5xx or a panic, and leaves stored state unchanged.
+
+mod common;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use common::{Server, User};
+use fumi_core::AccountIdentity;
+use fumi_core::mls::{Member, MlsDevice};
+use fumi_proto::{AccountId, DeviceId, GroupId};
+use futures_util::{SinkExt, StreamExt};
+use openmls_rust_crypto::OpenMlsRustCrypto;
+use reqwest::{Client, Method, StatusCode};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+/// Every row of every table of the server's database, as text.
+fn snapshot(server: &Server) -> String {
+    let db =
+        rusqlite::Connection::open_with_flags(server.database(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let tables: Vec<String> = db
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let mut out = String::new();
+    for table in tables {
+        let mut stmt = db
+            .prepare(&format!("SELECT * FROM \"{table}\" ORDER BY rowid"))
+            .unwrap();
+        let columns = stmt.column_count();
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((0..columns)
+                    .map(|i| format!("{:?}", r.get_ref(i).unwrap()))
+                    .collect::<Vec<_>>()
+                    .join("|"))
+            })
+            .unwrap();
+        for row in rows {
+            out.push_str(&format!("{table}: {}\n", row.unwrap()));
+        }
+    }
+    out
+}
+
+/// The device id and `Authorization` value stored in a user's client store.
+fn credentials(user: &User) -> (DeviceId, String) {
+    let db = rusqlite::Connection::open(user.home.path().join("fumi.db")).unwrap();
+    let (device, secret): (Vec<u8>, Vec<u8>) = db
+        .query_row("SELECT device_id, device_secret FROM account", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    let device = DeviceId::from_slice(&device).unwrap();
+    (device, format!("Fumi {device}:{}", hex_encode(&secret)))
+}
+
+fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+struct Api {
+    http: Client,
+    url: String,
+}
+
+impl Api {
+    async fn call(&self, method: Method, path: &str, auth: Option<&str>, body: Option<Vec<u8>>) -> (StatusCode, Value) {
+        let mut request = self.http.request(method, format!("{}{path}", self.url));
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        if let Some(body) = body {
+            request = request.header("content-type", "application/json").body(body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+}
+
+/// An MLS device outside the server, to forge well-formed MLS messages.
+fn outside_device(account: u8) -> MlsDevice<OpenMlsRustCrypto> {
+    let provider = OpenMlsRustCrypto::default();
+    let key = MlsDevice::generate_signature_key(&provider).unwrap();
+    let me = Member {
+        account: AccountId::from_bytes([account; 16]),
+        device: DeviceId::from_bytes([account; 16]),
+    };
+    MlsDevice::open(provider, &AccountIdentity::generate(&mut rand::rng()), me, &key).unwrap()
+}
+
+/// Announces a 3 MiB body and reads the answer without sending it (a client that did send it
+/// would see the connection closed under it once the server answered).
+async fn oversized_request(url: &str, auth: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = url.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let head = format!(
+        "POST /v1/messages HTTP/1.1\r\nHost: {address}\r\nAuthorization: {auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        3 * 1024 * 1024
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = stream.read(&mut answer).await.unwrap();
+    String::from_utf8_lossy(&answer[..n]).into_owned()
+}
+
+fn submit_body(id: [u8; 16], message: &[u8], recipients: &[DeviceId]) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "id": hex_encode(&id),
+        "message": STANDARD.encode(message),
+        "recipients": recipients.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+    }))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn bad_requests_get_4xx_and_change_nothing() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice", "Alice");
+    let bob = User::register(&server, "bob", "Bob");
+    alice.ok(&["send", &bob.username, "a real message stays queued"]);
+    let (_alice_device, alice_auth) = credentials(&alice);
+    let (bob_device, bob_auth) = credentials(&bob);
+    let api = Api {
+        http: Client::new(),
+        url: server.url.clone(),
+    };
+
+    // A well-formed commit for a new group (epoch 0), made outside the server.
+    let creator = outside_device(7);
+    let joiner = outside_device(8);
+    let group = GroupId::from_bytes([9; 16]);
+    creator.create_group(group).unwrap();
+    let (kps, _) = joiner.key_packages(2, false).unwrap();
+    let kp = creator.verify_key_package(&kps[0], joiner.me()).unwrap();
+    let commit = creator.add_members(group, &[kp]).unwrap();
+    let application_for_unknown_group = {
+        let other = GroupId::from_bytes([10; 16]);
+        creator.create_group(other).unwrap();
+        creator.encrypt(other, b"hello").unwrap().message
+    };
+
+    let unknown_device = DeviceId::from_bytes([0xee; 16]);
+    let many: Vec<DeviceId> = (0..1001u32)
+        .map(|i| {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&i.to_be_bytes());
+            DeviceId::from_bytes(b)
+        })
+        .collect();
+    let wrong_secret = format!("Fumi {bob_device}:{}", "00".repeat(32));
+
+    type Case<'a> = (&'a str, Method, String, Option<&'a str>, Option<Vec<u8>>, u16, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "malformed JSON",
+            Method::POST,
+            "/v1/accounts".into(),
+            None,
+            Some(b"{not json".to_vec()),
+            400,
+            "bad_request",
+        ),
+        (
+            "wrong field types",
+            Method::POST,
+            "/v1/accounts".into(),
+            None,
+            Some(br#"{"identity_key":5}"#.to_vec()),
+            400,
+            "bad_request",
+        ),
+        (
+            "unknown field",
+            Method::POST,
+            "/v1/accounts".into(),
+            None,
+            Some(br#"{"identity_key":"AAAA","device_secret_hash":"AAAA","phone":"+81"}"#.to_vec()),
+            400,
+            "bad_request",
+        ),
+        (
+            "short keys",
+            Method::POST,
+            "/v1/accounts".into(),
+            None,
+            Some(br#"{"identity_key":"AAAA","device_secret_hash":"AAAA"}"#.to_vec()),
+            400,
+            "bad_request",
+        ),
+        (
+            "missing credentials",
+            Method::POST,
+            "/v1/messages".into(),
+            None,
+            Some(submit_body([1; 16], &commit.message, &[bob_device])),
+            401,
+            "unauthenticated",
+        ),
+        (
+            "wrong secret",
+            Method::POST,
+            "/v1/messages".into(),
+            Some(&wrong_secret),
+            Some(submit_body([1; 16], &commit.message, &[bob_device])),
+            401,
+            "unauthenticated",
+        ),
+        (
+            "malformed credentials",
+            Method::GET,
+            "/v1/keypackages/count".into(),
+            Some("Bearer abc"),
+            None,
+            401,
+            "unauthenticated",
+        ),
+        (
+            "garbage MLS",
+            Method::POST,
+            "/v1/messages".into(),
+            Some(&alice_auth),
+            Some(submit_body([2; 16], b"garbage", &[bob_device])),
+            400,
+            "bad_request",
+        ),
+        (
+            "key package as message",
+            Method::POST,
+            "/v1/messages".into(),
+            Some(&alice_auth),
+            Some(submit_body([2; 16], &kps[1], &[bob_device])),
+            400,
+            "bad_request",
+        ),
+        (
+            "unknown group",
+            Method::POST,
+            "/v1/messages".into(),
+            Some(&alice_auth),
+            Some(submit_body([3; 16], &application_for_unknown_group, &[bob_device])),
+            404,
+            "unknown_group",
+        ),
+        (
+            "unknown recipient",
+            Method::POST,
+            "/v1/messages".into(),
+            Some(&alice_auth),
+            Some(submit_body([4; 16], &commit.message, &[unknown_device])),
+            404,
+            "unknown_device",
+        ),
+        (
+            "too many recipients",
+            Method::POST,
+            "/v1/messages".into(),
+            Some(&alice_auth),
+            Some(submit_body([5; 16], &commit.message, &many)),
+            422,
+            "too_many_recipients",
+        ),
+        (
+            "recipient twice",
+            Method::POST,
+            "/v1/messages".into(),
+            Some(&alice_auth),
+            Some(submit_body([5; 16], &commit.message, &[bob_device, bob_device])),
+            400,
+            "bad_request",
+        ),
+        (
+            "bad id in path",
+            Method::GET,
+            "/v1/accounts/not-hex".into(),
+            Some(&alice_auth),
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            "bad hash in path",
+            Method::GET,
+            "/v1/usernames/zz".into(),
+            Some(&alice_auth),
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            "unknown account",
+            Method::POST,
+            "/v1/keypackages/claim".into(),
+            Some(&alice_auth),
+            Some(format!(r#"{{"accounts":["{}"]}}"#, "ab".repeat(16)).into_bytes()),
+            404,
+            "unknown_account",
+        ),
+        (
+            "garbage key package",
+            Method::POST,
+            "/v1/keypackages".into(),
+            Some(&alice_auth),
+            Some(br#"{"key_packages":["AAAA"]}"#.to_vec()),
+            400,
+            "bad_request",
+        ),
+        (
+            "unknown route",
+            Method::GET,
+            "/v1/nothing".into(),
+            None,
+            None,
+            404,
+            "not_found",
+        ),
+        (
+            "wrong method",
+            Method::DELETE,
+            "/v1/messages".into(),
+            Some(&alice_auth),
+            None,
+            405,
+            "method_not_allowed",
+        ),
+    ];
+    for (name, method, path, auth, body, status, code) in cases {
+        let before = snapshot(&server);
+        let (got, answer) = api.call(method, &path, auth, body).await;
+        assert_eq!(got.as_u16(), status, "{name}: {answer}");
+        assert_eq!(answer["error"]["code"], code, "{name}: {answer}");
+        assert!(
+            answer["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{name}: {answer}"
+        );
+        assert_eq!(snapshot(&server), before, "{name} changed stored state");
+    }
+
+    // An oversized body is refused from its Content-Length, before the server reads it.
+    let before = snapshot(&server);
+    let answer = oversized_request(&server.url, &alice_auth).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("too_large"), "{answer}");
+    assert_eq!(snapshot(&server), before);
+
+    // Replays: the same id and body is accepted once; the same id with another body is refused.
+    let (status, answer) = api
+        .call(
+            Method::POST,
+            "/v1/messages",
+            Some(&alice_auth),
+            Some(submit_body([6; 16], &commit.message, &[bob_device])),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["duplicate"], false);
+    let accepted = snapshot(&server);
+    let (status, answer) = api
+        .call(
+            Method::POST,
+            "/v1/messages",
+            Some(&alice_auth),
+            Some(submit_body([6; 16], &commit.message, &[bob_device])),
+        )
+        .await;
+    assert_eq!(
+        (status, &answer["duplicate"]),
+        (StatusCode::OK, &Value::Bool(true)),
+        "{answer}"
+    );
+    assert_eq!(snapshot(&server), accepted, "a retry stored nothing");
+    let (status, answer) = api
+        .call(
+            Method::POST,
+            "/v1/messages",
+            Some(&alice_auth),
+            Some(submit_body([6; 16], &application_for_unknown_group, &[bob_device])),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), answer["error"]["code"].as_str()),
+        (409, Some("message_id_reused")),
+        "{answer}"
+    );
+    assert_eq!(snapshot(&server), accepted);
+
+    // A second commit for the same epoch loses, and the answer says which epoch is current.
+    creator.discard_commit(group).unwrap();
+    let kp2 = creator.verify_key_package(&kps[1], joiner.me()).unwrap();
+    let second = creator.add_members(group, &[kp2]).unwrap();
+    let (status, answer) = api
+        .call(
+            Method::POST,
+            "/v1/messages",
+            Some(&alice_auth),
+            Some(submit_body([7; 16], &second.message, &[bob_device])),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), answer["error"]["code"].as_str()),
+        (409, Some("epoch_conflict")),
+        "{answer}"
+    );
+    assert_eq!(answer["error"]["current_epoch"], 1);
+    assert_eq!(snapshot(&server), accepted);
+
+    // WebSocket: no credentials, a garbage frame, an oversized frame.
+    let ws_url = format!("{}/v1/ws", server.url.replacen("http", "ws", 1));
+    match tokio_tungstenite::connect_async(ws_url.as_str()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 401),
+        other => panic!("unauthenticated websocket: {other:?}"),
+    }
+    for (frame, expected_close) in [
+        (Message::Text("not json".into()), 1007u16),
+        (Message::Text(r#"{"type":"ack","seqs":"x"}"#.into()), 1007),
+        (Message::Binary(vec![1, 2, 3].into()), 1003),
+        (Message::Text("x".repeat(100 * 1024).into()), 0),
+    ] {
+        let mut request = ws_url.as_str().into_client_request().unwrap();
+        request.headers_mut().insert("authorization", bob_auth.parse().unwrap());
+        let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        socket.send(frame).await.ok();
+        let mut close_code = None;
+        while let Some(message) = socket.next().await {
+            match message {
+                Ok(Message::Close(frame)) => {
+                    close_code = frame.map(|f| u16::from(f.code));
+                    break;
+                }
+                Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+        if expected_close != 0 {
+            assert_eq!(close_code, Some(expected_close));
+        }
+        assert_eq!(snapshot(&server), accepted, "a bad frame acknowledged nothing");
+    }
+
+    let metrics = reqwest::get(format!("{}/metrics", server.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("fumi_http_responses_server_error_total 0"),
+        "{metrics}"
+    );
+    let log = std::fs::read_to_string(server.log_path()).unwrap();
+    assert!(!log.contains("panicked"), "{log}");
+}

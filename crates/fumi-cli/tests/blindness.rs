@@ -1,0 +1,49 @@
+//! The server never holds plaintext: after a scripted session with unique marker strings as
+//! usernames, display names, group names and texts, no file the server wrote (database, WAL,
+//! log at debug level) contains any of them.
+
+mod common;
+
+use common::{Server, User};
+
+#[test]
+fn server_files_and_logs_hold_no_plaintext() {
+    let server = Server::start();
+    let alice = User::register(&server, "zqmarkalice", "Zqmark Alice Displayname");
+    let bob = User::register(&server, "zqmarkbob", "Zqmark Bob Displayname");
+    let carol = User::register(&server, "zqmarkcarol", "Zqmark Carol Displayname");
+    alice.ok(&["send", &bob.username, "zqmark-direct-text-1"]);
+    bob.ok(&["receive"]);
+    bob.ok(&["send", &alice.username, "zqmark-direct-text-2"]);
+    alice.ok(&["group", "create", "Zqmark Group Name", &bob.username, &carol.username]);
+    alice.ok(&["send", "--group", "Zqmark Group Name", "zqmark-group-text-3"]);
+    carol.ok(&["profile", "set", "--name", "Zqmark Carol Renamed"]);
+    carol.ok(&["send", "--group", "Zqmark Group Name", "zqmark-group-text-4"]);
+    // Leave some messages undelivered so they sit in the queue, and deliver others.
+    alice.ok(&["receive"]);
+    assert!(bob.ok(&["receive"]).contains("zqmark-group-text-4"));
+
+    let markers = [
+        "zqmark".to_owned(),
+        "Zqmark".to_owned(),
+        "ZQMARK".to_owned(),
+        alice.username.clone(),
+        bob.username.clone(),
+        carol.username.clone(),
+    ];
+    let files = server.all_written_bytes();
+    assert!(
+        files.iter().any(|(p, _)| p.ends_with("fumi.db")),
+        "the database was searched"
+    );
+    assert!(
+        files.iter().any(|(p, b)| p.ends_with("server.log") && !b.is_empty()),
+        "the log was searched"
+    );
+    for (path, bytes) in &files {
+        for marker in &markers {
+            let found = bytes.windows(marker.len()).any(|w| w == marker.as_bytes());
+            assert!(!found, "{} contains {marker:?}", path.display());
+        }
+    }
+}
