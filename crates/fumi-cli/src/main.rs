@@ -261,17 +261,6 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use clap::CommandFactory;
-
-    /// Catches clap definition errors (which otherwise panic at run time) for every subcommand.
-    #[test]
-    fn command_line_is_well_formed() {
-        super::Cli::command().debug_assert();
-    }
-}
-
 fn print_message(message: &DisplayMessage, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string(message)?);
@@ -292,4 +281,15 @@ fn print_message(message: &DisplayMessage, json: bool) -> Result<()> {
         println!("{prefix}[{sender}] {}", message.text);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Catches clap definition errors (which otherwise panic at run time) for every subcommand.
+    #[test]
+    fn command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
 }

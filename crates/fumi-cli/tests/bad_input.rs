@@ -138,7 +138,7 @@ async fn bad_requests_get_4xx_and_change_nothing() {
     let joiner = outside_device(8);
     let group = GroupId::from_bytes([9; 16]);
     creator.create_group(group).unwrap();
-    let (kps, _) = joiner.key_packages(2, false).unwrap();
+    let kps = joiner.key_packages(2, false).unwrap().one_time;
     let kp = creator.verify_key_package(&kps[0], joiner.me()).unwrap();
     let commit = creator.add_members(group, &[kp]).unwrap();
     let application_for_unknown_group = {

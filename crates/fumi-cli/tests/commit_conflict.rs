@@ -21,12 +21,12 @@ async fn concurrent_commits_one_wins_the_other_recovers() {
     let mut bob_client = FumiClient::open(bob.home.path()).expect("open bob");
     // Alice wins the epoch...
     alice_client
-        .add_to_group("Ops", &[dave.username.clone()])
+        .add_to_group("Ops", std::slice::from_ref(&dave.username))
         .await
         .expect("alice's commit");
     // ...and Bob, who has not seen it, commits on the same epoch: refused, then retried.
     bob_client
-        .remove_from_group("Ops", &[carol.username.clone()])
+        .remove_from_group("Ops", std::slice::from_ref(&carol.username))
         .await
         .expect("bob recovers");
 

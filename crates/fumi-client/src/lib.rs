@@ -191,10 +191,10 @@ impl FumiClient {
             device: account.device_id,
         };
         let device = MlsDevice::open(provider, &identity, me, &signature_key)?;
-        let (one_time, last_resort) = device.key_packages(KEY_PACKAGE_STOCK, true)?;
+        let fresh = device.key_packages(KEY_PACKAGE_STOCK, true)?;
         let upload = KeyPackageUpload {
-            key_packages: one_time.into_iter().map(Base64Bytes).collect(),
-            last_resort: last_resort.map(Base64Bytes),
+            key_packages: fresh.one_time.into_iter().map(Base64Bytes).collect(),
+            last_resort: fresh.last_resort.map(Base64Bytes),
         };
         let _: KeyPackageCount = transport
             .request(Method::POST, "/v1/keypackages", Some(&upload))
@@ -886,7 +886,7 @@ impl FumiClient {
             .request::<(), _>(Method::GET, "/v1/keypackages/count", None)
             .await?;
         if stock.count < KEY_PACKAGE_LOW_WATER {
-            let (one_time, _) = self.device.key_packages(KEY_PACKAGE_STOCK, false)?;
+            let one_time = self.device.key_packages(KEY_PACKAGE_STOCK, false)?.one_time;
             let upload = KeyPackageUpload {
                 key_packages: one_time.into_iter().map(Base64Bytes).collect(),
                 last_resort: None,

@@ -63,6 +63,15 @@ pub enum MlsError {
     Storage(String),
 }
 
+/// TLS-serialised KeyPackages (as `MLSMessage`s) ready to upload.
+#[derive(Debug)]
+pub struct KeyPackages {
+    /// Handed out once each.
+    pub one_time: Vec<Vec<u8>>,
+    /// Handed out when the stock is empty.
+    pub last_resort: Option<Vec<u8>>,
+}
+
 /// A commit ready to send. Apply it with [`MlsDevice::confirm_commit`] once the server accepted
 /// it, or drop it with [`MlsDevice::discard_commit`] if the server refused it.
 #[derive(Debug)]
@@ -190,7 +199,7 @@ impl<P: OpenMlsProvider> MlsDevice<P> {
     }
 
     /// Makes `count` one-time KeyPackages and, if asked, one last-resort KeyPackage.
-    pub fn key_packages(&self, count: usize, last_resort: bool) -> Result<(Vec<Vec<u8>>, Option<Vec<u8>>), MlsError> {
+    pub fn key_packages(&self, count: usize, last_resort: bool) -> Result<KeyPackages, MlsError> {
         let make = |last: bool| -> Result<Vec<u8>, MlsError> {
             let mut builder = KeyPackage::builder();
             if last {
@@ -203,7 +212,10 @@ impl<P: OpenMlsProvider> MlsDevice<P> {
         };
         let one_time = (0..count).map(|_| make(false)).collect::<Result<Vec<_>, _>>()?;
         let last = if last_resort { Some(make(true)?) } else { None };
-        Ok((one_time, last))
+        Ok(KeyPackages {
+            one_time,
+            last_resort: last,
+        })
     }
 
     /// Parses a claimed KeyPackage and checks its signature, lifetime and device certificate, and
