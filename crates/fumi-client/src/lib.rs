@@ -712,6 +712,9 @@ impl FumiClient {
                 self.store.transaction(|| {
                     if entry.is_commit {
                         self.device.discard_commit(entry.group_id)?;
+                    } else {
+                        // Not delivered: history must not show it as sent.
+                        self.store.delete_own_message(entry.group_id, entry.message_id)?;
                     }
                     self.store.remove_outbox(entry.message_id)
                 })?;

@@ -579,6 +579,17 @@ impl Store {
         self.messages_where("group_id = ?", Some(group))
     }
 
+    /// Deletes this device's own message from history (the server refused to deliver it).
+    pub fn delete_own_message(&self, group: GroupId, id: MessageId) -> Result<(), ClientError> {
+        self.conn
+            .execute(
+                "DELETE FROM messages WHERE group_id = ? AND id = ? AND outgoing = 1",
+                params![group.as_bytes().as_slice(), id.as_bytes().as_slice()],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
     /// Marks messages as seen.
     pub fn mark_seen(&self, local_ids: &[i64]) -> Result<(), ClientError> {
         for id in local_ids {

@@ -553,3 +553,89 @@ async fn upsert_group_epoch(
     .map_err(db)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fumi_proto::MessageId;
+
+    async fn storage_with_device() -> (tempfile::TempDir, SqliteStorage, DeviceId) {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = SqliteStorage::open(&dir.path().join("fumi.db")).await.unwrap();
+        let device = DeviceId::from_bytes([2; 16]);
+        storage
+            .create_account(AccountId::from_bytes([1; 16]), &[0; 32], device, &[0; 32], 0)
+            .await
+            .unwrap();
+        (dir, storage, device)
+    }
+
+    fn submission(device: DeviceId, id: u8, epoch: Option<u64>, expires_at: u64) -> Submission {
+        Submission {
+            sender: DeviceId::from_bytes([9; 16]),
+            message_id: MessageId::from_bytes([id; 16]),
+            digest: [id; 32],
+            group: GroupId::from_bytes([3; 16]),
+            commit_epoch: epoch,
+            deliveries: vec![Delivery {
+                body: Ciphertext(vec![id]),
+                recipients: vec![device],
+            }],
+            now: 0,
+            expires_at,
+        }
+    }
+
+    #[tokio::test]
+    async fn undelivered_messages_expire() {
+        let (_dir, storage, device) = storage_with_device().await;
+        storage.submit(submission(device, 1, Some(0), 1_000)).await.unwrap();
+        storage.submit(submission(device, 2, None, 5_000)).await.unwrap();
+        assert_eq!(storage.purge_expired(999).await.unwrap(), 0);
+        assert_eq!(storage.purge_expired(1_000).await.unwrap(), 1);
+        let left = storage.fetch(device, 0, 10).await.unwrap();
+        assert_eq!(left.iter().map(|e| e.body.0.clone()).collect::<Vec<_>>(), vec![vec![2]]);
+        assert_eq!(storage.stats().await.unwrap().queued_envelopes, 1);
+    }
+
+    #[tokio::test]
+    async fn acknowledgement_deletes_only_own_envelopes() {
+        let (_dir, storage, device) = storage_with_device().await;
+        storage
+            .submit(submission(device, 1, Some(0), u64::MAX / 2))
+            .await
+            .unwrap();
+        let seq = storage.fetch(device, 0, 10).await.unwrap()[0].seq;
+        assert_eq!(
+            storage
+                .acknowledge(DeviceId::from_bytes([7; 16]), &[seq])
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(storage.acknowledge(device, &[seq, seq]).await.unwrap(), 1);
+        assert!(storage.fetch(device, 0, 10).await.unwrap().is_empty());
+        let messages: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages")
+            .fetch_one(&storage.pool)
+            .await
+            .unwrap();
+        assert_eq!(messages, 0, "the body goes with its last envelope");
+    }
+
+    #[tokio::test]
+    async fn commits_are_ordered_per_group() {
+        let (_dir, storage, device) = storage_with_device().await;
+        storage
+            .submit(submission(device, 1, Some(0), u64::MAX / 2))
+            .await
+            .unwrap();
+        match storage.submit(submission(device, 2, Some(0), u64::MAX / 2)).await {
+            Err(StorageError::EpochConflict { current: 1 }) => {}
+            other => panic!("{other:?}"),
+        }
+        storage
+            .submit(submission(device, 3, Some(1), u64::MAX / 2))
+            .await
+            .unwrap();
+    }
+}

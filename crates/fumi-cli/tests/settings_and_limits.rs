@@ -1,0 +1,61 @@
+//! Server settings from a TOML file and environment variables, and the limits they set, each
+//! refused with a clear error.
+
+mod common;
+
+use common::{Server, User};
+
+#[test]
+fn config_file_sets_the_message_size_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fumi.toml");
+    std::fs::write(&config, "max_message_bytes = 4000\n").unwrap();
+    let server = Server::start_with_env(&[("FUMI_CONFIG", config.to_str().unwrap())]);
+    let alice = User::register(&server, "alice", "Alice");
+    let bob = User::register(&server, "bob", "Bob");
+    alice.ok(&["send", &bob.username, "short"]);
+    let long = "x".repeat(6000);
+    let refused = alice.run(&["send", &bob.username, &long]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("413 too_large") && stderr.contains("at most 4000 bytes"),
+        "{stderr}"
+    );
+    let history = alice.ok(&["history", &bob.username]);
+    assert!(!history.contains(&long), "a refused message is not shown as sent");
+    assert_eq!(bob.receive_texts(), vec!["short"]);
+}
+
+#[test]
+fn unknown_setting_is_a_clear_startup_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fumi.toml");
+    std::fs::write(&config, "max_mesage_bytes = 4000\n").unwrap();
+    let output = std::process::Command::new(common::FUMI)
+        .args(["server", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("unknown setting \"max_mesage_bytes\""), "{stderr}");
+}
+
+#[test]
+fn per_device_rate_limit_from_the_environment() {
+    let server = Server::start_with_env(&[("FUMI_DEVICE_REQUESTS_PER_MINUTE", "12")]);
+    let alice = User::register(&server, "alice", "Alice");
+    let mut refusal = None;
+    for _ in 0..10 {
+        let output = alice.run(&["receive"]);
+        if !output.status.success() {
+            refusal = Some(String::from_utf8_lossy(&output.stderr).into_owned());
+            break;
+        }
+    }
+    let refusal = refusal.expect("the limit was reached");
+    assert!(refusal.contains("rate_limited") || refusal.contains("429"), "{refusal}");
+}
