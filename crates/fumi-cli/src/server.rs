@@ -17,7 +17,7 @@ pub struct ServerArgs {
     /// Data directory (database) [default: ./fumi-data].
     #[arg(long, env = "FUMI_DATA")]
     data: Option<PathBuf>,
-    /// TOML file with any of the settings in docs/OPERATIONS.md.
+    /// TOML file with any of the settings listed in the README ("Server settings").
     #[arg(long, env = "FUMI_CONFIG")]
     config: Option<PathBuf>,
 }

@@ -6,7 +6,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use common::{Server, User};
 use fumi_core::AccountIdentity;
-use fumi_core::mls::{Member, MlsDevice};
+use fumi_core::mls::MlsDevice;
 use fumi_proto::{AccountId, DeviceId, GroupId};
 use futures_util::{SinkExt, StreamExt};
 use openmls_rust_crypto::OpenMlsRustCrypto;
@@ -88,11 +88,12 @@ impl Api {
 fn outside_device(account: u8) -> MlsDevice<OpenMlsRustCrypto> {
     let provider = OpenMlsRustCrypto::default();
     let key = MlsDevice::generate_signature_key(&provider).unwrap();
-    let me = Member {
-        account: AccountId::from_bytes([account; 16]),
-        device: DeviceId::from_bytes([account; 16]),
-    };
-    MlsDevice::open(provider, &AccountIdentity::generate(&mut rand::rng()), me, &key).unwrap()
+    let identity = AccountIdentity::generate(&mut rand::rng());
+    let (account, device) = (
+        AccountId::from_bytes([account; 16]),
+        DeviceId::from_bytes([account; 16]),
+    );
+    MlsDevice::open(provider, &identity, account, device, &key).unwrap()
 }
 
 /// Announces a 3 MiB body and reads the answer without sending it (a client that did send it
@@ -139,7 +140,10 @@ async fn bad_requests_get_4xx_and_change_nothing() {
     let group = GroupId::from_bytes([9; 16]);
     creator.create_group(group).unwrap();
     let kps = joiner.key_packages(2, false).unwrap().one_time;
-    let kp = creator.verify_key_package(&kps[0], joiner.me()).unwrap();
+    let kp = creator
+        .verify_key_package(&kps[0], joiner.me().account, joiner.me().device)
+        .unwrap()
+        .0;
     let commit = creator.add_members(group, &[kp]).unwrap();
     let application_for_unknown_group = {
         let other = GroupId::from_bytes([10; 16]);
@@ -393,7 +397,10 @@ async fn bad_requests_get_4xx_and_change_nothing() {
 
     // A second commit for the same epoch loses, and the answer says which epoch is current.
     creator.discard_commit(group).unwrap();
-    let kp2 = creator.verify_key_package(&kps[1], joiner.me()).unwrap();
+    let kp2 = creator
+        .verify_key_package(&kps[1], joiner.me().account, joiner.me().device)
+        .unwrap()
+        .0;
     let second = creator.add_members(group, &[kp2]).unwrap();
     let (status, answer) = api
         .call(

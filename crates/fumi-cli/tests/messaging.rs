@@ -41,9 +41,18 @@ fn one_to_one_both_ways_with_names_learned_through_mls() {
         "{conversations}"
     );
 
+    // A new display name reaches contacts with the next message (the profile key rotates).
+    alice.ok(&["profile", "set", "--name", "Alice Renamed"]);
+    alice.ok(&["send", &bob.username, "new name"]);
+    let line = bob.ok(&["receive"]);
+    assert!(
+        line.contains(&format!("[{} · Alice Renamed] new name", alice.username)),
+        "{line}"
+    );
+
     let whoami = alice.ok(&["whoami"]);
     assert!(
-        whoami.starts_with(&format!("{} · Alice Example", alice.username)),
+        whoami.starts_with(&format!("{} · Alice Renamed", alice.username)),
         "{whoami}"
     );
 }

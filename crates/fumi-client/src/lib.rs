@@ -52,6 +52,12 @@ pub enum ClientError {
     /// The server answered something that does not follow the protocol.
     #[error("protocol: {0}")]
     Protocol(String),
+    /// A device is certified by another identity key than the one known for its account.
+    #[error(
+        "SECURITY WARNING: {0} presented a different identity key than before; refusing it. Someone may be \
+         impersonating this account. Verify with them in person before trusting it again."
+    )]
+    IdentityKeyChanged(String),
     /// An MLS or credential check failed.
     #[error("{0}")]
     Mls(#[from] MlsError),
@@ -186,11 +192,13 @@ impl FumiClient {
             display_name: name.trim().to_owned(),
         };
         store.save_account(&account)?;
-        let me = Member {
-            account: account.account_id,
-            device: account.device_id,
-        };
-        let device = MlsDevice::open(provider, &identity, me, &signature_key)?;
+        let device = MlsDevice::open(
+            provider,
+            &identity,
+            account.account_id,
+            account.device_id,
+            &signature_key,
+        )?;
         let fresh = device.key_packages(KEY_PACKAGE_STOCK, true)?;
         let upload = KeyPackageUpload {
             key_packages: fresh.one_time.into_iter().map(Base64Bytes).collect(),
@@ -225,11 +233,13 @@ impl FumiClient {
         let mut transport = Transport::new(&account.server)?;
         transport.authenticate(account.device_id, &account.device_secret);
         let identity = AccountIdentity::from_secret(&account.identity_secret);
-        let me = Member {
-            account: account.account_id,
-            device: account.device_id,
-        };
-        let device = MlsDevice::open(provider, &identity, me, &signature_key)?;
+        let device = MlsDevice::open(
+            provider,
+            &identity,
+            account.account_id,
+            account.device_id,
+            &signature_key,
+        )?;
         Ok(Self {
             store,
             transport,
@@ -254,6 +264,9 @@ impl FumiClient {
     pub async fn set_name(&mut self, name: &str) -> Result<(), ClientError> {
         Profile::new(name, None).map_err(|e| ClientError::Usage(e.to_string()))?;
         self.account.display_name = name.trim().to_owned();
+        // A new key makes contacts fetch the new profile when it reaches them with our next
+        // message; it also stops former contacts from following later changes.
+        self.account.profile_key = random_bytes();
         self.store.save_account(&self.account)?;
         self.publish_profile().await
     }
@@ -330,6 +343,11 @@ impl FumiClient {
             if account != self.account.account_id && !accounts.contains(&account) {
                 accounts.push(account);
             }
+        }
+        if accounts.is_empty() {
+            return Err(ClientError::Usage(
+                "a group needs at least one member besides you".into(),
+            ));
         }
         self.create_conversation(Some(name), &accounts).await
     }
@@ -516,8 +534,7 @@ impl FumiClient {
         Ok(group)
     }
 
-    /// Claims and verifies one KeyPackage for every device of these accounts (and of our own
-    /// other devices).
+    /// Claims and verifies one KeyPackage for every device of these accounts.
     async fn claim_key_packages(
         &self,
         accounts: &[AccountId],
@@ -540,18 +557,36 @@ impl FumiClient {
             }
             other => other?,
         };
+        // The identity key each account registered: a device must be certified by it, and it must
+        // match the key pinned when we first met the account.
+        let mut registered = std::collections::HashMap::new();
+        for account in accounts {
+            let info: AccountInfo = self
+                .transport
+                .request::<(), _>(Method::GET, &format!("/v1/accounts/{account}"), None)
+                .await?;
+            let key: [u8; 32] = info
+                .identity_key
+                .as_slice()
+                .try_into()
+                .map_err(|_| ClientError::Protocol("an identity key is 32 bytes".into()))?;
+            registered.insert(*account, key);
+        }
         let mut verified = Vec::new();
         for entry in claimed.key_packages {
-            if !accounts.contains(&entry.account_id) {
+            let Some(expected_key) = registered.get(&entry.account_id) else {
                 return Err(ClientError::Protocol(
                     "the server returned a key package for an account we did not ask for".into(),
                 ));
-            }
-            let expected = Member {
-                account: entry.account_id,
-                device: entry.device_id,
             };
-            verified.push(self.device.verify_key_package(entry.key_package.as_slice(), expected)?);
+            let (key_package, member) =
+                self.device
+                    .verify_key_package(entry.key_package.as_slice(), entry.account_id, entry.device_id)?;
+            if member.identity_key != *expected_key {
+                return Err(ClientError::IdentityKeyChanged(self.display_account(member.account)?));
+            }
+            self.check_identity(&member)?;
+            verified.push(key_package);
         }
         Ok(verified)
     }
@@ -754,6 +789,9 @@ impl FumiClient {
         let me = self.account.account_id;
         match self.device.handle_message(bytes)? {
             Incoming::Joined { group, by, members } => {
+                for member in members.iter().chain([&by]) {
+                    self.check_identity(member)?;
+                }
                 let distinct: Vec<AccountId> = distinct_accounts(&members).into_iter().filter(|a| *a != me).collect();
                 let direct = distinct.len() == 1;
                 let conversation = Conversation {
@@ -792,7 +830,12 @@ impl FumiClient {
                     Body::Conversation { name, profiles } => {
                         let members = self.device.members(group)?;
                         for profile in profiles {
-                            if profile.account != me && members.iter().any(|m| m.account == profile.account) {
+                            // Another member may only introduce a key we lack, never replace one:
+                            // each account announces its own key in its own messages.
+                            if profile.account != me
+                                && members.iter().any(|m| m.account == profile.account)
+                                && !self.store.has_profile_key(profile.account)?
+                            {
                                 self.store.set_profile_key(profile.account, &profile.profile_key)?;
                             }
                         }
@@ -900,6 +943,23 @@ impl FumiClient {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Refuses a member whose identity key differs from the one pinned for its account.
+    fn check_identity(&self, member: &Member) -> Result<(), ClientError> {
+        if member.account == self.account.account_id {
+            let own = AccountIdentity::from_secret(&self.account.identity_secret).public_key();
+            return if member.identity_key == own {
+                Ok(())
+            } else {
+                Err(ClientError::IdentityKeyChanged("a device claiming to be yours".into()))
+            };
+        }
+        if self.store.check_identity_key(member.account, &member.identity_key)? {
+            Ok(())
+        } else {
+            Err(ClientError::IdentityKeyChanged(self.display_account(member.account)?))
+        }
     }
 
     // --- naming --------------------------------------------------------------------------

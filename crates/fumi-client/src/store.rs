@@ -20,7 +20,8 @@ use crate::ClientError;
 pub const STORE_FILE: &str = "fumi.db";
 
 /// Fumi's own schema, applied after OpenMLS's migrations; `PRAGMA user_version` counts them.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE account (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     server TEXT NOT NULL,
@@ -74,7 +75,11 @@ CREATE TABLE outbox (
     event TEXT,
     created_at INTEGER NOT NULL
 );
-"#];
+"#,
+    r#"
+ALTER TABLE contacts ADD COLUMN identity_key BLOB;
+"#,
+];
 
 /// JSON codec for OpenMLS's stored values.
 #[derive(Debug, Default)]
@@ -337,6 +342,39 @@ impl Store {
             )
             .map_err(sql)?;
         Ok(())
+    }
+
+    /// Checks an account's identity key against the one pinned on first sight (pinning it then).
+    /// Returns false if a different key was pinned: someone is impersonating the account, or it
+    /// was re-created.
+    pub fn check_identity_key(&self, account: AccountId, key: &[u8; 32]) -> Result<bool, ClientError> {
+        let pinned: Option<Option<Vec<u8>>> = self
+            .conn
+            .query_row(
+                "SELECT identity_key FROM contacts WHERE account_id = ?",
+                [account.as_bytes().as_slice()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql)?;
+        match pinned.flatten() {
+            Some(pinned) => Ok(pinned == key),
+            None => {
+                self.conn
+                    .execute(
+                        "INSERT INTO contacts (account_id, identity_key) VALUES (?1, ?2)
+                         ON CONFLICT (account_id) DO UPDATE SET identity_key = ?2",
+                        params![account.as_bytes().as_slice(), key.as_slice()],
+                    )
+                    .map_err(sql)?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Whether a profile key is known for an account.
+    pub fn has_profile_key(&self, account: AccountId) -> Result<bool, ClientError> {
+        Ok(!self.profile_keys(&[account])?.is_empty())
     }
 
     /// Records a contact's profile key; returns true if it is new (the profile must be fetched).

@@ -25,13 +25,17 @@ const MAX_PAST_EPOCHS: usize = 8;
 /// Most members a group may have (each device is one member).
 pub const MAX_GROUP_MEMBERS: usize = 1000;
 
-/// A member of a group: one device of one account.
+/// A member of a group: one device of one account, certified by the account's identity key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Member {
     /// The account.
     pub account: AccountId,
     /// The device.
     pub device: DeviceId,
+    /// The account identity key that certified the device. The credential proves only that this
+    /// key certified it; the caller must check the key belongs to the account (pinning, key
+    /// transparency).
+    pub identity_key: [u8; 32],
 }
 
 /// Errors of MLS operations.
@@ -166,9 +170,15 @@ impl<P: OpenMlsProvider> MlsDevice<P> {
     pub fn open(
         provider: P,
         identity: &AccountIdentity,
-        me: Member,
+        account: AccountId,
+        device: DeviceId,
         signature_public_key: &[u8],
     ) -> Result<Self, MlsError> {
+        let me = Member {
+            account,
+            device,
+            identity_key: identity.public_key(),
+        };
         let signer = SignatureKeyPair::read(
             provider.storage(),
             signature_public_key,
@@ -201,7 +211,10 @@ impl<P: OpenMlsProvider> MlsDevice<P> {
     /// Makes `count` one-time KeyPackages and, if asked, one last-resort KeyPackage.
     pub fn key_packages(&self, count: usize, last_resort: bool) -> Result<KeyPackages, MlsError> {
         let make = |last: bool| -> Result<Vec<u8>, MlsError> {
-            let mut builder = KeyPackage::builder();
+            // The last-resort extension must be listed in the leaf's capabilities, or
+            // validation of the key package refuses it.
+            let capabilities = Capabilities::new(None, None, Some(&[ExtensionType::LastResort]), None, None);
+            let mut builder = KeyPackage::builder().leaf_node_capabilities(capabilities);
             if last {
                 builder = builder.mark_as_last_resort();
             }
@@ -219,8 +232,13 @@ impl<P: OpenMlsProvider> MlsDevice<P> {
     }
 
     /// Parses a claimed KeyPackage and checks its signature, lifetime and device certificate, and
-    /// that it belongs to the device the server said it does.
-    pub fn verify_key_package(&self, bytes: &[u8], expected: Member) -> Result<KeyPackage, MlsError> {
+    /// that it belongs to the device the server said it does. Returns the certified member too.
+    pub fn verify_key_package(
+        &self,
+        bytes: &[u8],
+        account: AccountId,
+        device: DeviceId,
+    ) -> Result<(KeyPackage, Member), MlsError> {
         let message = MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| MlsError::Malformed(e.to_string()))?;
         let key_package_in = match message.extract() {
             MlsMessageBodyIn::KeyPackage(kp) => kp,
@@ -236,10 +254,10 @@ impl<P: OpenMlsProvider> MlsDevice<P> {
             key_package.leaf_node().credential(),
             key_package.leaf_node().signature_key().as_slice(),
         )?;
-        if member != expected {
+        if (member.account, member.device) != (account, device) {
             return Err(MlsError::KeyPackageMismatch);
         }
-        Ok(key_package)
+        Ok((key_package, member))
     }
 
     /// Creates a new group with only this device in it.
@@ -484,6 +502,7 @@ fn member_of(credential: &Credential, signature_key: &[u8]) -> Result<Member, Ml
     let basic = BasicCredential::try_from(credential.clone()).map_err(|_| CredentialError::Malformed)?;
     let device = DeviceCredential::verify(basic.identity(), signature_key)?;
     Ok(Member {
+        identity_key: device.identity_key,
         account: device.account,
         device: device.device,
     })
@@ -507,4 +526,89 @@ fn serialize(message: &MlsMessageOut) -> Result<Vec<u8>, MlsError> {
     message
         .tls_serialize_detached()
         .map_err(|e| MlsError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openmls_rust_crypto::OpenMlsRustCrypto;
+
+    fn device(n: u8) -> MlsDevice<OpenMlsRustCrypto> {
+        let provider = OpenMlsRustCrypto::default();
+        let key = MlsDevice::generate_signature_key(&provider).unwrap();
+        let identity = AccountIdentity::generate(&mut rand::rng());
+        MlsDevice::open(
+            provider,
+            &identity,
+            AccountId::from_bytes([n; 16]),
+            DeviceId::from_bytes([n; 16]),
+            &key,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn last_resort_key_package_is_accepted_and_a_pair_talks() {
+        let alice = device(1);
+        let bob = device(2);
+        let packages = bob.key_packages(0, true).unwrap();
+        assert!(packages.one_time.is_empty());
+        let (key_package, member) = alice
+            .verify_key_package(
+                packages.last_resort.as_ref().unwrap(),
+                bob.me().account,
+                bob.me().device,
+            )
+            .unwrap();
+        assert_eq!(member, bob.me());
+
+        let group = GroupId::from_bytes([7; 16]);
+        alice.create_group(group).unwrap();
+        let commit = alice.add_members(group, &[key_package]).unwrap();
+        assert_eq!(
+            (commit.epoch, commit.recipients.len(), commit.added.clone()),
+            (0, 0, vec![bob.me()])
+        );
+        alice.confirm_commit(group).unwrap();
+        match bob.handle_message(commit.welcome.as_ref().unwrap()).unwrap() {
+            Incoming::Joined {
+                group: joined,
+                by,
+                members,
+            } => {
+                assert_eq!((joined, by), (group, alice.me()));
+                assert_eq!(members.len(), 2);
+            }
+            other => panic!("{other:?}"),
+        }
+        let outgoing = alice.encrypt(group, b"padded content").unwrap();
+        assert_eq!(outgoing.recipients, vec![bob.me()]);
+        match bob.handle_message(&outgoing.message).unwrap() {
+            Incoming::Application { sender, plaintext, .. } => {
+                assert_eq!((sender, plaintext.as_slice()), (alice.me(), &b"padded content"[..]));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A replayed message is refused, not delivered twice.
+        assert!(matches!(
+            bob.handle_message(&outgoing.message),
+            Err(MlsError::Refused(_))
+        ));
+    }
+
+    #[test]
+    fn key_package_for_another_device_is_refused() {
+        let alice = device(1);
+        let bob = device(2);
+        let packages = bob.key_packages(1, false).unwrap();
+        let other = DeviceId::from_bytes([9; 16]);
+        assert!(matches!(
+            alice.verify_key_package(&packages.one_time[0], bob.me().account, other),
+            Err(MlsError::KeyPackageMismatch)
+        ));
+        assert!(matches!(
+            alice.verify_key_package(b"garbage", bob.me().account, other),
+            Err(MlsError::Malformed(_))
+        ));
+    }
 }

@@ -53,3 +53,26 @@ pub fn check_key_package(bytes: &[u8]) -> Result<(), String> {
         _ => Err("key package must be an MLS KeyPackage".to_owned()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The server parses untrusted bytes: any input gives a framing or an error, never a panic.
+        #[test]
+        fn parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = inspect_group_message(&bytes);
+            let _ = check_welcome(&bytes);
+            let _ = check_key_package(&bytes);
+        }
+
+        /// Mutations of a valid-looking MLS header (version 1, PrivateMessage) are handled too.
+        #[test]
+        fn mutated_headers_never_panic(tail in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let bytes = [&[0x00, 0x01, 0x00, 0x02][..], &tail].concat();
+            let _ = inspect_group_message(&bytes);
+        }
+    }
+}
