@@ -451,6 +451,14 @@ async fn bad_requests_get_4xx_and_change_nothing() {
         assert_eq!(snapshot(&server), accepted, "a bad frame acknowledged nothing");
     }
 
+    // Bob's mailbox now holds a commit for a group he is not in: his client drops it with a
+    // warning, acknowledges it, and keeps working.
+    let output = bob.run(&["receive"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("dropped a message"));
+    alice.ok(&["send", &bob.username, "after the garbage"]);
+    assert_eq!(bob.receive_texts(), vec!["after the garbage"]);
+
     let metrics = reqwest::get(format!("{}/metrics", server.url))
         .await
         .unwrap()

@@ -23,6 +23,8 @@ const BATCH: u32 = 100;
 /// How often an idle connection re-reads its mailbox even without an event (a safety net if an
 /// event is ever lost) and pings the client.
 const IDLE_POLL: Duration = Duration::from_secs(30);
+/// A client that sends nothing, not even a Pong, for this long is gone: close its connection.
+const SILENCE_LIMIT: Duration = Duration::from_secs(95);
 
 /// `GET /v1/ws`.
 pub async fn upgrade(device: AuthDevice, State(state): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Response {
@@ -46,6 +48,7 @@ async fn deliver(socket: WebSocket, device: AuthDevice, state: &AppState) -> Res
     let mut shutdown = state.shutdown.clone();
     let mut last_sent = 0u64;
     let mut drained_sent = false;
+    let mut last_heard = tokio::time::Instant::now();
     loop {
         if *shutdown.borrow() {
             return close(&mut sink, close_code::AWAY, "server shutting down").await;
@@ -88,9 +91,12 @@ async fn deliver(socket: WebSocket, device: AuthDevice, state: &AppState) -> Res
             _ = subscription.replaced.changed() => {}
             _ = shutdown.changed() => {}
             _ = tokio::time::sleep(IDLE_POLL) => {
+                if last_heard.elapsed() > SILENCE_LIMIT {
+                    return close(&mut sink, close_code::AWAY, "no answer to pings").await;
+                }
                 sink.send(Message::Ping(Default::default())).await.map_err(|e| e.to_string())?;
             }
-            incoming = stream.next() => match incoming {
+            incoming = stream.next() => { last_heard = tokio::time::Instant::now(); match incoming {
                 None | Some(Ok(Message::Close(_))) => return Ok(()),
                 Some(Err(e)) => return Err(e.to_string()),
                 Some(Ok(Message::Text(text))) => match serde_json::from_str::<ClientFrame>(&text) {
@@ -107,7 +113,7 @@ async fn deliver(socket: WebSocket, device: AuthDevice, state: &AppState) -> Res
                     return close(&mut sink, close_code::UNSUPPORTED, "binary frames are not accepted; send JSON text frames").await;
                 }
                 Some(Ok(_)) => {} // ping/pong handled by the library
-            },
+            }},
         }
     }
 }
