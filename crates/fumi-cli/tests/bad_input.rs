@@ -126,6 +126,7 @@ async fn bad_requests_get_4xx_and_change_nothing() {
     let server = Server::start();
     let alice = User::register(&server, "alice", "Alice");
     let bob = User::register(&server, "bob", "Bob");
+    let mallory = User::register(&server, "mallory", "Mallory");
     alice.ok(&["send", &bob.username, "a real message stays queued"]);
     let (_alice_device, alice_auth) = credentials(&alice);
     let (bob_device, bob_auth) = credentials(&bob);
@@ -416,6 +417,23 @@ async fn bad_requests_get_4xx_and_change_nothing() {
         "{answer}"
     );
     assert_eq!(answer["error"]["current_epoch"], 1);
+    assert_eq!(snapshot(&server), accepted);
+
+    // A device outside the group's roster cannot submit to it, not even a well-formed commit.
+    let (_, mallory_auth) = credentials(&mallory);
+    let (status, answer) = api
+        .call(
+            Method::POST,
+            "/v1/messages",
+            Some(&mallory_auth),
+            Some(submit_body([8; 16], &second.message, &[bob_device])),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), answer["error"]["code"].as_str()),
+        (403, Some("not_a_member")),
+        "{answer}"
+    );
     assert_eq!(snapshot(&server), accepted);
 
     // WebSocket: no credentials, a garbage frame, an oversized frame.

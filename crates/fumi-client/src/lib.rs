@@ -609,6 +609,7 @@ impl FumiClient {
                         message: Base64Bytes(w),
                         recipients: commit.added.iter().map(|m| m.device).collect(),
                     }),
+                    removed: commit.removed.iter().map(|m| m.device).collect(),
                 };
                 let entry = OutboxEntry {
                     message_id: request.id,
@@ -681,6 +682,7 @@ impl FumiClient {
                 message: Base64Bytes(outgoing.message),
                 recipients: outgoing.recipients.iter().map(|m| m.device).collect(),
                 welcome: None,
+                removed: vec![],
             };
             if let Body::Text { text } = &content.body {
                 let stored = StoredMessage {

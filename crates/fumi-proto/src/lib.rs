@@ -138,6 +138,10 @@ pub struct SubmitMessage {
     /// Welcome for new members, if `message` is a commit that adds some.
     #[serde(default)]
     pub welcome: Option<WelcomeDelivery>,
+    /// For a commit that removes members: their devices. They still receive the commit (to learn
+    /// of their removal) but may submit nothing more to the group.
+    #[serde(default)]
+    pub removed: Vec<DeviceId>,
 }
 
 /// A Welcome message and the devices it is for.
@@ -220,6 +224,7 @@ mod tests {
                 message: Base64Bytes(body.clone()),
                 recipients: recipients.iter().copied().map(DeviceId::from_bytes).collect(),
                 welcome: Some(WelcomeDelivery { message: Base64Bytes(body), recipients: vec![] }),
+                removed: vec![],
             };
             let json = serde_json::to_string(&message).unwrap();
             prop_assert_eq!(serde_json::from_str::<SubmitMessage>(&json).unwrap(), message);

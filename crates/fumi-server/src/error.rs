@@ -81,6 +81,11 @@ impl From<StorageError> for ApiError {
                 "message_id_reused",
                 "this message id was already used for a different message",
             ),
+            StorageError::NotMember => Self::new(
+                StatusCode::FORBIDDEN,
+                "not_a_member",
+                "this device is not a member of the group (never added, or removed)",
+            ),
             StorageError::UnknownGroup => {
                 Self::not_found("unknown_group", "no commit was ever accepted for this group")
             }

@@ -337,6 +337,11 @@ async fn submit_message(
         ));
     }
     check_recipients(&request.recipients, device.device)?;
+    if !request.removed.iter().all(|d| request.recipients.contains(d)) {
+        return Err(ApiError::bad_request(
+            "removed devices must be among the commit's recipients",
+        ));
+    }
     let framing = framing::inspect_group_message(request.message.as_slice()).map_err(ApiError::bad_request)?;
     let mut deliveries = vec![Delivery {
         body: Ciphertext(request.message.as_slice().to_vec()),
@@ -349,6 +354,11 @@ async fn submit_message(
             ));
         }
         framing::check_welcome(welcome.message.as_slice()).map_err(ApiError::bad_request)?;
+        if welcome.recipients.iter().any(|d| request.recipients.contains(d)) {
+            return Err(ApiError::bad_request(
+                "a device gets either the commit or the welcome, not both",
+            ));
+        }
         check_recipients(&welcome.recipients, device.device)?;
         deliveries.push(Delivery {
             body: Ciphertext(welcome.message.as_slice().to_vec()),
@@ -364,6 +374,11 @@ async fn submit_message(
         group: framing.group,
         commit_epoch: framing.is_commit.then_some(framing.epoch),
         deliveries,
+        removed: if framing.is_commit {
+            request.removed.clone()
+        } else {
+            vec![]
+        },
         now,
         expires_at: now.saturating_add(config.message_ttl_secs.saturating_mul(1000)),
     };
@@ -426,6 +441,9 @@ fn submission_digest(request: &SubmitMessage) -> [u8; 32] {
         for recipient in &welcome.recipients {
             field(recipient.as_bytes());
         }
+    }
+    for removed in &request.removed {
+        field(removed.as_bytes());
     }
     hasher.finalize().into()
 }

@@ -39,6 +39,9 @@ pub enum StorageError {
     /// The message id was used before with a different body.
     #[error("message id reused with a different body")]
     MessageIdReused,
+    /// The sender is not in the group's roster (never added, or removed).
+    #[error("sender is not a member of the group")]
+    NotMember,
     /// A non-commit message for a group the server has never seen a commit for.
     #[error("unknown group")]
     UnknownGroup,
@@ -100,6 +103,8 @@ pub struct Submission {
     pub commit_epoch: Option<u64>,
     /// The message and, for a commit that adds members, the Welcome.
     pub deliveries: Vec<Delivery>,
+    /// For a commit: devices it removes from the group's roster.
+    pub removed: Vec<DeviceId>,
     /// Acceptance time, ms since the Unix epoch.
     pub now: u64,
     /// When undelivered copies expire, ms since the Unix epoch.
@@ -182,7 +187,8 @@ pub trait Storage: Send + Sync + 'static {
         &self,
         accounts: &[AccountId],
     ) -> Result<Vec<(AccountId, DeviceId, Ciphertext)>, StorageError>;
-    /// Checks ordering and queues a message in every recipient's mailbox, atomically.
+    /// Checks that the sender is in the group's roster and commits are ordered, updates the
+    /// roster on a commit, and queues a message in every recipient's mailbox, atomically.
     async fn submit(&self, submission: Submission) -> Result<SubmitOutcome, StorageError>;
     /// Envelopes of a device's mailbox after `after_seq`, in order.
     async fn fetch(&self, device: DeviceId, after_seq: u64, limit: u32) -> Result<Vec<Envelope>, StorageError>;

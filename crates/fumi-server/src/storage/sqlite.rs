@@ -13,7 +13,8 @@ use super::*;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran. Never edit a
 /// released entry: append a new one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE accounts (
     id BLOB PRIMARY KEY,
     identity_key BLOB NOT NULL,
@@ -70,7 +71,15 @@ CREATE TABLE submissions (
     expires_at INTEGER NOT NULL,
     PRIMARY KEY (sender_device, message_id)
 );
-"#];
+"#,
+    r#"
+CREATE TABLE group_members (
+    group_id BLOB NOT NULL,
+    device_id BLOB NOT NULL,
+    PRIMARY KEY (group_id, device_id)
+);
+"#,
+];
 
 /// SQLite storage in one file.
 #[derive(Debug, Clone)]
@@ -391,6 +400,18 @@ impl Storage for SqliteStorage {
             .fetch_optional(&mut *tx)
             .await
             .map_err(db)?;
+        if group_epoch.is_some() {
+            let member: Option<i64> =
+                sqlx::query_scalar("SELECT 1 FROM group_members WHERE group_id = ? AND device_id = ?")
+                    .bind(submission.group.as_bytes().as_slice())
+                    .bind(submission.sender.as_bytes().as_slice())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            if member.is_none() {
+                return Err(StorageError::NotMember);
+            }
+        }
         match (submission.commit_epoch, group_epoch) {
             (Some(epoch), current) => {
                 let current = current.map(to_u64).unwrap_or(0);
@@ -398,6 +419,7 @@ impl Storage for SqliteStorage {
                     return Err(StorageError::EpochConflict { current });
                 }
                 upsert_group_epoch(&mut tx, submission.group, epoch + 1, submission.now).await?;
+                replace_roster(&mut tx, &submission).await?;
             }
             (None, None) => return Err(StorageError::UnknownGroup),
             (None, Some(_)) => {}
@@ -535,6 +557,28 @@ impl Storage for SqliteStorage {
     }
 }
 
+/// After a commit, the devices that may submit to the group: the committer, everyone it sent the
+/// commit or Welcome to, minus those it removed.
+async fn replace_roster(tx: &mut Transaction<'static, Sqlite>, submission: &Submission) -> Result<(), StorageError> {
+    let group = submission.group.as_bytes().as_slice();
+    sqlx::query("DELETE FROM group_members WHERE group_id = ?")
+        .bind(group)
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+    let devices =
+        std::iter::once(&submission.sender).chain(submission.deliveries.iter().flat_map(|d| d.recipients.iter()));
+    for device in devices.filter(|d| !submission.removed.contains(d)) {
+        sqlx::query("INSERT OR IGNORE INTO group_members (group_id, device_id) VALUES (?, ?)")
+            .bind(group)
+            .bind(device.as_bytes().as_slice())
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
+    }
+    Ok(())
+}
+
 async fn upsert_group_epoch(
     tx: &mut Transaction<'static, Sqlite>,
     group: GroupId,
@@ -581,6 +625,7 @@ mod tests {
                 body: Ciphertext(vec![id]),
                 recipients: vec![device],
             }],
+            removed: vec![],
             now: 0,
             expires_at,
         }
@@ -637,5 +682,38 @@ mod tests {
             .submit(submission(device, 3, Some(1), u64::MAX / 2))
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn only_roster_members_submit_and_removal_takes_effect() {
+        let (_dir, storage, device) = storage_with_device().await;
+        let committer = DeviceId::from_bytes([9; 16]);
+        storage
+            .create_account(AccountId::from_bytes([8; 16]), &[0; 32], committer, &[0; 32], 0)
+            .await
+            .unwrap();
+        storage
+            .submit(submission(device, 1, Some(0), u64::MAX / 2))
+            .await
+            .unwrap();
+        // The recipient of the first commit is in the roster; a stranger is not.
+        let mut from_member = submission(device, 2, None, u64::MAX / 2);
+        from_member.sender = device;
+        from_member.deliveries[0].recipients = vec![committer];
+        storage.submit(from_member).await.unwrap();
+        let mut from_stranger = submission(device, 3, None, u64::MAX / 2);
+        from_stranger.sender = DeviceId::from_bytes([5; 16]);
+        assert!(matches!(
+            storage.submit(from_stranger).await,
+            Err(StorageError::NotMember)
+        ));
+        // A commit removing the device: it still receives the commit, then may submit nothing.
+        let mut removal = submission(device, 4, Some(1), u64::MAX / 2);
+        removal.removed = vec![device];
+        storage.submit(removal).await.unwrap();
+        let mut after = submission(device, 5, Some(2), u64::MAX / 2);
+        after.sender = device;
+        after.deliveries[0].recipients = vec![committer];
+        assert!(matches!(storage.submit(after).await, Err(StorageError::NotMember)));
     }
 }
