@@ -69,6 +69,12 @@ struct Api {
 }
 
 impl Api {
+    /// `POST /v1/messages` as `auth`.
+    async fn submit(&self, auth: &str, id: [u8; 16], message: &[u8], recipients: &[DeviceId]) -> (StatusCode, Value) {
+        let body = submit_body(id, message, recipients);
+        self.call(Method::POST, "/v1/messages", Some(auth), Some(body)).await
+    }
+
     async fn call(&self, method: Method, path: &str, auth: Option<&str>, body: Option<Vec<u8>>) -> (StatusCode, Value) {
         let mut request = self.http.request(method, format!("{}{path}", self.url));
         if let Some(auth) = auth {
@@ -356,25 +362,11 @@ async fn bad_requests_get_4xx_and_change_nothing() {
     assert_eq!(snapshot(&server), before);
 
     // Replays: the same id and body is accepted once; the same id with another body is refused.
-    let (status, answer) = api
-        .call(
-            Method::POST,
-            "/v1/messages",
-            Some(&alice_auth),
-            Some(submit_body([6; 16], &commit.message, &[bob_device])),
-        )
-        .await;
+    let (status, answer) = api.submit(&alice_auth, [6; 16], &commit.message, &[bob_device]).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!(answer["duplicate"], false);
     let accepted = snapshot(&server);
-    let (status, answer) = api
-        .call(
-            Method::POST,
-            "/v1/messages",
-            Some(&alice_auth),
-            Some(submit_body([6; 16], &commit.message, &[bob_device])),
-        )
-        .await;
+    let (status, answer) = api.submit(&alice_auth, [6; 16], &commit.message, &[bob_device]).await;
     assert_eq!(
         (status, &answer["duplicate"]),
         (StatusCode::OK, &Value::Bool(true)),
@@ -382,12 +374,7 @@ async fn bad_requests_get_4xx_and_change_nothing() {
     );
     assert_eq!(snapshot(&server), accepted, "a retry stored nothing");
     let (status, answer) = api
-        .call(
-            Method::POST,
-            "/v1/messages",
-            Some(&alice_auth),
-            Some(submit_body([6; 16], &application_for_unknown_group, &[bob_device])),
-        )
+        .submit(&alice_auth, [6; 16], &application_for_unknown_group, &[bob_device])
         .await;
     assert_eq!(
         (status.as_u16(), answer["error"]["code"].as_str()),
@@ -403,14 +390,7 @@ async fn bad_requests_get_4xx_and_change_nothing() {
         .unwrap()
         .0;
     let second = creator.add_members(group, &[kp2]).unwrap();
-    let (status, answer) = api
-        .call(
-            Method::POST,
-            "/v1/messages",
-            Some(&alice_auth),
-            Some(submit_body([7; 16], &second.message, &[bob_device])),
-        )
-        .await;
+    let (status, answer) = api.submit(&alice_auth, [7; 16], &second.message, &[bob_device]).await;
     assert_eq!(
         (status.as_u16(), answer["error"]["code"].as_str()),
         (409, Some("epoch_conflict")),
@@ -421,14 +401,7 @@ async fn bad_requests_get_4xx_and_change_nothing() {
 
     // A device outside the group's roster cannot submit to it, not even a well-formed commit.
     let (_, mallory_auth) = credentials(&mallory);
-    let (status, answer) = api
-        .call(
-            Method::POST,
-            "/v1/messages",
-            Some(&mallory_auth),
-            Some(submit_body([8; 16], &second.message, &[bob_device])),
-        )
-        .await;
+    let (status, answer) = api.submit(&mallory_auth, [8; 16], &second.message, &[bob_device]).await;
     assert_eq!(
         (status.as_u16(), answer["error"]["code"].as_str()),
         (403, Some("not_a_member")),
@@ -477,12 +450,7 @@ async fn bad_requests_get_4xx_and_change_nothing() {
     alice.ok(&["send", &bob.username, "after the garbage"]);
     assert_eq!(bob.receive_texts(), vec!["after the garbage"]);
 
-    let metrics = reqwest::get(format!("{}/metrics", server.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics();
     assert!(
         metrics.contains("fumi_http_responses_server_error_total 0"),
         "{metrics}"

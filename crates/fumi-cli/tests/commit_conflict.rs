@@ -30,12 +30,7 @@ async fn concurrent_commits_one_wins_the_other_recovers() {
         .await
         .expect("bob recovers");
 
-    let metrics = reqwest::get(format!("{}/metrics", server.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics();
     assert!(
         metrics.contains("fumi_commit_conflicts_total 1"),
         "exactly one conflict happened:\n{metrics}"

@@ -46,7 +46,7 @@ fn unknown_setting_is_a_clear_startup_error() {
 
 #[test]
 fn per_device_rate_limit_from_the_environment() {
-    let server = Server::start_with_env(&[("FUMI_DEVICE_REQUESTS_PER_MINUTE", "12")]);
+    let server = Server::start_with_env(&[("FUMI_DEVICE_REQUESTS_PER_MINUTE", "6")]);
     let alice = User::register(&server, "alice", "Alice");
     let mut refusal = None;
     for _ in 0..10 {

@@ -192,13 +192,7 @@ impl FumiClient {
             display_name: name.trim().to_owned(),
         };
         store.save_account(&account)?;
-        let device = MlsDevice::open(
-            provider,
-            &identity,
-            account.account_id,
-            account.device_id,
-            &signature_key,
-        )?;
+        let device = open_device(provider, &account)?;
         let fresh = device.key_packages(KEY_PACKAGE_STOCK, true)?;
         let upload = KeyPackageUpload {
             key_packages: fresh.one_time.into_iter().map(Base64Bytes).collect(),
@@ -229,17 +223,9 @@ impl FumiClient {
         }
         let (store, provider) = Store::open(home)?;
         let account = store.account()?.ok_or(ClientError::NotRegistered)?;
-        let signature_key = account.signature_key.clone().ok_or(ClientError::NotRegistered)?;
         let mut transport = Transport::new(&account.server)?;
         transport.authenticate(account.device_id, &account.device_secret);
-        let identity = AccountIdentity::from_secret(&account.identity_secret);
-        let device = MlsDevice::open(
-            provider,
-            &identity,
-            account.account_id,
-            account.device_id,
-            &signature_key,
-        )?;
+        let device = open_device(provider, &account)?;
         Ok(Self {
             store,
             transport,
@@ -1092,6 +1078,19 @@ impl FumiClient {
             sent_at: m.sent_at,
         })
     }
+}
+
+/// The MLS device of a stored account.
+fn open_device(provider: Provider, account: &AccountRow) -> Result<MlsDevice<Provider>, ClientError> {
+    let signature_key = account.signature_key.as_deref().ok_or(ClientError::NotRegistered)?;
+    let identity = AccountIdentity::from_secret(&account.identity_secret);
+    Ok(MlsDevice::open(
+        provider,
+        &identity,
+        account.account_id,
+        account.device_id,
+        signature_key,
+    )?)
 }
 
 /// A reference to an account inside a stored event text, resolved when shown.

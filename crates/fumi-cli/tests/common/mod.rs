@@ -117,6 +117,21 @@ impl Server {
         self.spawn(&[]);
     }
 
+    /// The `/metrics` page (a plain HTTP/1.0 GET, so that sync and async tests can both use it).
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let address = self.url.trim_start_matches("http://");
+        let mut stream = std::net::TcpStream::connect(address).expect("connect");
+        write!(stream, "GET /metrics HTTP/1.0\r\nHost: {address}\r\n\r\n").expect("request");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).expect("answer");
+        assert!(
+            answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"),
+            "{answer}"
+        );
+        answer
+    }
+
     /// Every byte the server wrote: database files and its log.
     pub fn all_written_bytes(&self) -> Vec<(PathBuf, Vec<u8>)> {
         let mut files = Vec::new();
