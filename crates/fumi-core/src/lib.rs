@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+pub mod attachment;
 pub mod content;
 pub mod identity;
 pub mod mls;
