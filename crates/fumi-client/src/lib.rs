@@ -530,6 +530,7 @@ impl FumiClient {
         }
         let claim = KeyPackageClaim {
             accounts: accounts.to_vec(),
+            devices: vec![],
         };
         let claimed: ClaimedKeyPackages = match self
             .transport

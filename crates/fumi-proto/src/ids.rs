@@ -93,3 +93,7 @@ id_type!(
     /// A client-chosen 128-bit message id that makes retries idempotent.
     MessageId
 );
+id_type!(
+    /// A random 128-bit blob id, chosen by the server when an upload starts.
+    BlobId
+);

@@ -5,7 +5,7 @@ mod bytes;
 mod ids;
 
 pub use bytes::Base64Bytes;
-pub use ids::{AccountId, DeviceId, GroupId, IdError, MessageId};
+pub use ids::{AccountId, BlobId, DeviceId, GroupId, IdError, MessageId};
 
 use serde::{Deserialize, Serialize};
 
@@ -100,6 +100,10 @@ pub struct KeyPackageCount {
 pub struct KeyPackageClaim {
     /// Accounts whose devices are wanted.
     pub accounts: Vec<AccountId>,
+    /// If not empty, only these devices (of the accounts above) are claimed: used to add a newly
+    /// linked device to existing conversations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceId>,
 }
 
 /// One claimed KeyPackage.
@@ -163,6 +167,139 @@ pub struct SubmitAccepted {
     pub duplicate: bool,
 }
 
+/// `PUT /v1/profile/avatar` body and `GET /v1/accounts/{id}/avatar` answer: the avatar image
+/// sealed under the account's profile key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealedAvatar {
+    /// AEAD ciphertext (nonce included).
+    pub sealed: Base64Bytes,
+}
+
+/// `POST /v1/links`: open a one-time slot through which a new device joins the caller's
+/// account. The server keeps the token's hash and a bundle sealed under a key it never sees
+/// (both travel to the new device in the link code, out of band).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkCreate {
+    /// SHA-256 of the link token (32 bytes).
+    pub token_hash: Base64Bytes,
+    /// The account bundle for the new device, sealed under the link key.
+    pub sealed: Base64Bytes,
+}
+
+/// `POST /v1/links/open` (no credentials): the new device presents the link token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkOpen {
+    /// The link token (32 bytes).
+    pub token: Base64Bytes,
+}
+
+/// Answer to [`LinkOpen`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkBundle {
+    /// The account that opened the link.
+    pub account_id: AccountId,
+    /// The sealed bundle from [`LinkCreate`].
+    pub sealed: Base64Bytes,
+}
+
+/// `POST /v1/devices` (no credentials): a new device joins an account through a link slot,
+/// proving that it holds the account's identity key. One request creates the device and stores
+/// its first KeyPackages, so the linking device can add it to conversations at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkDevice {
+    /// The link token (32 bytes); the slot is consumed.
+    pub token: Base64Bytes,
+    /// The new device's id, chosen by the device (random).
+    pub device_id: DeviceId,
+    /// SHA-256 of the new device's secret (32 bytes).
+    pub device_secret_hash: Base64Bytes,
+    /// Ed25519 signature by the account identity key over [`device_link_message`].
+    pub signature: Base64Bytes,
+    /// One-time KeyPackages of the new device.
+    pub key_packages: Vec<Base64Bytes>,
+    /// Its last-resort KeyPackage.
+    pub last_resort: Option<Base64Bytes>,
+}
+
+/// The bytes an account identity key signs to add a device: a domain label, the account, the
+/// device, the link token's hash and the device secret's hash.
+pub fn device_link_message(
+    account: AccountId,
+    device: DeviceId,
+    token_hash: &[u8; 32],
+    secret_hash: &[u8; 32],
+) -> Vec<u8> {
+    [
+        b"fumi link device v1".as_slice(),
+        account.as_bytes(),
+        device.as_bytes(),
+        token_hash,
+        secret_hash,
+    ]
+    .concat()
+}
+
+/// Answer to `GET /v1/links/{token-hash}`: whether a device has used the link yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkStatus {
+    /// The device that joined through the link, once one has.
+    pub device_id: Option<DeviceId>,
+}
+
+/// `POST /v1/invites`: register a one-time invite token for the caller's account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InviteCreate {
+    /// SHA-256 of the invite token (32 bytes).
+    pub token_hash: Base64Bytes,
+}
+
+/// `POST /v1/invites/redeem`: use an invite once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InviteRedeem {
+    /// The inviting account.
+    pub account_id: AccountId,
+    /// The invite token (32 bytes).
+    pub token: Base64Bytes,
+}
+
+/// `POST /v1/blobs`: start uploading an encrypted attachment of `size` bytes that the listed
+/// devices may download.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlobCreate {
+    /// Exact size of the blob in bytes.
+    pub size: u64,
+    /// Devices allowed to download it; once each has acknowledged it, it is deleted.
+    pub recipients: Vec<DeviceId>,
+}
+
+/// Answer to [`BlobCreate`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobCreated {
+    /// The new blob's id.
+    pub blob_id: BlobId,
+}
+
+/// Answer to `PATCH /v1/blobs/{id}` and `GET /v1/blobs/{id}/upload`: how far an upload is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobUploadStatus {
+    /// Announced size.
+    pub size: u64,
+    /// Bytes the server holds; the next `PATCH` starts here.
+    pub received: u64,
+    /// True once all bytes arrived and the blob can be downloaded.
+    pub complete: bool,
+}
+
+/// The header that states where a `PATCH /v1/blobs/{id}` body starts in the blob.
+pub const UPLOAD_OFFSET_HEADER: &str = "fumi-upload-offset";
+
 /// Frames the server sends on the delivery WebSocket (`GET /v1/ws`), as JSON text frames.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -208,6 +345,9 @@ pub struct ErrorDetail {
     /// For `epoch_conflict`: the epoch the server expects the next commit for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_epoch: Option<u64>,
+    /// For `upload_offset_mismatch`: how many bytes of the upload the server holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_offset: Option<u64>,
 }
 
 #[cfg(test)]

@@ -46,6 +46,13 @@ impl FromRequestParts<Arc<AppState>> for AuthDevice {
         if !bool::from(hash.ct_eq(&record.secret_hash)) {
             return Err(ApiError::unauthenticated("unknown device or wrong secret"));
         }
+        if record.removed {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "device_removed",
+                "this device was removed from its account",
+            ));
+        }
         if record.suspended {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,

@@ -15,6 +15,7 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     current_epoch: Option<u64>,
+    upload_offset: Option<u64>,
 }
 
 impl ApiError {
@@ -25,6 +26,7 @@ impl ApiError {
             code,
             message: message.into(),
             current_epoch: None,
+            upload_offset: None,
         }
     }
 
@@ -95,7 +97,59 @@ impl From<StorageError> for ApiError {
                 "no_key_package",
                 "a device of this account has no key package available",
             ),
+            StorageError::UnknownLink => Self::not_found(
+                "unknown_link",
+                "no open link has this token (it expired, was used, or never existed)",
+            ),
+            StorageError::DeviceIdTaken => Self::new(
+                StatusCode::CONFLICT,
+                "device_id_taken",
+                "this device id is taken; pick another",
+            ),
+            StorageError::NotOwnDevice => Self::not_found(
+                "unknown_device",
+                "no active device with this id belongs to your account",
+            ),
+            StorageError::UnknownInvite => Self::not_found(
+                "unknown_invite",
+                "no invite has this token (it expired or never existed)",
+            ),
+            StorageError::InviteUsed => Self::new(StatusCode::GONE, "invite_used", "this invite was already used"),
+            StorageError::QuotaExceeded { quota } => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "quota_exceeded",
+                format!(
+                    "your undelivered attachments would exceed the quota of {quota} bytes; wait until they are fetched"
+                ),
+            ),
+            StorageError::UnknownBlob => Self::not_found(
+                "unknown_blob",
+                "no such blob (expired, or deleted after every recipient fetched it)",
+            ),
+            StorageError::NotBlobRecipient => Self::new(
+                StatusCode::FORBIDDEN,
+                "not_a_recipient",
+                "this device is not a recipient of this blob",
+            ),
             StorageError::Database(cause) => Self::internal(cause),
+        }
+    }
+}
+
+impl From<crate::blobs::BlobError> for ApiError {
+    fn from(error: crate::blobs::BlobError) -> Self {
+        use crate::blobs::BlobError;
+        match error {
+            BlobError::OffsetMismatch { held } => Self {
+                upload_offset: Some(held),
+                ..Self::new(
+                    StatusCode::CONFLICT,
+                    "upload_offset_mismatch",
+                    format!("the server holds {held} bytes of this upload; continue from there"),
+                )
+            },
+            BlobError::Oversized => Self::bad_request("the upload carries more bytes than the announced size"),
+            BlobError::Store(cause) => Self::internal(cause),
         }
     }
 }
@@ -107,6 +161,7 @@ impl IntoResponse for ApiError {
                 code: self.code.to_owned(),
                 message: self.message,
                 current_epoch: self.current_epoch,
+                upload_offset: self.upload_offset,
             },
         };
         (self.status, Json(body)).into_response()

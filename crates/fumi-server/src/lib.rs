@@ -1,7 +1,10 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+mod attachments;
 pub mod auth;
+pub mod blobs;
+mod devices;
 pub mod error;
 pub mod fanout;
 pub mod framing;
@@ -24,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::blobs::BlobStore;
 use crate::fanout::{Fanout, InProcessFanout};
 use crate::metrics::Metrics;
 use crate::rate_limit::RateLimiter;
@@ -50,6 +54,12 @@ pub struct Config {
     pub registrations_per_minute: u32,
     /// One-time KeyPackages a device may keep in stock.
     pub max_key_packages_per_device: u64,
+    /// Where attachment blobs are kept: empty for `<data>/blobs`, or a local directory.
+    pub blob_store: String,
+    /// Largest blob (encrypted attachment) accepted, in bytes.
+    pub max_blob_bytes: u64,
+    /// Bytes of blobs one account may have stored at once (undelivered attachments).
+    pub blob_quota_bytes: u64,
 }
 
 impl Default for Config {
@@ -63,6 +73,9 @@ impl Default for Config {
             device_requests_per_minute: 1200,
             registrations_per_minute: 60,
             max_key_packages_per_device: 200,
+            blob_store: String::new(),
+            max_blob_bytes: 2 * 1024 * 1024 * 1024,
+            blob_quota_bytes: 4 * 1024 * 1024 * 1024,
         }
     }
 }
@@ -81,6 +94,9 @@ pub enum ServerError {
     /// The database could not be opened or migrated.
     #[error("cannot open database: {0}")]
     Storage(#[from] storage::StorageError),
+    /// The blob store could not be opened.
+    #[error("cannot open blob store: {0}")]
+    Blobs(#[from] blobs::BlobError),
     /// Serving failed.
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
@@ -102,6 +118,10 @@ pub struct AppState {
     pub address_limiter: RateLimiter<IpAddr>,
     /// Becomes true when the server shuts down; delivery connections close.
     pub shutdown: watch::Receiver<bool>,
+    /// Attachment bytes.
+    pub blobs: BlobStore,
+    /// Blobs with an upload request running, so two requests never write one file at once.
+    pub uploads_in_progress: std::sync::Mutex<std::collections::HashSet<fumi_proto::BlobId>>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -128,6 +148,8 @@ pub async fn run(
         source,
     })?;
     let storage: Arc<dyn Storage> = Arc::new(SqliteStorage::open(&database_path(&config)).await?);
+    let blobs = BlobStore::open(&config)?;
+    tracing::info!(store = %blobs.description, "blob store");
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let state = Arc::new(AppState {
         storage,
@@ -137,6 +159,8 @@ pub async fn run(
         config,
         metrics: Metrics::default(),
         shutdown: shutdown_rx,
+        blobs,
+        uploads_in_progress: Default::default(),
     });
 
     let expiry = tokio::spawn(expire_messages(state.clone()));
@@ -152,17 +176,43 @@ pub async fn run(
     served.map_err(ServerError::Io)
 }
 
-/// Deletes expired messages once a minute.
+/// An upload that has not completed within a day is abandoned and deleted.
+const STALE_UPLOAD_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Deletes expired messages, link slots, invites and blobs once a minute.
 async fn expire_messages(state: Arc<AppState>) {
     let mut interval = tokio::time::interval(Duration::from_secs(60));
     loop {
         interval.tick().await;
-        match state.storage.purge_expired(now_ms()).await {
+        let now = now_ms();
+        match state.storage.purge_expired(now).await {
             Ok(0) => {}
             Ok(count) => tracing::info!(count, "expired undelivered envelopes deleted"),
             Err(error) => tracing::warn!(%error, "expiring messages failed"),
         }
+        match state
+            .storage
+            .expired_blobs(now, now.saturating_sub(STALE_UPLOAD_MS))
+            .await
+        {
+            Ok(ids) => {
+                for id in ids {
+                    if let Err(error) = delete_blob(&state, id).await {
+                        tracing::warn!(%error, "deleting an expired blob failed");
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "listing expired blobs failed"),
+        }
     }
+}
+
+/// Deletes a blob's bytes, then its record (so a failure leaves a record to retry from).
+pub async fn delete_blob(state: &AppState, id: fumi_proto::BlobId) -> Result<(), ServerError> {
+    state.blobs.delete(id).await?;
+    state.storage.delete_blob(id).await?;
+    Metrics::inc(&state.metrics.blobs_deleted);
+    Ok(())
 }
 
 /// Logs one line per request with the route template (never the concrete path, which may carry

@@ -27,6 +27,19 @@ pub struct Metrics {
     pub rate_limited: AtomicU64,
     /// Open delivery WebSockets.
     pub websockets_open: AtomicU64,
+    /// Blob bytes received in uploads.
+    pub blob_bytes_received: AtomicU64,
+    /// Blob bytes sent in downloads.
+    pub blob_bytes_sent: AtomicU64,
+    /// Blobs deleted (every recipient fetched them, or they expired).
+    pub blobs_deleted: AtomicU64,
+}
+
+impl Metrics {
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 impl Metrics {
@@ -95,6 +108,24 @@ impl Metrics {
             "gauge",
             "Open delivery WebSockets.",
             get(&self.websockets_open),
+        );
+        metric(
+            "fumi_blob_bytes_received_total",
+            "counter",
+            "Encrypted attachment bytes received in uploads.",
+            get(&self.blob_bytes_received),
+        );
+        metric(
+            "fumi_blob_bytes_sent_total",
+            "counter",
+            "Encrypted attachment bytes sent in downloads.",
+            get(&self.blob_bytes_sent),
+        );
+        metric(
+            "fumi_blobs_deleted_total",
+            "counter",
+            "Blobs deleted after every recipient fetched them or they expired.",
+            get(&self.blobs_deleted),
         );
         metric("fumi_accounts", "gauge", "Accounts stored.", stats.accounts);
         metric("fumi_devices", "gauge", "Devices stored.", stats.devices);

@@ -20,14 +20,14 @@ use crate::error::ApiError;
 use crate::framing;
 use crate::metrics::Metrics;
 use crate::storage::{Ciphertext, Delivery, Submission, SubmitOutcome};
-use crate::{AppState, auth::AuthDevice, now_ms, ws};
+use crate::{AppState, attachments, auth::AuthDevice, devices, now_ms, ws};
 
 /// Largest sealed profile accepted.
 const MAX_PROFILE_BYTES: usize = 8 * 1024;
 /// Largest KeyPackage accepted.
-const MAX_KEY_PACKAGE_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_KEY_PACKAGE_BYTES: usize = 16 * 1024;
 /// Most KeyPackages in one upload.
-const MAX_KEY_PACKAGES_PER_UPLOAD: usize = 100;
+pub(crate) const MAX_KEY_PACKAGES_PER_UPLOAD: usize = 100;
 /// Most accounts in one claim.
 const MAX_ACCOUNTS_PER_CLAIM: usize = 100;
 
@@ -48,6 +48,22 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/keypackages/claim", routing::post(claim_key_packages))
         .route("/v1/messages", routing::post(submit_message))
         .route("/v1/ws", routing::get(ws::upgrade))
+        .route("/v1/links", routing::post(devices::create_link))
+        .route("/v1/links/open", routing::post(devices::open_link))
+        .route("/v1/links/{token_hash}", routing::get(devices::link_status))
+        .route("/v1/devices", routing::post(devices::link_device))
+        .route("/v1/devices/{device}", routing::delete(devices::remove_device))
+        .route("/v1/invites", routing::post(devices::create_invite))
+        .route("/v1/invites/redeem", routing::post(devices::redeem_invite))
+        .route("/v1/profile/avatar", routing::put(attachments::put_avatar))
+        .route("/v1/accounts/{account}/avatar", routing::get(attachments::get_avatar))
+        .route("/v1/blobs", routing::post(attachments::create_blob))
+        .route(
+            "/v1/blobs/{blob}",
+            routing::patch(attachments::upload).get(attachments::download),
+        )
+        .route("/v1/blobs/{blob}/upload", routing::get(attachments::upload_status))
+        .route("/v1/blobs/{blob}/ack", routing::post(attachments::acknowledge))
         .fallback(|| async { ApiError::not_found("not_found", "no such endpoint; see docs/PROTOCOL.md") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -100,12 +116,12 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
     }
 }
 
-fn parse_path_id<T: std::str::FromStr>(text: &str, what: &str) -> Result<T, ApiError> {
+pub(crate) fn parse_path_id<T: std::str::FromStr>(text: &str, what: &str) -> Result<T, ApiError> {
     text.parse()
         .map_err(|_| ApiError::bad_request(format!("{what} must be 32 hexadecimal digits")))
 }
 
-fn exact_32(bytes: &Base64Bytes, what: &str) -> Result<[u8; 32], ApiError> {
+pub(crate) fn exact_32(bytes: &Base64Bytes, what: &str) -> Result<[u8; 32], ApiError> {
     bytes
         .as_slice()
         .try_into()
@@ -302,7 +318,10 @@ async fn claim_key_packages(
     }
     let mut seen = HashSet::new();
     let accounts: Vec<AccountId> = claim.accounts.into_iter().filter(|a| seen.insert(*a)).collect();
-    let claimed = state.storage.claim_key_packages(&accounts).await?;
+    if claim.devices.len() > MAX_ACCOUNTS_PER_CLAIM * 10 {
+        return Err(ApiError::bad_request("too many devices in one claim"));
+    }
+    let claimed = state.storage.claim_key_packages(&accounts, &claim.devices).await?;
     Ok(Json(ClaimedKeyPackages {
         key_packages: claimed
             .into_iter()

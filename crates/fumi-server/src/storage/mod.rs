@@ -9,7 +9,7 @@ mod sqlite;
 pub use sqlite::SqliteStorage;
 
 use async_trait::async_trait;
-use fumi_proto::{AccountId, DeviceId, GroupId, MessageId};
+use fumi_proto::{AccountId, BlobId, DeviceId, GroupId, MessageId};
 use thiserror::Error;
 
 /// Bytes the server stores and forwards but cannot read: MLS messages, KeyPackages, sealed
@@ -54,6 +54,33 @@ pub enum StorageError {
     /// The device has no KeyPackage left and no last-resort one.
     #[error("a device has no key package")]
     NoKeyPackage,
+    /// No open link slot has this token (never created, expired, or already used).
+    #[error("unknown or used link")]
+    UnknownLink,
+    /// A device id chosen by a new device is taken.
+    #[error("device id taken")]
+    DeviceIdTaken,
+    /// The device does not belong to the caller's account.
+    #[error("not a device of this account")]
+    NotOwnDevice,
+    /// No invite has this token.
+    #[error("unknown invite")]
+    UnknownInvite,
+    /// The invite was redeemed before.
+    #[error("invite already used")]
+    InviteUsed,
+    /// Storing the blob would exceed the account's quota.
+    #[error("blob quota exceeded")]
+    QuotaExceeded {
+        /// The quota in bytes.
+        quota: u64,
+    },
+    /// No such blob (never created, expired, or deleted after every recipient fetched it).
+    #[error("unknown blob")]
+    UnknownBlob,
+    /// The device may not touch this blob.
+    #[error("not a recipient of the blob")]
+    NotBlobRecipient,
     /// The backend failed: our problem, not the client's.
     #[error("database: {0}")]
     Database(String),
@@ -68,6 +95,27 @@ pub struct DeviceAuth {
     pub secret_hash: [u8; 32],
     /// Whether the account is suspended.
     pub suspended: bool,
+    /// Whether the device was removed from its account.
+    pub removed: bool,
+}
+
+/// A blob's bookkeeping (its bytes live in the blob store).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobRecord {
+    /// The blob.
+    pub id: BlobId,
+    /// The uploading account (charged for quota).
+    pub owner_account: AccountId,
+    /// The uploading device.
+    pub owner_device: DeviceId,
+    /// Announced size in bytes.
+    pub size: u64,
+    /// True once every byte arrived.
+    pub complete: bool,
+    /// Devices that may still download it.
+    pub pending: Vec<DeviceId>,
+    /// When it is deleted even if not every recipient fetched it.
+    pub expires_at: u64,
 }
 
 /// Public keys of an account.
@@ -182,10 +230,12 @@ pub trait Storage: Send + Sync + 'static {
     ) -> Result<u64, StorageError>;
     /// Number of one-time KeyPackages in stock for a device.
     async fn key_package_count(&self, device: DeviceId) -> Result<u64, StorageError>;
-    /// Takes one KeyPackage for every device of each account (one-time ones are deleted).
+    /// Takes one KeyPackage for every device of each account (one-time ones are deleted); if
+    /// `only` is not empty, for just those devices.
     async fn claim_key_packages(
         &self,
         accounts: &[AccountId],
+        only: &[DeviceId],
     ) -> Result<Vec<(AccountId, DeviceId, Ciphertext)>, StorageError>;
     /// Checks that the sender is in the group's roster and commits are ordered, updates the
     /// roster on a commit, and queues a message in every recipient's mailbox, atomically.
@@ -198,4 +248,68 @@ pub trait Storage: Send + Sync + 'static {
     async fn purge_expired(&self, now: u64) -> Result<u64, StorageError>;
     /// Counts for metrics.
     async fn stats(&self) -> Result<StorageStats, StorageError>;
+
+    // --- linked devices ---------------------------------------------------------------------
+
+    /// Opens a one-time link slot for `account`.
+    async fn create_link(
+        &self,
+        token_hash: &[u8; 32],
+        account: AccountId,
+        sealed: Ciphertext,
+        now: u64,
+        expires_at: u64,
+    ) -> Result<(), StorageError>;
+    /// The account and sealed bundle of an open, unexpired, unused link slot.
+    async fn open_link(&self, token_hash: &[u8; 32], now: u64) -> Result<(AccountId, Ciphertext), StorageError>;
+    /// Consumes a link slot of `account`: creates the device and stores its KeyPackages, atomically.
+    #[allow(clippy::too_many_arguments)]
+    async fn link_device(
+        &self,
+        token_hash: &[u8; 32],
+        account: AccountId,
+        device: DeviceId,
+        secret_hash: &[u8; 32],
+        one_time: Vec<Ciphertext>,
+        last_resort: Option<Ciphertext>,
+        now: u64,
+    ) -> Result<(), StorageError>;
+    /// For a link slot of `account`: the device that used it, if any.
+    async fn link_status(&self, token_hash: &[u8; 32], account: AccountId) -> Result<Option<DeviceId>, StorageError>;
+    /// Removes a device of `account`: it can no longer authenticate, and its mailbox, KeyPackages
+    /// and group rosters are gone. It still counts as a recipient (of the commits removing it),
+    /// but nothing is queued for it.
+    async fn remove_device(&self, account: AccountId, device: DeviceId, now: u64) -> Result<(), StorageError>;
+
+    // --- invites ----------------------------------------------------------------------------
+
+    /// Registers a one-time invite token of `account`.
+    async fn create_invite(
+        &self,
+        token_hash: &[u8; 32],
+        account: AccountId,
+        now: u64,
+        expires_at: u64,
+    ) -> Result<(), StorageError>;
+    /// Marks an invite used; fails if unknown, expired or used before.
+    async fn redeem_invite(&self, token_hash: &[u8; 32], account: AccountId, now: u64) -> Result<(), StorageError>;
+
+    // --- blobs and avatars ------------------------------------------------------------------
+
+    /// Records a new blob, refusing it if the owner's blobs would exceed `quota` bytes.
+    async fn create_blob(&self, blob: &BlobRecord, quota: u64, now: u64) -> Result<(), StorageError>;
+    /// A blob's record.
+    async fn blob(&self, id: BlobId) -> Result<Option<BlobRecord>, StorageError>;
+    /// Marks a blob complete.
+    async fn complete_blob(&self, id: BlobId) -> Result<(), StorageError>;
+    /// A recipient is done with a blob; returns true if no recipient is left (delete the bytes).
+    async fn blob_fetched(&self, id: BlobId, device: DeviceId) -> Result<bool, StorageError>;
+    /// Deletes a blob's record.
+    async fn delete_blob(&self, id: BlobId) -> Result<(), StorageError>;
+    /// Blobs expired at `now`, or still incomplete after `stale_upload_before`.
+    async fn expired_blobs(&self, now: u64, stale_upload_before: u64) -> Result<Vec<BlobId>, StorageError>;
+    /// Stores an account's sealed avatar.
+    async fn put_avatar(&self, account: AccountId, sealed: Ciphertext, now: u64) -> Result<(), StorageError>;
+    /// An account's sealed avatar.
+    async fn avatar(&self, account: AccountId) -> Result<Option<Ciphertext>, StorageError>;
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fumi_proto::{AccountId, DeviceId, GroupId};
+use fumi_proto::{AccountId, BlobId, DeviceId, GroupId};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, Sqlite, Transaction};
 
@@ -77,6 +77,44 @@ CREATE TABLE group_members (
     group_id BLOB NOT NULL,
     device_id BLOB NOT NULL,
     PRIMARY KEY (group_id, device_id)
+);
+"#,
+    r#"
+ALTER TABLE devices ADD COLUMN removed_at INTEGER;
+CREATE TABLE links (
+    token_hash BLOB PRIMARY KEY,
+    account_id BLOB NOT NULL REFERENCES accounts(id),
+    sealed BLOB,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    device_id BLOB
+);
+CREATE TABLE invites (
+    token_hash BLOB PRIMARY KEY,
+    account_id BLOB NOT NULL REFERENCES accounts(id),
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    redeemed_at INTEGER
+);
+CREATE TABLE blobs (
+    id BLOB PRIMARY KEY,
+    owner_account BLOB NOT NULL,
+    owner_device BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    complete INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE INDEX blobs_by_owner ON blobs(owner_account);
+CREATE TABLE blob_recipients (
+    blob_id BLOB NOT NULL,
+    device_id BLOB NOT NULL,
+    PRIMARY KEY (blob_id, device_id)
+);
+CREATE TABLE avatars (
+    account_id BLOB PRIMARY KEY REFERENCES accounts(id),
+    sealed BLOB NOT NULL,
+    updated_at INTEGER NOT NULL
 );
 "#,
 ];
@@ -185,7 +223,7 @@ impl Storage for SqliteStorage {
 
     async fn device_auth(&self, device: DeviceId) -> Result<Option<DeviceAuth>, StorageError> {
         let row = sqlx::query(
-            "SELECT d.account_id, d.secret_hash, a.suspended FROM devices d JOIN accounts a ON a.id = d.account_id WHERE d.id = ?",
+            "SELECT d.account_id, d.secret_hash, a.suspended, d.removed_at IS NOT NULL FROM devices d JOIN accounts a ON a.id = d.account_id WHERE d.id = ?",
         )
         .bind(device.as_bytes().as_slice())
         .fetch_optional(&self.pool)
@@ -201,6 +239,7 @@ impl Storage for SqliteStorage {
                 .try_into()
                 .map_err(|_| StorageError::Database("corrupt secret hash".into()))?,
             suspended: row.get::<i64, _>(2) != 0,
+            removed: row.get::<i64, _>(3) != 0,
         }))
     }
 
@@ -211,12 +250,13 @@ impl Storage for SqliteStorage {
             .await
             .map_err(db)?;
         let Some(identity_key) = identity else { return Ok(None) };
-        let devices: Vec<Vec<u8>> =
-            sqlx::query_scalar("SELECT id FROM devices WHERE account_id = ? ORDER BY created_at, id")
-                .bind(account.as_bytes().as_slice())
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db)?;
+        let devices: Vec<Vec<u8>> = sqlx::query_scalar(
+            "SELECT id FROM devices WHERE account_id = ? AND removed_at IS NULL ORDER BY created_at, id",
+        )
+        .bind(account.as_bytes().as_slice())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
         let devices = devices
             .iter()
             .map(|d| DeviceId::from_slice(d).map_err(|_| StorageError::Database("corrupt device id".into())))
@@ -336,20 +376,25 @@ impl Storage for SqliteStorage {
     async fn claim_key_packages(
         &self,
         accounts: &[AccountId],
+        only: &[DeviceId],
     ) -> Result<Vec<(AccountId, DeviceId, Ciphertext)>, StorageError> {
         let mut tx = self.write().await?;
         let mut claimed = Vec::new();
         for account in accounts {
-            let devices: Vec<Vec<u8>> =
-                sqlx::query_scalar("SELECT id FROM devices WHERE account_id = ? ORDER BY created_at, id")
-                    .bind(account.as_bytes().as_slice())
-                    .fetch_all(&mut *tx)
-                    .await
-                    .map_err(db)?;
+            let devices: Vec<Vec<u8>> = sqlx::query_scalar(
+                "SELECT id FROM devices WHERE account_id = ? AND removed_at IS NULL ORDER BY created_at, id",
+            )
+            .bind(account.as_bytes().as_slice())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db)?;
             if devices.is_empty() {
                 return Err(StorageError::UnknownAccount);
             }
-            for device in devices {
+            let wanted = devices
+                .into_iter()
+                .filter(|d| only.is_empty() || only.iter().any(|o| o.as_bytes().as_slice() == d.as_slice()));
+            for device in wanted {
                 // One-time packages first (oldest first); the last-resort one only when none is left.
                 let row = sqlx::query(
                     "SELECT id, key_package, last_resort FROM key_packages WHERE device_id = ? ORDER BY last_resort, id LIMIT 1",
@@ -426,17 +471,23 @@ impl Storage for SqliteStorage {
         }
 
         for delivery in &submission.deliveries {
+            // A removed device is still a valid recipient (of the commits that remove it from
+            // groups), but nothing is queued for it any more.
+            let mut live = Vec::with_capacity(delivery.recipients.len());
             for recipient in &delivery.recipients {
-                let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM devices WHERE id = ?")
-                    .bind(recipient.as_bytes().as_slice())
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(db)?;
-                if exists.is_none() {
-                    return Err(StorageError::UnknownDevice);
+                let removed: Option<bool> =
+                    sqlx::query_scalar("SELECT removed_at IS NOT NULL FROM devices WHERE id = ?")
+                        .bind(recipient.as_bytes().as_slice())
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                match removed {
+                    None => return Err(StorageError::UnknownDevice),
+                    Some(false) => live.push(*recipient),
+                    Some(true) => {}
                 }
             }
-            if delivery.recipients.is_empty() {
+            if live.is_empty() {
                 continue;
             }
             let message_id: i64 = sqlx::query_scalar(
@@ -448,7 +499,7 @@ impl Storage for SqliteStorage {
             .fetch_one(&mut *tx)
             .await
             .map_err(db)?;
-            for recipient in &delivery.recipients {
+            for recipient in &live {
                 sqlx::query("INSERT INTO mailbox (device_id, message_id) VALUES (?, ?)")
                     .bind(recipient.as_bytes().as_slice())
                     .bind(message_id)
@@ -538,13 +589,22 @@ impl Storage for SqliteStorage {
             .execute(&mut *tx)
             .await
             .map_err(db)?;
+        for table in ["links", "invites"] {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DELETE FROM {table} WHERE expires_at <= ?"
+            )))
+            .bind(to_i64(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
         tx.commit().await.map_err(db)?;
         Ok(envelopes)
     }
 
     async fn stats(&self) -> Result<StorageStats, StorageError> {
         let row = sqlx::query(
-            "SELECT (SELECT COUNT(*) FROM accounts), (SELECT COUNT(*) FROM devices), (SELECT COUNT(*) FROM mailbox)",
+            "SELECT (SELECT COUNT(*) FROM accounts), (SELECT COUNT(*) FROM devices WHERE removed_at IS NULL), (SELECT COUNT(*) FROM mailbox)",
         )
         .fetch_one(&self.pool)
         .await
@@ -555,6 +615,358 @@ impl Storage for SqliteStorage {
             queued_envelopes: to_u64(row.get(2)),
         })
     }
+
+    async fn create_link(
+        &self,
+        token_hash: &[u8; 32],
+        account: AccountId,
+        sealed: Ciphertext,
+        now: u64,
+        expires_at: u64,
+    ) -> Result<(), StorageError> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "INSERT INTO links (token_hash, account_id, sealed, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(token_hash.as_slice())
+        .bind(account.as_bytes().as_slice())
+        .bind(sealed.0)
+        .bind(to_i64(now))
+        .bind(to_i64(expires_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| match e {
+            sqlx::Error::Database(d) if d.is_unique_violation() => StorageError::UnknownLink,
+            other => db(other),
+        })?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn open_link(&self, token_hash: &[u8; 32], now: u64) -> Result<(AccountId, Ciphertext), StorageError> {
+        let row = sqlx::query(
+            "SELECT account_id, sealed FROM links WHERE token_hash = ? AND device_id IS NULL AND expires_at > ?",
+        )
+        .bind(token_hash.as_slice())
+        .bind(to_i64(now))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?
+        .ok_or(StorageError::UnknownLink)?;
+        let account: Vec<u8> = row.get(0);
+        Ok((account_id(&account)?, Ciphertext(row.get(1))))
+    }
+
+    async fn link_device(
+        &self,
+        token_hash: &[u8; 32],
+        account: AccountId,
+        device: DeviceId,
+        secret_hash: &[u8; 32],
+        one_time: Vec<Ciphertext>,
+        last_resort: Option<Ciphertext>,
+        now: u64,
+    ) -> Result<(), StorageError> {
+        let mut tx = self.write().await?;
+        // The slot is consumed and its sealed bundle dropped in the same transaction.
+        let consumed = sqlx::query(
+            "UPDATE links SET device_id = ?, sealed = NULL
+             WHERE token_hash = ? AND account_id = ? AND device_id IS NULL AND expires_at > ?",
+        )
+        .bind(device.as_bytes().as_slice())
+        .bind(token_hash.as_slice())
+        .bind(account.as_bytes().as_slice())
+        .bind(to_i64(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        if consumed != 1 {
+            return Err(StorageError::UnknownLink);
+        }
+        sqlx::query("INSERT INTO devices (id, account_id, secret_hash, created_at) VALUES (?, ?, ?, ?)")
+            .bind(device.as_bytes().as_slice())
+            .bind(account.as_bytes().as_slice())
+            .bind(secret_hash.as_slice())
+            .bind(to_i64(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| match e {
+                sqlx::Error::Database(d) if d.is_unique_violation() => StorageError::DeviceIdTaken,
+                other => db(other),
+            })?;
+        let packages = one_time
+            .into_iter()
+            .map(|kp| (kp, 0))
+            .chain(last_resort.map(|kp| (kp, 1)));
+        for (key_package, last_resort) in packages {
+            sqlx::query("INSERT INTO key_packages (device_id, key_package, last_resort) VALUES (?, ?, ?)")
+                .bind(device.as_bytes().as_slice())
+                .bind(key_package.0)
+                .bind(last_resort)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn link_status(&self, token_hash: &[u8; 32], account: AccountId) -> Result<Option<DeviceId>, StorageError> {
+        let row: Option<Option<Vec<u8>>> =
+            sqlx::query_scalar("SELECT device_id FROM links WHERE token_hash = ? AND account_id = ?")
+                .bind(token_hash.as_slice())
+                .bind(account.as_bytes().as_slice())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+        match row {
+            None => Err(StorageError::UnknownLink),
+            Some(None) => Ok(None),
+            Some(Some(device)) => Ok(Some(device_id(&device)?)),
+        }
+    }
+
+    async fn remove_device(&self, account: AccountId, device: DeviceId, now: u64) -> Result<(), StorageError> {
+        let mut tx = self.write().await?;
+        let updated =
+            sqlx::query("UPDATE devices SET removed_at = ? WHERE id = ? AND account_id = ? AND removed_at IS NULL")
+                .bind(to_i64(now))
+                .bind(device.as_bytes().as_slice())
+                .bind(account.as_bytes().as_slice())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?
+                .rows_affected();
+        if updated != 1 {
+            return Err(StorageError::NotOwnDevice);
+        }
+        let id = device.as_bytes().as_slice();
+        let message_ids: Vec<i64> = sqlx::query_scalar("DELETE FROM mailbox WHERE device_id = ? RETURNING message_id")
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db)?;
+        for message_id in message_ids {
+            sqlx::query(
+                "DELETE FROM messages WHERE id = ? AND NOT EXISTS (SELECT 1 FROM mailbox WHERE message_id = ?)",
+            )
+            .bind(message_id)
+            .bind(message_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        for statement in [
+            "DELETE FROM key_packages WHERE device_id = ?",
+            "DELETE FROM group_members WHERE device_id = ?",
+            "DELETE FROM blob_recipients WHERE device_id = ?",
+        ] {
+            sqlx::query(statement).bind(id).execute(&mut *tx).await.map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn create_invite(
+        &self,
+        token_hash: &[u8; 32],
+        account: AccountId,
+        now: u64,
+        expires_at: u64,
+    ) -> Result<(), StorageError> {
+        let mut tx = self.write().await?;
+        sqlx::query("INSERT INTO invites (token_hash, account_id, created_at, expires_at) VALUES (?, ?, ?, ?)")
+            .bind(token_hash.as_slice())
+            .bind(account.as_bytes().as_slice())
+            .bind(to_i64(now))
+            .bind(to_i64(expires_at))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| match e {
+                sqlx::Error::Database(d) if d.is_unique_violation() => StorageError::InviteUsed,
+                other => db(other),
+            })?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn redeem_invite(&self, token_hash: &[u8; 32], account: AccountId, now: u64) -> Result<(), StorageError> {
+        let mut tx = self.write().await?;
+        let redeemed: Option<Option<i64>> = sqlx::query_scalar(
+            "SELECT redeemed_at FROM invites WHERE token_hash = ? AND account_id = ? AND expires_at > ?",
+        )
+        .bind(token_hash.as_slice())
+        .bind(account.as_bytes().as_slice())
+        .bind(to_i64(now))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+        match redeemed {
+            None => return Err(StorageError::UnknownInvite),
+            Some(Some(_)) => return Err(StorageError::InviteUsed),
+            Some(None) => {}
+        }
+        sqlx::query("UPDATE invites SET redeemed_at = ? WHERE token_hash = ?")
+            .bind(to_i64(now))
+            .bind(token_hash.as_slice())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn create_blob(&self, blob: &BlobRecord, quota: u64, now: u64) -> Result<(), StorageError> {
+        let mut tx = self.write().await?;
+        let used: i64 = sqlx::query_scalar("SELECT COALESCE(SUM(size), 0) FROM blobs WHERE owner_account = ?")
+            .bind(blob.owner_account.as_bytes().as_slice())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+        if to_u64(used).saturating_add(blob.size) > quota {
+            return Err(StorageError::QuotaExceeded { quota });
+        }
+        for recipient in &blob.pending {
+            let live: Option<i64> = sqlx::query_scalar("SELECT 1 FROM devices WHERE id = ? AND removed_at IS NULL")
+                .bind(recipient.as_bytes().as_slice())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db)?;
+            if live.is_none() {
+                return Err(StorageError::UnknownDevice);
+            }
+            sqlx::query("INSERT INTO blob_recipients (blob_id, device_id) VALUES (?, ?)")
+                .bind(blob.id.as_bytes().as_slice())
+                .bind(recipient.as_bytes().as_slice())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        sqlx::query(
+            "INSERT INTO blobs (id, owner_account, owner_device, size, complete, created_at, expires_at)
+             VALUES (?, ?, ?, ?, 0, ?, ?)",
+        )
+        .bind(blob.id.as_bytes().as_slice())
+        .bind(blob.owner_account.as_bytes().as_slice())
+        .bind(blob.owner_device.as_bytes().as_slice())
+        .bind(to_i64(blob.size))
+        .bind(to_i64(now))
+        .bind(to_i64(blob.expires_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn blob(&self, id: BlobId) -> Result<Option<BlobRecord>, StorageError> {
+        let row = sqlx::query("SELECT owner_account, owner_device, size, complete, expires_at FROM blobs WHERE id = ?")
+            .bind(id.as_bytes().as_slice())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        let Some(row) = row else { return Ok(None) };
+        let pending: Vec<Vec<u8>> = sqlx::query_scalar("SELECT device_id FROM blob_recipients WHERE blob_id = ?")
+            .bind(id.as_bytes().as_slice())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(Some(BlobRecord {
+            id,
+            owner_account: account_id(&row.get::<Vec<u8>, _>(0))?,
+            owner_device: device_id(&row.get::<Vec<u8>, _>(1))?,
+            size: to_u64(row.get(2)),
+            complete: row.get::<i64, _>(3) != 0,
+            pending: pending.iter().map(|d| device_id(d)).collect::<Result<_, _>>()?,
+            expires_at: to_u64(row.get(4)),
+        }))
+    }
+
+    async fn complete_blob(&self, id: BlobId) -> Result<(), StorageError> {
+        let mut tx = self.write().await?;
+        sqlx::query("UPDATE blobs SET complete = 1 WHERE id = ?")
+            .bind(id.as_bytes().as_slice())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn blob_fetched(&self, id: BlobId, device: DeviceId) -> Result<bool, StorageError> {
+        let mut tx = self.write().await?;
+        let deleted = sqlx::query("DELETE FROM blob_recipients WHERE blob_id = ? AND device_id = ?")
+            .bind(id.as_bytes().as_slice())
+            .bind(device.as_bytes().as_slice())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?
+            .rows_affected();
+        if deleted == 0 {
+            return Err(StorageError::NotBlobRecipient);
+        }
+        let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM blob_recipients WHERE blob_id = ?")
+            .bind(id.as_bytes().as_slice())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(left == 0)
+    }
+
+    async fn delete_blob(&self, id: BlobId) -> Result<(), StorageError> {
+        let mut tx = self.write().await?;
+        for statement in [
+            "DELETE FROM blob_recipients WHERE blob_id = ?",
+            "DELETE FROM blobs WHERE id = ?",
+        ] {
+            sqlx::query(statement)
+                .bind(id.as_bytes().as_slice())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn expired_blobs(&self, now: u64, stale_upload_before: u64) -> Result<Vec<BlobId>, StorageError> {
+        let ids: Vec<Vec<u8>> =
+            sqlx::query_scalar("SELECT id FROM blobs WHERE expires_at <= ? OR (complete = 0 AND created_at <= ?)")
+                .bind(to_i64(now))
+                .bind(to_i64(stale_upload_before))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+        ids.iter()
+            .map(|id| BlobId::from_slice(id).map_err(|_| StorageError::Database("corrupt blob id".into())))
+            .collect()
+    }
+
+    async fn put_avatar(&self, account: AccountId, sealed: Ciphertext, now: u64) -> Result<(), StorageError> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "INSERT INTO avatars (account_id, sealed, updated_at) VALUES (?, ?, ?)
+             ON CONFLICT (account_id) DO UPDATE SET sealed = excluded.sealed, updated_at = excluded.updated_at",
+        )
+        .bind(account.as_bytes().as_slice())
+        .bind(sealed.0)
+        .bind(to_i64(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn avatar(&self, account: AccountId) -> Result<Option<Ciphertext>, StorageError> {
+        let sealed: Option<Vec<u8>> = sqlx::query_scalar("SELECT sealed FROM avatars WHERE account_id = ?")
+            .bind(account.as_bytes().as_slice())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(sealed.map(Ciphertext))
+    }
+}
+
+fn account_id(bytes: &[u8]) -> Result<AccountId, StorageError> {
+    AccountId::from_slice(bytes).map_err(|_| StorageError::Database("corrupt account id".into()))
+}
+
+fn device_id(bytes: &[u8]) -> Result<DeviceId, StorageError> {
+    DeviceId::from_slice(bytes).map_err(|_| StorageError::Database("corrupt device id".into()))
 }
 
 /// After a commit, the devices that may submit to the group: the committer, everyone it sent the

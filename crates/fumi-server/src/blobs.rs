@@ -1,0 +1,187 @@
+//! The bytes of encrypted attachments. Uploads arrive in pieces (resumable after a dropped
+//! connection) into a local staging file; a complete upload is moved into the blob store,
+//! an `object_store` (local filesystem by default), from which downloads are served with ranges.
+//!
+//! Bookkeeping (owner, size, recipients, expiry) lives in [`crate::storage`]; this module only
+//! moves opaque bytes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Body;
+use fumi_proto::BlobId;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+
+use crate::Config;
+
+/// Why a blob operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// The upload does not continue where the server's copy ends.
+    #[error("upload offset mismatch: the server holds {held} bytes")]
+    OffsetMismatch {
+        /// Bytes the server holds.
+        held: u64,
+    },
+    /// The upload carried more bytes than announced.
+    #[error("more bytes than the announced size")]
+    Oversized,
+    /// The blob store or the staging area failed.
+    #[error("blob store: {0}")]
+    Store(String),
+}
+
+/// Where blob bytes live.
+pub struct BlobStore {
+    staging: PathBuf,
+    objects: Arc<dyn ObjectStore>,
+    /// Human description for the startup log.
+    pub description: String,
+}
+
+impl BlobStore {
+    /// Opens the configured store: `blob_store` empty means `<data>/blobs` on the local disk;
+    /// otherwise it is a local directory.
+    pub fn open(config: &Config) -> Result<Self, BlobError> {
+        let staging = config.data.join("uploads");
+        std::fs::create_dir_all(&staging).map_err(|e| BlobError::Store(format!("{}: {e}", staging.display())))?;
+        let root = if config.blob_store.is_empty() {
+            config.data.join("blobs")
+        } else if config.blob_store.contains("://") && !config.blob_store.starts_with("file://") {
+            return Err(BlobError::Store(format!(
+                "unsupported blob store {:?}: this build stores blobs in a local directory",
+                config.blob_store
+            )));
+        } else {
+            PathBuf::from(config.blob_store.trim_start_matches("file://"))
+        };
+        std::fs::create_dir_all(&root).map_err(|e| BlobError::Store(format!("{}: {e}", root.display())))?;
+        let objects = LocalFileSystem::new_with_prefix(&root).map_err(store_error)?;
+        Ok(Self {
+            staging,
+            objects: Arc::new(objects),
+            description: format!("local directory {}", root.display()),
+        })
+    }
+
+    fn staging_path(&self, id: BlobId) -> PathBuf {
+        self.staging.join(format!("{id}.part"))
+    }
+
+    fn object_path(id: BlobId) -> ObjectPath {
+        ObjectPath::from(format!("blobs/{id}"))
+    }
+
+    /// Bytes of an unfinished upload held so far.
+    pub async fn received(&self, id: BlobId) -> Result<u64, BlobError> {
+        match tokio::fs::metadata(self.staging_path(id)).await {
+            Ok(meta) => Ok(meta.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(BlobError::Store(e.to_string())),
+        }
+    }
+
+    /// Appends a request body that starts at `offset` to an upload of `size` bytes; returns
+    /// the bytes held afterwards. Whatever arrived before a dropped connection is kept, so the
+    /// client resumes from there.
+    pub async fn append(&self, id: BlobId, offset: u64, size: u64, body: Body) -> Result<u64, BlobError> {
+        let path = self.staging_path(id);
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(false)
+            .write(true)
+            .truncate(false)
+            .open(&path)
+            .await
+            .map_err(|e| BlobError::Store(e.to_string()))?;
+        let held = file
+            .metadata()
+            .await
+            .map_err(|e| BlobError::Store(e.to_string()))?
+            .len();
+        if held != offset {
+            return Err(BlobError::OffsetMismatch { held });
+        }
+        file.seek(std::io::SeekFrom::Start(held))
+            .await
+            .map_err(|e| BlobError::Store(e.to_string()))?;
+        let mut written = held;
+        let mut stream = body.into_data_stream();
+        while let Some(chunk) = stream.next().await {
+            let Ok(chunk) = chunk else {
+                // The client went away mid-body: keep what arrived; it will resume.
+                break;
+            };
+            if written + chunk.len() as u64 > size {
+                // Refuse the whole request: cut the file back to where this request began.
+                file.set_len(offset)
+                    .await
+                    .map_err(|e| BlobError::Store(e.to_string()))?;
+                return Err(BlobError::Oversized);
+            }
+            file.write_all(&chunk)
+                .await
+                .map_err(|e| BlobError::Store(e.to_string()))?;
+            written += chunk.len() as u64;
+        }
+        file.flush().await.map_err(|e| BlobError::Store(e.to_string()))?;
+        Ok(written)
+    }
+
+    /// Moves a complete upload into the blob store (durably) and drops the staging file.
+    pub async fn finish(&self, id: BlobId) -> Result<(), BlobError> {
+        let path = self.staging_path(id);
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| BlobError::Store(e.to_string()))?;
+        file.sync_all().await.map_err(|e| BlobError::Store(e.to_string()))?;
+        let mut writer = object_store::buffered::BufWriter::new(self.objects.clone(), Self::object_path(id));
+        tokio::io::copy(&mut file, &mut writer)
+            .await
+            .map_err(|e| BlobError::Store(e.to_string()))?;
+        writer.shutdown().await.map_err(|e| BlobError::Store(e.to_string()))?;
+        tokio::fs::remove_file(&path)
+            .await
+            .map_err(|e| BlobError::Store(e.to_string()))
+    }
+
+    /// The blob's bytes from `offset` on.
+    pub async fn read(
+        &self,
+        id: BlobId,
+        offset: u64,
+    ) -> Result<BoxStream<'static, Result<bytes::Bytes, object_store::Error>>, BlobError> {
+        let options = GetOptions {
+            range: (offset > 0).then_some(GetRange::Offset(offset)),
+            ..GetOptions::default()
+        };
+        let result = self
+            .objects
+            .get_opts(&Self::object_path(id), options)
+            .await
+            .map_err(store_error)?;
+        Ok(result.into_stream())
+    }
+
+    /// Deletes a blob's bytes, finished or not. Missing bytes are not an error.
+    pub async fn delete(&self, id: BlobId) -> Result<(), BlobError> {
+        match tokio::fs::remove_file(self.staging_path(id)).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(BlobError::Store(e.to_string())),
+        }
+        match self.objects.delete(&Self::object_path(id)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(store_error(e)),
+        }
+    }
+}
+
+fn store_error(error: object_store::Error) -> BlobError {
+    BlobError::Store(error.to_string())
+}

@@ -1,0 +1,209 @@
+//! Linked devices and invites: the handlers that add a device to an account (through a one-time
+//! link slot and a signature by the account identity key), remove one, and register and redeem
+//! one-time invite tokens.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::StatusCode;
+use ed25519_dalek::{Signature, VerifyingKey};
+use fumi_proto::*;
+use sha2::{Digest, Sha256};
+
+use crate::error::ApiError;
+use crate::framing;
+use crate::metrics::Metrics;
+use crate::routes::{ApiJson, MAX_KEY_PACKAGE_BYTES, MAX_KEY_PACKAGES_PER_UPLOAD, exact_32, parse_path_id};
+use crate::storage::Ciphertext;
+use crate::{AppState, auth::AuthDevice, now_ms};
+
+/// How long a link code works.
+const LINK_TTL_MS: u64 = 10 * 60 * 1000;
+/// How long an unused invite works.
+const INVITE_TTL_MS: u64 = 30 * 24 * 60 * 60 * 1000;
+/// Largest sealed account bundle in a link slot.
+const MAX_LINK_BUNDLE_BYTES: usize = 256 * 1024;
+
+/// Unauthenticated endpoints share the per-address limit of registrations.
+fn check_address(state: &AppState, peer: SocketAddr) -> Result<(), ApiError> {
+    if state.address_limiter.check(&peer.ip(), Instant::now()) {
+        return Ok(());
+    }
+    Metrics::inc(&state.metrics.rate_limited);
+    Err(ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        "too many requests from this address; try later",
+    ))
+}
+
+fn token_hash(token: &Base64Bytes) -> Result<[u8; 32], ApiError> {
+    let token = exact_32(token, "token")?;
+    Ok(Sha256::digest(token).into())
+}
+
+pub(crate) async fn create_link(
+    device: AuthDevice,
+    State(state): State<Arc<AppState>>,
+    ApiJson(request): ApiJson<LinkCreate>,
+) -> Result<StatusCode, ApiError> {
+    let hash = exact_32(&request.token_hash, "token_hash")?;
+    if request.sealed.as_slice().len() > MAX_LINK_BUNDLE_BYTES {
+        return Err(ApiError::too_large(format!(
+            "a link bundle is at most {MAX_LINK_BUNDLE_BYTES} bytes"
+        )));
+    }
+    if request.sealed.as_slice().len() < 24 + 16 {
+        return Err(ApiError::bad_request("a link bundle is a nonce and an AEAD ciphertext"));
+    }
+    let now = now_ms();
+    state
+        .storage
+        .create_link(
+            &hash,
+            device.account,
+            Ciphertext(request.sealed.into_vec()),
+            now,
+            now + LINK_TTL_MS,
+        )
+        .await?;
+    Ok(StatusCode::CREATED)
+}
+
+pub(crate) async fn open_link(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ApiJson(request): ApiJson<LinkOpen>,
+) -> Result<Json<LinkBundle>, ApiError> {
+    check_address(&state, peer)?;
+    let hash = token_hash(&request.token)?;
+    let (account_id, sealed) = state.storage.open_link(&hash, now_ms()).await?;
+    Ok(Json(LinkBundle {
+        account_id,
+        sealed: Base64Bytes(sealed.0),
+    }))
+}
+
+pub(crate) async fn link_status(
+    device: AuthDevice,
+    State(state): State<Arc<AppState>>,
+    Path(hash): Path<String>,
+) -> Result<Json<LinkStatus>, ApiError> {
+    let mut bytes = [0u8; 32];
+    hex::decode_to_slice(&hash, &mut bytes)
+        .map_err(|_| ApiError::bad_request("a link token hash is 64 hexadecimal digits"))?;
+    let device_id = state.storage.link_status(&bytes, device.account).await?;
+    Ok(Json(LinkStatus { device_id }))
+}
+
+pub(crate) async fn link_device(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ApiJson(request): ApiJson<LinkDevice>,
+) -> Result<StatusCode, ApiError> {
+    check_address(&state, peer)?;
+    let hash = token_hash(&request.token)?;
+    let secret_hash = exact_32(&request.device_secret_hash, "device_secret_hash")?;
+    let signature: [u8; 64] = request
+        .signature
+        .as_slice()
+        .try_into()
+        .map_err(|_| ApiError::bad_request("signature must be 64 bytes"))?;
+    if request.key_packages.is_empty() || request.key_packages.len() > MAX_KEY_PACKAGES_PER_UPLOAD {
+        return Err(ApiError::bad_request(format!(
+            "a new device brings 1 to {MAX_KEY_PACKAGES_PER_UPLOAD} key packages"
+        )));
+    }
+    for key_package in request.key_packages.iter().chain(request.last_resort.iter()) {
+        if key_package.as_slice().len() > MAX_KEY_PACKAGE_BYTES {
+            return Err(ApiError::too_large(format!(
+                "a key package is at most {MAX_KEY_PACKAGE_BYTES} bytes"
+            )));
+        }
+        framing::check_key_package(key_package.as_slice()).map_err(ApiError::bad_request)?;
+    }
+    let now = now_ms();
+    // The slot names the account; its registered identity key must have signed this device.
+    let (account, _) = state.storage.open_link(&hash, now).await?;
+    let record = state
+        .storage
+        .account(account)
+        .await?
+        .ok_or_else(|| ApiError::not_found("unknown_account", "no such account"))?;
+    let identity: [u8; 32] = record
+        .identity_key
+        .as_slice()
+        .try_into()
+        .map_err(|_| ApiError::internal("stored identity key is not 32 bytes"))?;
+    let key = VerifyingKey::from_bytes(&identity).map_err(|_| ApiError::internal("stored identity key is invalid"))?;
+    let message = device_link_message(account, request.device_id, &hash, &secret_hash);
+    key.verify_strict(&message, &Signature::from_bytes(&signature))
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "bad_signature",
+                "the device is not signed by the account's identity key",
+            )
+        })?;
+    state
+        .storage
+        .link_device(
+            &hash,
+            account,
+            request.device_id,
+            &secret_hash,
+            request
+                .key_packages
+                .into_iter()
+                .map(|kp| Ciphertext(kp.into_vec()))
+                .collect(),
+            request.last_resort.map(|kp| Ciphertext(kp.into_vec())),
+            now,
+        )
+        .await?;
+    Ok(StatusCode::CREATED)
+}
+
+pub(crate) async fn remove_device(
+    device: AuthDevice,
+    State(state): State<Arc<AppState>>,
+    Path(target): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let target: DeviceId = parse_path_id(&target, "device id")?;
+    if target == device.device {
+        return Err(ApiError::bad_request(
+            "a device cannot remove itself; remove it from another of your devices",
+        ));
+    }
+    // Its mailbox goes and nothing is queued for it any more, so even a delivery connection it
+    // still holds carries nothing new; its credentials stop working at once.
+    state.storage.remove_device(device.account, target, now_ms()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(crate) async fn create_invite(
+    device: AuthDevice,
+    State(state): State<Arc<AppState>>,
+    ApiJson(request): ApiJson<InviteCreate>,
+) -> Result<StatusCode, ApiError> {
+    let hash = exact_32(&request.token_hash, "token_hash")?;
+    let now = now_ms();
+    state
+        .storage
+        .create_invite(&hash, device.account, now, now + INVITE_TTL_MS)
+        .await?;
+    Ok(StatusCode::CREATED)
+}
+
+pub(crate) async fn redeem_invite(
+    _device: AuthDevice,
+    State(state): State<Arc<AppState>>,
+    ApiJson(request): ApiJson<InviteRedeem>,
+) -> Result<StatusCode, ApiError> {
+    let hash = token_hash(&request.token)?;
+    state.storage.redeem_invite(&hash, request.account_id, now_ms()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
