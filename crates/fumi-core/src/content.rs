@@ -41,6 +41,10 @@ pub struct Content {
     pub profile_key: [u8; 32],
     /// What the message says.
     pub body: Body,
+    /// The conversation's disappearing-message timer when this was sent (ms): every device
+    /// deletes the message that long after it arrived. Absent: kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expire_after_ms: Option<u64>,
 }
 
 /// Kinds of content. New kinds (attachments, reactions, receipts) are added as variants;
@@ -61,6 +65,19 @@ pub enum Body {
         #[serde(default)]
         profiles: Vec<MemberProfileKey>,
     },
+    /// A file: the blob's location and key; the bytes are fetched from the blob store.
+    File {
+        /// Where and how the file is sealed.
+        attachment: Attachment,
+        /// Optional text shown with it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        caption: Option<String>,
+    },
+    /// Sets (or, with `None`, turns off) the conversation's disappearing-message timer.
+    Timer {
+        /// Lifetime of each later message, ms after it reaches a device.
+        expire_after_ms: Option<u64>,
+    },
     /// Sent by a new member after joining, so the others learn its profile key (carried, as in
     /// every content, in [`Content::profile_key`]).
     Introduction,
@@ -68,6 +85,40 @@ pub enum Body {
     #[serde(other)]
     Unknown,
 }
+
+/// A pointer to an encrypted file in the blob store and what opens it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// The blob on the server.
+    pub blob: fumi_proto::BlobId,
+    /// The file's own key.
+    #[serde(with = "key_hex")]
+    pub key: [u8; 32],
+    /// SHA-256 of the whole blob.
+    #[serde(with = "key_hex")]
+    pub digest: [u8; 32],
+    /// Bytes of the original file.
+    pub size: u64,
+    /// File name as the sender had it (a base name; receivers sanitise it again).
+    pub name: String,
+    /// Media type, e.g. `image/png`.
+    pub media_type: String,
+}
+
+impl std::fmt::Debug for Attachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attachment")
+            .field("blob", &self.blob)
+            .field("size", &self.size)
+            .field("media_type", &self.media_type)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Longest file name carried in an attachment, in bytes.
+pub const MAX_FILE_NAME_BYTES: usize = 255;
+/// Longest disappearing-message timer: one year.
+pub const MAX_EXPIRE_AFTER_MS: u64 = 366 * 24 * 3600 * 1000;
 
 /// A member's profile key, shared inside the group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,10 +144,27 @@ impl Content {
             return Err(ContentError::UnsupportedVersion(header.v));
         }
         let content: Content = serde_json::from_slice(json).map_err(|_| ContentError::Malformed)?;
-        if let Body::Text { text } = &content.body
-            && text.len() > MAX_TEXT_BYTES
+        match &content.body {
+            Body::Text { text } if text.len() > MAX_TEXT_BYTES => return Err(ContentError::TooLong),
+            Body::File { attachment, caption } => {
+                if caption.as_ref().is_some_and(|c| c.len() > MAX_TEXT_BYTES) {
+                    return Err(ContentError::TooLong);
+                }
+                let name = &attachment.name;
+                if name.is_empty() || name.len() > MAX_FILE_NAME_BYTES || attachment.media_type.len() > 127 {
+                    return Err(ContentError::Malformed);
+                }
+            }
+            Body::Timer {
+                expire_after_ms: Some(ms),
+            } if *ms == 0 || *ms > MAX_EXPIRE_AFTER_MS => return Err(ContentError::Malformed),
+            _ => {}
+        }
+        if content
+            .expire_after_ms
+            .is_some_and(|ms| ms == 0 || ms > MAX_EXPIRE_AFTER_MS)
         {
-            return Err(ContentError::TooLong);
+            return Err(ContentError::Malformed);
         }
         Ok(content)
     }
@@ -130,7 +198,7 @@ mod tests {
     proptest! {
         #[test]
         fn text_round_trips(text in ".{0,300}", id in any::<[u8; 16]>(), at in any::<u64>(), key in any::<[u8; 32]>()) {
-            let content = Content { v: 1, id: MessageId::from_bytes(id), sent_at: at, profile_key: key, body: Body::Text { text } };
+            let content = Content { v: 1, id: MessageId::from_bytes(id), sent_at: at, profile_key: key, body: Body::Text { text }, expire_after_ms: None };
             prop_assert_eq!(Content::decode(&content.encode()).unwrap(), content);
         }
 
@@ -138,6 +206,46 @@ mod tests {
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = Content::decode(&bytes);
         }
+    }
+
+    #[test]
+    fn file_round_trips_and_checks_its_fields() {
+        let attachment = Attachment {
+            blob: fumi_proto::BlobId::from_bytes([3; 16]),
+            key: [4; 32],
+            digest: [5; 32],
+            size: 1234,
+            name: "scan.pdf".into(),
+            media_type: "application/pdf".into(),
+        };
+        let mut content = Content {
+            v: 1,
+            id: MessageId::from_bytes([1; 16]),
+            sent_at: 9,
+            profile_key: [2; 32],
+            body: Body::File {
+                attachment: attachment.clone(),
+                caption: Some("the scan".into()),
+            },
+            expire_after_ms: Some(3_600_000),
+        };
+        assert_eq!(Content::decode(&content.encode()).unwrap(), content);
+        assert!(
+            !format!("{attachment:?}").contains("scan.pdf"),
+            "Debug must not print names or keys"
+        );
+        content.body = Body::File {
+            attachment: Attachment {
+                name: String::new(),
+                ..attachment
+            },
+            caption: None,
+        };
+        assert_eq!(Content::decode(&content.encode()), Err(ContentError::Malformed));
+        content.body = Body::Timer {
+            expire_after_ms: Some(0),
+        };
+        assert_eq!(Content::decode(&content.encode()), Err(ContentError::Malformed));
     }
 
     #[test]

@@ -52,6 +52,25 @@ impl AccountIdentity {
         self.signing_key.verifying_key().to_bytes()
     }
 
+    /// Signs the request that adds `device` to `account` through a device link (checked by the
+    /// server against the account's registered identity key).
+    pub fn sign_device_link(
+        &self,
+        account: AccountId,
+        device: DeviceId,
+        token_hash: &[u8; 32],
+        secret_hash: &[u8; 32],
+    ) -> [u8; 64] {
+        self.signing_key
+            .sign(&fumi_proto::device_link_message(
+                account,
+                device,
+                token_hash,
+                secret_hash,
+            ))
+            .to_bytes()
+    }
+
     /// Certifies a device's MLS signature key as belonging to `account`.
     pub fn certify_device(&self, account: AccountId, device: DeviceId, mls_signature_key: &[u8]) -> DeviceCredential {
         let signature = self

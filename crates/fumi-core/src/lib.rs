@@ -7,9 +7,10 @@ pub mod identity;
 pub mod mls;
 pub mod padding;
 pub mod profile;
+pub mod sealing;
 pub mod username;
 
-pub use content::{Body, Content};
+pub use content::{Attachment, Body, Content};
 pub use identity::{AccountIdentity, DeviceCredential};
 pub use mls::{CIPHERSUITE, Commit, Incoming, Member, MlsDevice, MlsError, Outgoing};
 pub use profile::{Profile, ProfileKey};

@@ -3,15 +3,13 @@
 //! The server stores the sealed profile as an opaque blob; contacts receive the profile key inside
 //! MLS messages and open the blob themselves.
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use fumi_proto::AccountId;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
-use crate::padding;
+use crate::{padding, sealing};
 
 /// Maximum display-name length in characters.
 pub const MAX_DISPLAY_NAME_CHARS: usize = 64;
@@ -69,6 +67,10 @@ pub struct Profile {
     /// Full username (`alice.42`), if the account has one.
     #[serde(default)]
     pub username: Option<String>,
+    /// SHA-256 (hex) of the avatar image, if the account has one; the sealed image is fetched
+    /// separately and checked against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avatar: Option<String>,
 }
 
 impl Profile {
@@ -82,6 +84,7 @@ impl Profile {
             v: 1,
             name: name.to_owned(),
             username,
+            avatar: None,
         })
     }
 
@@ -90,43 +93,35 @@ impl Profile {
     /// plaintext Padmé-padded.
     pub fn seal(&self, key: &ProfileKey, account: AccountId, rng: &mut impl RngCore) -> Vec<u8> {
         let plaintext = padding::pad(&serde_json::to_vec(self).expect("profile serialises"));
-        let mut nonce = [0u8; 24];
-        rng.fill_bytes(&mut nonce);
-        let cipher = XChaCha20Poly1305::new(key.as_bytes().into());
-        let aad = associated_data(account);
-        let ciphertext = cipher
-            .encrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: &plaintext,
-                    aad: &aad,
-                },
-            )
-            .expect("encryption of a bounded buffer cannot fail");
-        [nonce.as_slice(), &ciphertext].concat()
+        sealing::seal(key.as_bytes(), &associated_data(account), &plaintext, rng)
     }
 
     /// Opens a profile sealed by [`Profile::seal`].
     pub fn open(sealed: &[u8], key: &ProfileKey, account: AccountId) -> Result<Self, ProfileError> {
-        if sealed.len() < 24 {
-            return Err(ProfileError::Decrypt);
-        }
-        let (nonce, ciphertext) = sealed.split_at(24);
-        let cipher = XChaCha20Poly1305::new(key.as_bytes().into());
-        let aad = associated_data(account);
-        let plaintext = cipher
-            .decrypt(
-                XNonce::from_slice(nonce),
-                Payload {
-                    msg: ciphertext,
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| ProfileError::Decrypt)?;
+        let plaintext =
+            sealing::open(key.as_bytes(), &associated_data(account), sealed).ok_or(ProfileError::Decrypt)?;
         let json = padding::unpad(&plaintext).map_err(|_| ProfileError::Malformed)?;
         let profile: Profile = serde_json::from_slice(json).map_err(|_| ProfileError::Malformed)?;
-        Profile::new(&profile.name, profile.username).map_err(|_| ProfileError::Malformed)
+        let mut checked = Profile::new(&profile.name, profile.username).map_err(|_| ProfileError::Malformed)?;
+        checked.avatar = profile
+            .avatar
+            .filter(|digest| digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()));
+        Ok(checked)
     }
+}
+
+/// Seals an avatar image under the profile key, bound to the account.
+pub fn seal_avatar(image: &[u8], key: &ProfileKey, account: AccountId, rng: &mut impl RngCore) -> Vec<u8> {
+    sealing::seal(key.as_bytes(), &avatar_label(account), image, rng)
+}
+
+/// Opens an avatar sealed by [`seal_avatar`].
+pub fn open_avatar(sealed: &[u8], key: &ProfileKey, account: AccountId) -> Result<Vec<u8>, ProfileError> {
+    sealing::open(key.as_bytes(), &avatar_label(account), sealed).ok_or(ProfileError::Decrypt)
+}
+
+fn avatar_label(account: AccountId) -> Vec<u8> {
+    [b"fumi avatar v1".as_slice(), account.as_bytes()].concat()
 }
 
 fn associated_data(account: AccountId) -> Vec<u8> {
