@@ -1,5 +1,6 @@
 //! `fumi`: the Fumi server and every user command, in one binary.
 
+mod progress;
 mod server;
 
 use std::path::PathBuf;
@@ -7,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use fumi_client::{DisplayMessage, FumiClient};
+use fumi_client::{DisplayMessage, FumiClient, To};
 
 #[derive(Parser)]
 #[command(
@@ -47,14 +48,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Send a message: `fumi send bob.17 "hello"` or `fumi send --group "Ward 3" "hello"`.
+    /// Send a message or a file: `fumi send bob.17 "hello"`, `fumi send bob.17 --file scan.pdf`,
+    /// `fumi send --group "Ward 3" "hello"`.
     Send {
-        /// Recipient's full username (e.g. bob.17) and the text; only the text with --group.
-        #[arg(required = true, num_args = 1..=2, value_names = ["USERNAME", "TEXT"])]
+        /// Recipient's full username (e.g. bob.17) and the text; only the text with --group;
+        /// only the username with --file.
+        #[arg(num_args = 0..=2, value_names = ["USERNAME", "TEXT"])]
         args: Vec<String>,
         /// Send to the group with this name.
         #[arg(long)]
         group: Option<String>,
+        /// Send this file (encrypted on this device; any size).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Text shown with the file.
+        #[arg(long, requires = "file")]
+        caption: Option<String>,
     },
     /// Fetch new messages and print them; with --timeout, keep listening that many seconds.
     Receive {
@@ -86,6 +95,68 @@ enum Command {
     /// Change your profile.
     #[command(subcommand)]
     Profile(ProfileCommand),
+    /// Link, list and remove this account's devices.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Make a one-time invite link to you (no username needed to use it).
+    Invite {
+        /// Also print the link as a QR code.
+        #[arg(long)]
+        qr: bool,
+    },
+    /// Add contacts from invite links, and list them.
+    #[command(subcommand)]
+    Contact(ContactCommand),
+    /// Turn disappearing messages on or off for a conversation: `fumi disappearing bob.17 1h`.
+    Disappearing {
+        /// A username (1:1) or a group name.
+        conversation: String,
+        /// How long messages live after they arrive (30s, 10m, 1h, 7d, 4w), or `off`.
+        duration: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Link a new device. On the new device: `fumi --home NEW device link CODE` (or
+    /// `--from OLD-HOME` when both are on this machine). On an existing device, without CODE:
+    /// print a one-time link code and QR code, and wait for the new device.
+    Link {
+        /// The code printed by the existing device.
+        code: Option<String>,
+        /// Home directory of an existing device on this machine to link from.
+        #[arg(long, conflicts_with = "code")]
+        from: Option<PathBuf>,
+        /// Seconds to wait for the new device.
+        #[arg(long, default_value_t = 600)]
+        wait: u64,
+    },
+    /// List this account's devices.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a device (id or unique prefix): it can read nothing sent afterwards.
+    Remove {
+        /// Device id, as `device list` shows it.
+        device: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ContactCommand {
+    /// Add the person behind an invite link and open a conversation with them.
+    Add {
+        /// The `fumi://invite/...` link.
+        invite: String,
+    },
+    /// List your contacts.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -121,11 +192,14 @@ struct MembersArgs {
 
 #[derive(Subcommand)]
 enum ProfileCommand {
-    /// Set your display name.
+    /// Set your display name and/or avatar.
     Set {
         /// New display name.
+        #[arg(long, required_unless_present = "avatar")]
+        name: Option<String>,
+        /// Avatar image (PNG, JPEG, GIF or WebP, at most 256 KiB), encrypted like your name.
         #[arg(long)]
-        name: String,
+        avatar: Option<PathBuf>,
     },
 }
 
@@ -184,18 +258,33 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
                     );
                 }
             }
-            Command::Send { args, group } => {
+            Command::Send {
+                args,
+                group,
+                file,
+                caption,
+            } => {
                 let mut client = FumiClient::open(&home)?;
+                client.set_progress(Box::new(progress::Bar::default()));
                 client.sync().await?;
-                match (group, args.as_slice()) {
-                    (Some(group), [text]) => client.send_group(&group, text).await?,
-                    (None, [to, text]) => client.send_direct(to, text).await?,
-                    (Some(_), _) => anyhow::bail!("with --group, give only the text: fumi send --group NAME TEXT"),
-                    (None, _) => anyhow::bail!("give a username and the text: fumi send bob.17 \"hello\""),
+                match (group, file, args.as_slice()) {
+                    (Some(group), None, [text]) => client.send_group(&group, text).await?,
+                    (None, None, [to, text]) => client.send_direct(to, text).await?,
+                    (Some(group), Some(file), []) => {
+                        client.send_file(To::Group(&group), &file, caption.as_deref()).await?
+                    }
+                    (None, Some(file), [to]) => client.send_file(To::User(to), &file, caption.as_deref()).await?,
+                    (Some(_), Some(_), _) => anyhow::bail!("with --group and --file, give no other arguments"),
+                    (None, Some(_), _) => {
+                        anyhow::bail!("give the username and the file: fumi send bob.17 --file scan.pdf")
+                    }
+                    (Some(_), None, _) => anyhow::bail!("with --group, give only the text: fumi send --group NAME TEXT"),
+                    (None, None, _) => anyhow::bail!("give a username and the text: fumi send bob.17 \"hello\""),
                 };
             }
             Command::Receive { timeout, json } => {
                 let mut client = FumiClient::open(&home)?;
+                client.set_progress(Box::new(progress::Bar::default()));
                 for message in client.receive(Duration::from_secs(timeout)).await? {
                     print_message(&message, json)?;
                 }
@@ -251,10 +340,118 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
                     print_message(&message, json)?;
                 }
             }
-            Command::Profile(ProfileCommand::Set { name }) => {
+            Command::Profile(ProfileCommand::Set { name, avatar }) => {
                 let mut client = FumiClient::open(&home)?;
-                client.set_name(&name).await?;
-                println!("profile updated");
+                if let Some(name) = name {
+                    client.set_name(&name).await?;
+                }
+                if let Some(avatar) = avatar {
+                    client.set_avatar(&avatar).await?;
+                }
+                println!("profile updated; contacts see it with your next message");
+            }
+            Command::Device(DeviceCommand::Link { code, from, wait }) => match (code, from) {
+                (Some(code), None) => {
+                    let client = FumiClient::link(&home, &code).await?;
+                    let me = client.whoami();
+                    println!(
+                        "linked as device {} of {}; your other devices add it to your conversations when they next sync",
+                        me.device_id,
+                        me.username.unwrap_or_default()
+                    );
+                }
+                (None, Some(from)) => {
+                    let mut existing = FumiClient::open(&from)?;
+                    let link = existing.create_device_link().await?;
+                    let client = FumiClient::link(&home, &link.code).await?;
+                    existing.wait_for_link(&link, Duration::from_secs(wait)).await?;
+                    let me = client.whoami();
+                    println!(
+                        "linked as device {} of {}; it receives what is sent from now on",
+                        me.device_id,
+                        me.username.unwrap_or_default()
+                    );
+                }
+                (None, None) => {
+                    let mut client = FumiClient::open(&home)?;
+                    let link = client.create_device_link().await?;
+                    println!("On the new device, run:\n\n  fumi --home NEW-HOME device link '{}'\n", link.code);
+                    println!("or scan:\n{}", qr(&link.code)?);
+                    println!("Anyone with this code can become your device: show it to no one. Waiting...");
+                    let device = client.wait_for_link(&link, Duration::from_secs(wait)).await?;
+                    println!("device {device} linked and added to your conversations");
+                }
+                (Some(_), Some(_)) => unreachable!("clap: --from conflicts with CODE"),
+            },
+            Command::Device(DeviceCommand::List { json }) => {
+                let client = FumiClient::open(&home)?;
+                for device in client.devices().await? {
+                    if json {
+                        println!("{}", serde_json::to_string(&device)?);
+                    } else {
+                        let this = if device.this_device { " (this device)" } else { "" };
+                        println!("{}{this}", device.id);
+                    }
+                }
+            }
+            Command::Device(DeviceCommand::Remove { device }) => {
+                let mut client = FumiClient::open(&home)?;
+                client.sync().await?;
+                let removed = client.remove_device(&device).await?;
+                println!("removed device {removed}; it can read nothing sent from now on");
+            }
+            Command::Invite { qr: show_qr } => {
+                let client = FumiClient::open(&home)?;
+                let link = client.create_invite().await?;
+                println!("{link}");
+                if show_qr {
+                    println!("{}", qr(&link)?);
+                }
+                eprintln!("This link works once, for 30 days. Whoever uses it can message you.");
+            }
+            Command::Contact(ContactCommand::Add { invite }) => {
+                let mut client = FumiClient::open(&home)?;
+                client.sync().await?;
+                let contact = client.accept_invite(&invite).await?;
+                println!(
+                    "added {}{}; say hello with `fumi send {} \"...\"`",
+                    contact.username.as_deref().unwrap_or(&contact.account_id),
+                    contact.name.map(|n| format!(" · {n}")).unwrap_or_default(),
+                    contact.username.as_deref().unwrap_or("USERNAME"),
+                );
+            }
+            Command::Contact(ContactCommand::List { json }) => {
+                let client = FumiClient::open(&home)?;
+                for contact in client.contacts()? {
+                    if json {
+                        println!("{}", serde_json::to_string(&contact)?);
+                    } else {
+                        println!(
+                            "{}{}{}",
+                            contact.username.as_deref().unwrap_or(&contact.account_id),
+                            contact.name.map(|n| format!(" · {n}")).unwrap_or_default(),
+                            contact.avatar.map(|a| format!("  (avatar: {a})")).unwrap_or_default(),
+                        );
+                    }
+                }
+            }
+            Command::Disappearing { conversation, duration } => {
+                let after = parse_timer(&duration)?;
+                let mut client = FumiClient::open(&home)?;
+                client.sync().await?;
+                let to = if fumi_core::Username::parse(&conversation).is_ok() {
+                    To::User(&conversation)
+                } else {
+                    To::Group(&conversation)
+                };
+                client.set_disappearing(to, after).await?;
+                match after {
+                    Some(after) => println!(
+                        "messages in {conversation} now disappear {} after they arrive",
+                        fumi_client::human_duration(after.as_millis() as u64)
+                    ),
+                    None => println!("disappearing messages are off in {conversation}"),
+                }
             }
         }
         Ok(())
@@ -277,10 +474,68 @@ fn print_message(message: &DisplayMessage, json: bool) -> Result<()> {
     };
     if message.event {
         println!("{prefix}* {}", message.text);
+    } else if let Some(file) = &message.file {
+        let caption = if message.text.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", message.text)
+        };
+        let state = match (&file.path, &file.error) {
+            (_, Some(error)) => format!("NOT SAVED: {error}"),
+            (Some(path), None) => path.clone(),
+            (None, None) => "not downloaded yet; run `fumi receive` again".into(),
+        };
+        println!(
+            "{prefix}[{sender}]{caption} [file {} · {} · {}] {state}",
+            file.name,
+            file.media_type,
+            human_bytes(file.size)
+        );
     } else {
         println!("{prefix}[{sender}] {}", message.text);
     }
     Ok(())
+}
+
+fn human_bytes(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} bytes"),
+    }
+}
+
+/// `30s`, `10m`, `1h`, `7d`, `4w`, or `off`.
+fn parse_timer(text: &str) -> Result<Option<Duration>> {
+    let text = text.trim().to_ascii_lowercase();
+    if text == "off" {
+        return Ok(None);
+    }
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .with_context(|| format!("{text:?} is not a duration like 30s, 10m, 1h, 7d, 4w, or off"))?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => anyhow::bail!("{text:?} is not a duration like 30s, 10m, 1h, 7d, 4w, or off"),
+    };
+    Ok(Some(Duration::from_secs(number.saturating_mul(seconds))))
+}
+
+/// A QR code drawn with Unicode half blocks, for terminals.
+fn qr(text: &str) -> Result<String> {
+    let code = qrcode::QrCode::new(text.as_bytes()).context("the code is too long for a QR code")?;
+    Ok(code
+        .render::<qrcode::render::unicode::Dense1x2>()
+        .dark_color(qrcode::render::unicode::Dense1x2::Light)
+        .light_color(qrcode::render::unicode::Dense1x2::Dark)
+        .build())
 }
 
 #[cfg(test)]
@@ -291,5 +546,15 @@ mod tests {
     #[test]
     fn command_line_is_well_formed() {
         super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn timers_parse() {
+        use std::time::Duration;
+        assert_eq!(super::parse_timer("1h").unwrap(), Some(Duration::from_secs(3600)));
+        assert_eq!(super::parse_timer("30s").unwrap(), Some(Duration::from_secs(30)));
+        assert_eq!(super::parse_timer("off").unwrap(), None);
+        assert!(super::parse_timer("soon").is_err());
+        assert!(super::parse_timer("5y").is_err());
     }
 }

@@ -4,7 +4,7 @@ mod common;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use common::{Server, User};
+use common::{Server, User, credentials, hex_encode, snapshot};
 use fumi_core::AccountIdentity;
 use fumi_core::mls::MlsDevice;
 use fumi_proto::{AccountId, DeviceId, GroupId};
@@ -14,54 +14,6 @@ use reqwest::{Client, Method, StatusCode};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-
-/// Every row of every table of the server's database, as text.
-fn snapshot(server: &Server) -> String {
-    let db =
-        rusqlite::Connection::open_with_flags(server.database(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
-    let tables: Vec<String> = db
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    let mut out = String::new();
-    for table in tables {
-        let mut stmt = db
-            .prepare(&format!("SELECT * FROM \"{table}\" ORDER BY rowid"))
-            .unwrap();
-        let columns = stmt.column_count();
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((0..columns)
-                    .map(|i| format!("{:?}", r.get_ref(i).unwrap()))
-                    .collect::<Vec<_>>()
-                    .join("|"))
-            })
-            .unwrap();
-        for row in rows {
-            out.push_str(&format!("{table}: {}\n", row.unwrap()));
-        }
-    }
-    out
-}
-
-/// The device id and `Authorization` value stored in a user's client store.
-fn credentials(user: &User) -> (DeviceId, String) {
-    let db = rusqlite::Connection::open(user.home.path().join("fumi.db")).unwrap();
-    let (device, secret): (Vec<u8>, Vec<u8>) = db
-        .query_row("SELECT device_id, device_secret FROM account", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .unwrap();
-    let device = DeviceId::from_slice(&device).unwrap();
-    (device, format!("Fumi {device}:{}", hex_encode(&secret)))
-}
-
-fn hex_encode(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 struct Api {
     http: Client,

@@ -19,9 +19,40 @@ fn server_files_and_logs_hold_no_plaintext() {
     alice.ok(&["send", "--group", "Zqmark Group Name", "zqmark-group-text-3"]);
     carol.ok(&["profile", "set", "--name", "Zqmark Carol Renamed"]);
     carol.ok(&["send", "--group", "Zqmark Group Name", "zqmark-group-text-4"]);
+    // Files and an avatar with marker bytes inside, and a marker file name: one file delivered
+    // (Bob fetches it), one left waiting for Carol in the blob store.
+    let file = alice.home.path().join("zqmark-file-name.txt");
+    std::fs::write(&file, "zqmark-file-content ".repeat(5000)).unwrap();
+    alice.ok(&[
+        "send",
+        &bob.username,
+        "--file",
+        file.to_str().unwrap(),
+        "--caption",
+        "zqmark-caption",
+    ]);
+    alice.ok(&["send", &carol.username, "--file", file.to_str().unwrap()]);
+    let avatar = alice.home.path().join("avatar.png");
+    std::fs::write(
+        &avatar,
+        [b"\x89PNG\r\n\x1a\n".as_slice(), &b"zqmark-avatar-bytes".repeat(100)].concat(),
+    )
+    .unwrap();
+    alice.ok(&["profile", "set", "--avatar", avatar.to_str().unwrap()]);
+    alice.ok(&["send", &bob.username, "zqmark-after-avatar"]);
+    assert!(
+        !server.blob_files().is_empty(),
+        "a blob is stored while the search runs"
+    );
     // Leave some messages undelivered so they sit in the queue, and deliver others.
     alice.ok(&["receive"]);
-    assert!(bob.ok(&["receive"]).contains("zqmark-group-text-4"));
+    let received = bob.ok(&["receive"]);
+    assert!(received.contains("zqmark-group-text-4"), "{received}");
+    assert!(received.contains("[file zqmark-file-name.txt"), "{received}");
+    assert!(
+        bob.ok(&["contact", "list"]).contains("avatar"),
+        "Bob fetched the avatar"
+    );
 
     let markers = [
         "zqmark".to_owned(),

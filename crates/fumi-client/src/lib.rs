@@ -1,20 +1,25 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+mod devices;
+mod files;
 pub mod store;
 pub mod transport;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fumi_core::content::{Body, Content, ContentError, MemberProfileKey};
 use fumi_core::mls::{Commit, Incoming, Member, MlsDevice, MlsError};
-use fumi_core::{AccountIdentity, Profile, ProfileKey, Username};
+use fumi_core::{AccountIdentity, Profile, Username};
 use fumi_proto::*;
 use rand::RngCore;
 use reqwest::Method;
 use thiserror::Error;
 
+pub use crate::devices::{ContactSummary, DeviceSummary};
+pub use crate::files::{NoProgress, Progress, UPLOAD_CHUNK_BYTES};
+pub use crate::store::FileView;
 use crate::store::{AccountRow, Conversation, OutboxEntry, Provider, Store, StoredMessage};
 use crate::transport::{Delivery, Transport};
 
@@ -95,6 +100,21 @@ pub struct DisplayMessage {
     pub outgoing: bool,
     /// Sender's timestamp, ms since the Unix epoch.
     pub sent_at: u64,
+    /// The file the message carries: where it was saved, or why it was refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileView>,
+    /// When this device deletes the message (disappearing messages), ms since the Unix epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+}
+
+/// Where a command sends: a person (1:1) or a group.
+#[derive(Debug, Clone, Copy)]
+pub enum To<'a> {
+    /// A full username.
+    User(&'a str),
+    /// A group name.
+    Group(&'a str),
 }
 
 /// A conversation summary.
@@ -135,6 +155,8 @@ pub struct WhoAmI {
 /// the group's current epoch and a member removed by someone else gets nothing new. A commit
 /// that loses its epoch anyway is retried after processing the winner.
 pub struct FumiClient {
+    home: PathBuf,
+    progress: Box<dyn Progress>,
     store: Store,
     transport: Transport,
     device: MlsDevice<Provider>,
@@ -150,7 +172,7 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn random_bytes<const N: usize>() -> [u8; N] {
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];
     rand::rng().fill_bytes(&mut bytes);
     bytes
@@ -190,6 +212,7 @@ impl FumiClient {
             profile_key: random_bytes(),
             username: None,
             display_name: name.trim().to_owned(),
+            avatar_digest: None,
         };
         store.save_account(&account)?;
         let device = open_device(provider, &account)?;
@@ -206,6 +229,8 @@ impl FumiClient {
         account.username = Some(username.to_string());
         store.save_account(&account)?;
         let mut client = Self {
+            home: home.to_path_buf(),
+            progress: Box::new(NoProgress),
             store,
             transport,
             device,
@@ -226,13 +251,22 @@ impl FumiClient {
         let mut transport = Transport::new(&account.server)?;
         transport.authenticate(account.device_id, &account.device_secret);
         let device = open_device(provider, &account)?;
-        Ok(Self {
+        let client = Self {
+            home: home.to_path_buf(),
+            progress: Box::new(NoProgress),
             store,
             transport,
             device,
             account,
             joined: Vec::new(),
-        })
+        };
+        client.purge_expired()?;
+        Ok(client)
+    }
+
+    /// Shows file transfers through `progress` (a progress bar in the CLI).
+    pub fn set_progress(&mut self, progress: Box<dyn Progress>) {
+        self.progress = progress;
     }
 
     /// Who this device is.
@@ -257,27 +291,6 @@ impl FumiClient {
         self.publish_profile().await
     }
 
-    async fn publish_profile(&mut self) -> Result<(), ClientError> {
-        let profile = Profile::new(&self.account.display_name, self.account.username.clone())
-            .map_err(|e| ClientError::Usage(e.to_string()))?;
-        let sealed = profile.seal(
-            &ProfileKey::from_bytes(self.account.profile_key),
-            self.account.account_id,
-            &mut rand::rng(),
-        );
-        let _: () = self
-            .transport
-            .request(
-                Method::PUT,
-                "/v1/profile",
-                Some(&SealedProfile {
-                    sealed: Base64Bytes(sealed),
-                }),
-            )
-            .await?;
-        Ok(())
-    }
-
     /// Resolves a full username to an account through its hash.
     pub async fn lookup(&self, username: &str) -> Result<AccountId, ClientError> {
         let username = Username::parse(username).map_err(|e| ClientError::Usage(e.to_string()))?;
@@ -298,16 +311,7 @@ impl FumiClient {
 
     /// Sends a text to a username, opening the 1:1 conversation on first use.
     pub async fn send_direct(&mut self, username: &str, text: &str) -> Result<MessageId, ClientError> {
-        let peer = self.lookup(username).await?;
-        if peer == self.account.account_id {
-            return Err(ClientError::Usage(
-                "you cannot open a conversation with yourself".into(),
-            ));
-        }
-        let group = match self.direct_conversation(peer)? {
-            Some(group) => group,
-            None => self.create_conversation(None, &[peer]).await?,
-        };
+        let group = self.conversation_for(To::User(username)).await?;
         self.send_text(group, text).await
     }
 
@@ -315,6 +319,57 @@ impl FumiClient {
     pub async fn send_group(&mut self, name: &str, text: &str) -> Result<MessageId, ClientError> {
         let group = self.group_by_name(name)?;
         self.send_text(group, text).await
+    }
+
+    /// Encrypts a file, uploads it and sends it, with an optional caption.
+    pub async fn send_file(
+        &mut self,
+        to: To<'_>,
+        path: &Path,
+        caption: Option<&str>,
+    ) -> Result<MessageId, ClientError> {
+        let group = self.conversation_for(to).await?;
+        self.send_file_into(group, path, caption).await
+    }
+
+    /// Sets a conversation's disappearing-message timer (`None`: off) for every member.
+    pub async fn set_disappearing(&mut self, to: To<'_>, after: Option<Duration>) -> Result<(), ClientError> {
+        let expire_after_ms = after.map(|d| d.as_millis() as u64);
+        if let Some(ms) = expire_after_ms
+            && !(1000..=fumi_core::content::MAX_EXPIRE_AFTER_MS).contains(&ms)
+        {
+            return Err(ClientError::Usage(
+                "a disappearing-message timer is between 1 second and 1 year".into(),
+            ));
+        }
+        let group = self.conversation_for(to).await?;
+        self.send_content(group, Body::Timer { expire_after_ms }).await?;
+        self.store.set_expire_after(group, expire_after_ms)?;
+        self.store_event(
+            group,
+            self.account.account_id,
+            &timer_event("you", expire_after_ms),
+            true,
+        )
+    }
+
+    /// The conversation a command names; a 1:1 conversation is opened on first use.
+    async fn conversation_for(&mut self, to: To<'_>) -> Result<GroupId, ClientError> {
+        match to {
+            To::Group(name) => self.group_by_name(name),
+            To::User(username) => {
+                let peer = self.lookup(username).await?;
+                if peer == self.account.account_id {
+                    return Err(ClientError::Usage(
+                        "you cannot open a conversation with yourself".into(),
+                    ));
+                }
+                match self.direct_conversation(peer)? {
+                    Some(group) => Ok(group),
+                    None => self.create_conversation(None, &[peer]).await,
+                }
+            }
+        }
     }
 
     /// Creates a group with the given members (usernames).
@@ -507,6 +562,7 @@ impl FumiClient {
             name: name.clone(),
             peer: direct.then(|| accounts[0]),
             active: true,
+            expire_after_ms: None,
         };
         self.store.transaction(|| {
             self.device.create_group(group)?;
@@ -525,12 +581,27 @@ impl FumiClient {
         &self,
         accounts: &[AccountId],
     ) -> Result<Vec<openmls::prelude::KeyPackage>, ClientError> {
+        Ok(self
+            .claim_verified(accounts, &[])
+            .await?
+            .into_iter()
+            .map(|(key_package, _)| key_package)
+            .collect())
+    }
+
+    /// Claims one KeyPackage per device of these accounts (only `devices`, if not empty), each
+    /// checked against the account's registered and pinned identity key.
+    async fn claim_verified(
+        &self,
+        accounts: &[AccountId],
+        devices: &[DeviceId],
+    ) -> Result<Vec<(openmls::prelude::KeyPackage, Member)>, ClientError> {
         if accounts.is_empty() {
             return Ok(vec![]);
         }
         let claim = KeyPackageClaim {
             accounts: accounts.to_vec(),
-            devices: vec![],
+            devices: devices.to_vec(),
         };
         let claimed: ClaimedKeyPackages = match self
             .transport
@@ -573,7 +644,7 @@ impl FumiClient {
                 return Err(ClientError::IdentityKeyChanged(self.display_account(member.account)?));
             }
             self.check_identity(&member)?;
-            verified.push(key_package);
+            verified.push((key_package, member));
         }
         Ok(verified)
     }
@@ -611,8 +682,9 @@ impl FumiClient {
             match self.send_outbox_entry(&entry).await {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_code("epoch_conflict") => {
-                    // Another member's commit won this epoch: it is in our mailbox.
-                    self.sync().await?;
+                    // Another member's commit won this epoch: it is in our mailbox. (Boxed: a
+                    // sync may itself commit, to bring our own devices into a conversation.)
+                    Box::pin(self.sync()).await?;
                 }
                 Err(e) => return Err(e),
             }
@@ -653,14 +725,30 @@ impl FumiClient {
 
     /// Encrypts content, stores it (history and outbox) in one transaction, then sends it.
     async fn send_content(&mut self, group: GroupId, body: Body) -> Result<MessageId, ClientError> {
+        self.send_content_with(group, body, None).await
+    }
+
+    /// As [`Self::send_content`]; `file` is what history shows of a file being sent.
+    async fn send_content_with(
+        &mut self,
+        group: GroupId,
+        body: Body,
+        file: Option<FileView>,
+    ) -> Result<MessageId, ClientError> {
         let id = MessageId::from_bytes(random_bytes());
         let sent_at = now_ms();
+        let expire_after_ms = self
+            .store
+            .conversation(group)?
+            .and_then(|c| c.expire_after_ms)
+            .filter(|_| matches!(body, Body::Text { .. } | Body::File { .. }));
         let content = Content {
             v: fumi_core::content::CONTENT_VERSION,
             id,
             sent_at,
             profile_key: self.account.profile_key,
             body,
+            expire_after_ms,
         };
         let entry = self.store.transaction(|| {
             let outgoing = self.device.encrypt(group, &content.encode())?;
@@ -671,16 +759,23 @@ impl FumiClient {
                 welcome: None,
                 removed: vec![],
             };
-            if let Body::Text { text } = &content.body {
+            let shown = match &content.body {
+                Body::Text { text } => Some(text.clone()),
+                Body::File { caption, .. } => Some(caption.clone().unwrap_or_default()),
+                _ => None,
+            };
+            if let Some(text) = shown {
                 let stored = StoredMessage {
                     local_id: 0,
                     id,
                     group_id: group,
                     sender: self.account.account_id,
                     is_event: false,
-                    text: text.clone(),
+                    text,
                     sent_at,
                     outgoing: true,
+                    attachment: file,
+                    expires_at: expire_after_ms.map(|ms| now_ms() + ms),
                 };
                 self.store.insert_message(&stored, true, now_ms())?;
             }
@@ -789,6 +884,7 @@ impl FumiClient {
                     name: None,
                     peer: direct.then(|| distinct[0]),
                     active: true,
+                    expire_after_ms: None,
                 };
                 self.store.insert_conversation(&conversation, now_ms())?;
                 let text = format!("{} added you", mention(by.account));
@@ -802,19 +898,40 @@ impl FumiClient {
             } => {
                 let content = Content::decode(&plaintext).map_err(|e| ClientError::Protocol(e.to_string()))?;
                 self.store.set_profile_key(sender.account, &content.profile_key)?;
+                let received = |text: String, is_event: bool, attachment: Option<FileView>| StoredMessage {
+                    local_id: 0,
+                    id: content.id,
+                    group_id: group,
+                    sender: sender.account,
+                    is_event,
+                    text,
+                    sent_at: content.sent_at,
+                    outgoing: sender.account == me && !is_event,
+                    attachment,
+                    expires_at: content.expire_after_ms.map(|ms| now_ms() + ms),
+                };
                 match content.body {
                     Body::Text { text } => {
-                        let message = StoredMessage {
-                            local_id: 0,
-                            id: content.id,
-                            group_id: group,
-                            sender: sender.account,
-                            is_event: false,
-                            text,
-                            sent_at: content.sent_at,
-                            outgoing: sender.account == me,
+                        self.store
+                            .insert_message(&received(text, false, None), false, now_ms())?;
+                    }
+                    Body::File { attachment, caption } => {
+                        let view = FileView {
+                            name: files::sanitize_file_name(&attachment.name),
+                            size: attachment.size,
+                            media_type: attachment.media_type.clone(),
+                            path: None,
+                            error: None,
                         };
-                        self.store.insert_message(&message, false, now_ms())?;
+                        let message = received(caption.unwrap_or_default(), false, Some(view));
+                        if let Some(local_id) = self.store.insert_message(&message, false, now_ms())? {
+                            self.store.add_download(local_id, &attachment)?;
+                        }
+                    }
+                    Body::Timer { expire_after_ms } => {
+                        self.store.set_expire_after(group, expire_after_ms)?;
+                        let text = timer_event(&mention(sender.account), expire_after_ms);
+                        self.store_event(group, sender.account, &text, false)?;
                     }
                     Body::Conversation { name, profiles } => {
                         let members = self.device.members(group)?;
@@ -838,16 +955,7 @@ impl FumiClient {
                             .update_conversation(group, name.is_none(), name.as_deref(), peer)?;
                     }
                     Body::Unknown => {
-                        let message = StoredMessage {
-                            local_id: 0,
-                            id: content.id,
-                            group_id: group,
-                            sender: sender.account,
-                            is_event: true,
-                            text: "(a message this version of fumi cannot show)".into(),
-                            sent_at: content.sent_at,
-                            outgoing: false,
-                        };
+                        let message = received("(a message this version of fumi cannot show)".into(), true, None);
                         self.store.insert_message(&message, false, now_ms())?;
                     }
                     // The profile key in every content is all an introduction carries.
@@ -871,15 +979,13 @@ impl FumiClient {
                     self.store_event(group, by.account, &text, false)?;
                     return Ok(None);
                 }
-                let mut parts = Vec::new();
-                for account in distinct_accounts(&added) {
-                    parts.push(format!("added {}", mention(account)));
+                // Every device added, including another of the adder's own, must be certified by
+                // its account's pinned identity key.
+                for member in &added {
+                    self.check_identity(member)?;
                 }
-                for account in distinct_accounts(&removed) {
-                    parts.push(format!("removed {}", mention(account)));
-                }
-                if !parts.is_empty() {
-                    let text = format!("{} {}", mention(by.account), parts.join(", "));
+                if let Some(change) = describe_change(by.account, &added, &removed, "their") {
+                    let text = format!("{} {change}", mention(by.account));
                     self.store_event(group, by.account, &text, false)?;
                 }
                 Ok(None)
@@ -888,34 +994,16 @@ impl FumiClient {
         }
     }
 
-    /// Introduces us to groups just joined, fetches new profiles and tops up KeyPackages.
+    /// Introduces us to groups just joined, fetches new profiles, brings our own devices into
+    /// our conversations, tops up KeyPackages, downloads files and deletes expired messages.
     async fn after_sync(&mut self) -> Result<(), ClientError> {
         for group in std::mem::take(&mut self.joined) {
             if self.device.is_member(group) {
                 self.send_content(group, Body::Introduction).await?;
             }
         }
-        for (account, key) in self.store.profiles_to_fetch()? {
-            let path = format!("/v1/accounts/{account}/profile");
-            match self
-                .transport
-                .request::<(), SealedProfile>(Method::GET, &path, None)
-                .await
-            {
-                Ok(sealed) => match Profile::open(sealed.sealed.as_slice(), &ProfileKey::from_bytes(key), account) {
-                    Ok(profile) => {
-                        let username = profile.username.as_deref().filter(|u| Username::parse(u).is_ok());
-                        self.store.set_profile(account, username, &profile.name)?;
-                    }
-                    Err(e) => {
-                        tracing::warn!(account = %account.redacted(), error = %e, "a contact's profile did not open")
-                    }
-                },
-                Err(e) => {
-                    tracing::warn!(account = %account.redacted(), error = %e, "could not fetch a contact's profile")
-                }
-            }
-        }
+        self.fetch_profiles().await?;
+        self.reconcile_own_devices().await?;
         let stock: KeyPackageCount = self
             .transport
             .request::<(), _>(Method::GET, "/v1/keypackages/count", None)
@@ -930,6 +1018,20 @@ impl FumiClient {
                 .transport
                 .request(Method::POST, "/v1/keypackages", Some(&upload))
                 .await?;
+        }
+        self.download_pending().await?;
+        self.purge_expired()
+    }
+
+    /// Deletes messages whose disappearing timer ran out, with the files they brought.
+    fn purge_expired(&self) -> Result<(), ClientError> {
+        let files = self.files_dir();
+        for view in self.store.transaction(|| self.store.purge_expired(now_ms()))? {
+            if let Some(path) = view.path.map(PathBuf::from)
+                && path.starts_with(&files)
+            {
+                let _ = std::fs::remove_file(path);
+            }
         }
         Ok(())
     }
@@ -956,14 +1058,10 @@ impl FumiClient {
     /// Text for this device's own history when it commits a membership change.
     fn describe_own_commit(&self, commit: &Commit) -> Result<Option<String>, ClientError> {
         // Mentions are resolved when shown, once the members' profiles are known.
-        let mut parts = Vec::new();
-        for account in distinct_accounts(&commit.added) {
-            parts.push(format!("added {}", mention(account)));
-        }
-        for account in distinct_accounts(&commit.removed) {
-            parts.push(format!("removed {}", mention(account)));
-        }
-        Ok((!parts.is_empty()).then(|| format!("you {}", parts.join(", "))))
+        Ok(
+            describe_change(self.account.account_id, &commit.added, &commit.removed, "your")
+                .map(|change| format!("you {change}")),
+        )
     }
 
     fn store_event(&self, group: GroupId, by: AccountId, text: &str, outgoing: bool) -> Result<(), ClientError> {
@@ -976,6 +1074,8 @@ impl FumiClient {
             text: text.to_owned(),
             sent_at: now_ms(),
             outgoing,
+            attachment: None,
+            expires_at: None,
         };
         self.store.insert_message(&event, outgoing, now_ms()).map(drop)
     }
@@ -1077,6 +1177,8 @@ impl FumiClient {
             event: m.is_event,
             outgoing: m.outgoing,
             sent_at: m.sent_at,
+            file: m.attachment.clone(),
+            expires_at: m.expires_at,
         })
     }
 }
@@ -1097,6 +1199,53 @@ fn open_device(provider: Provider, account: &AccountRow) -> Result<MlsDevice<Pro
 /// A reference to an account inside a stored event text, resolved when shown.
 fn mention(account: AccountId) -> String {
     format!("{{@{account}}}")
+}
+
+/// "added X, removed Y" for a commit by `by`; devices of `by`'s own account are named as such.
+fn describe_change(by: AccountId, added: &[Member], removed: &[Member], possessive: &str) -> Option<String> {
+    let mut parts = Vec::new();
+    let (own_added, others_added): (Vec<Member>, Vec<Member>) = added.iter().cloned().partition(|m| m.account == by);
+    let (own_removed, others_removed): (Vec<Member>, Vec<Member>) =
+        removed.iter().cloned().partition(|m| m.account == by);
+    for account in distinct_accounts(&others_added) {
+        parts.push(format!("added {}", mention(account)));
+    }
+    for account in distinct_accounts(&others_removed) {
+        parts.push(format!("removed {}", mention(account)));
+    }
+    match own_added.len() {
+        0 => {}
+        1 => parts.push("added a newly linked device".into()),
+        n => parts.push(format!("added {n} newly linked devices")),
+    }
+    match own_removed.len() {
+        0 => {}
+        1 => parts.push(format!("removed one of {possessive} devices")),
+        n => parts.push(format!("removed {n} of {possessive} devices")),
+    }
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
+/// History text for a timer change by `who`.
+fn timer_event(who: &str, expire_after_ms: Option<u64>) -> String {
+    match expire_after_ms {
+        Some(ms) => format!(
+            "{who} set messages to disappear {} after they arrive",
+            human_duration(ms)
+        ),
+        None => format!("{who} turned disappearing messages off"),
+    }
+}
+
+/// "1h", "90s", "2d": the largest whole unit.
+pub fn human_duration(ms: u64) -> String {
+    let seconds = ms / 1000;
+    for (unit, size) in [("w", 7 * 86_400), ("d", 86_400), ("h", 3600), ("m", 60)] {
+        if seconds >= size && seconds.is_multiple_of(size) {
+            return format!("{}{unit}", seconds / size);
+        }
+    }
+    format!("{seconds}s")
 }
 
 fn distinct_accounts(members: &[Member]) -> Vec<AccountId> {

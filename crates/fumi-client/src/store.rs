@@ -79,6 +79,20 @@ CREATE TABLE outbox (
     r#"
 ALTER TABLE contacts ADD COLUMN identity_key BLOB;
 "#,
+    r#"
+ALTER TABLE account ADD COLUMN avatar_digest TEXT;
+ALTER TABLE contacts ADD COLUMN avatar_digest TEXT;
+ALTER TABLE contacts ADD COLUMN avatar_path TEXT;
+ALTER TABLE conversations ADD COLUMN expire_after_ms INTEGER;
+ALTER TABLE messages ADD COLUMN attachment TEXT;
+ALTER TABLE messages ADD COLUMN expires_at INTEGER;
+CREATE INDEX messages_by_expiry ON messages(expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE downloads (
+    blob_id BLOB PRIMARY KEY,
+    message_rowid INTEGER NOT NULL,
+    attachment TEXT NOT NULL
+);
+"#,
 ];
 
 /// JSON codec for OpenMLS's stored values.
@@ -142,6 +156,8 @@ pub struct AccountRow {
     pub username: Option<String>,
     /// Display name.
     pub display_name: String,
+    /// SHA-256 (hex) of the avatar image in `<home>/avatar`, if one is set.
+    pub avatar_digest: Option<String>,
 }
 
 /// A contact as the store knows it.
@@ -153,7 +169,13 @@ pub struct Contact {
     pub username: Option<String>,
     /// Display name from the contact's profile.
     pub display_name: Option<String>,
+    /// Where the contact's avatar image was saved.
+    pub avatar_path: Option<String>,
 }
+
+/// A contact with its pinned identity key and known profile key: (contact, identity key,
+/// profile key).
+pub type PinnedContact = (Contact, Option<[u8; 32]>, Option<[u8; 32]>);
 
 /// A conversation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,6 +190,8 @@ pub struct Conversation {
     pub peer: Option<AccountId>,
     /// False once this device was removed.
     pub active: bool,
+    /// Disappearing-message timer (ms), if on.
+    pub expire_after_ms: Option<u64>,
 }
 
 /// One entry of local history.
@@ -189,6 +213,25 @@ pub struct StoredMessage {
     pub sent_at: u64,
     /// Whether this device sent it.
     pub outgoing: bool,
+    /// The file it carries, if any.
+    pub attachment: Option<FileView>,
+    /// When this device deletes it (ms since the Unix epoch), if the conversation's timer was on.
+    pub expires_at: Option<u64>,
+}
+
+/// What history shows of a file: never the key.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileView {
+    /// File name (the sender's, sanitised).
+    pub name: String,
+    /// Bytes.
+    pub size: u64,
+    /// Media type.
+    pub media_type: String,
+    /// Where the file is: the saved copy for a received file, the original for a sent one.
+    pub path: Option<String>,
+    /// Why a received file was refused (altered, truncated, gone).
+    pub error: Option<String>,
 }
 
 /// A queued outgoing request.
@@ -285,8 +328,8 @@ impl Store {
     pub fn save_account(&self, a: &AccountRow) -> Result<(), ClientError> {
         self.conn
             .execute(
-                "INSERT OR REPLACE INTO account (id, server, account_id, device_id, device_secret, identity_secret, signature_key, profile_key, username, display_name)
-                 VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO account (id, server, account_id, device_id, device_secret, identity_secret, signature_key, profile_key, username, display_name, avatar_digest)
+                 VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 params![
                     a.server,
                     a.account_id.as_bytes().as_slice(),
@@ -296,7 +339,8 @@ impl Store {
                     a.signature_key,
                     a.profile_key.as_slice(),
                     a.username,
-                    a.display_name
+                    a.display_name,
+                    a.avatar_digest
                 ],
             )
             .map_err(sql)?;
@@ -307,7 +351,7 @@ impl Store {
     pub fn account(&self) -> Result<Option<AccountRow>, ClientError> {
         self.conn
             .query_row(
-                "SELECT server, account_id, device_id, device_secret, identity_secret, signature_key, profile_key, username, display_name FROM account WHERE id = 1",
+                "SELECT server, account_id, device_id, device_secret, identity_secret, signature_key, profile_key, username, display_name, avatar_digest FROM account WHERE id = 1",
                 [],
                 |r| {
                     Ok(AccountRow {
@@ -320,6 +364,7 @@ impl Store {
                         profile_key: key32(r.get(6)?)?,
                         username: r.get(7)?,
                         display_name: r.get(8)?,
+                        avatar_digest: r.get(9)?,
                     })
                 },
             )
@@ -455,13 +500,14 @@ impl Store {
     pub fn contact(&self, account: AccountId) -> Result<Option<Contact>, ClientError> {
         self.conn
             .query_row(
-                "SELECT username, display_name FROM contacts WHERE account_id = ?",
+                "SELECT username, display_name, avatar_path FROM contacts WHERE account_id = ?",
                 [account.as_bytes().as_slice()],
                 |r| {
                     Ok(Contact {
                         account_id: account,
                         username: r.get(0)?,
                         display_name: r.get(1)?,
+                        avatar_path: r.get(2)?,
                     })
                 },
             )
@@ -535,7 +581,7 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT c.group_id, c.kind, c.name, c.peer, c.active FROM conversations c
+                "SELECT c.group_id, c.kind, c.name, c.peer, c.active, c.expire_after_ms FROM conversations c
                  ORDER BY COALESCE((SELECT MAX(rowid) FROM messages m WHERE m.group_id = c.group_id), 0) DESC, c.created_at DESC",
             )
             .map_err(sql)?;
@@ -548,6 +594,7 @@ impl Store {
                     name: r.get(2)?,
                     peer: peer.map(|p| id16(p, AccountId::from_slice)).transpose()?,
                     active: r.get(4)?,
+                    expire_after_ms: r.get::<_, Option<i64>>(5)?.map(|ms| ms as u64),
                 })
             })
             .map_err(sql)?;
@@ -559,13 +606,17 @@ impl Store {
         Ok(self.conversations()?.into_iter().find(|c| c.group_id == group))
     }
 
-    /// Appends to history; returns false if this message was already stored.
-    pub fn insert_message(&self, m: &StoredMessage, seen: bool, now: u64) -> Result<bool, ClientError> {
+    /// Appends to history; returns the new row, or `None` if this message was already stored.
+    pub fn insert_message(&self, m: &StoredMessage, seen: bool, now: u64) -> Result<Option<i64>, ClientError> {
+        let attachment = m
+            .attachment
+            .as_ref()
+            .map(|a| serde_json::to_string(a).expect("file view serialises"));
         let changed = self
             .conn
             .execute(
-                "INSERT OR IGNORE INTO messages (id, group_id, sender_account, kind, text, sent_at, received_at, outgoing, seen)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO messages (id, group_id, sender_account, kind, text, sent_at, received_at, outgoing, seen, attachment, expires_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 params![
                     m.id.as_bytes().as_slice(),
                     m.group_id.as_bytes().as_slice(),
@@ -575,19 +626,22 @@ impl Store {
                     m.sent_at as i64,
                     now as i64,
                     m.outgoing,
-                    seen
+                    seen,
+                    attachment,
+                    m.expires_at.map(|t| t as i64)
                 ],
             )
             .map_err(sql)?;
-        Ok(changed == 1)
+        Ok((changed == 1).then(|| self.conn.last_insert_rowid()))
     }
 
     fn messages_where(&self, condition: &str, group: Option<GroupId>) -> Result<Vec<StoredMessage>, ClientError> {
         let query = format!(
-            "SELECT rowid, id, group_id, sender_account, kind, text, sent_at, outgoing FROM messages WHERE {condition} ORDER BY rowid"
+            "SELECT rowid, id, group_id, sender_account, kind, text, sent_at, outgoing, attachment, expires_at FROM messages WHERE {condition} ORDER BY rowid"
         );
         let mut stmt = self.conn.prepare(&query).map_err(sql)?;
         let map = |r: &rusqlite::Row<'_>| {
+            let attachment: Option<String> = r.get(8)?;
             Ok(StoredMessage {
                 local_id: r.get(0)?,
                 id: id16(r.get(1)?, MessageId::from_slice)?,
@@ -597,6 +651,8 @@ impl Store {
                 text: r.get(5)?,
                 sent_at: r.get::<_, i64>(6)? as u64,
                 outgoing: r.get(7)?,
+                attachment: attachment.and_then(|a| serde_json::from_str(&a).ok()),
+                expires_at: r.get::<_, Option<i64>>(9)?.map(|t| t as u64),
             })
         };
         let rows = match group {
@@ -604,6 +660,139 @@ impl Store {
             None => stmt.query_map([], map),
         }
         .map_err(sql)?;
+        rows.collect::<Result<_, _>>().map_err(sql)
+    }
+
+    /// Replaces what history shows of a message's file.
+    pub fn set_file_view(&self, local_id: i64, view: &FileView) -> Result<(), ClientError> {
+        self.conn
+            .execute(
+                "UPDATE messages SET attachment = ? WHERE rowid = ?",
+                params![serde_json::to_string(view).expect("file view serialises"), local_id],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// Queues a received file for download.
+    pub fn add_download(&self, local_id: i64, attachment: &fumi_core::Attachment) -> Result<(), ClientError> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO downloads (blob_id, message_rowid, attachment) VALUES (?, ?, ?)",
+                params![
+                    attachment.blob.as_bytes().as_slice(),
+                    local_id,
+                    serde_json::to_string(attachment).expect("attachment serialises")
+                ],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// Files waiting to be downloaded: (message row, attachment).
+    pub fn downloads(&self) -> Result<Vec<(i64, fumi_core::Attachment)>, ClientError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT message_rowid, attachment FROM downloads ORDER BY message_rowid")
+            .map_err(sql)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+            .map_err(sql)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (local_id, json) = row.map_err(sql)?;
+            let attachment = serde_json::from_str(&json).map_err(|e| ClientError::Store(e.to_string()))?;
+            out.push((local_id, attachment));
+        }
+        Ok(out)
+    }
+
+    /// Ends a download (done or refused).
+    pub fn remove_download(&self, blob: fumi_proto::BlobId) -> Result<(), ClientError> {
+        self.conn
+            .execute("DELETE FROM downloads WHERE blob_id = ?", [blob.as_bytes().as_slice()])
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// Sets or clears a conversation's disappearing-message timer.
+    pub fn set_expire_after(&self, group: GroupId, expire_after_ms: Option<u64>) -> Result<(), ClientError> {
+        self.conn
+            .execute(
+                "UPDATE conversations SET expire_after_ms = ? WHERE group_id = ?",
+                params![expire_after_ms.map(|ms| ms as i64), group.as_bytes().as_slice()],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// Deletes messages whose time is up (and their pending downloads); returns the files of the
+    /// deleted received messages so the caller can delete them too.
+    pub fn purge_expired(&self, now: u64) -> Result<Vec<FileView>, ClientError> {
+        let expired = self.messages_where(&format!("expires_at IS NOT NULL AND expires_at <= {now}"), None)?;
+        for message in &expired {
+            self.conn
+                .execute("DELETE FROM downloads WHERE message_rowid = ?", [message.local_id])
+                .map_err(sql)?;
+            self.conn
+                .execute("DELETE FROM messages WHERE rowid = ?", [message.local_id])
+                .map_err(sql)?;
+        }
+        Ok(expired
+            .into_iter()
+            .filter(|m| !m.outgoing)
+            .filter_map(|m| m.attachment)
+            .collect())
+    }
+
+    /// Records a contact's saved avatar.
+    pub fn set_contact_avatar(&self, account: AccountId, digest: &str, path: &str) -> Result<(), ClientError> {
+        self.conn
+            .execute(
+                "UPDATE contacts SET avatar_digest = ?2, avatar_path = ?3 WHERE account_id = ?1",
+                params![account.as_bytes().as_slice(), digest, path],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// The avatar digest saved for a contact.
+    pub fn contact_avatar_digest(&self, account: AccountId) -> Result<Option<String>, ClientError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT avatar_digest FROM contacts WHERE account_id = ?",
+                [account.as_bytes().as_slice()],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()
+            .map_err(sql)?
+            .flatten())
+    }
+
+    /// Contacts whose identity key is pinned (everyone this device has talked to), by username.
+    pub fn contacts(&self) -> Result<Vec<PinnedContact>, ClientError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT account_id, username, display_name, avatar_path, identity_key, profile_key FROM contacts
+                 WHERE identity_key IS NOT NULL ORDER BY username",
+            )
+            .map_err(sql)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    Contact {
+                        account_id: id16(r.get(0)?, AccountId::from_slice)?,
+                        username: r.get(1)?,
+                        display_name: r.get(2)?,
+                        avatar_path: r.get(3)?,
+                    },
+                    r.get::<_, Option<Vec<u8>>>(4)?.map(key32).transpose()?,
+                    r.get::<_, Option<Vec<u8>>>(5)?.map(key32).transpose()?,
+                ))
+            })
+            .map_err(sql)?;
         rows.collect::<Result<_, _>>().map_err(sql)
     }
 

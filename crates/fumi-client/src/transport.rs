@@ -1,6 +1,8 @@
 //! HTTP and WebSocket transport to a Fumi server.
 
-use fumi_proto::{AUTH_SCHEME, ClientFrame, DeviceId, ErrorBody, ServerFrame};
+use fumi_proto::{
+    AUTH_SCHEME, BlobId, BlobUploadStatus, ClientFrame, DeviceId, ErrorBody, ServerFrame, UPLOAD_OFFSET_HEADER,
+};
 use futures_util::{SinkExt, StreamExt};
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
@@ -17,6 +19,8 @@ use crate::ClientError;
 pub struct Transport {
     base: String,
     http: reqwest::Client,
+    /// For blob transfers: no limit on the whole request, only on silence.
+    bulk: reqwest::Client,
     authorization: Option<String>,
 }
 
@@ -33,9 +37,15 @@ impl Transport {
             .timeout(std::time::Duration::from_secs(30))
             .build()
             .map_err(|e| ClientError::Network(e.to_string()))?;
+        let bulk = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(15))
+            .read_timeout(std::time::Duration::from_secs(60))
+            .build()
+            .map_err(|e| ClientError::Network(e.to_string()))?;
         Ok(Self {
             base,
             http,
+            bulk,
             authorization: None,
         })
     }
@@ -43,6 +53,56 @@ impl Transport {
     /// Authenticates every later request as `device`.
     pub fn authenticate(&mut self, device: DeviceId, secret: &[u8; 32]) {
         self.authorization = Some(format!("{AUTH_SCHEME} {device}:{}", hex::encode(secret)));
+    }
+
+    /// The server's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Appends `chunk` to an upload at `offset`; returns the server's upload state.
+    pub async fn upload_chunk(
+        &self,
+        blob: BlobId,
+        offset: u64,
+        chunk: Vec<u8>,
+    ) -> Result<BlobUploadStatus, ClientError> {
+        let request = self
+            .bulk
+            .patch(format!("{}/v1/blobs/{blob}", self.base))
+            .header(UPLOAD_OFFSET_HEADER, offset.to_string())
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(chunk);
+        let response = self.authorized(request).send().await.map_err(|e| self.network(e))?;
+        decode(response).await
+    }
+
+    /// Starts downloading a blob from `offset`; the caller reads the body chunk by chunk.
+    pub async fn download(&self, blob: BlobId, offset: u64) -> Result<reqwest::Response, ClientError> {
+        let mut request = self.bulk.get(format!("{}/v1/blobs/{blob}", self.base));
+        if offset > 0 {
+            request = request.header(reqwest::header::RANGE, format!("bytes={offset}-"));
+        }
+        let response = self.authorized(request).send().await.map_err(|e| self.network(e))?;
+        if response.status().is_success() {
+            Ok(response)
+        } else {
+            Err(decode::<()>(response)
+                .await
+                .err()
+                .unwrap_or_else(|| ClientError::Protocol("download refused".into())))
+        }
+    }
+
+    fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.authorization {
+            Some(authorization) => request.header(reqwest::header::AUTHORIZATION, authorization),
+            None => request,
+        }
+    }
+
+    fn network(&self, e: reqwest::Error) -> ClientError {
+        ClientError::Network(format!("cannot reach {}: {e}", self.base))
     }
 
     /// Sends a request with an optional JSON body and decodes a JSON answer (or none for 204).
@@ -59,37 +119,8 @@ impl Transport {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| ClientError::Network(format!("cannot reach {}: {e}", self.base)))?;
-        let status = response.status();
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| ClientError::Network(e.to_string()))?;
-        if !status.is_success() {
-            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(body) => ClientError::Server {
-                    status: status.as_u16(),
-                    code: body.error.code,
-                    message: body.error.message,
-                    current_epoch: body.error.current_epoch,
-                },
-                Err(_) => ClientError::Server {
-                    status: status.as_u16(),
-                    code: "unknown".into(),
-                    message: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
-                    current_epoch: None,
-                },
-            });
-        }
-        let bytes = if status == StatusCode::NO_CONTENT || bytes.is_empty() {
-            &b"null"[..]
-        } else {
-            &bytes[..]
-        };
-        serde_json::from_slice(bytes).map_err(|e| ClientError::Protocol(format!("unexpected answer from server: {e}")))
+        let response = request.send().await.map_err(|e| self.network(e))?;
+        decode(response).await
     }
 
     /// Opens the delivery WebSocket.
@@ -117,6 +148,37 @@ impl Transport {
         })?;
         Ok(Delivery { socket })
     }
+}
+
+/// Decodes a JSON answer (or none for 204), or the server's error.
+async fn decode<R: DeserializeOwned>(response: reqwest::Response) -> Result<R, ClientError> {
+    let status = response.status();
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|e| ClientError::Network(e.to_string()))?;
+    if !status.is_success() {
+        return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(body) => ClientError::Server {
+                status: status.as_u16(),
+                code: body.error.code,
+                message: body.error.message,
+                current_epoch: body.error.current_epoch,
+            },
+            Err(_) => ClientError::Server {
+                status: status.as_u16(),
+                code: "unknown".into(),
+                message: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+                current_epoch: None,
+            },
+        });
+    }
+    let bytes = if status == StatusCode::NO_CONTENT || bytes.is_empty() {
+        &b"null"[..]
+    } else {
+        &bytes[..]
+    };
+    serde_json::from_slice(bytes).map_err(|e| ClientError::Protocol(format!("unexpected answer from server: {e}")))
 }
 
 /// An open delivery WebSocket.

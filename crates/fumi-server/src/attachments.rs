@@ -249,7 +249,10 @@ pub(crate) async fn download(
             format!("the blob has {} bytes", record.size),
         ));
     }
-    let stream = state.blobs.read(record.id, offset).await?;
+    let (stored_size, stream) = state.blobs.read(record.id, offset).await?;
+    if stored_size != record.size {
+        tracing::warn!(blob = %record.id, stored_size, announced = record.size, "a stored blob has the wrong size");
+    }
     let counting = state.clone();
     let body = Body::from_stream(stream.inspect(move |chunk| {
         if let Ok(bytes) = chunk {
@@ -262,11 +265,14 @@ pub(crate) async fn download(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(record.size - offset));
+    headers.insert(
+        header::CONTENT_LENGTH,
+        HeaderValue::from(stored_size.saturating_sub(offset)),
+    );
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     if offset > 0 {
         *response.status_mut() = StatusCode::PARTIAL_CONTENT;
-        let range = format!("bytes {offset}-{}/{}", record.size - 1, record.size);
+        let range = format!("bytes {offset}-{}/{stored_size}", stored_size.saturating_sub(1));
         response
             .headers_mut()
             .insert(header::CONTENT_RANGE, HeaderValue::from_str(&range).expect("ascii"));

@@ -155,7 +155,7 @@ impl BlobStore {
         &self,
         id: BlobId,
         offset: u64,
-    ) -> Result<BoxStream<'static, Result<bytes::Bytes, object_store::Error>>, BlobError> {
+    ) -> Result<(u64, BoxStream<'static, Result<bytes::Bytes, object_store::Error>>), BlobError> {
         let options = GetOptions {
             range: (offset > 0).then_some(GetRange::Offset(offset)),
             ..GetOptions::default()
@@ -165,7 +165,10 @@ impl BlobStore {
             .get_opts(&Self::object_path(id), options)
             .await
             .map_err(store_error)?;
-        Ok(result.into_stream())
+        // The stored size, not the announced one: a damaged store is served as it is, and the
+        // receiver's length and digest checks refuse it with a clear error.
+        let size = result.meta.size;
+        Ok((size, result.into_stream()))
     }
 
     /// Deletes a blob's bytes, finished or not. Missing bytes are not an error.

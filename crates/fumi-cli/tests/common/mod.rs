@@ -143,6 +143,68 @@ impl Server {
     }
 }
 
+/// Every blob file (finished or being uploaded) under the server's data directory.
+impl Server {
+    pub fn blob_files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for sub in ["blobs", "uploads"] {
+            let dir = self.data_dir().join(sub);
+            if dir.exists() {
+                collect_files(&dir, &mut files);
+            }
+        }
+        files
+    }
+}
+
+/// Every row of every table of the server's database, as text.
+pub fn snapshot(server: &Server) -> String {
+    let db =
+        rusqlite::Connection::open_with_flags(server.database(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let tables: Vec<String> = db
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let mut out = String::new();
+    for table in tables {
+        let mut stmt = db
+            .prepare(&format!("SELECT * FROM \"{table}\" ORDER BY rowid"))
+            .unwrap();
+        let columns = stmt.column_count();
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((0..columns)
+                    .map(|i| format!("{:?}", r.get_ref(i).unwrap()))
+                    .collect::<Vec<_>>()
+                    .join("|"))
+            })
+            .unwrap();
+        for row in rows {
+            out.push_str(&format!("{table}: {}\n", row.unwrap()));
+        }
+    }
+    out
+}
+
+/// The device id and `Authorization` value stored in a user's client store.
+pub fn credentials(user: &User) -> (fumi_proto::DeviceId, String) {
+    let db = rusqlite::Connection::open(user.home.path().join("fumi.db")).unwrap();
+    let (device, secret): (Vec<u8>, Vec<u8>) = db
+        .query_row("SELECT device_id, device_secret FROM account", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    let device = fumi_proto::DeviceId::from_slice(&device).unwrap();
+    (device, format!("Fumi {device}:{}", hex_encode(&secret)))
+}
+
+pub fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).expect("read dir") {
         let path = entry.expect("entry").path();

@@ -1,0 +1,183 @@
+//! Linked devices, invite links, avatars and disappearing messages, through the real server and
+//! CLI processes.
+
+mod common;
+
+use common::{Server, User, fumi, fumi_ok};
+
+fn texts(messages: &[serde_json::Value]) -> Vec<String> {
+    messages
+        .iter()
+        .filter(|m| m["event"] == false)
+        .map(|m| m["text"].as_str().expect("text").to_owned())
+        .collect()
+}
+
+fn receive_json(home: &std::path::Path) -> Vec<serde_json::Value> {
+    fumi_ok(home, &["receive", "--json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect()
+}
+
+#[test]
+fn a_linked_device_receives_from_link_time_and_nothing_after_removal() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice", "Alice");
+    let bob = User::register(&server, "bob", "Bob");
+    let carol = User::register(&server, "carol", "Carol");
+    alice.ok(&["send", &bob.username, "before the link"]);
+    alice.ok(&["group", "create", "Team", &bob.username, &carol.username]);
+    bob.ok(&["receive"]);
+    carol.ok(&["receive"]);
+
+    let laptop = tempfile::tempdir().unwrap();
+    let linked = fumi_ok(
+        laptop.path(),
+        &["device", "link", "--from", alice.home.path().to_str().unwrap()],
+    );
+    assert!(linked.contains(&format!("of {}", alice.username)), "{linked}");
+    let devices = alice.ok(&["device", "list"]);
+    assert_eq!(devices.lines().count(), 2, "{devices}");
+    assert_eq!(devices.matches("(this device)").count(), 1, "{devices}");
+    let laptop_id = fumi_ok(laptop.path(), &["whoami", "--json"]);
+    let laptop_id: serde_json::Value = serde_json::from_str(&laptop_id).unwrap();
+    let laptop_id = laptop_id["device_id"].as_str().unwrap().to_owned();
+    assert!(devices.contains(&laptop_id), "{devices}");
+
+    // Both of Alice's devices get new 1:1 and group messages; the laptop nothing from before.
+    bob.ok(&["send", &alice.username, "after the link"]);
+    carol.ok(&["send", "--group", "Team", "team news"]);
+    let on_laptop = receive_json(laptop.path());
+    assert_eq!(texts(&on_laptop), vec!["after the link", "team news"], "{on_laptop:?}");
+    let team = on_laptop.iter().find(|m| m["text"] == "team news").unwrap();
+    assert_eq!(team["conversation_name"], "Team", "the laptop learns the group's name");
+    assert_eq!(team["sender_name"], "Carol");
+    assert_eq!(texts(&alice.receive_json()), vec!["after the link", "team news"]);
+    let bob_events = bob.ok(&["receive"]);
+    assert!(bob_events.contains("added a newly linked device"), "{bob_events}");
+
+    // The laptop writes as Alice; her phone sees it as her own message.
+    fumi_ok(laptop.path(), &["send", "--group", "Team", "from the laptop"]);
+    assert!(texts(&carol.receive_json()).contains(&"from the laptop".to_owned()));
+    let on_phone = alice.receive_json();
+    let own = on_phone
+        .iter()
+        .find(|m| m["text"] == "from the laptop")
+        .expect("own message synced");
+    assert_eq!(own["outgoing"], true);
+
+    // Removed: its credentials stop at once and nothing new reaches it.
+    let removed = alice.ok(&["device", "remove", &laptop_id[..8]]);
+    assert!(removed.contains(&laptop_id), "{removed}");
+    assert_eq!(alice.ok(&["device", "list"]).lines().count(), 1);
+    bob.ok(&["send", &alice.username, "after the removal"]);
+    carol.ok(&["send", "--group", "Team", "more team news"]);
+    let refused = fumi(laptop.path(), &["receive"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("removed"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&refused.stdout).contains("after the removal"));
+    assert_eq!(
+        texts(&alice.receive_json()),
+        vec!["after the removal", "more team news"]
+    );
+    let carol_sees = carol.ok(&["receive"]);
+    assert!(carol_sees.contains("removed one of their devices"), "{carol_sees}");
+
+    // The link code worked once.
+    let again = tempfile::tempdir().unwrap();
+    let out = fumi(again.path(), &["device", "link", "fumi://link/AAAA/AAAA"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a complete device-link code"));
+}
+
+#[test]
+fn invite_links_connect_people_once() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice", "Alice Invites");
+    let bob = User::register(&server, "bob", "Bob");
+    let carol = User::register(&server, "carol", "Carol");
+
+    let invite = alice.ok(&["invite"]).trim().to_owned();
+    assert!(invite.starts_with("fumi://invite/"), "{invite}");
+    assert!(!invite.contains(&alice.username), "the link carries no name");
+    let added = bob.ok(&["contact", "add", &invite]);
+    assert!(
+        added.contains(&format!("added {} · Alice Invites", alice.username)),
+        "{added}"
+    );
+    let contacts = bob.ok(&["contact", "list"]);
+    assert!(contacts.contains(&alice.username), "{contacts}");
+
+    // Alice sees Bob arrive and can answer him by name.
+    let alice_sees = alice.ok(&["receive"]);
+    assert!(
+        alice_sees.contains(&format!("{} added you", bob.username)),
+        "{alice_sees}"
+    );
+    alice.ok(&["send", &bob.username, "welcome"]);
+    assert_eq!(bob.receive_texts(), vec!["welcome"]);
+
+    let reused = carol.run(&["contact", "add", &invite]);
+    assert!(!reused.status.success());
+    assert!(String::from_utf8_lossy(&reused.stderr).contains("already used"));
+    let mut damaged = invite.clone();
+    damaged.pop();
+    damaged.push(if invite.ends_with('A') { 'B' } else { 'A' });
+    let bad = carol.run(&["contact", "add", &damaged]);
+    assert!(!bad.status.success());
+    let own = alice.run(&["contact", "add", &alice.ok(&["invite"])]);
+    assert!(String::from_utf8_lossy(&own.stderr).contains("your own invite"));
+}
+
+#[test]
+fn avatars_and_disappearing_messages() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice", "Alice");
+    let bob = User::register(&server, "bob", "Bob");
+    alice.ok(&["send", &bob.username, "hi"]);
+    bob.ok(&["receive"]);
+
+    let image = [b"\x89PNG\r\n\x1a\n".as_slice(), &[42u8; 2000]].concat();
+    let avatar = alice.home.path().join("me.png");
+    std::fs::write(&avatar, &image).unwrap();
+    alice.ok(&["profile", "set", "--avatar", avatar.to_str().unwrap()]);
+    alice.ok(&["send", &bob.username, "new picture"]);
+    bob.ok(&["receive"]);
+    let contacts = bob.ok(&["contact", "list", "--json"]);
+    let entry: serde_json::Value = contacts
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|c| c["username"] == alice.username.as_str())
+        .expect("alice listed");
+    let saved = entry["avatar"].as_str().expect("avatar saved");
+    assert_eq!(std::fs::read(saved).unwrap(), image);
+    let not_image = alice.run(&["profile", "set", "--avatar", "/etc/hostname"]);
+    assert!(String::from_utf8_lossy(&not_image.stderr).contains("PNG, JPEG, GIF or WebP"));
+
+    alice.ok(&["disappearing", &bob.username, "2s"]);
+    alice.ok(&["send", &bob.username, "burn after reading"]);
+    let received = bob.ok(&["receive"]);
+    assert!(received.contains("set messages to disappear 2s"), "{received}");
+    assert!(received.contains("burn after reading"), "{received}");
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    bob.ok(&["receive"]);
+    alice.ok(&["receive"]);
+    for user in [&alice, &bob] {
+        let history = user.ok(&[
+            "history",
+            &if user.username == alice.username {
+                bob.username.clone()
+            } else {
+                alice.username.clone()
+            },
+        ]);
+        assert!(!history.contains("burn after reading"), "{history}");
+        assert!(history.contains("new picture"), "older messages stay: {history}");
+    }
+    alice.ok(&["disappearing", &bob.username, "off"]);
+    alice.ok(&["send", &bob.username, "kept"]);
+    assert!(bob.ok(&["receive"]).contains("turned disappearing messages off"));
+    assert!(bob.ok(&["history", &alice.username]).contains("kept"));
+}

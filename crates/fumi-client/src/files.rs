@@ -1,0 +1,461 @@
+//! Encrypted files: each file is sealed on this device under its own key (see
+//! [`fumi_core::attachment`]), uploaded as an opaque blob in resumable chunks, and announced in an
+//! MLS message that carries the key and digest. Receivers download with `Range` resumption,
+//! check every chunk, the length and the digest, and only then keep the file.
+//!
+//! Memory stays constant whatever the file size: files are encrypted and decrypted through
+//! buffered streams, uploads go out in [`UPLOAD_CHUNK_BYTES`] pieces, downloads are written as
+//! they arrive.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fumi_core::attachment::{self, AttachmentError, AttachmentKey, Sealed};
+use fumi_core::{Attachment, Body};
+use fumi_proto::*;
+use reqwest::Method;
+
+use crate::store::FileView;
+use crate::{ClientError, FumiClient, random_bytes};
+
+/// Bytes per upload request; a broken connection costs at most this much again.
+pub const UPLOAD_CHUNK_BYTES: usize = 4 * 1024 * 1024;
+/// Consecutive failed attempts before a transfer gives up (it resumes on the next run).
+const TRANSFER_ATTEMPTS: u32 = 8;
+const IO_BUFFER_BYTES: usize = 256 * 1024;
+
+/// Reports transfer progress (the CLI draws a progress bar).
+pub trait Progress {
+    /// A transfer of `total` bytes starts.
+    fn begin(&self, label: &str, total: u64);
+    /// `done` of the bytes are through.
+    fn set(&self, done: u64);
+    /// The transfer ended.
+    fn end(&self);
+    /// Something the user should know (a dropped connection, a resumption).
+    fn note(&self, message: &str);
+}
+
+/// Progress that is not shown.
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn begin(&self, _: &str, _: u64) {}
+    fn set(&self, _: u64) {}
+    fn end(&self) {}
+    fn note(&self, message: &str) {
+        tracing::info!("{message}");
+    }
+}
+
+/// Why a download did not produce a file.
+enum DownloadFailure {
+    /// Worth trying again later (network, server busy).
+    Retry(ClientError),
+    /// Will never succeed: the file was altered, truncated or is gone.
+    Refused(String),
+}
+
+/// Deletes a temporary file when dropped.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+impl FumiClient {
+    /// Where received files are saved.
+    pub fn files_dir(&self) -> PathBuf {
+        self.home.join("files")
+    }
+
+    fn temp_dir(&self) -> Result<PathBuf, ClientError> {
+        let dir = self.home.join("tmp");
+        fs::create_dir_all(&dir).map_err(|e| ClientError::Store(format!("cannot create {}: {e}", dir.display())))?;
+        Ok(dir)
+    }
+
+    /// Encrypts a file, uploads it and sends it into a conversation.
+    pub(crate) async fn send_file_into(
+        &mut self,
+        group: GroupId,
+        path: &Path,
+        caption: Option<&str>,
+    ) -> Result<MessageId, ClientError> {
+        if let Some(caption) = caption
+            && caption.len() > fumi_core::content::MAX_TEXT_BYTES
+        {
+            return Err(ClientError::Usage(
+                fumi_core::content::ContentError::TooLong.to_string(),
+            ));
+        }
+        let unreadable = |e: std::io::Error| ClientError::Usage(format!("cannot read {}: {e}", path.display()));
+        let metadata = fs::metadata(path).map_err(unreadable)?;
+        if !metadata.is_file() {
+            return Err(ClientError::Usage(format!("{} is not a file", path.display())));
+        }
+        let name = sanitize_file_name(&path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
+        let size = metadata.len();
+
+        let key = AttachmentKey::generate(&mut rand::rng());
+        let sealed_file = TempFile(
+            self.temp_dir()?
+                .join(format!("{}.upload", hex::encode(random_bytes::<16>()))),
+        );
+        let sealed = {
+            let mut source = BufReader::with_capacity(IO_BUFFER_BYTES, File::open(path).map_err(unreadable)?);
+            let mut sink = BufWriter::with_capacity(IO_BUFFER_BYTES, File::create(&sealed_file.0).map_err(local)?);
+            let sealed =
+                attachment::encrypt(&key, &mut source, size, &mut sink, &mut rand::rng()).map_err(|e| match e {
+                    AttachmentError::Io(e) => local(e),
+                    other => ClientError::Usage(format!("{}: {other}", path.display())),
+                })?;
+            sink.flush().map_err(local)?;
+            sealed
+        };
+        let me = self.account.device_id;
+        let recipients: Vec<DeviceId> = self
+            .device
+            .members(group)?
+            .into_iter()
+            .map(|m| m.device)
+            .filter(|d| *d != me)
+            .collect();
+        let blob = self
+            .upload(&sealed_file.0, sealed.ciphertext_size, recipients, &name)
+            .await?;
+        drop(sealed_file);
+
+        let original = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let attachment = Attachment {
+            blob,
+            key: *key.as_bytes(),
+            digest: sealed.digest,
+            size,
+            media_type: attachment::media_type_for(&name).to_owned(),
+            name,
+        };
+        let view = FileView {
+            name: attachment.name.clone(),
+            size,
+            media_type: attachment.media_type.clone(),
+            path: Some(original.display().to_string()),
+            error: None,
+        };
+        let body = Body::File {
+            attachment,
+            caption: caption.map(str::to_owned).filter(|c| !c.trim().is_empty()),
+        };
+        self.send_content_with(group, body, Some(view)).await
+    }
+
+    /// Uploads a sealed file; resumes from the server's offset after a failure.
+    async fn upload(
+        &self,
+        sealed_file: &Path,
+        size: u64,
+        recipients: Vec<DeviceId>,
+        label: &str,
+    ) -> Result<BlobId, ClientError> {
+        let created: BlobCreated = self
+            .transport
+            .request(Method::POST, "/v1/blobs", Some(&BlobCreate { size, recipients }))
+            .await
+            .map_err(|e| match e {
+                ClientError::Server {
+                    status: 413, message, ..
+                } => ClientError::Usage(message),
+                other => other,
+            })?;
+        let blob = created.blob_id;
+        let mut source = File::open(sealed_file).map_err(local)?;
+        self.progress.begin(&format!("sending {label}"), size);
+        let mut offset = 0u64;
+        let mut failures = 0u32;
+        while offset < size {
+            let length = (size - offset).min(UPLOAD_CHUNK_BYTES as u64) as usize;
+            let mut chunk = vec![0u8; length];
+            source.seek(SeekFrom::Start(offset)).map_err(local)?;
+            source.read_exact(&mut chunk).map_err(local)?;
+            match self.transport.upload_chunk(blob, offset, chunk).await {
+                Ok(status) => {
+                    offset = status.received;
+                    failures = 0;
+                    self.progress.set(offset);
+                }
+                Err(e) if retryable(&e) && failures + 1 < TRANSFER_ATTEMPTS => {
+                    failures += 1;
+                    tokio::time::sleep(backoff(failures)).await;
+                    // Where to go on: the server keeps what reached it before the break.
+                    if let Ok(status) = self
+                        .transport
+                        .request::<(), BlobUploadStatus>(Method::GET, &format!("/v1/blobs/{blob}/upload"), None)
+                        .await
+                    {
+                        self.progress.note(&format!(
+                            "upload interrupted ({e}); resuming at byte {} of {size}",
+                            status.received
+                        ));
+                        offset = status.received;
+                        self.progress.set(offset);
+                    }
+                }
+                Err(e) => {
+                    self.progress.end();
+                    return Err(e);
+                }
+            }
+        }
+        self.progress.end();
+        Ok(blob)
+    }
+
+    /// Downloads every queued file; a file refused for good is marked so in history.
+    pub(crate) async fn download_pending(&mut self) -> Result<(), ClientError> {
+        for (local_id, attachment) in self.store.downloads()? {
+            let mut view = FileView {
+                name: attachment.name.clone(),
+                size: attachment.size,
+                media_type: attachment.media_type.clone(),
+                path: None,
+                error: None,
+            };
+            match self.download(&attachment).await {
+                Ok(path) => view.path = Some(path.display().to_string()),
+                Err(DownloadFailure::Refused(reason)) => view.error = Some(reason),
+                Err(DownloadFailure::Retry(e)) => {
+                    tracing::warn!(error = %e, "a file could not be downloaded now; it will be tried again");
+                    continue;
+                }
+            }
+            self.store.transaction(|| {
+                self.store.set_file_view(local_id, &view)?;
+                self.store.remove_download(attachment.blob)
+            })?;
+            // Done with the blob either way: the server may delete it once every recipient is.
+            let path = format!("/v1/blobs/{}/ack", attachment.blob);
+            if let Err(e) = self.transport.request::<(), ()>(Method::POST, &path, None).await {
+                tracing::debug!(error = %e, "blob acknowledgement not taken");
+            }
+        }
+        Ok(())
+    }
+
+    async fn download(&self, attachment: &Attachment) -> Result<PathBuf, DownloadFailure> {
+        let temp = self.temp_dir().map_err(DownloadFailure::Retry)?;
+        let part = temp.join(format!("{}.download", attachment.blob));
+        let expected = attachment::ciphertext_size(attachment.size);
+        self.fetch_blob(attachment, &part, expected).await?;
+        let part_guard = TempFile(part);
+
+        let files = self.files_dir();
+        fs::create_dir_all(&files).map_err(|e| DownloadFailure::Retry(local(e)))?;
+        let plain = TempFile(files.join(format!(".{}.partial", attachment.blob)));
+        let key = AttachmentKey::from_bytes(attachment.key);
+        let sealed = Sealed {
+            digest: attachment.digest,
+            plaintext_size: attachment.size,
+            ciphertext_size: expected,
+        };
+        let result = (|| {
+            let mut source = BufReader::with_capacity(IO_BUFFER_BYTES, File::open(&part_guard.0)?);
+            let mut sink = BufWriter::with_capacity(IO_BUFFER_BYTES, File::create(&plain.0)?);
+            attachment::decrypt(&key, &mut source, &sealed, &mut sink)?;
+            sink.flush()?;
+            Ok::<_, AttachmentError>(())
+        })();
+        match result {
+            Ok(()) => {}
+            Err(AttachmentError::Io(e)) => return Err(DownloadFailure::Retry(local(e))),
+            Err(e) => {
+                return Err(DownloadFailure::Refused(format!(
+                    "refused {}: {e}; it was not saved",
+                    attachment.name
+                )));
+            }
+        }
+        let target = unique_path(&files, &sanitize_file_name(&attachment.name));
+        fs::rename(&plain.0, &target).map_err(|e| DownloadFailure::Retry(local(e)))?;
+        Ok(target)
+    }
+
+    /// Fetches a blob into `part`, resuming from what an earlier attempt left there.
+    async fn fetch_blob(&self, attachment: &Attachment, part: &Path, expected: u64) -> Result<(), DownloadFailure> {
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(part)
+            .map_err(|e| DownloadFailure::Retry(local(e)))?;
+        let mut offset = file.metadata().map_err(|e| DownloadFailure::Retry(local(e)))?.len();
+        if offset > expected {
+            file.set_len(0).map_err(|e| DownloadFailure::Retry(local(e)))?;
+            offset = 0;
+        }
+        self.progress.begin(&format!("receiving {}", attachment.name), expected);
+        self.progress.set(offset);
+        let mut failures = 0u32;
+        let result = loop {
+            if offset >= expected {
+                break Ok(());
+            }
+            let response = match self.transport.download(attachment.blob, offset).await {
+                Ok(response) => response,
+                Err(ClientError::Server { status: 404, .. }) => {
+                    break Err(DownloadFailure::Refused(format!(
+                        "{} is no longer on the server (it expired or was deleted)",
+                        attachment.name
+                    )));
+                }
+                Err(ClientError::Server { status: 403, .. }) => {
+                    break Err(DownloadFailure::Refused(format!(
+                        "the server does not let this device download {}",
+                        attachment.name
+                    )));
+                }
+                Err(e) if retryable(&e) && failures + 1 < TRANSFER_ATTEMPTS => {
+                    failures += 1;
+                    tokio::time::sleep(backoff(failures)).await;
+                    continue;
+                }
+                Err(e) => break Err(DownloadFailure::Retry(e)),
+            };
+            if response.status() == reqwest::StatusCode::OK && offset > 0 {
+                // The server ignored the range: start over.
+                file.set_len(0).map_err(|e| DownloadFailure::Retry(local(e)))?;
+                offset = 0;
+            }
+            let mut response = response;
+            let interrupted = loop {
+                match response.chunk().await {
+                    Ok(Some(bytes)) => {
+                        if offset + bytes.len() as u64 > expected {
+                            return Err(DownloadFailure::Refused(format!(
+                                "refused {}: {}; it was not saved",
+                                attachment.name,
+                                AttachmentError::TooLong
+                            )));
+                        }
+                        file.write_all(&bytes).map_err(|e| DownloadFailure::Retry(local(e)))?;
+                        offset += bytes.len() as u64;
+                        self.progress.set(offset);
+                    }
+                    Ok(None) => break None,
+                    Err(e) => break Some(e),
+                }
+            };
+            match interrupted {
+                // The server sent all it has: fewer bytes than announced is a truncated blob.
+                None if offset < expected => {
+                    break Err(DownloadFailure::Refused(format!(
+                        "refused {}: {}; it was not saved",
+                        attachment.name,
+                        AttachmentError::Truncated
+                    )));
+                }
+                None => {}
+                Some(e) if failures + 1 < TRANSFER_ATTEMPTS => {
+                    failures += 1;
+                    self.progress
+                        .note(&format!("download interrupted ({e}); resuming at byte {offset}"));
+                    tokio::time::sleep(backoff(failures)).await;
+                }
+                Some(e) => break Err(DownloadFailure::Retry(ClientError::Network(e.to_string()))),
+            }
+        };
+        self.progress.end();
+        file.sync_all().map_err(|e| DownloadFailure::Retry(local(e)))?;
+        if matches!(result, Err(DownloadFailure::Refused(_))) {
+            let _ = fs::remove_file(part);
+        }
+        result
+    }
+}
+
+fn local(e: std::io::Error) -> ClientError {
+    ClientError::Store(format!("local file: {e}"))
+}
+
+fn retryable(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Network(_)
+            | ClientError::Server {
+                status: 409 | 429 | 500..,
+                ..
+            }
+    )
+}
+
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(200 * 2u64.pow(failures.min(5)))
+}
+
+/// A file name safe to create: no directories, no control characters, no hidden or empty
+/// names, at most 255 bytes.
+pub fn sanitize_file_name(name: &str) -> String {
+    let cleaned: String = name
+        .chars()
+        .map(|c| match c {
+            '/' | '\\' | ':' | '\0' => '_',
+            c if c.is_control() => '_',
+            c => c,
+        })
+        .collect();
+    let cleaned = cleaned.trim().trim_start_matches('.').to_owned();
+    let mut cleaned = if cleaned.is_empty() { "file".to_owned() } else { cleaned };
+    while cleaned.len() > fumi_core::content::MAX_FILE_NAME_BYTES {
+        cleaned.pop();
+    }
+    cleaned
+}
+
+/// `dir/name`, or `dir/stem (2).ext` and so on if that exists.
+fn unique_path(dir: &Path, name: &str) -> PathBuf {
+    let candidate = dir.join(name);
+    if !candidate.exists() {
+        return candidate;
+    }
+    let (stem, extension) = match name.rsplit_once('.') {
+        Some((stem, extension)) if !stem.is_empty() => (stem, format!(".{extension}")),
+        _ => (name, String::new()),
+    };
+    (2..)
+        .map(|n| dir.join(format!("{stem} ({n}){extension}")))
+        .find(|p| !p.exists())
+        .expect("some name is free")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_cannot_escape_the_files_directory() {
+        assert_eq!(sanitize_file_name("../../etc/passwd"), "_.._etc_passwd");
+        assert_eq!(sanitize_file_name(".bashrc"), "bashrc");
+        assert_eq!(sanitize_file_name(""), "file");
+        assert_eq!(sanitize_file_name("a\nb"), "a_b");
+        assert_eq!(sanitize_file_name("scan.pdf"), "scan.pdf");
+        assert!(sanitize_file_name(&"é".repeat(300)).len() <= 255);
+    }
+
+    #[test]
+    fn saved_files_do_not_overwrite_each_other() {
+        let dir = tempfile_dir();
+        let first = unique_path(&dir, "scan.pdf");
+        fs::write(&first, b"1").unwrap();
+        let second = unique_path(&dir, "scan.pdf");
+        assert_eq!(second, dir.join("scan (2).pdf"));
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("fumi-files-test-{}", hex::encode(random_bytes::<8>())));
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}
