@@ -12,6 +12,7 @@ use futures_util::{SinkExt, StreamExt};
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use reqwest::{Client, Method, StatusCode};
 use serde_json::{Value, json};
+use sha2::Digest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
@@ -409,4 +410,340 @@ async fn bad_requests_get_4xx_and_change_nothing() {
     );
     let log = std::fs::read_to_string(server.log_path()).unwrap();
     assert!(!log.contains("panicked"), "{log}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn blob_link_invite_and_avatar_requests_are_checked_and_change_nothing() {
+    let server = Server::start_with_env(&[("FUMI_MAX_BLOB_BYTES", "1000000"), ("FUMI_BLOB_QUOTA_BYTES", "1000500")]);
+    let alice = User::register(&server, "alice", "Alice");
+    let bob = User::register(&server, "bob", "Bob");
+    let mallory = User::register(&server, "mallory", "Mallory");
+    let (alice_device, alice_auth) = credentials(&alice);
+    let (bob_device, bob_auth) = credentials(&bob);
+    let (_, mallory_auth) = credentials(&mallory);
+    let api = Api {
+        http: Client::new(),
+        url: server.url.clone(),
+    };
+    let body = |value: Value| Some(serde_json::to_vec(&value).unwrap());
+
+    // State the cases below work against: an upload in progress (Alice to Bob), a used invite,
+    // and an open device link.
+    let (status, created) = api
+        .call(
+            Method::POST,
+            "/v1/blobs",
+            Some(&alice_auth),
+            body(json!({"size": 1000, "recipients": [bob_device.to_string()]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let blob = created["blob_id"].as_str().unwrap().to_owned();
+    let token = [7u8; 32];
+    let token_hash = sha2::Sha256::digest(token);
+    let (status, _) = api
+        .call(
+            Method::POST,
+            "/v1/invites",
+            Some(&alice_auth),
+            body(json!({"token_hash": STANDARD.encode(token_hash)})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let redeem = json!({"account_id": account_of(&alice), "token": STANDARD.encode(token)});
+    let (status, _) = api
+        .call(
+            Method::POST,
+            "/v1/invites/redeem",
+            Some(&bob_auth),
+            body(redeem.clone()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let link_token = [9u8; 32];
+    let (status, _) = api
+        .call(
+            Method::POST,
+            "/v1/links",
+            Some(&alice_auth),
+            body(json!({"token_hash": STANDARD.encode(sha2::Sha256::digest(link_token)), "sealed": STANDARD.encode([1u8; 64])})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    let key_package = outside_device(5).key_packages(1, false).unwrap().one_time.remove(0);
+
+    let before = snapshot(&server);
+    let files_before = server.blob_files();
+    let blob_path = format!("/v1/blobs/{blob}");
+    let recipients = json!([bob_device.to_string()]);
+    let cases: Vec<(&str, Method, String, Option<&str>, Option<Vec<u8>>, StatusCode, &str)> = vec![
+        (
+            "empty blob",
+            Method::POST,
+            "/v1/blobs".into(),
+            Some(&alice_auth),
+            body(json!({"size": 0, "recipients": recipients})),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "over the size limit",
+            Method::POST,
+            "/v1/blobs".into(),
+            Some(&alice_auth),
+            body(json!({"size": 1_000_001, "recipients": recipients})),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+        ),
+        (
+            "over the quota",
+            Method::POST,
+            "/v1/blobs".into(),
+            Some(&alice_auth),
+            body(json!({"size": 1_000_000, "recipients": recipients})),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "quota_exceeded",
+        ),
+        (
+            "no recipients",
+            Method::POST,
+            "/v1/blobs".into(),
+            Some(&alice_auth),
+            body(json!({"size": 10, "recipients": []})),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "self as recipient",
+            Method::POST,
+            "/v1/blobs".into(),
+            Some(&alice_auth),
+            body(json!({"size": 10, "recipients": [alice_device.to_string()]})),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "unknown recipient",
+            Method::POST,
+            "/v1/blobs".into(),
+            Some(&alice_auth),
+            body(json!({"size": 10, "recipients": ["00".repeat(16)]})),
+            StatusCode::NOT_FOUND,
+            "unknown_device",
+        ),
+        (
+            "another account's upload",
+            Method::GET,
+            format!("{blob_path}/upload"),
+            Some(&mallory_auth),
+            None,
+            StatusCode::FORBIDDEN,
+            "not_the_uploader",
+        ),
+        (
+            "download before complete",
+            Method::GET,
+            blob_path.clone(),
+            Some(&bob_auth),
+            None,
+            StatusCode::CONFLICT,
+            "upload_incomplete",
+        ),
+        (
+            "download by a stranger",
+            Method::GET,
+            blob_path.clone(),
+            Some(&mallory_auth),
+            None,
+            StatusCode::FORBIDDEN,
+            "not_a_recipient",
+        ),
+        (
+            "malformed blob id",
+            Method::GET,
+            "/v1/blobs/xyz".into(),
+            Some(&bob_auth),
+            None,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "unknown blob",
+            Method::GET,
+            format!("/v1/blobs/{}", "ab".repeat(16)),
+            Some(&bob_auth),
+            None,
+            StatusCode::NOT_FOUND,
+            "unknown_blob",
+        ),
+        (
+            "ack by a stranger",
+            Method::POST,
+            format!("{blob_path}/ack"),
+            Some(&mallory_auth),
+            None,
+            StatusCode::FORBIDDEN,
+            "not_a_recipient",
+        ),
+        (
+            "reused invite",
+            Method::POST,
+            "/v1/invites/redeem".into(),
+            Some(&mallory_auth),
+            body(redeem.clone()),
+            StatusCode::GONE,
+            "invite_used",
+        ),
+        (
+            "unknown invite",
+            Method::POST,
+            "/v1/invites/redeem".into(),
+            Some(&mallory_auth),
+            body(json!({"account_id": account_of(&alice), "token": STANDARD.encode([8u8; 32])})),
+            StatusCode::NOT_FOUND,
+            "unknown_invite",
+        ),
+        (
+            "short link token",
+            Method::POST,
+            "/v1/links/open".into(),
+            None,
+            body(json!({"token": STANDARD.encode([1u8; 5])})),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "unknown link",
+            Method::POST,
+            "/v1/links/open".into(),
+            None,
+            body(json!({"token": STANDARD.encode([2u8; 32])})),
+            StatusCode::NOT_FOUND,
+            "unknown_link",
+        ),
+        (
+            "device not signed by the account",
+            Method::POST,
+            "/v1/devices".into(),
+            None,
+            body(json!({
+            "token": STANDARD.encode(link_token), "device_id": "cd".repeat(16), "device_secret_hash": STANDARD.encode([3u8; 32]),
+            "signature": STANDARD.encode([4u8; 64]), "key_packages": [STANDARD.encode(&key_package)], "last_resort": null})),
+            StatusCode::FORBIDDEN,
+            "bad_signature",
+        ),
+        (
+            "removing the calling device",
+            Method::DELETE,
+            format!("/v1/devices/{alice_device}"),
+            Some(&alice_auth),
+            None,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "removing another account's device",
+            Method::DELETE,
+            format!("/v1/devices/{bob_device}"),
+            Some(&alice_auth),
+            None,
+            StatusCode::NOT_FOUND,
+            "unknown_device",
+        ),
+        (
+            "oversized avatar",
+            Method::PUT,
+            "/v1/profile/avatar".into(),
+            Some(&alice_auth),
+            body(json!({"sealed": STANDARD.encode(vec![0u8; 400 * 1024])})),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+        ),
+    ];
+    for (name, method, path, auth, request, status, code) in cases {
+        let (got, answer) = api.call(method, &path, auth, request).await;
+        assert_eq!(got, status, "{name}: {answer}");
+        assert_eq!(answer["error"]["code"], code, "{name}: {answer}");
+        assert!(
+            answer["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{name}"
+        );
+        assert_eq!(snapshot(&server), before, "{name} changed stored state");
+    }
+
+    // Uploads: the offset must be where the server is, the body must fit, only the uploader writes.
+    for (name, auth, offset, bytes, status, code) in [
+        (
+            "wrong offset",
+            &alice_auth,
+            Some("500"),
+            10,
+            StatusCode::CONFLICT,
+            "upload_offset_mismatch",
+        ),
+        (
+            "no offset",
+            &alice_auth,
+            None,
+            10,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "longer than announced",
+            &alice_auth,
+            Some("0"),
+            1001,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "not the uploader",
+            &mallory_auth,
+            Some("0"),
+            10,
+            StatusCode::FORBIDDEN,
+            "not_the_uploader",
+        ),
+        (
+            "a recipient is not the uploader",
+            &bob_auth,
+            Some("0"),
+            10,
+            StatusCode::FORBIDDEN,
+            "not_the_uploader",
+        ),
+    ] {
+        let mut request = api
+            .http
+            .patch(format!("{}{blob_path}", api.url))
+            .header("authorization", auth.as_str())
+            .body(vec![5u8; bytes]);
+        if let Some(offset) = offset {
+            request = request.header("fumi-upload-offset", offset);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), status, "{name}");
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["error"]["code"], code, "{name}: {answer}");
+        if code == "upload_offset_mismatch" {
+            assert_eq!(answer["error"]["upload_offset"], 0, "{answer}");
+        }
+        assert_eq!(server.blob_files(), files_before, "{name} stored bytes");
+        assert_eq!(snapshot(&server), before, "{name} changed stored state");
+    }
+    let metrics = server.metrics();
+    assert!(
+        metrics.contains("fumi_http_responses_server_error_total 0"),
+        "{metrics}"
+    );
+}
+
+fn account_of(user: &User) -> String {
+    let db = rusqlite::Connection::open(user.home.path().join("fumi.db")).unwrap();
+    let account: Vec<u8> = db
+        .query_row("SELECT account_id FROM account", [], |r| r.get(0))
+        .unwrap();
+    hex_encode(&account)
 }

@@ -90,23 +90,20 @@ impl BlobStore {
     /// the bytes held afterwards. Whatever arrived before a dropped connection is kept, so the
     /// client resumes from there.
     pub async fn append(&self, id: BlobId, offset: u64, size: u64, body: Body) -> Result<u64, BlobError> {
+        // Checked before the file is created, so a refused request leaves nothing behind. (One
+        // request at a time writes an upload: the caller holds its upload guard.)
+        let held = self.received(id).await?;
+        if held != offset {
+            return Err(BlobError::OffsetMismatch { held });
+        }
         let path = self.staging_path(id);
         let mut file = tokio::fs::OpenOptions::new()
             .create(true)
-            .append(false)
             .write(true)
             .truncate(false)
             .open(&path)
             .await
             .map_err(|e| BlobError::Store(e.to_string()))?;
-        let held = file
-            .metadata()
-            .await
-            .map_err(|e| BlobError::Store(e.to_string()))?
-            .len();
-        if held != offset {
-            return Err(BlobError::OffsetMismatch { held });
-        }
         file.seek(std::io::SeekFrom::Start(held))
             .await
             .map_err(|e| BlobError::Store(e.to_string()))?;
@@ -122,6 +119,10 @@ impl BlobStore {
                 file.set_len(offset)
                     .await
                     .map_err(|e| BlobError::Store(e.to_string()))?;
+                if offset == 0 {
+                    drop(file);
+                    let _ = tokio::fs::remove_file(&path).await;
+                }
                 return Err(BlobError::Oversized);
             }
             file.write_all(&chunk)
