@@ -477,7 +477,7 @@ async fn blob_link_invite_and_avatar_requests_are_checked_and_change_nothing() {
     let files_before = server.blob_files();
     let blob_path = format!("/v1/blobs/{blob}");
     let recipients = json!([bob_device.to_string()]);
-    let cases: Vec<(&str, Method, String, Option<&str>, Option<Vec<u8>>, StatusCode, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "empty blob",
             Method::POST,
@@ -739,6 +739,17 @@ async fn blob_link_invite_and_avatar_requests_are_checked_and_change_nothing() {
         "{metrics}"
     );
 }
+
+/// (what, method, path, credentials, body, expected status, expected error code)
+type Case<'a> = (
+    &'a str,
+    Method,
+    String,
+    Option<&'a str>,
+    Option<Vec<u8>>,
+    StatusCode,
+    &'a str,
+);
 
 fn account_of(user: &User) -> String {
     let db = rusqlite::Connection::open(user.home.path().join("fumi.db")).unwrap();
