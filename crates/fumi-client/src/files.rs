@@ -8,17 +8,18 @@
 //! they arrive.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use bytes::Bytes;
 use fumi_core::attachment::{self, AttachmentError, AttachmentKey, Sealed};
 use fumi_core::{Attachment, Body};
 use fumi_proto::*;
 use reqwest::Method;
 
 use crate::store::FileView;
-use crate::{ClientError, FumiClient, random_bytes};
+use crate::{ClientError, FumiClient};
 
 /// Bytes per upload request; a broken connection costs at most this much again.
 pub const UPLOAD_CHUNK_BYTES: usize = 4 * 1024 * 1024;
@@ -56,6 +57,61 @@ enum DownloadFailure {
     Retry(ClientError),
     /// Will never succeed: the file was altered, truncated or is gone.
     Refused(String),
+}
+
+/// Collects sealed bytes into upload-sized chunks and hands each to the uploader.
+struct ChunkSender {
+    chunks: tokio::sync::mpsc::Sender<Bytes>,
+    buffer: Vec<u8>,
+}
+
+impl ChunkSender {
+    fn send(&mut self) -> std::io::Result<()> {
+        let full = std::mem::replace(&mut self.buffer, Vec::with_capacity(UPLOAD_CHUNK_BYTES));
+        self.chunks
+            .blocking_send(Bytes::from(full))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload stopped"))
+    }
+}
+
+impl Write for ChunkSender {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let room = UPLOAD_CHUNK_BYTES - self.buffer.len();
+        let taken = bytes.len().min(room);
+        self.buffer.extend_from_slice(&bytes[..taken]);
+        if self.buffer.len() == UPLOAD_CHUNK_BYTES {
+            self.send()?;
+        }
+        Ok(taken)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.buffer.is_empty() {
+            self.send()?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads the sealed chunks a download hands over; end of input when the sender is dropped.
+struct ChunkReader {
+    chunks: tokio::sync::mpsc::Receiver<Bytes>,
+    current: Bytes,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.chunks.blocking_recv() {
+                Some(chunk) => self.current = chunk,
+                None => return Ok(0),
+            }
+        }
+        let n = buffer.len().min(self.current.len());
+        buffer[..n].copy_from_slice(&self.current[..n]);
+        self.current = self.current.slice(n..);
+        Ok(n)
+    }
 }
 
 /// Deletes a temporary file when dropped.
@@ -102,21 +158,6 @@ impl FumiClient {
         let size = metadata.len();
 
         let key = AttachmentKey::generate(&mut rand::rng());
-        let sealed_file = TempFile(
-            self.temp_dir()?
-                .join(format!("{}.upload", hex::encode(random_bytes::<16>()))),
-        );
-        let sealed = {
-            let mut source = BufReader::with_capacity(IO_BUFFER_BYTES, File::open(path).map_err(unreadable)?);
-            let mut sink = BufWriter::with_capacity(IO_BUFFER_BYTES, File::create(&sealed_file.0).map_err(local)?);
-            let sealed =
-                attachment::encrypt(&key, &mut source, size, &mut sink, &mut rand::rng()).map_err(|e| match e {
-                    AttachmentError::Io(e) => local(e),
-                    other => ClientError::Usage(format!("{}: {other}", path.display())),
-                })?;
-            sink.flush().map_err(local)?;
-            sealed
-        };
         let me = self.account.device_id;
         let recipients: Vec<DeviceId> = self
             .device
@@ -125,10 +166,40 @@ impl FumiClient {
             .map(|m| m.device)
             .filter(|d| *d != me)
             .collect();
-        let blob = self
-            .upload(&sealed_file.0, sealed.ciphertext_size, recipients, &name)
-            .await?;
-        drop(sealed_file);
+        // Encryption runs on a blocking thread and hands sealed chunks to the upload as they
+        // are ready: both cores work, and no sealed copy of the file is written to disk.
+        let (chunks, mut ready) = tokio::sync::mpsc::channel::<Bytes>(2);
+        let encryptor = {
+            let (path, key) = (path.to_path_buf(), key.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut source = BufReader::with_capacity(IO_BUFFER_BYTES, File::open(&path)?);
+                let mut sink = ChunkSender {
+                    chunks,
+                    buffer: Vec::with_capacity(UPLOAD_CHUNK_BYTES),
+                };
+                let sealed = attachment::encrypt(&key, &mut source, size, &mut sink, &mut rand::rng())?;
+                sink.flush()?;
+                Ok::<_, AttachmentError>(sealed)
+            })
+        };
+        let ciphertext_size = attachment::ciphertext_size(size);
+        let uploaded = self.upload(&mut ready, ciphertext_size, recipients, &name).await;
+        drop(ready);
+        let encrypted = encryptor
+            .await
+            .map_err(|e| ClientError::Store(format!("encryption task: {e}")))?;
+        let sealed = match (uploaded, encrypted) {
+            (_, Err(AttachmentError::Io(e))) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                return Err(unreadable(e));
+            }
+            (_, Err(e @ AttachmentError::SourceChanged)) => {
+                return Err(ClientError::Usage(format!("{}: {e}", path.display())));
+            }
+            (Err(e), _) => return Err(e),
+            (Ok(_), Err(e)) => return Err(ClientError::Usage(format!("{}: {e}", path.display()))),
+            (Ok(blob), Ok(sealed)) => (blob, sealed),
+        };
+        let (blob, sealed) = sealed;
 
         let original = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         let attachment = Attachment {
@@ -153,14 +224,19 @@ impl FumiClient {
         self.send_content_with(group, body, Some(view)).await
     }
 
-    /// Uploads a sealed file; resumes from the server's offset after a failure.
+    /// Uploads sealed chunks as they arrive; after a failure resumes from the server's offset.
     async fn upload(
         &self,
-        sealed_file: &Path,
+        ready: &mut tokio::sync::mpsc::Receiver<Bytes>,
         size: u64,
         recipients: Vec<DeviceId>,
         label: &str,
     ) -> Result<BlobId, ClientError> {
+        if recipients.is_empty() {
+            return Err(ClientError::Usage(
+                "no one else is in this conversation to receive the file".into(),
+            ));
+        }
         let created: BlobCreated = self
             .transport
             .request(Method::POST, "/v1/blobs", Some(&BlobCreate { size, recipients }))
@@ -172,21 +248,33 @@ impl FumiClient {
                 other => other,
             })?;
         let blob = created.blob_id;
-        let mut source = File::open(sealed_file).map_err(local)?;
         self.progress.begin(&format!("sending {label}"), size);
-        let mut offset = 0u64;
+        let mut start = 0u64;
+        let result = async {
+            while let Some(chunk) = ready.recv().await {
+                self.upload_chunk(blob, start, chunk.clone(), size).await?;
+                start += chunk.len() as u64;
+                self.progress.set(start);
+            }
+            if start != size {
+                return Err(ClientError::Usage("the file could not be read to its end".into()));
+            }
+            Ok(blob)
+        }
+        .await;
+        self.progress.end();
+        result
+    }
+
+    /// Uploads one chunk that starts at `start`, resuming inside it after a dropped connection.
+    async fn upload_chunk(&self, blob: BlobId, start: u64, chunk: Bytes, size: u64) -> Result<(), ClientError> {
+        let end = start + chunk.len() as u64;
+        let mut offset = start;
         let mut failures = 0u32;
-        while offset < size {
-            let length = (size - offset).min(UPLOAD_CHUNK_BYTES as u64) as usize;
-            let mut chunk = vec![0u8; length];
-            source.seek(SeekFrom::Start(offset)).map_err(local)?;
-            source.read_exact(&mut chunk).map_err(local)?;
-            match self.transport.upload_chunk(blob, offset, chunk).await {
-                Ok(status) => {
-                    offset = status.received;
-                    failures = 0;
-                    self.progress.set(offset);
-                }
+        while offset < end {
+            let piece = chunk.slice((offset - start) as usize..);
+            match self.transport.upload_chunk(blob, offset, piece).await {
+                Ok(status) => offset = status.received,
                 Err(e) if retryable(&e) && failures + 1 < TRANSFER_ATTEMPTS => {
                     failures += 1;
                     tokio::time::sleep(backoff(failures)).await;
@@ -201,17 +289,17 @@ impl FumiClient {
                             status.received
                         ));
                         offset = status.received;
-                        self.progress.set(offset);
                     }
                 }
-                Err(e) => {
-                    self.progress.end();
-                    return Err(e);
-                }
+                Err(e) => return Err(e),
+            }
+            if offset < start || offset > end {
+                return Err(ClientError::Protocol(format!(
+                    "the server reports {offset} bytes of an upload expected between {start} and {end}"
+                )));
             }
         }
-        self.progress.end();
-        Ok(blob)
+        Ok(())
     }
 
     /// Downloads every queued file; a file refused for good is marked so in history.
@@ -249,33 +337,52 @@ impl FumiClient {
         let temp = self.temp_dir().map_err(DownloadFailure::Retry)?;
         let part = temp.join(format!("{}.download", attachment.blob));
         let expected = attachment::ciphertext_size(attachment.size);
-        self.fetch_blob(attachment, &part, expected).await?;
-        let part_guard = TempFile(part);
-
         let files = self.files_dir();
         fs::create_dir_all(&files).map_err(|e| DownloadFailure::Retry(local(e)))?;
         let plain = TempFile(files.join(format!(".{}.partial", attachment.blob)));
-        let key = AttachmentKey::from_bytes(attachment.key);
-        let sealed = Sealed {
-            digest: attachment.digest,
-            plaintext_size: attachment.size,
-            ciphertext_size: expected,
+
+        // Decryption runs on a blocking thread, fed the sealed bytes as they arrive.
+        let (feed, sealed_bytes) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let decryptor = {
+            let key = AttachmentKey::from_bytes(attachment.key);
+            let sealed = Sealed {
+                digest: attachment.digest,
+                plaintext_size: attachment.size,
+                ciphertext_size: expected,
+            };
+            let plain = plain.0.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut source = ChunkReader {
+                    chunks: sealed_bytes,
+                    current: Bytes::new(),
+                };
+                let mut sink = BufWriter::with_capacity(IO_BUFFER_BYTES, File::create(&plain)?);
+                attachment::decrypt(&key, &mut source, &sealed, &mut sink)?;
+                sink.flush()?;
+                Ok::<_, AttachmentError>(())
+            })
         };
-        let result = (|| {
-            let mut source = BufReader::with_capacity(IO_BUFFER_BYTES, File::open(&part_guard.0)?);
-            let mut sink = BufWriter::with_capacity(IO_BUFFER_BYTES, File::create(&plain.0)?);
-            attachment::decrypt(&key, &mut source, &sealed, &mut sink)?;
-            sink.flush()?;
-            Ok::<_, AttachmentError>(())
-        })();
-        match result {
-            Ok(()) => {}
-            Err(AttachmentError::Io(e)) => return Err(DownloadFailure::Retry(local(e))),
-            Err(e) => {
-                return Err(DownloadFailure::Refused(format!(
-                    "refused {}: {e}; it was not saved",
-                    attachment.name
-                )));
+        let fetched = self.fetch_blob(attachment, &part, expected, feed).await;
+        let decrypted = decryptor
+            .await
+            .map_err(|e| DownloadFailure::Retry(ClientError::Store(format!("decryption task: {e}"))))?;
+        let refused = |e: AttachmentError| {
+            DownloadFailure::Refused(format!("refused {}: {e}; it was not saved", attachment.name))
+        };
+        let outcome = match (fetched, decrypted) {
+            // A failed chunk is reported as soon as it arrives, before the rest is fetched.
+            (_, Err(e @ (AttachmentError::Tampered | AttachmentError::UnknownFormat(_)))) => Err(refused(e)),
+            (Err(failure), _) => Err(failure),
+            (Ok(()), Err(AttachmentError::Io(e))) => Err(DownloadFailure::Retry(local(e))),
+            (Ok(()), Err(e)) => Err(refused(e)),
+            (Ok(()), Ok(())) => Ok(()),
+        };
+        match outcome {
+            // Keep what arrived: the next run resumes from there.
+            Err(DownloadFailure::Retry(e)) => return Err(DownloadFailure::Retry(e)),
+            other => {
+                let _ = fs::remove_file(&part);
+                other?
             }
         }
         let target = unique_path(&files, &sanitize_file_name(&attachment.name));
@@ -284,16 +391,31 @@ impl FumiClient {
     }
 
     /// Fetches a blob into `part`, resuming from what an earlier attempt left there.
-    async fn fetch_blob(&self, attachment: &Attachment, part: &Path, expected: u64) -> Result<(), DownloadFailure> {
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(part)
-            .map_err(|e| DownloadFailure::Retry(local(e)))?;
-        let mut offset = file.metadata().map_err(|e| DownloadFailure::Retry(local(e)))?.len();
+    /// Every byte (those an earlier run left in `part` first) also goes to `feed`; a closed
+    /// feed (the decryptor refused a chunk) ends the fetch early.
+    async fn fetch_blob(
+        &self,
+        attachment: &Attachment,
+        part: &Path,
+        expected: u64,
+        feed: tokio::sync::mpsc::Sender<Bytes>,
+    ) -> Result<(), DownloadFailure> {
+        let retry = |e: std::io::Error| DownloadFailure::Retry(local(e));
+        let mut file = OpenOptions::new().create(true).append(true).open(part).map_err(retry)?;
+        let mut offset = file.metadata().map_err(retry)?.len();
         if offset > expected {
-            file.set_len(0).map_err(|e| DownloadFailure::Retry(local(e)))?;
+            file.set_len(0).map_err(retry)?;
             offset = 0;
+        }
+        if offset > 0 {
+            let mut earlier = File::open(part).map_err(retry)?;
+            let mut buffer = vec![0u8; IO_BUFFER_BYTES];
+            loop {
+                let n = earlier.read(&mut buffer).map_err(retry)?;
+                if n == 0 || feed.send(Bytes::copy_from_slice(&buffer[..n])).await.is_err() {
+                    break;
+                }
+            }
         }
         self.progress.begin(&format!("receiving {}", attachment.name), expected);
         self.progress.set(offset);
@@ -324,9 +446,11 @@ impl FumiClient {
                 Err(e) => break Err(DownloadFailure::Retry(e)),
             };
             if response.status() == reqwest::StatusCode::OK && offset > 0 {
-                // The server ignored the range: start over.
-                file.set_len(0).map_err(|e| DownloadFailure::Retry(local(e)))?;
-                offset = 0;
+                // The server ignored the range: the next run starts over.
+                file.set_len(0).map_err(retry)?;
+                break Err(DownloadFailure::Retry(ClientError::Protocol(
+                    "the server ignored the download range".into(),
+                )));
             }
             let mut response = response;
             let interrupted = loop {
@@ -339,9 +463,13 @@ impl FumiClient {
                                 AttachmentError::TooLong
                             )));
                         }
-                        file.write_all(&bytes).map_err(|e| DownloadFailure::Retry(local(e)))?;
+                        file.write_all(&bytes).map_err(retry)?;
                         offset += bytes.len() as u64;
                         self.progress.set(offset);
+                        if feed.send(bytes).await.is_err() {
+                            // The decryptor refused what it got: no use fetching the rest.
+                            break None;
+                        }
                     }
                     Ok(None) => break None,
                     Err(e) => break Some(e),
@@ -367,7 +495,7 @@ impl FumiClient {
             }
         };
         self.progress.end();
-        file.sync_all().map_err(|e| DownloadFailure::Retry(local(e)))?;
+        // No fsync: the part file only saves refetching after an interruption.
         if matches!(result, Err(DownloadFailure::Refused(_))) {
             let _ = fs::remove_file(part);
         }
@@ -454,7 +582,7 @@ mod tests {
     }
 
     fn tempfile_dir() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("fumi-files-test-{}", hex::encode(random_bytes::<8>())));
+        let dir = std::env::temp_dir().join(format!("fumi-files-test-{}", hex::encode(crate::random_bytes::<8>())));
         fs::create_dir_all(&dir).unwrap();
         dir
     }

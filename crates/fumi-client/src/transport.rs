@@ -65,7 +65,7 @@ impl Transport {
         &self,
         blob: BlobId,
         offset: u64,
-        chunk: Vec<u8>,
+        chunk: bytes::Bytes,
     ) -> Result<BlobUploadStatus, ClientError> {
         let request = self
             .bulk
