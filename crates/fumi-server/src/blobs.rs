@@ -13,8 +13,10 @@ use bytes::Bytes;
 use fumi_proto::BlobId;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
+use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
+use object_store::prefix::PrefixStore;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
@@ -52,20 +54,46 @@ pub struct BlobStore {
 }
 
 impl BlobStore {
-    /// Opens the configured store: `blob_store` empty means `<data>/blobs` on the local disk;
-    /// otherwise it is a local directory.
+    /// Opens the configured store. `blob_store` empty: `<data>/blobs` on the local disk; a path
+    /// or `file://` URL: that directory; `s3://bucket[/prefix]`: an S3-compatible service, with
+    /// endpoint, region and credentials from the standard `AWS_*` environment variables
+    /// (`AWS_ENDPOINT`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+    /// `AWS_ALLOW_HTTP`, ...). Uploads are staged in `<data>/uploads` either way.
     pub fn open(config: &Config) -> Result<Self, BlobError> {
         let staging = config.data.join("uploads");
         std::fs::create_dir_all(&staging).map_err(|e| BlobError::Store(format!("{}: {e}", staging.display())))?;
-        let root = if config.blob_store.is_empty() {
+        let location = config.blob_store.trim();
+        if let Some(rest) = location.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(BlobError::Store(format!(
+                    "blob_store {location:?}: name the bucket, as in s3://bucket or s3://bucket/prefix"
+                )));
+            }
+            let s3 = AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .build()
+                .map_err(|e| BlobError::Store(format!("blob_store {location:?}: {e}")))?;
+            let endpoint = std::env::var("AWS_ENDPOINT").unwrap_or_else(|_| "AWS".into());
+            let objects: Arc<dyn ObjectStore> = match prefix.trim_matches('/') {
+                "" => Arc::new(s3),
+                prefix => Arc::new(PrefixStore::new(s3, prefix)),
+            };
+            return Ok(Self {
+                staging,
+                objects,
+                local_root: None,
+                description: format!("S3 bucket {bucket} at {endpoint}"),
+            });
+        }
+        let root = if location.is_empty() {
             config.data.join("blobs")
-        } else if config.blob_store.contains("://") && !config.blob_store.starts_with("file://") {
+        } else if location.contains("://") && !location.starts_with("file://") {
             return Err(BlobError::Store(format!(
-                "unsupported blob store {:?}: this build stores blobs in a local directory",
-                config.blob_store
+                "unsupported blob store {location:?}: use a directory, file://DIR or s3://BUCKET[/PREFIX]"
             )));
         } else {
-            PathBuf::from(config.blob_store.trim_start_matches("file://"))
+            PathBuf::from(location.trim_start_matches("file://"))
         };
         std::fs::create_dir_all(&root).map_err(|e| BlobError::Store(format!("{}: {e}", root.display())))?;
         let objects = LocalFileSystem::new_with_prefix(&root).map_err(store_error)?;
@@ -75,6 +103,20 @@ impl BlobStore {
             local_root: Some(root.clone()),
             description: format!("local directory {}", root.display()),
         })
+    }
+
+    /// Checks at startup that the store answers (bucket exists, credentials work), so a wrong
+    /// setting stops the server with a clear message instead of failing the first upload.
+    pub async fn check(&self) -> Result<(), BlobError> {
+        // A write and a delete: a missing bucket or read-only credentials fail here.
+        let probe = ObjectPath::from("blobs/.fumi-startup-check");
+        let failed =
+            |e: object_store::Error| BlobError::Store(format!("{} does not accept writes: {e}", self.description));
+        self.objects
+            .put(&probe, bytes::Bytes::from_static(b"fumi").into())
+            .await
+            .map_err(failed)?;
+        self.objects.delete(&probe).await.map_err(failed)
     }
 
     fn staging_path(&self, id: BlobId) -> PathBuf {

@@ -149,6 +149,7 @@ pub async fn run(
     })?;
     let storage: Arc<dyn Storage> = Arc::new(SqliteStorage::open(&database_path(&config)).await?);
     let blobs = BlobStore::open(&config)?;
+    blobs.check().await?;
     tracing::info!(store = %blobs.description, "blob store");
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let state = Arc::new(AppState {
