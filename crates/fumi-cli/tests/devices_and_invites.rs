@@ -181,3 +181,47 @@ fn avatars_and_disappearing_messages() {
     assert!(bob.ok(&["receive"]).contains("turned disappearing messages off"));
     assert!(bob.ok(&["history", &alice.username]).contains("kept"));
 }
+
+#[test]
+fn device_link_prints_a_code_and_waits_for_the_new_device() {
+    use std::io::{BufRead, BufReader};
+    let server = Server::start();
+    let alice = User::register(&server, "alice", "Alice");
+    let bob = User::register(&server, "bob", "Bob");
+    alice.ok(&["send", &bob.username, "hi"]);
+
+    let mut old = std::process::Command::new(common::FUMI)
+        .arg("--home")
+        .arg(alice.home.path())
+        .args(["device", "link", "--wait", "60"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(old.stdout.take().unwrap()).lines();
+    let mut shown = Vec::new();
+    let code = loop {
+        let line = lines.next().expect("the old device prints the code").unwrap();
+        shown.push(line.clone());
+        if let Some(start) = line.find("fumi://link/") {
+            break line[start..].trim_end_matches('\'').to_owned();
+        }
+    };
+    let laptop = tempfile::tempdir().unwrap();
+    let joined = fumi_ok(laptop.path(), &["device", "link", &code]);
+    assert!(joined.contains("linked as device"), "{joined}");
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert!(old.wait().unwrap().success());
+    let all = [shown, rest].concat().join("\n");
+    assert!(
+        all.contains('█') || all.contains('▀') || all.contains('▄'),
+        "a QR code is drawn: {all}"
+    );
+    assert!(all.contains("linked and added to your conversations"), "{all}");
+
+    // Added to the existing 1:1 conversation before the old device returned.
+    bob.ok(&["send", &alice.username, "to both devices"]);
+    assert_eq!(texts(&receive_json(laptop.path())), vec!["to both devices"]);
+    let reused = fumi(tempfile::tempdir().unwrap().path(), &["device", "link", &code]);
+    assert!(String::from_utf8_lossy(&reused.stderr).contains("already used or has expired"));
+}

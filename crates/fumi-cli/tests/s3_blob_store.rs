@@ -138,7 +138,10 @@ fn files_go_through_an_s3_compatible_store() {
     assert_eq!(std::fs::read_to_string(saved).unwrap(), content);
     assert!(moto.keys("fumi-blobs").is_empty(), "deleted once fetched");
     let log = std::fs::read_to_string(server.log_path()).unwrap();
-    assert!(log.contains("S3 bucket fumi-blobs"), "the server says where blobs go: {log}");
+    assert!(
+        log.contains("S3 bucket fumi-blobs"),
+        "the server says where blobs go: {log}"
+    );
 }
 
 #[test]
