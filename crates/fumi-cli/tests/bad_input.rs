@@ -578,6 +578,15 @@ async fn blob_link_invite_and_avatar_requests_are_checked_and_change_nothing() {
             "unknown_blob",
         ),
         (
+            "ack before the upload is complete",
+            Method::POST,
+            format!("{blob_path}/ack"),
+            Some(&bob_auth),
+            None,
+            StatusCode::CONFLICT,
+            "upload_incomplete",
+        ),
+        (
             "ack by a stranger",
             Method::POST,
             format!("{blob_path}/ack"),
@@ -715,8 +724,10 @@ async fn blob_link_invite_and_avatar_requests_are_checked_and_change_nothing() {
             "not_the_uploader",
         ),
     ] {
-        let mut request = api
-            .http
+        // A fresh connection each time: the server may answer before reading a refused body
+        // and then close the connection, which a pooled client would reuse.
+        let fresh = Client::builder().pool_max_idle_per_host(0).build().unwrap();
+        let mut request = fresh
             .patch(format!("{}{blob_path}", api.url))
             .header("authorization", auth.as_str())
             .body(vec![5u8; bytes]);

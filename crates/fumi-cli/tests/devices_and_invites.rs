@@ -67,6 +67,32 @@ fn a_linked_device_receives_from_link_time_and_nothing_after_removal() {
         .expect("own message synced");
     assert_eq!(own["outgoing"], true);
 
+    // A new name and avatar set on the phone reach the laptop (the profile key follows).
+    let image = [b"\x89PNG\r\n\x1a\n".as_slice(), &[7u8; 500]].concat();
+    let avatar = alice.home.path().join("new.png");
+    std::fs::write(&avatar, &image).unwrap();
+    alice.ok(&[
+        "profile",
+        "set",
+        "--name",
+        "Alice Renamed",
+        "--avatar",
+        avatar.to_str().unwrap(),
+    ]);
+    alice.ok(&["send", "--group", "Team", "renamed"]);
+    fumi_ok(laptop.path(), &["receive"]);
+    let laptop_me = fumi_ok(laptop.path(), &["whoami"]);
+    assert!(laptop_me.contains("Alice Renamed"), "{laptop_me}");
+    assert_eq!(std::fs::read(laptop.path().join("avatar")).unwrap(), image);
+    fumi_ok(laptop.path(), &["send", "--group", "Team", "from the renamed laptop"]);
+    let carol_sees = carol.receive_json();
+    let from_laptop = carol_sees
+        .iter()
+        .find(|m| m["text"] == "from the renamed laptop")
+        .unwrap();
+    assert_eq!(from_laptop["sender_name"], "Alice Renamed", "{carol_sees:?}");
+    alice.ok(&["receive"]);
+
     // Removed: its credentials stop at once and nothing new reaches it.
     let removed = alice.ok(&["device", "remove", &laptop_id[..8]]);
     assert!(removed.contains(&laptop_id), "{removed}");

@@ -71,6 +71,9 @@ struct AccountBundle {
     username: Option<String>,
     display_name: String,
     contacts: Vec<BundledContact>,
+    /// Devices of the account that were removed: the new device never adds them back either.
+    #[serde(default)]
+    revoked: Vec<DeviceId>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -143,6 +146,7 @@ impl FumiClient {
             username: self.account.username.clone(),
             display_name: self.account.display_name.clone(),
             contacts,
+            revoked: self.store.revoked_devices()?,
         };
         let plaintext = fumi_core::padding::pad(&serde_json::to_vec(&bundle).expect("bundle serialises"));
         let sealed = sealing::seal(
@@ -277,8 +281,12 @@ impl FumiClient {
             username: bundle.username.filter(|u| Username::parse(u).is_ok()),
             display_name: bundle.display_name,
             avatar_digest: None,
+            profile_key_set_at: crate::now_ms(),
         };
         store.save_account(&account)?;
+        for device in &bundle.revoked {
+            store.revoke_device(*device, crate::now_ms())?;
+        }
         for contact in &bundle.contacts {
             let Ok(identity_key) = <[u8; 32]>::try_from(contact.identity_key.as_slice()) else {
                 continue;
@@ -413,76 +421,132 @@ impl FumiClient {
             .transport
             .request::<(), _>(Method::DELETE, &format!("/v1/devices/{target}"), None)
             .await?;
+        // Recorded, so that a server listing it again cannot make this device re-add it.
+        self.store.revoke_device(target, crate::now_ms())?;
         self.sync().await?;
         Ok(target.to_string())
     }
 
-    /// Brings every conversation of this device in line with the account's device list.
+    /// Brings every conversation of this device in line with the account's device list. A
+    /// conversation that cannot be changed now is logged and tried again at the next sync.
     pub(crate) async fn reconcile_own_devices(&mut self) -> Result<(), ClientError> {
-        let listed = self.own_account_info().await?.devices;
-        let me = self.account.account_id;
+        let revoked = self.store.revoked_devices()?;
+        let listed: Vec<DeviceId> = self
+            .own_account_info()
+            .await?
+            .devices
+            .into_iter()
+            .filter(|d| !revoked.contains(d))
+            .collect();
         for conversation in self.store.conversations()? {
             let group = conversation.group_id;
             if !conversation.active || !self.device.is_member(group) {
                 continue;
             }
-            let own: Vec<fumi_core::Member> = self
-                .device
-                .members(group)?
-                .into_iter()
-                .filter(|m| m.account == me)
-                .collect();
-            let stale: Vec<DeviceId> = own.iter().map(|m| m.device).filter(|d| !listed.contains(d)).collect();
-            if !stale.is_empty() {
-                let result = self
-                    .commit(group, |device| {
-                        let removed: Vec<fumi_core::Member> = device
-                            .members(group)?
-                            .into_iter()
-                            .filter(|m| stale.contains(&m.device))
-                            .collect();
-                        if removed.is_empty() {
-                            return Err(MlsError::Refused("already removed".into()));
-                        }
-                        device.remove_members(group, &removed)
-                    })
-                    .await;
-                ignore_settled(result)?;
+            match self.reconcile_conversation(group, &listed).await {
+                Ok(()) => {}
+                Err(e @ ClientError::Store(_)) => return Err(e),
+                Err(e) => tracing::warn!(error = %e, "could not bring a conversation up to date with your devices yet"),
             }
-            let missing: Vec<DeviceId> = listed
-                .iter()
-                .copied()
-                .filter(|d| !own.iter().any(|m| m.device == *d))
-                .collect();
-            if missing.is_empty() {
-                continue;
-            }
-            let claimed = match self.claim_verified(&[me], &missing).await {
-                Ok(claimed) => claimed,
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not add a newly linked device to a conversation yet");
-                    continue;
-                }
-            };
+        }
+        Ok(())
+    }
+
+    async fn reconcile_conversation(&mut self, group: GroupId, listed: &[DeviceId]) -> Result<(), ClientError> {
+        let me = self.account.account_id;
+        let own: Vec<fumi_core::Member> = self
+            .device
+            .members(group)?
+            .into_iter()
+            .filter(|m| m.account == me)
+            .collect();
+        let stale: Vec<DeviceId> = own.iter().map(|m| m.device).filter(|d| !listed.contains(d)).collect();
+        if !stale.is_empty() {
             let result = self
                 .commit(group, |device| {
-                    let present = device.members(group)?;
-                    let fresh: Vec<_> = claimed
-                        .iter()
-                        .filter(|(_, member)| !present.iter().any(|p| p.device == member.device))
-                        .map(|(key_package, _)| key_package.clone())
+                    let removed: Vec<fumi_core::Member> = device
+                        .members(group)?
+                        .into_iter()
+                        .filter(|m| stale.contains(&m.device))
                         .collect();
-                    if fresh.is_empty() {
-                        return Err(MlsError::Refused("already added".into()));
+                    if removed.is_empty() {
+                        return Err(MlsError::Refused("already removed".into()));
                     }
-                    device.add_members(group, &fresh)
+                    device.remove_members(group, &removed)
                 })
                 .await;
-            match result {
-                // The new device learns the conversation's name and members' profile keys.
-                Ok(()) => self.send_conversation_settings(group).await?,
-                other => ignore_settled(other)?,
+            ignore_settled(result)?;
+            for device in &stale {
+                self.store.revoke_device(*device, crate::now_ms())?;
             }
+        }
+        let missing: Vec<DeviceId> = listed
+            .iter()
+            .copied()
+            .filter(|d| !own.iter().any(|m| m.device == *d))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let claimed = self.claim_verified(&[me], &missing).await?;
+        let result = self
+            .commit(group, |device| {
+                let present = device.members(group)?;
+                let fresh: Vec<_> = claimed
+                    .iter()
+                    .filter(|(_, member)| !present.iter().any(|p| p.device == member.device))
+                    .map(|(key_package, _)| key_package.clone())
+                    .collect();
+                if fresh.is_empty() {
+                    return Err(MlsError::Refused("already added".into()));
+                }
+                device.add_members(group, &fresh)
+            })
+            .await;
+        match result {
+            // The new device learns the conversation's name and members' profile keys.
+            Ok(()) => self.send_conversation_settings(group).await,
+            other => ignore_settled(other),
+        }
+    }
+
+    /// After another of our devices changed the profile key (adopted while receiving), takes
+    /// the name and avatar from the profile it published. The key is kept only if the profile
+    /// on the server opens with it: a device that had not yet seen a newer key announces an
+    /// older one, which must not win.
+    pub(crate) async fn follow_own_profile(&mut self) -> Result<(), ClientError> {
+        let Some(stored) = self.store.account()? else {
+            return Ok(());
+        };
+        if stored.profile_key == self.account.profile_key {
+            return Ok(());
+        }
+        let me = self.account.account_id;
+        let key = ProfileKey::from_bytes(stored.profile_key);
+        let path = format!("/v1/accounts/{me}/profile");
+        let profile = match self
+            .transport
+            .request::<(), SealedProfile>(Method::GET, &path, None)
+            .await
+        {
+            Ok(sealed) => Profile::open(sealed.sealed.as_slice(), &key, me).ok(),
+            Err(e @ ClientError::Network(_)) => return Err(e),
+            Err(_) => None,
+        };
+        let Some(profile) = profile else {
+            // Not the current key: keep ours.
+            return self.store.save_account(&self.account);
+        };
+        self.account.profile_key = stored.profile_key;
+        self.account.profile_key_set_at = stored.profile_key_set_at;
+        self.account.display_name = profile.name;
+        if profile.avatar != self.account.avatar_digest {
+            self.account.avatar_digest = None;
+            let _ = fs::remove_file(self.home.join("avatar"));
+        }
+        self.store.save_account(&self.account)?;
+        if self.account.avatar_digest.is_none() {
+            self.fetch_own_avatar().await;
         }
         Ok(())
     }
@@ -605,6 +669,7 @@ impl FumiClient {
         fs::write(self.home.join("avatar"), &image).map_err(|e| ClientError::Store(e.to_string()))?;
         self.account.avatar_digest = Some(hex::encode(sha256(&image)));
         self.account.profile_key = random_bytes();
+        self.account.profile_key_set_at = crate::now_ms();
         self.store.save_account(&self.account)?;
         self.publish_profile().await
     }

@@ -213,6 +213,7 @@ impl FumiClient {
             username: None,
             display_name: name.trim().to_owned(),
             avatar_digest: None,
+            profile_key_set_at: now_ms(),
         };
         store.save_account(&account)?;
         let device = open_device(provider, &account)?;
@@ -287,6 +288,7 @@ impl FumiClient {
         // A new key makes contacts fetch the new profile when it reaches them with our next
         // message; it also stops former contacts from following later changes.
         self.account.profile_key = random_bytes();
+        self.account.profile_key_set_at = now_ms();
         self.store.save_account(&self.account)?;
         self.publish_profile().await
     }
@@ -897,7 +899,15 @@ impl FumiClient {
                 plaintext,
             } => {
                 let content = Content::decode(&plaintext).map_err(|e| ClientError::Protocol(e.to_string()))?;
-                self.store.set_profile_key(sender.account, &content.profile_key)?;
+                if sender.account == me {
+                    // Another of our devices changed the profile (name, avatar): follow it.
+                    if sender.device != self.account.device_id {
+                        self.store
+                            .adopt_own_profile_key(&content.profile_key, content.sent_at)?;
+                    }
+                } else {
+                    self.store.set_profile_key(sender.account, &content.profile_key)?;
+                }
                 let received = |text: String, is_event: bool, attachment: Option<FileView>| StoredMessage {
                     local_id: 0,
                     id: content.id,
@@ -984,6 +994,10 @@ impl FumiClient {
                 for member in &added {
                     self.check_identity(member)?;
                 }
+                // A device of ours removed anywhere is never added back by this device.
+                for member in removed.iter().filter(|m| m.account == me) {
+                    self.store.revoke_device(member.device, now_ms())?;
+                }
                 if let Some(change) = describe_change(by.account, &added, &removed, "their") {
                     let text = format!("{} {change}", mention(by.account));
                     self.store_event(group, by.account, &text, false)?;
@@ -997,6 +1011,7 @@ impl FumiClient {
     /// Introduces us to groups just joined, fetches new profiles, brings our own devices into
     /// our conversations, tops up KeyPackages, downloads files and deletes expired messages.
     async fn after_sync(&mut self) -> Result<(), ClientError> {
+        self.follow_own_profile().await?;
         for group in std::mem::take(&mut self.joined) {
             if self.device.is_member(group) {
                 self.send_content(group, Body::Introduction).await?;

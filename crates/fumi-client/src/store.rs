@@ -92,6 +92,11 @@ CREATE TABLE downloads (
     message_rowid INTEGER NOT NULL,
     attachment TEXT NOT NULL
 );
+ALTER TABLE account ADD COLUMN profile_key_set_at INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE revoked_devices (
+    device_id BLOB PRIMARY KEY,
+    revoked_at INTEGER NOT NULL
+);
 "#,
 ];
 
@@ -158,6 +163,9 @@ pub struct AccountRow {
     pub display_name: String,
     /// SHA-256 (hex) of the avatar image in `<home>/avatar`, if one is set.
     pub avatar_digest: Option<String>,
+    /// When the profile key was last changed (ms): a key announced by another device of this
+    /// account in a message sent later replaces it.
+    pub profile_key_set_at: u64,
 }
 
 /// A contact as the store knows it.
@@ -328,8 +336,8 @@ impl Store {
     pub fn save_account(&self, a: &AccountRow) -> Result<(), ClientError> {
         self.conn
             .execute(
-                "INSERT OR REPLACE INTO account (id, server, account_id, device_id, device_secret, identity_secret, signature_key, profile_key, username, display_name, avatar_digest)
-                 VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO account (id, server, account_id, device_id, device_secret, identity_secret, signature_key, profile_key, username, display_name, avatar_digest, profile_key_set_at)
+                 VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 params![
                     a.server,
                     a.account_id.as_bytes().as_slice(),
@@ -340,7 +348,8 @@ impl Store {
                     a.profile_key.as_slice(),
                     a.username,
                     a.display_name,
-                    a.avatar_digest
+                    a.avatar_digest,
+                    a.profile_key_set_at as i64
                 ],
             )
             .map_err(sql)?;
@@ -351,7 +360,7 @@ impl Store {
     pub fn account(&self) -> Result<Option<AccountRow>, ClientError> {
         self.conn
             .query_row(
-                "SELECT server, account_id, device_id, device_secret, identity_secret, signature_key, profile_key, username, display_name, avatar_digest FROM account WHERE id = 1",
+                "SELECT server, account_id, device_id, device_secret, identity_secret, signature_key, profile_key, username, display_name, avatar_digest, profile_key_set_at FROM account WHERE id = 1",
                 [],
                 |r| {
                     Ok(AccountRow {
@@ -365,6 +374,7 @@ impl Store {
                         username: r.get(7)?,
                         display_name: r.get(8)?,
                         avatar_digest: r.get(9)?,
+                        profile_key_set_at: r.get::<_, i64>(10)? as u64,
                     })
                 },
             )
@@ -738,11 +748,45 @@ impl Store {
                 .execute("DELETE FROM messages WHERE rowid = ?", [message.local_id])
                 .map_err(sql)?;
         }
-        Ok(expired
-            .into_iter()
-            .filter(|m| !m.outgoing)
-            .filter_map(|m| m.attachment)
-            .collect())
+        // The caller deletes only files it saved itself (under its files directory), never the
+        // original of a file this device sent.
+        Ok(expired.into_iter().filter_map(|m| m.attachment).collect())
+    }
+
+    /// Takes the profile key another device of this account announced in a message sent at
+    /// `sent_at`, if that is later than the current key; returns whether it did.
+    pub fn adopt_own_profile_key(&self, key: &[u8; 32], sent_at: u64) -> Result<bool, ClientError> {
+        let changed = self
+            .conn
+            .execute(
+                "UPDATE account SET profile_key = ?1, profile_key_set_at = ?2 WHERE id = 1 AND profile_key != ?1 AND profile_key_set_at < ?2",
+                params![key.as_slice(), sent_at as i64],
+            )
+            .map_err(sql)?;
+        Ok(changed == 1)
+    }
+
+    /// Records that a device of this account was removed: it is never added back.
+    pub fn revoke_device(&self, device: DeviceId, now: u64) -> Result<(), ClientError> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO revoked_devices (device_id, revoked_at) VALUES (?, ?)",
+                params![device.as_bytes().as_slice(), now as i64],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// Devices of this account that were removed.
+    pub fn revoked_devices(&self) -> Result<Vec<DeviceId>, ClientError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT device_id FROM revoked_devices")
+            .map_err(sql)?;
+        let rows = stmt
+            .query_map([], |r| id16(r.get(0)?, DeviceId::from_slice))
+            .map_err(sql)?;
+        rows.collect::<Result<_, _>>().map_err(sql)
     }
 
     /// Records a contact's saved avatar.

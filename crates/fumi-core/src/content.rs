@@ -117,6 +117,8 @@ impl std::fmt::Debug for Attachment {
 
 /// Longest file name carried in an attachment, in bytes.
 pub const MAX_FILE_NAME_BYTES: usize = 255;
+/// Largest file an attachment may announce (1 TiB): keeps every size computation in range.
+pub const MAX_ATTACHMENT_BYTES: u64 = 1 << 40;
 /// Longest disappearing-message timer: one year.
 pub const MAX_EXPIRE_AFTER_MS: u64 = 366 * 24 * 3600 * 1000;
 
@@ -151,7 +153,11 @@ impl Content {
                     return Err(ContentError::TooLong);
                 }
                 let name = &attachment.name;
-                if name.is_empty() || name.len() > MAX_FILE_NAME_BYTES || attachment.media_type.len() > 127 {
+                if name.is_empty()
+                    || name.len() > MAX_FILE_NAME_BYTES
+                    || attachment.media_type.len() > 127
+                    || attachment.size > MAX_ATTACHMENT_BYTES
+                {
                     return Err(ContentError::Malformed);
                 }
             }

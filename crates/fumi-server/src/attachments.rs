@@ -157,7 +157,8 @@ pub(crate) async fn upload_status(
     Path(blob): Path<String>,
 ) -> Result<Json<BlobUploadStatus>, ApiError> {
     let record = owned_blob(&state, &device, &blob).await?;
-    let received = if record.complete {
+    let complete = record.complete || finish_interrupted(&state, &record).await?;
+    let received = if complete {
         record.size
     } else {
         state.blobs.received(record.id).await?
@@ -165,8 +166,18 @@ pub(crate) async fn upload_status(
     Ok(Json(BlobUploadStatus {
         size: record.size,
         received,
-        complete: record.complete,
+        complete,
     }))
+}
+
+/// An upload whose bytes reached the blob store but whose completion was not recorded (the
+/// server stopped in between) is completed now, so the uploader is not stuck at offset 0.
+async fn finish_interrupted(state: &AppState, record: &BlobRecord) -> Result<bool, ApiError> {
+    if record.complete || state.blobs.received(record.id).await? != 0 || !state.blobs.stored(record.id).await? {
+        return Ok(false);
+    }
+    state.storage.complete_blob(record.id).await?;
+    Ok(true)
 }
 
 pub(crate) async fn upload(
@@ -182,20 +193,26 @@ pub(crate) async fn upload(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| ApiError::bad_request(format!("the {UPLOAD_OFFSET_HEADER} header must give the byte offset")))?;
-    if record.complete {
+    let _guard = UploadGuard::take(&state, record.id)?;
+    if record.complete || finish_interrupted(&state, &record).await? {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "upload_complete",
             "this upload is already complete",
         ));
     }
-    let _guard = UploadGuard::take(&state, record.id)?;
     let received = state.blobs.append(record.id, offset, record.size, body).await?;
     Metrics::add(&state.metrics.blob_bytes_received, received - offset);
     let complete = received == record.size;
     if complete {
         state.blobs.finish(record.id).await?;
-        state.storage.complete_blob(record.id).await?;
+        if let Err(e) = state.storage.complete_blob(record.id).await {
+            // Deleted meanwhile (expired): drop the bytes too, or nothing ever would.
+            if matches!(e, crate::storage::StorageError::UnknownBlob) {
+                let _ = state.blobs.delete(record.id).await;
+            }
+            return Err(e.into());
+        }
     }
     Ok(Json(BlobUploadStatus {
         size: record.size,
@@ -286,8 +303,19 @@ pub(crate) async fn acknowledge(
     Path(blob): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id: BlobId = parse_path_id(&blob, "blob id")?;
-    if state.storage.blob(id).await?.is_none() {
+    let Some(record) = state.storage.blob(id).await? else {
         return Err(crate::storage::StorageError::UnknownBlob.into());
+    };
+    if !record.pending.contains(&device.device) {
+        return Err(crate::storage::StorageError::NotBlobRecipient.into());
+    }
+    if !record.complete {
+        // Acknowledging (and so deleting) a blob still being written would race the upload.
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "upload_incomplete",
+            "the sender has not finished uploading this attachment yet",
+        ));
     }
     if state.storage.blob_fetched(id, device.device).await? {
         crate::delete_blob(&state, id).await.map_err(ApiError::internal)?;

@@ -37,6 +37,9 @@ pub enum BlobError {
     /// The upload carried more bytes than announced.
     #[error("more bytes than the announced size")]
     Oversized,
+    /// The blob's bytes are not in the store (deleted meanwhile).
+    #[error("the blob's bytes are gone")]
+    Missing,
     /// The blob store or the staging area failed.
     #[error("blob store: {0}")]
     Store(String),
@@ -221,6 +224,15 @@ impl BlobStore {
             .map(|root| root.join(Self::object_path(id).as_ref()))
     }
 
+    /// Whether the blob store holds the finished blob.
+    pub async fn stored(&self, id: BlobId) -> Result<bool, BlobError> {
+        match self.objects.head(&Self::object_path(id)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(store_error(e)),
+        }
+    }
+
     /// The blob's bytes from `offset` on, and the stored size.
     pub async fn read(
         &self,
@@ -230,9 +242,7 @@ impl BlobStore {
         if let Some(path) = self.local_path(id) {
             let mut file = match tokio::fs::File::open(&path).await {
                 Ok(file) => file,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(BlobError::Store(format!("blob {id} has no bytes in the store")));
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(BlobError::Missing),
                 Err(e) => return Err(BlobError::Store(e.to_string())),
             };
             let size = file
@@ -291,5 +301,8 @@ impl BlobStore {
 }
 
 fn store_error(error: object_store::Error) -> BlobError {
-    BlobError::Store(error.to_string())
+    match error {
+        object_store::Error::NotFound { .. } => BlobError::Missing,
+        other => BlobError::Store(other.to_string()),
+    }
 }

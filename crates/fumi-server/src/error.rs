@@ -149,6 +149,10 @@ impl From<crate::blobs::BlobError> for ApiError {
                 )
             },
             BlobError::Oversized => Self::bad_request("the upload carries more bytes than the announced size"),
+            BlobError::Missing => Self::not_found(
+                "unknown_blob",
+                "no such blob (expired, or deleted after every recipient fetched it)",
+            ),
             BlobError::Store(cause) => Self::internal(cause),
         }
     }

@@ -822,14 +822,19 @@ impl Storage for SqliteStorage {
         if to_u64(used).saturating_add(blob.size) > quota {
             return Err(StorageError::QuotaExceeded { quota });
         }
+        let mut live_recipients = 0;
         for recipient in &blob.pending {
-            let live: Option<i64> = sqlx::query_scalar("SELECT 1 FROM devices WHERE id = ? AND removed_at IS NULL")
+            // Like messages, blobs skip devices removed from their account (the sender's
+            // group may not have caught up yet); a device that never existed is an error.
+            let removed: Option<bool> = sqlx::query_scalar("SELECT removed_at IS NOT NULL FROM devices WHERE id = ?")
                 .bind(recipient.as_bytes().as_slice())
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(db)?;
-            if live.is_none() {
-                return Err(StorageError::UnknownDevice);
+            match removed {
+                None => return Err(StorageError::UnknownDevice),
+                Some(true) => continue,
+                Some(false) => live_recipients += 1,
             }
             sqlx::query("INSERT INTO blob_recipients (blob_id, device_id) VALUES (?, ?)")
                 .bind(blob.id.as_bytes().as_slice())
@@ -837,6 +842,9 @@ impl Storage for SqliteStorage {
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
+        }
+        if live_recipients == 0 {
+            return Err(StorageError::UnknownDevice);
         }
         sqlx::query(
             "INSERT INTO blobs (id, owner_account, owner_device, size, complete, created_at, expires_at)
@@ -879,11 +887,14 @@ impl Storage for SqliteStorage {
 
     async fn complete_blob(&self, id: BlobId) -> Result<(), StorageError> {
         let mut tx = self.write().await?;
-        sqlx::query("UPDATE blobs SET complete = 1 WHERE id = ?")
+        let updated = sqlx::query("UPDATE blobs SET complete = 1 WHERE id = ?")
             .bind(id.as_bytes().as_slice())
             .execute(&mut *tx)
             .await
             .map_err(db)?;
+        if updated.rows_affected() == 0 {
+            return Err(StorageError::UnknownBlob);
+        }
         tx.commit().await.map_err(db)
     }
 
