@@ -221,7 +221,7 @@ pub(crate) async fn upload(
     }))
 }
 
-/// The blob, if the caller may download it.
+/// The blob, if the caller may download (or acknowledge) it: a recipient, upload complete.
 async fn receivable_blob(state: &AppState, device: &AuthDevice, blob: &str) -> Result<BlobRecord, ApiError> {
     let id: BlobId = parse_path_id(blob, "blob id")?;
     let record = state
@@ -302,21 +302,9 @@ pub(crate) async fn acknowledge(
     State(state): State<Arc<AppState>>,
     Path(blob): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let id: BlobId = parse_path_id(&blob, "blob id")?;
-    let Some(record) = state.storage.blob(id).await? else {
-        return Err(crate::storage::StorageError::UnknownBlob.into());
-    };
-    if !record.pending.contains(&device.device) {
-        return Err(crate::storage::StorageError::NotBlobRecipient.into());
-    }
-    if !record.complete {
-        // Acknowledging (and so deleting) a blob still being written would race the upload.
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "upload_incomplete",
-            "the sender has not finished uploading this attachment yet",
-        ));
-    }
+    // A recipient of a complete blob only: acknowledging (and so deleting) a blob still being
+    // written would race the upload.
+    let id = receivable_blob(&state, &device, &blob).await?.id;
     if state.storage.blob_fetched(id, device.device).await? {
         crate::delete_blob(&state, id).await.map_err(ApiError::internal)?;
     }
