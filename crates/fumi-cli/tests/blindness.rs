@@ -44,6 +44,14 @@ fn server_files_and_logs_hold_no_plaintext() {
         !server.blob_files().is_empty(),
         "a blob is stored while the search runs"
     );
+    // A linked device receives the history (names, texts) through the server, sealed.
+    let laptop = tempfile::tempdir().unwrap();
+    common::fumi_ok(
+        laptop.path(),
+        &["device", "link", "--from", alice.home.path().to_str().unwrap()],
+    );
+    let copied = common::fumi_ok(laptop.path(), &["receive"]);
+    assert!(copied.contains("copied from your other device"), "{copied}");
     // Leave some messages undelivered so they sit in the queue, and deliver others.
     alice.ok(&["receive"]);
     let received = bob.ok(&["receive"]);

@@ -50,6 +50,17 @@ fn a_linked_device_receives_from_link_time_and_nothing_after_removal() {
     carol.ok(&["send", "--group", "Team", "team news"]);
     let on_laptop = receive_json(laptop.path());
     assert_eq!(texts(&on_laptop), vec!["after the link", "team news"], "{on_laptop:?}");
+    // History from before the link is copied from the phone, shown once as an event.
+    assert!(
+        on_laptop
+            .iter()
+            .any(|m| m["event"] == true && m["text"].as_str().unwrap().contains("copied from your other device")),
+        "{on_laptop:?}"
+    );
+    let copied = fumi_ok(laptop.path(), &["history", &bob.username]);
+    let before = copied.find("before the link").expect("earlier message copied");
+    let after = copied.find("after the link").expect("new message");
+    assert!(before < after, "{copied}");
     let team = on_laptop.iter().find(|m| m["text"] == "team news").unwrap();
     assert_eq!(team["conversation_name"], "Team", "the laptop learns the group's name");
     assert_eq!(team["sender_name"], "Carol");
@@ -248,6 +259,11 @@ fn device_link_prints_a_code_and_waits_for_the_new_device() {
     // Added to the existing 1:1 conversation before the old device returned.
     bob.ok(&["send", &alice.username, "to both devices"]);
     assert_eq!(texts(&receive_json(laptop.path())), vec!["to both devices"]);
+    let copied = fumi_ok(laptop.path(), &["history", &bob.username]);
+    assert!(
+        copied.contains("] hi\n"),
+        "history handed over after the old device saw the link: {copied}"
+    );
     let reused = fumi(tempfile::tempdir().unwrap().path(), &["device", "link", &code]);
     assert!(String::from_utf8_lossy(&reused.stderr).contains("already used or has expired"));
 }

@@ -60,6 +60,7 @@ pub struct PendingLink {
     /// The code to give the new device (`fumi://link/...`).
     pub code: String,
     token_hash: [u8; 32],
+    key: [u8; 32],
 }
 
 /// What a new device learns from the bundle.
@@ -169,7 +170,7 @@ impl FumiClient {
             encode_server(&self.account.server),
             URL_SAFE_NO_PAD.encode([token, key].concat())
         );
-        Ok(PendingLink { code, token_hash })
+        Ok(PendingLink { code, token_hash, key })
     }
 
     /// Waits until a device used the link, then adds it to every conversation of this device.
@@ -191,6 +192,10 @@ impl FumiClient {
             };
             if let Some(device) = status.device_id {
                 self.sync().await?;
+                // History is a courtesy: the link stands even if handing it over fails.
+                if let Err(e) = self.send_history(&link.token_hash, &link.key, device).await {
+                    tracing::warn!(error = %e, "could not hand the message history to the new device");
+                }
                 return Ok(device.to_string());
             }
             if tokio::time::Instant::now() >= deadline {
@@ -247,7 +252,7 @@ impl FumiClient {
             })
             .ok_or_else(|| ClientError::Usage("the link code does not open this link; copy it again".into()))?;
 
-        let result = Self::join_account(home, &mut transport, &server, account_id, &token, bundle).await;
+        let result = Self::join_account(home, &mut transport, &server, account_id, (&token, &key), bundle).await;
         if result.is_err() {
             // Leave nothing half-made: the user can link again into the same home.
             for suffix in ["", "-wal", "-shm"] {
@@ -262,7 +267,7 @@ impl FumiClient {
         transport: &mut Transport,
         server: &str,
         account_id: AccountId,
-        token: &[u8; 32],
+        (token, key_for_history): (&[u8; 32], &[u8; 32]),
         bundle: AccountBundle,
     ) -> Result<Self, ClientError> {
         let identity = AccountIdentity::from_secret(&array32(bundle.identity_secret.as_slice()));
@@ -342,6 +347,9 @@ impl FumiClient {
             account,
             joined: Vec::new(),
         };
+        client
+            .store
+            .add_pending_history(token, key_for_history, crate::now_ms())?;
         client.fetch_own_avatar().await;
         Ok(client)
     }

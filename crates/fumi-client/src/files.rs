@@ -52,7 +52,7 @@ impl Progress for NoProgress {
 }
 
 /// Why a download did not produce a file.
-enum DownloadFailure {
+pub(crate) enum DownloadFailure {
     /// Worth trying again later (network, server busy).
     Retry(ClientError),
     /// Will never succeed: the file was altered, truncated or is gone.
@@ -225,7 +225,7 @@ impl FumiClient {
     }
 
     /// Uploads sealed chunks as they arrive; after a failure resumes from the server's offset.
-    async fn upload(
+    pub(crate) async fn upload(
         &self,
         ready: &mut tokio::sync::mpsc::Receiver<Bytes>,
         size: u64,
@@ -333,7 +333,7 @@ impl FumiClient {
         Ok(())
     }
 
-    async fn download(&self, attachment: &Attachment) -> Result<PathBuf, DownloadFailure> {
+    pub(crate) async fn download(&self, attachment: &Attachment) -> Result<PathBuf, DownloadFailure> {
         let temp = self.temp_dir().map_err(DownloadFailure::Retry)?;
         let part = temp.join(format!("{}.download", attachment.blob));
         let expected = attachment::ciphertext_size(attachment.size);

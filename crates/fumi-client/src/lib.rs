@@ -3,6 +3,7 @@
 
 mod devices;
 mod files;
+mod history;
 pub mod store;
 pub mod transport;
 
@@ -1035,6 +1036,9 @@ impl FumiClient {
                 .await?;
         }
         self.download_pending().await?;
+        if let Err(e) = self.receive_history().await {
+            tracing::warn!(error = %e, "the message history from your other device could not be fetched yet");
+        }
         self.purge_expired()
     }
 

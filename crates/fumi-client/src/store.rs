@@ -93,6 +93,11 @@ CREATE TABLE downloads (
     attachment TEXT NOT NULL
 );
 ALTER TABLE account ADD COLUMN profile_key_set_at INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE pending_history (
+    token BLOB PRIMARY KEY,
+    link_key BLOB NOT NULL,
+    created_at INTEGER NOT NULL
+);
 CREATE TABLE revoked_devices (
     device_id BLOB PRIMARY KEY,
     revoked_at INTEGER NOT NULL
@@ -179,6 +184,17 @@ pub struct Contact {
     pub display_name: Option<String>,
     /// Where the contact's avatar image was saved.
     pub avatar_path: Option<String>,
+}
+
+/// A link through which this device joined, whose history archive may still arrive.
+#[derive(Debug, Clone)]
+pub struct PendingHistory {
+    /// The link token.
+    pub token: [u8; 32],
+    /// The link key from the code.
+    pub link_key: [u8; 32],
+    /// When the device joined (ms).
+    pub since: u64,
 }
 
 /// A contact with its pinned identity key and known profile key: (contact, identity key,
@@ -646,8 +662,17 @@ impl Store {
     }
 
     fn messages_where(&self, condition: &str, group: Option<GroupId>) -> Result<Vec<StoredMessage>, ClientError> {
+        self.messages_ordered(condition, "rowid", group)
+    }
+
+    fn messages_ordered(
+        &self,
+        condition: &str,
+        order: &str,
+        group: Option<GroupId>,
+    ) -> Result<Vec<StoredMessage>, ClientError> {
         let query = format!(
-            "SELECT rowid, id, group_id, sender_account, kind, text, sent_at, outgoing, attachment, expires_at FROM messages WHERE {condition} ORDER BY rowid"
+            "SELECT rowid, id, group_id, sender_account, kind, text, sent_at, outgoing, attachment, expires_at FROM messages WHERE {condition} ORDER BY {order}"
         );
         let mut stmt = self.conn.prepare(&query).map_err(sql)?;
         let map = |r: &rusqlite::Row<'_>| {
@@ -766,6 +791,43 @@ impl Store {
         Ok(changed == 1)
     }
 
+    /// Remembers a link whose history archive may still arrive.
+    pub fn add_pending_history(&self, token: &[u8; 32], key: &[u8; 32], now: u64) -> Result<(), ClientError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO pending_history (token, link_key, created_at) VALUES (?, ?, ?)",
+                params![token.as_slice(), key.as_slice(), now as i64],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// Links whose history is awaited.
+    pub fn pending_history(&self) -> Result<Vec<PendingHistory>, ClientError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT token, link_key, created_at FROM pending_history")
+            .map_err(sql)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(PendingHistory {
+                    token: key32(r.get(0)?)?,
+                    link_key: key32(r.get(1)?)?,
+                    since: r.get::<_, i64>(2)? as u64,
+                })
+            })
+            .map_err(sql)?;
+        rows.collect::<Result<_, _>>().map_err(sql)
+    }
+
+    /// Stops waiting for a link's history.
+    pub fn remove_pending_history(&self, token: &[u8; 32]) -> Result<(), ClientError> {
+        self.conn
+            .execute("DELETE FROM pending_history WHERE token = ?", [token.as_slice()])
+            .map_err(sql)?;
+        Ok(())
+    }
+
     /// Records that a device of this account was removed: it is never added back.
     pub fn revoke_device(&self, device: DeviceId, now: u64) -> Result<(), ClientError> {
         self.conn
@@ -847,7 +909,9 @@ impl Store {
 
     /// The history of one conversation.
     pub fn history(&self, group: GroupId) -> Result<Vec<StoredMessage>, ClientError> {
-        self.messages_where("group_id = ?", Some(group))
+        // In the order they were sent: history copied from another device arrives late but
+        // belongs early.
+        self.messages_ordered("group_id = ?", "sent_at, rowid", Some(group))
     }
 
     /// Deletes this device's own message from history (the server refused to deliver it).

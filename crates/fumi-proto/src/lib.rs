@@ -250,6 +250,16 @@ pub struct LinkStatus {
     pub device_id: Option<DeviceId>,
 }
 
+/// `PUT /v1/links/{token-hash}/history` body, and the answer to `POST /v1/links/history`: a
+/// pointer to the message-history archive for the device that used the link, sealed under the
+/// link key (the server cannot open it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkHistory {
+    /// The sealed pointer; `None` until the old device has uploaded the archive.
+    pub sealed: Option<Base64Bytes>,
+}
+
 /// `POST /v1/invites`: register a one-time invite token for the caller's account.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

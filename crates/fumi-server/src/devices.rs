@@ -99,6 +99,49 @@ pub(crate) async fn link_status(
     Ok(Json(LinkStatus { device_id }))
 }
 
+/// How long a device has to fetch its history after the old device attached it.
+const LINK_HISTORY_TTL_MS: u64 = 24 * 60 * 60 * 1000;
+
+pub(crate) async fn put_link_history(
+    device: AuthDevice,
+    State(state): State<Arc<AppState>>,
+    Path(hash): Path<String>,
+    ApiJson(request): ApiJson<LinkHistory>,
+) -> Result<StatusCode, ApiError> {
+    let mut bytes = [0u8; 32];
+    hex::decode_to_slice(&hash, &mut bytes)
+        .map_err(|_| ApiError::bad_request("a link token hash is 64 hexadecimal digits"))?;
+    let sealed = request
+        .sealed
+        .ok_or_else(|| ApiError::bad_request("sealed is required"))?;
+    let length = sealed.as_slice().len();
+    if !(24 + 16..=4096).contains(&length) {
+        return Err(ApiError::bad_request("a sealed history pointer is 40 to 4096 bytes"));
+    }
+    state
+        .storage
+        .set_link_history(
+            &bytes,
+            device.account,
+            Ciphertext(sealed.into_vec()),
+            now_ms() + LINK_HISTORY_TTL_MS,
+        )
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(crate) async fn get_link_history(
+    device: AuthDevice,
+    State(state): State<Arc<AppState>>,
+    ApiJson(request): ApiJson<LinkOpen>,
+) -> Result<Json<LinkHistory>, ApiError> {
+    let hash = token_hash(&request.token)?;
+    let sealed = state.storage.link_history(&hash, device.device).await?;
+    Ok(Json(LinkHistory {
+        sealed: sealed.map(|s| Base64Bytes(s.0)),
+    }))
+}
+
 pub(crate) async fn link_device(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,

@@ -51,6 +51,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/links", routing::post(devices::create_link))
         .route("/v1/links/open", routing::post(devices::open_link))
         .route("/v1/links/{token_hash}", routing::get(devices::link_status))
+        .route(
+            "/v1/links/{token_hash}/history",
+            routing::put(devices::put_link_history),
+        )
+        .route("/v1/links/history", routing::post(devices::get_link_history))
         .route("/v1/devices", routing::post(devices::link_device))
         .route("/v1/devices/{device}", routing::delete(devices::remove_device))
         .route("/v1/invites", routing::post(devices::create_invite))

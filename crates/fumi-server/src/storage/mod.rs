@@ -276,6 +276,17 @@ pub trait Storage: Send + Sync + 'static {
     ) -> Result<(), StorageError>;
     /// For a link slot of `account`: the device that used it, if any.
     async fn link_status(&self, token_hash: &[u8; 32], account: AccountId) -> Result<Option<DeviceId>, StorageError>;
+    /// Attaches the sealed history pointer to a used link slot of `account` and keeps the slot
+    /// until `expires_at`; returns the device that used it.
+    async fn set_link_history(
+        &self,
+        token_hash: &[u8; 32],
+        account: AccountId,
+        sealed: Ciphertext,
+        expires_at: u64,
+    ) -> Result<DeviceId, StorageError>;
+    /// The sealed history pointer of the link slot `device` used (`None` if not yet attached).
+    async fn link_history(&self, token_hash: &[u8; 32], device: DeviceId) -> Result<Option<Ciphertext>, StorageError>;
     /// Removes a device of `account`: it can no longer authenticate, and its mailbox, KeyPackages
     /// and group rosters are gone. It still counts as a recipient (of the commits removing it),
     /// but nothing is queued for it.

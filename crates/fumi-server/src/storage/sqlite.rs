@@ -87,7 +87,8 @@ CREATE TABLE links (
     sealed BLOB,
     created_at INTEGER NOT NULL,
     expires_at INTEGER NOT NULL,
-    device_id BLOB
+    device_id BLOB,
+    history BLOB
 );
 CREATE TABLE invites (
     token_hash BLOB PRIMARY KEY,
@@ -723,6 +724,42 @@ impl Storage for SqliteStorage {
             Some(None) => Ok(None),
             Some(Some(device)) => Ok(Some(device_id(&device)?)),
         }
+    }
+
+    async fn set_link_history(
+        &self,
+        token_hash: &[u8; 32],
+        account: AccountId,
+        sealed: Ciphertext,
+        expires_at: u64,
+    ) -> Result<DeviceId, StorageError> {
+        let mut tx = self.write().await?;
+        let device: Option<Vec<u8>> = sqlx::query_scalar(
+            "UPDATE links SET history = ?, expires_at = ? WHERE token_hash = ? AND account_id = ? AND device_id IS NOT NULL
+             RETURNING device_id",
+        )
+        .bind(sealed.0)
+        .bind(to_i64(expires_at))
+        .bind(token_hash.as_slice())
+        .bind(account.as_bytes().as_slice())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+        let device = device_id(&device.ok_or(StorageError::UnknownLink)?)?;
+        tx.commit().await.map_err(db)?;
+        Ok(device)
+    }
+
+    async fn link_history(&self, token_hash: &[u8; 32], device: DeviceId) -> Result<Option<Ciphertext>, StorageError> {
+        let row: Option<Option<Vec<u8>>> =
+            sqlx::query_scalar("SELECT history FROM links WHERE token_hash = ? AND device_id = ?")
+                .bind(token_hash.as_slice())
+                .bind(device.as_bytes().as_slice())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+        row.map(|history| history.map(Ciphertext))
+            .ok_or(StorageError::UnknownLink)
     }
 
     async fn remove_device(&self, account: AccountId, device: DeviceId, now: u64) -> Result<(), StorageError> {
