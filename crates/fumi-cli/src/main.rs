@@ -330,7 +330,11 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
                         } else {
                             String::new()
                         };
-                        println!("{} [{kind}]{unread}", conversation.name);
+                        let timer = conversation
+                            .disappearing
+                            .map(|t| format!(" (messages disappear after {t})"))
+                            .unwrap_or_default();
+                        println!("{} [{kind}]{unread}{timer}", conversation.name);
                     }
                 }
             }

@@ -15,7 +15,7 @@ impl Progress for Bar {
     fn begin(&self, label: &str, total: u64) {
         let bar = ProgressBar::new(total);
         bar.set_style(
-            ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
+            ProgressStyle::with_template("{msg} [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec}")
                 .expect("template is valid")
                 .progress_chars("=> "),
         );

@@ -194,6 +194,8 @@ fn avatars_and_disappearing_messages() {
     assert!(String::from_utf8_lossy(&not_image.stderr).contains("PNG, JPEG, GIF or WebP"));
 
     alice.ok(&["disappearing", &bob.username, "2s"]);
+    let listed = alice.ok(&["conversations"]);
+    assert!(listed.contains("(messages disappear after 2s)"), "{listed}");
     alice.ok(&["send", &bob.username, "burn after reading"]);
     let received = bob.ok(&["receive"]);
     assert!(received.contains("set messages to disappear 2s"), "{received}");

@@ -133,6 +133,9 @@ pub struct ConversationSummary {
     pub unread: u64,
     /// False once this device was removed.
     pub active: bool,
+    /// Disappearing-message timer, if on (e.g. `1h`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disappearing: Option<String>,
 }
 
 /// Who this device is.
@@ -525,6 +528,7 @@ impl FumiClient {
                     members,
                     unread: self.store.unseen_count(c.group_id)?,
                     active: c.active,
+                    disappearing: c.expire_after_ms.map(human_duration),
                 })
             })
             .collect()
