@@ -31,44 +31,95 @@ pub(crate) const MAX_KEY_PACKAGES_PER_UPLOAD: usize = 100;
 /// Most accounts in one claim.
 const MAX_ACCOUNTS_PER_CLAIM: usize = 100;
 
-/// Every route of the public API.
-pub fn router(state: Arc<AppState>) -> Router {
-    let body_limit = axum::extract::DefaultBodyLimit::max(max_body_bytes(&state.config));
-    Router::new()
-        .route("/health", routing::get(health))
-        .route("/metrics", routing::get(metrics))
-        .route("/v1/accounts", routing::post(register))
-        .route("/v1/accounts/{account}", routing::get(account_info))
-        .route("/v1/accounts/{account}/profile", routing::get(get_profile))
-        .route("/v1/profile", routing::put(put_profile))
-        .route("/v1/username", routing::put(claim_username))
-        .route("/v1/usernames/{hash}", routing::get(lookup_username))
-        .route("/v1/keypackages", routing::post(upload_key_packages))
-        .route("/v1/keypackages/count", routing::get(key_package_count))
-        .route("/v1/keypackages/claim", routing::post(claim_key_packages))
-        .route("/v1/messages", routing::post(submit_message))
-        .route("/v1/ws", routing::get(ws::upgrade))
-        .route("/v1/links", routing::post(devices::create_link))
-        .route("/v1/links/open", routing::post(devices::open_link))
-        .route("/v1/links/{token_hash}", routing::get(devices::link_status))
+/// One route of the public API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint {
+    /// HTTP method, upper case.
+    pub method: &'static str,
+    /// Path template, as axum matches it (`/v1/blobs/{blob}`).
+    pub path: &'static str,
+}
+
+/// Collects routes and the list of what was routed, so tests can walk every endpoint (a route
+/// cannot be added without appearing in [`endpoints`]).
+#[derive(Default)]
+struct Api {
+    router: Router<Arc<AppState>>,
+    endpoints: Vec<Endpoint>,
+}
+
+impl Api {
+    fn route(
+        mut self,
+        method: &'static str,
+        path: &'static str,
+        handler: routing::MethodRouter<Arc<AppState>>,
+    ) -> Self {
+        self.router = self.router.route(path, handler);
+        self.endpoints.push(Endpoint { method, path });
+        self
+    }
+}
+
+fn api() -> Api {
+    Api::default()
+        .route("GET", "/health", routing::get(health))
+        .route("GET", "/metrics", routing::get(metrics))
+        .route("POST", "/v1/accounts", routing::post(register))
+        .route("GET", "/v1/accounts/{account}", routing::get(account_info))
+        .route("GET", "/v1/accounts/{account}/profile", routing::get(get_profile))
+        .route("PUT", "/v1/profile", routing::put(put_profile))
+        .route("PUT", "/v1/username", routing::put(claim_username))
+        .route("GET", "/v1/usernames/{hash}", routing::get(lookup_username))
+        .route("POST", "/v1/keypackages", routing::post(upload_key_packages))
+        .route("GET", "/v1/keypackages/count", routing::get(key_package_count))
+        .route("POST", "/v1/keypackages/claim", routing::post(claim_key_packages))
+        .route("POST", "/v1/messages", routing::post(submit_message))
+        .route("GET", "/v1/ws", routing::get(ws::upgrade))
+        .route("POST", "/v1/links", routing::post(devices::create_link))
+        .route("POST", "/v1/links/open", routing::post(devices::open_link))
+        .route("GET", "/v1/links/{token_hash}", routing::get(devices::link_status))
         .route(
+            "PUT",
             "/v1/links/{token_hash}/history",
             routing::put(devices::put_link_history),
         )
-        .route("/v1/links/history", routing::post(devices::get_link_history))
-        .route("/v1/devices", routing::post(devices::link_device))
-        .route("/v1/devices/{device}", routing::delete(devices::remove_device))
-        .route("/v1/invites", routing::post(devices::create_invite))
-        .route("/v1/invites/redeem", routing::post(devices::redeem_invite))
-        .route("/v1/profile/avatar", routing::put(attachments::put_avatar))
-        .route("/v1/accounts/{account}/avatar", routing::get(attachments::get_avatar))
-        .route("/v1/blobs", routing::post(attachments::create_blob))
+        .route("POST", "/v1/links/history", routing::post(devices::get_link_history))
+        .route("POST", "/v1/devices", routing::post(devices::link_device))
         .route(
-            "/v1/blobs/{blob}",
-            routing::patch(attachments::upload).get(attachments::download),
+            "DELETE",
+            "/v1/devices/{device}",
+            routing::delete(devices::remove_device),
         )
-        .route("/v1/blobs/{blob}/upload", routing::get(attachments::upload_status))
-        .route("/v1/blobs/{blob}/ack", routing::post(attachments::acknowledge))
+        .route("POST", "/v1/invites", routing::post(devices::create_invite))
+        .route("POST", "/v1/invites/redeem", routing::post(devices::redeem_invite))
+        .route("PUT", "/v1/profile/avatar", routing::put(attachments::put_avatar))
+        .route(
+            "GET",
+            "/v1/accounts/{account}/avatar",
+            routing::get(attachments::get_avatar),
+        )
+        .route("POST", "/v1/blobs", routing::post(attachments::create_blob))
+        .route("PATCH", "/v1/blobs/{blob}", routing::patch(attachments::upload))
+        .route("GET", "/v1/blobs/{blob}", routing::get(attachments::download))
+        .route(
+            "GET",
+            "/v1/blobs/{blob}/upload",
+            routing::get(attachments::upload_status),
+        )
+        .route("POST", "/v1/blobs/{blob}/ack", routing::post(attachments::acknowledge))
+}
+
+/// Every endpoint of the public API.
+pub fn endpoints() -> Vec<Endpoint> {
+    api().endpoints
+}
+
+/// Every route of the public API.
+pub fn router(state: Arc<AppState>) -> Router {
+    let body_limit = axum::extract::DefaultBodyLimit::max(max_body_bytes(&state.config));
+    api()
+        .router
         .fallback(|| async { ApiError::not_found("not_found", "no such endpoint; see docs/PROTOCOL.md") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
