@@ -219,11 +219,21 @@ fn main() {
 }
 
 fn init_client_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FUMI_LOG").unwrap_or_else(|_| "warn".into());
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(log_filter("warn"))
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// `FUMI_LOG` (or `default`), with the logging of whole HTTP requests by dependencies turned off
+/// whatever it asks: those requests carry the device credential.
+pub(crate) fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
+    let wanted = std::env::var("FUMI_LOG").unwrap_or_else(|_| default.to_owned());
+    let filter = format!("{wanted},tungstenite=off,tokio_tungstenite=off");
+    tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|e| {
+        eprintln!("FUMI_LOG={wanted:?} is not a valid filter ({e}); using {default:?}");
+        tracing_subscriber::EnvFilter::new(format!("{default},tungstenite=off,tokio_tungstenite=off"))
+    })
 }
 
 fn default_home() -> Result<PathBuf> {

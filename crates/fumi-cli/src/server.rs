@@ -60,9 +60,8 @@ fn load_config(args: &ServerArgs) -> Result<Config> {
 }
 
 pub fn run(args: ServerArgs) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FUMI_LOG").unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(crate::log_filter("info"))
         .with_writer(std::io::stderr)
         .init();
     let config = load_config(&args)?;

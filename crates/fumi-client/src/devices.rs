@@ -23,7 +23,7 @@ use fumi_proto::*;
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
 
-use crate::store::{AccountRow, STORE_FILE, Store};
+use crate::store::{AccountRow, STORE_FILE, Store, create_private_dir, write_private};
 use crate::transport::Transport;
 use crate::{ClientError, FumiClient, KEY_PACKAGE_STOCK, NoProgress, open_device, random_bytes, sha256};
 
@@ -373,7 +373,7 @@ impl FumiClient {
             return;
         };
         if let Ok(Some(image)) = self.fetch_avatar(me, &key, &digest).await
-            && fs::write(self.home.join("avatar"), image).is_ok()
+            && write_private(&self.home.join("avatar"), &image).is_ok()
         {
             self.account.avatar_digest = Some(digest);
             let _ = self.store.save_account(&self.account);
@@ -674,7 +674,7 @@ impl FumiClient {
                 "an avatar must be a PNG, JPEG, GIF or WebP image".into(),
             ));
         }
-        fs::write(self.home.join("avatar"), &image).map_err(|e| ClientError::Store(e.to_string()))?;
+        write_private(&self.home.join("avatar"), &image).map_err(|e| ClientError::Store(e.to_string()))?;
         self.account.avatar_digest = Some(hex::encode(sha256(&image)));
         self.account.profile_key = random_bytes();
         self.account.profile_key_set_at = crate::now_ms();
@@ -753,9 +753,8 @@ impl FumiClient {
                 Ok(Some(image)) => {
                     let dir = self.home.join("avatars");
                     let file = dir.join(format!("{account}.{}", image_extension(&image).unwrap_or("img")));
-                    fs::create_dir_all(&dir)
-                        .and_then(|()| fs::write(&file, &image))
-                        .map_err(|e| ClientError::Store(e.to_string()))?;
+                    create_private_dir(&dir)?;
+                    write_private(&file, &image).map_err(|e| ClientError::Store(e.to_string()))?;
                     self.store
                         .set_contact_avatar(account, &digest, &file.display().to_string())?;
                 }

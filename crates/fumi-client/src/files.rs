@@ -7,7 +7,7 @@
 //! buffered streams, uploads go out in [`UPLOAD_CHUNK_BYTES`] pieces, downloads are written as
 //! they arrive.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -18,7 +18,7 @@ use fumi_core::{Attachment, Body};
 use fumi_proto::*;
 use reqwest::Method;
 
-use crate::store::FileView;
+use crate::store::{FileView, create_private_dir, open_private};
 use crate::{ClientError, FumiClient};
 
 /// Bytes per upload request; a broken connection costs at most this much again.
@@ -131,7 +131,7 @@ impl FumiClient {
 
     fn temp_dir(&self) -> Result<PathBuf, ClientError> {
         let dir = self.home.join("tmp");
-        fs::create_dir_all(&dir).map_err(|e| ClientError::Store(format!("cannot create {}: {e}", dir.display())))?;
+        create_private_dir(&dir)?;
         Ok(dir)
     }
 
@@ -338,7 +338,7 @@ impl FumiClient {
         let part = temp.join(format!("{}.download", attachment.blob));
         let expected = attachment::ciphertext_size(attachment.size);
         let files = self.files_dir();
-        fs::create_dir_all(&files).map_err(|e| DownloadFailure::Retry(local(e)))?;
+        create_private_dir(&files).map_err(DownloadFailure::Retry)?;
         let plain = TempFile(files.join(format!(".{}.partial", attachment.blob)));
 
         // Decryption runs on a blocking thread, fed the sealed bytes as they arrive.
@@ -356,7 +356,7 @@ impl FumiClient {
                     chunks: sealed_bytes,
                     current: Bytes::new(),
                 };
-                let mut sink = BufWriter::with_capacity(IO_BUFFER_BYTES, File::create(&plain)?);
+                let mut sink = BufWriter::with_capacity(IO_BUFFER_BYTES, open_private(&plain, false)?);
                 attachment::decrypt(&key, &mut source, &sealed, &mut sink)?;
                 sink.flush()?;
                 Ok::<_, AttachmentError>(())
@@ -401,7 +401,7 @@ impl FumiClient {
         feed: tokio::sync::mpsc::Sender<Bytes>,
     ) -> Result<(), DownloadFailure> {
         let retry = |e: std::io::Error| DownloadFailure::Retry(local(e));
-        let mut file = OpenOptions::new().create(true).append(true).open(part).map_err(retry)?;
+        let mut file = open_private(part, true).map_err(retry)?;
         let mut offset = file.metadata().map_err(retry)?.len();
         if offset > expected {
             file.set_len(0).map_err(retry)?;

@@ -173,6 +173,19 @@ pub struct AccountRow {
     pub profile_key_set_at: u64,
 }
 
+impl Drop for AccountRow {
+    /// Secrets do not outlive the row in memory (the store file itself is mode 0600).
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.device_secret.zeroize();
+        self.identity_secret.zeroize();
+        self.profile_key.zeroize();
+        if let Some(key) = self.signature_key.as_mut() {
+            key.zeroize();
+        }
+    }
+}
+
 /// A contact as the store knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Contact {
@@ -1012,7 +1025,8 @@ impl Store {
     }
 }
 
-fn create_private_dir(home: &Path) -> Result<(), ClientError> {
+/// Creates a directory (and its parents) readable only by the user.
+pub(crate) fn create_private_dir(home: &Path) -> Result<(), ClientError> {
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]
@@ -1020,6 +1034,26 @@ fn create_private_dir(home: &Path) -> Result<(), ClientError> {
     builder
         .create(home)
         .map_err(|e| ClientError::Store(format!("cannot create {}: {e}", home.display())))
+}
+
+/// Opens (creating if needed, mode 0600) a file for writing: truncated, or appended to.
+pub(crate) fn open_private(path: &Path, append: bool) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true);
+    if append {
+        options.append(true);
+    } else {
+        options.write(true).truncate(true);
+    }
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
+}
+
+/// Writes a whole file readable only by the user.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    open_private(path, false)?.write_all(bytes)
 }
 
 fn create_private_file(path: &Path) -> Result<(), ClientError> {
