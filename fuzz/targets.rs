@@ -1,0 +1,135 @@
+//! Fuzz target bodies, shared by the cargo-fuzz binaries (`fuzz/fuzz_targets/`) and the replay of
+//! the checked-in corpus and every crash ever found, which runs in `cargo test`
+//! (`crates/fumi-cli/tests/fuzz_corpus.rs`). Each body feeds arbitrary bytes to decoders that
+//! take input from the other side; a panic is a finding. The includer provides `framing` (the
+//! server's MLS framing module) in its crate root.
+
+use fumi_core::attachment::{self, AttachmentKey, Sealed};
+use fumi_core::mls::MlsDevice;
+use fumi_core::{AccountIdentity, Content, DeviceCredential, Profile, ProfileKey, Username};
+use fumi_proto::*;
+
+/// A target body.
+pub type Target = fn(&[u8]);
+
+/// Every target, by name (the corpus directory names).
+pub const TARGETS: &[(&str, Target)] = &[
+    ("server_request", server_request),
+    ("mls_framing", mls_framing),
+    ("client_response", client_response),
+    ("content", content),
+    ("mls_incoming", mls_incoming),
+];
+
+fn json<T: serde::de::DeserializeOwned>(bytes: &[u8]) {
+    let _ = serde_json::from_slice::<T>(bytes);
+}
+
+/// Every JSON body and WebSocket frame the server parses; the first byte picks the type.
+pub fn server_request(data: &[u8]) {
+    let Some((&selector, body)) = data.split_first() else {
+        return;
+    };
+    match selector % 16 {
+        0 => json::<RegisterRequest>(body),
+        1 => json::<UsernameClaim>(body),
+        2 => json::<SealedProfile>(body),
+        3 => json::<KeyPackageUpload>(body),
+        4 => json::<KeyPackageClaim>(body),
+        5 => json::<SubmitMessage>(body),
+        6 => json::<SealedAvatar>(body),
+        7 => json::<LinkCreate>(body),
+        8 => json::<LinkOpen>(body),
+        9 => json::<LinkDevice>(body),
+        10 => json::<LinkHistory>(body),
+        11 => json::<InviteCreate>(body),
+        12 => json::<InviteRedeem>(body),
+        13 => json::<BlobCreate>(body),
+        14 => json::<ClientFrame>(body),
+        _ => {
+            // Path ids as the server parses them.
+            if let Ok(text) = std::str::from_utf8(body) {
+                let _ = AccountId::parse(text);
+                let _ = DeviceId::parse(text);
+                let _ = BlobId::parse(text);
+            }
+        }
+    }
+}
+
+/// The only MLS parsing on the server.
+pub fn mls_framing(data: &[u8]) {
+    let _ = crate::framing::inspect_group_message(data);
+    let _ = crate::framing::check_welcome(data);
+    let _ = crate::framing::check_key_package(data);
+}
+
+/// Everything the client decodes from server answers and frames, and its own stored records.
+pub fn client_response(data: &[u8]) {
+    let Some((&selector, body)) = data.split_first() else {
+        return;
+    };
+    match selector % 14 {
+        0 => json::<ServerFrame>(body),
+        1 => json::<RegisterResponse>(body),
+        2 => json::<UsernameLookup>(body),
+        3 => json::<AccountInfo>(body),
+        4 => json::<KeyPackageCount>(body),
+        5 => json::<ClaimedKeyPackages>(body),
+        6 => json::<SubmitAccepted>(body),
+        7 => json::<LinkBundle>(body),
+        8 => json::<LinkStatus>(body),
+        9 => json::<BlobCreated>(body),
+        10 => json::<BlobUploadStatus>(body),
+        11 => json::<ErrorBody>(body),
+        12 => json::<fumi_core::Attachment>(body),
+        _ => json::<SubmitMessage>(body),
+    }
+}
+
+/// Plaintext formats a client opens: message content, padding, device credentials, sealed
+/// profiles, avatars and boxes, attachment blobs, usernames.
+pub fn content(data: &[u8]) {
+    let _ = Content::decode(data);
+    let _ = fumi_core::padding::unpad(data);
+    let _ = DeviceCredential::decode(data);
+    let key = ProfileKey::from_bytes([7; 32]);
+    let account = AccountId::from_bytes([1; 16]);
+    let _ = Profile::open(data, &key, account);
+    let _ = fumi_core::profile::open_avatar(data, &key, account);
+    let _ = fumi_core::sealing::open(&[7; 32], b"label", data);
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = Username::parse(text);
+    }
+    // A blob of any length against sizes taken from the input itself.
+    let plaintext_size = data.first().map_or(0, |b| u64::from(*b) * 997);
+    let expected = Sealed {
+        digest: [0; 32],
+        plaintext_size,
+        ciphertext_size: attachment::ciphertext_size(plaintext_size),
+    };
+    let _ = attachment::decrypt(
+        &AttachmentKey::from_bytes([7; 32]),
+        &mut &data[..],
+        &expected,
+        &mut std::io::sink(),
+    );
+}
+
+thread_local! {
+    static DEVICE: MlsDevice<openmls_rust_crypto::OpenMlsRustCrypto> = {
+        let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
+        let key = MlsDevice::generate_signature_key(&provider).expect("key");
+        let identity = AccountIdentity::from_secret(&[3; 32]);
+        MlsDevice::open(provider, &identity, AccountId::from_bytes([1; 16]), DeviceId::from_bytes([2; 16]), &key)
+            .expect("device")
+    };
+}
+
+/// What a client does with an envelope from the server: MLS processing, in a device that is in
+/// no group (so every message is foreign, a Welcome not for it, or garbage).
+pub fn mls_incoming(data: &[u8]) {
+    DEVICE.with(|device| {
+        let _ = device.handle_message(data);
+    });
+}
