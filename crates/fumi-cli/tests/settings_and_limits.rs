@@ -59,3 +59,57 @@ fn per_device_rate_limit_from_the_environment() {
     let refusal = refusal.expect("the limit was reached");
     assert!(refusal.contains("rate_limited") || refusal.contains("429"), "{refusal}");
 }
+
+#[test]
+fn a_full_mailbox_refuses_more_with_a_clear_error_and_loses_nothing() {
+    let server = Server::start_with_env(&[("FUMI_MAX_QUEUED_PER_DEVICE", "4")]);
+    let alice = User::register(&server, "alice", "Alice");
+    let bob = User::register(&server, "bob", "Bob");
+    // Bob stays offline; his mailbox fills.
+    let mut sent = Vec::new();
+    let mut refusal = None;
+    for i in 0..10 {
+        let text = format!("queued {i}");
+        let output = alice.run(&["send", &bob.username, &text]);
+        if output.status.success() {
+            sent.push(text);
+        } else {
+            refusal = Some((text, String::from_utf8_lossy(&output.stderr).into_owned()));
+            break;
+        }
+    }
+    let (refused, error) = refusal.expect("the mailbox filled up");
+    assert!(
+        error.contains("mailbox_full") && error.contains("comes online"),
+        "{error}"
+    );
+    assert!(!sent.is_empty());
+    let history = alice.ok(&["history", &bob.username]);
+    assert!(
+        !history.contains(&refused),
+        "a refused message is not shown as sent: {history}"
+    );
+    // Everything accepted arrives; afterwards there is room again.
+    assert_eq!(bob.receive_texts(), sent);
+    alice.ok(&["send", &bob.username, "room again"]);
+    assert_eq!(bob.receive_texts(), vec!["room again"]);
+}
+
+#[test]
+fn an_account_has_a_bounded_number_of_devices() {
+    let server = Server::start_with_env(&[("FUMI_MAX_DEVICES_PER_ACCOUNT", "2")]);
+    let alice = User::register(&server, "alice", "Alice");
+    let from = alice.home.path().to_str().unwrap().to_owned();
+    let laptop = tempfile::tempdir().unwrap();
+    common::fumi_ok(laptop.path(), &["device", "link", "--from", &from]);
+    let tablet = tempfile::tempdir().unwrap();
+    let output = common::fumi(tablet.path(), &["device", "link", "--from", &from]);
+    assert!(!output.status.success());
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        error.contains("too_many_devices") && error.contains("remove one first"),
+        "{error}"
+    );
+    assert!(!tablet.path().join("fumi.db").exists(), "nothing half-made is left");
+    assert_eq!(alice.ok(&["device", "list"]).lines().count(), 2);
+}

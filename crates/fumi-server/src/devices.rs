@@ -176,6 +176,16 @@ pub(crate) async fn link_device(
         .account(account)
         .await?
         .ok_or_else(|| ApiError::not_found("unknown_account", "no such account"))?;
+    if record.devices.len() >= state.config.max_devices_per_account {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "too_many_devices",
+            format!(
+                "this account already has {} devices, the most allowed; remove one first",
+                state.config.max_devices_per_account
+            ),
+        ));
+    }
     let identity: [u8; 32] = record
         .identity_key
         .as_slice()

@@ -131,6 +131,13 @@ impl From<StorageError> for ApiError {
                 "not_a_recipient",
                 "this device is not a recipient of this blob",
             ),
+            StorageError::MailboxFull { limit } => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "mailbox_full",
+                format!(
+                    "a recipient device has {limit} undelivered messages waiting; nothing more can be queued for it until it comes online"
+                ),
+            ),
             StorageError::Database(cause) => Self::internal(cause),
         }
     }

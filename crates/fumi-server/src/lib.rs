@@ -60,6 +60,10 @@ pub struct Config {
     pub max_blob_bytes: u64,
     /// Bytes of blobs one account may have stored at once (undelivered attachments).
     pub blob_quota_bytes: u64,
+    /// Undelivered envelopes one device's mailbox may hold (commits excepted).
+    pub max_queued_per_device: u64,
+    /// Devices one account may have at once (each holds at most one delivery connection).
+    pub max_devices_per_account: usize,
 }
 
 impl Default for Config {
@@ -76,6 +80,8 @@ impl Default for Config {
             blob_store: String::new(),
             max_blob_bytes: 2 * 1024 * 1024 * 1024,
             blob_quota_bytes: 4 * 1024 * 1024 * 1024,
+            max_queued_per_device: 10_000,
+            max_devices_per_account: 10,
         }
     }
 }

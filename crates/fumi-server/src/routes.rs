@@ -456,6 +456,7 @@ async fn submit_message(
         },
         now,
         expires_at: now.saturating_add(config.message_ttl_secs.saturating_mul(1000)),
+        max_queued: config.max_queued_per_device,
     };
     let recipients: Vec<DeviceId> = submission
         .deliveries

@@ -54,6 +54,12 @@ pub enum StorageError {
     /// The device has no KeyPackage left and no last-resort one.
     #[error("a device has no key package")]
     NoKeyPackage,
+    /// A recipient's mailbox is full.
+    #[error("a recipient's mailbox is full")]
+    MailboxFull {
+        /// The limit.
+        limit: u64,
+    },
     /// No open link slot has this token (never created, expired, or already used).
     #[error("unknown or used link")]
     UnknownLink,
@@ -157,6 +163,9 @@ pub struct Submission {
     pub now: u64,
     /// When undelivered copies expire, ms since the Unix epoch.
     pub expires_at: u64,
+    /// A mailbox holding this many envelopes takes no more application messages or Welcomes
+    /// (commits still go through, so a group can always remove an absent device).
+    pub max_queued: u64,
 }
 
 /// Result of a successful submission.

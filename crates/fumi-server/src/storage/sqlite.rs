@@ -491,6 +491,22 @@ impl Storage for SqliteStorage {
             if live.is_empty() {
                 continue;
             }
+            if submission.commit_epoch.is_none() {
+                for recipient in &live {
+                    let queued: i64 =
+                        sqlx::query_scalar("SELECT COUNT(*) FROM (SELECT 1 FROM mailbox WHERE device_id = ? LIMIT ?)")
+                            .bind(recipient.as_bytes().as_slice())
+                            .bind(to_i64(submission.max_queued))
+                            .fetch_one(&mut *tx)
+                            .await
+                            .map_err(db)?;
+                    if to_u64(queued) >= submission.max_queued {
+                        return Err(StorageError::MailboxFull {
+                            limit: submission.max_queued,
+                        });
+                    }
+                }
+            }
             let message_id: i64 = sqlx::query_scalar(
                 "INSERT INTO messages (body, received_at, expires_at) VALUES (?, ?, ?) RETURNING id",
             )
@@ -1088,6 +1104,7 @@ mod tests {
             removed: vec![],
             now: 0,
             expires_at,
+            max_queued: 10_000,
         }
     }
 
