@@ -33,11 +33,15 @@ impl Transport {
                 "server must be an http:// or https:// URL, not {server:?}"
             )));
         }
+        // Idle connections are dropped before the server's idle limit (10 s by default), so a
+        // request never goes out on a connection the server is closing.
         let http = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(30))
+            .pool_idle_timeout(std::time::Duration::from_secs(5))
             .build()
             .map_err(|e| ClientError::Network(e.to_string()))?;
         let bulk = reqwest::Client::builder()
+            .pool_idle_timeout(std::time::Duration::from_secs(5))
             .connect_timeout(std::time::Duration::from_secs(15))
             .read_timeout(std::time::Duration::from_secs(60))
             .build()

@@ -64,6 +64,8 @@ pub struct Config {
     pub max_queued_per_device: u64,
     /// Devices one account may have at once (each holds at most one delivery connection).
     pub max_devices_per_account: usize,
+    /// Seconds a client has to send a request's headers, and that an idle connection is kept.
+    pub header_read_timeout_secs: u64,
 }
 
 impl Default for Config {
@@ -82,6 +84,7 @@ impl Default for Config {
             blob_quota_bytes: 4 * 1024 * 1024 * 1024,
             max_queued_per_device: 10_000,
             max_devices_per_account: 10,
+            header_read_timeout_secs: 10,
         }
     }
 }
@@ -172,15 +175,51 @@ pub async fn run(
 
     let expiry = tokio::spawn(expire_messages(state.clone()));
     let app = routes::router(state.clone()).layer(axum::middleware::from_fn_with_state(state.clone(), log_request));
-    let served = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down");
-            let _ = shutdown_tx.send(true);
-        })
-        .await;
+    let header_timeout = Duration::from_secs(state.config.header_read_timeout_secs.max(1));
+    let mut connections = tokio::task::JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors or similar: back off instead of spinning.
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        while connections.try_join_next().is_some() {}
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+            let mut app = app.clone();
+            async move { tower::Service::call(&mut app, request).await }
+        });
+        // A client that does not finish its request headers in time (slowloris), or leaves a
+        // kept-alive connection idle that long, is disconnected.
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+            .with_upgrades();
+        connections.spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+        });
+    }
+    tracing::info!("shutting down");
+    let _ = shutdown_tx.send(true);
+    // Requests in flight finish (delivery connections close at the signal above), for a while.
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
     expiry.abort();
-    served.map_err(ServerError::Io)
+    Ok(())
 }
 
 /// An upload that has not completed within a day is abandoned and deleted.
