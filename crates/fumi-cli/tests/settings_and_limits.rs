@@ -154,3 +154,38 @@ fn slow_and_idle_connections_are_closed() {
     alice.ok(&["send", &bob.username, "still fine"]);
     assert_eq!(bob.receive_texts(), vec!["still fine"]);
 }
+
+#[test]
+fn registrations_and_link_opens_are_limited_per_address() {
+    let server = Server::start_with_env(&[("FUMI_REGISTRATIONS_PER_MINUTE", "3")]);
+    let mut refusal = None;
+    for i in 0..6 {
+        let home = tempfile::tempdir().unwrap();
+        let output = common::fumi(
+            home.path(),
+            &[
+                "register",
+                "--server",
+                &server.url,
+                "--name",
+                "N",
+                "--username",
+                &format!("user{i}"),
+            ],
+        );
+        if !output.status.success() {
+            refusal = Some((i, String::from_utf8_lossy(&output.stderr).into_owned()));
+            break;
+        }
+    }
+    let (at, error) = refusal.expect("the address limit was reached");
+    assert_eq!(at, 3, "three registrations pass, the fourth is refused: {error}");
+    assert!(error.contains("rate_limited"), "{error}");
+    // Opening a device link (no credentials either) draws on the same budget.
+    let home = tempfile::tempdir().unwrap();
+    let output = common::fumi(
+        home.path(),
+        &["device", "link", "fumi://link/aHR0cDovLzEyNy4wLjAuMTox/AAAA"],
+    );
+    assert!(!output.status.success());
+}
