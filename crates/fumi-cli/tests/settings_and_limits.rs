@@ -182,10 +182,16 @@ fn registrations_and_link_opens_are_limited_per_address() {
     assert_eq!(at, 3, "three registrations pass, the fourth is refused: {error}");
     assert!(error.contains("rate_limited"), "{error}");
     // Opening a device link (no credentials either) draws on the same budget.
-    let home = tempfile::tempdir().unwrap();
-    let output = common::fumi(
-        home.path(),
-        &["device", "link", "fumi://link/aHR0cDovLzEyNy4wLjAuMTox/AAAA"],
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let code = format!(
+        "fumi://link/{}/{}",
+        URL_SAFE_NO_PAD.encode(&server.url),
+        URL_SAFE_NO_PAD.encode([0u8; 64])
     );
+    let home = tempfile::tempdir().unwrap();
+    let output = common::fumi(home.path(), &["device", "link", &code]);
     assert!(!output.status.success());
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(error.contains("rate_limited"), "{error}");
 }
