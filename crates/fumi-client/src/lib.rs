@@ -65,7 +65,7 @@ pub enum ClientError {
     )]
     IdentityKeyChanged(String),
     /// An MLS or credential check failed.
-    #[error("{0}")]
+    #[error(transparent)]
     Mls(#[from] MlsError),
     /// The client store failed.
     #[error("client store: {0}")]

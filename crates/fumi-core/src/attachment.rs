@@ -49,7 +49,7 @@ pub enum AttachmentError {
     #[error("the file changed while it was being encrypted")]
     SourceChanged,
     /// Reading or writing failed.
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] io::Error),
 }
 

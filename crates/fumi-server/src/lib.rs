@@ -101,13 +101,13 @@ pub enum ServerError {
         source: std::io::Error,
     },
     /// The database could not be opened or migrated.
-    #[error("cannot open database: {0}")]
+    #[error("cannot open database")]
     Storage(#[from] storage::StorageError),
     /// The blob store could not be opened.
-    #[error("cannot open blob store: {0}")]
+    #[error("cannot open blob store")]
     Blobs(#[from] blobs::BlobError),
     /// Serving failed.
-    #[error("server error: {0}")]
+    #[error("server error")]
     Io(#[from] std::io::Error),
 }
 
