@@ -147,3 +147,38 @@ fn another_accounts_key_packages_are_refused() {
     );
     eprintln!("alice was told: {error}");
 }
+
+#[test]
+fn a_stale_key_package_is_refused_by_its_owner() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice", "Alice");
+    let bob = User::register(&server, "bob", "Bob");
+    let carol = User::register(&server, "carol", "Carol");
+    let (bob_device, _) = credentials(&bob);
+    // The KeyPackage the next claim for Bob will take, kept by the operator.
+    let stale: Vec<u8> = database(&server)
+        .query_row(
+            "SELECT key_package FROM key_packages WHERE device_id = ? AND last_resort = 0 ORDER BY id LIMIT 1",
+            [bob_device.as_bytes().as_slice()],
+            |r| r.get(0),
+        )
+        .unwrap();
+    alice.ok(&["send", &bob.username, "hello bob"]);
+    assert_eq!(receive(&bob).0, vec!["hello bob"]);
+    // Served again, first in line: Carol's conversation with Bob starts on a used KeyPackage.
+    database(&server)
+        .execute(
+            "INSERT INTO key_packages (id, device_id, key_package, last_resort) VALUES (0, ?, ?, 0)",
+            params![bob_device.as_bytes().as_slice(), stale],
+        )
+        .unwrap();
+    carol.ok(&["send", &bob.username, "from carol"]);
+    let (texts, stderr) = receive(&bob);
+    assert!(texts.is_empty(), "{texts:?}");
+    assert!(stderr.contains("dropped a message"), "Bob is told: {stderr}");
+    // Bob's store is consistent: his other conversation works both ways.
+    alice.ok(&["send", &bob.username, "still here"]);
+    assert_eq!(receive(&bob).0, vec!["still here"]);
+    bob.ok(&["send", &alice.username, "yes"]);
+    assert!(alice.receive_texts().contains(&"yes".to_owned()));
+}
