@@ -53,6 +53,8 @@ async fn run_proxy(listener: TcpListener, upstream: String, shared: Arc<Mutex<Sh
     }
 }
 
+// The handshake callback's error type is tungstenite's, not ours.
+#[allow(clippy::result_large_err)]
 async fn middle(client: TcpStream, upstream: &str, shared: Arc<Mutex<Shared>>) {
     let authorization = Arc::new(Mutex::new(None));
     let seen_auth = authorization.clone();
