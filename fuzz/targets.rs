@@ -64,12 +64,13 @@ pub fn mls_framing(data: &[u8]) {
     let _ = crate::framing::check_key_package(data);
 }
 
-/// Everything the client decodes from server answers and frames, and its own stored records.
+/// Everything the client decodes from server answers and frames, and its own stored records
+/// (attachment pointers and download queue entries, file views in history, outbox requests).
 pub fn client_response(data: &[u8]) {
     let Some((&selector, body)) = data.split_first() else {
         return;
     };
-    match selector % 14 {
+    match selector % 15 {
         0 => json::<ServerFrame>(body),
         1 => json::<RegisterResponse>(body),
         2 => json::<UsernameLookup>(body),
@@ -83,6 +84,7 @@ pub fn client_response(data: &[u8]) {
         10 => json::<BlobUploadStatus>(body),
         11 => json::<ErrorBody>(body),
         12 => json::<fumi_core::Attachment>(body),
+        13 => json::<fumi_client::FileView>(body),
         _ => json::<SubmitMessage>(body),
     }
 }
