@@ -224,3 +224,39 @@ fn an_upload_resumes_after_the_connection_drops() {
     let out = bob.ok(&["receive"]);
     assert_eq!(std::fs::read(saved_path(&out, "video.mp4")).unwrap(), original);
 }
+
+#[test]
+fn two_processes_on_one_home_save_a_file_once() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice", "Alice");
+    let bob = User::register(&server, "bob", "Bob");
+    let (file, original) = random_file(alice.home.path(), "shared.bin", 12 * 1024 * 1024);
+    alice.ok(&["send", &bob.username, "--file", file.to_str().unwrap()]);
+    let spawn = || {
+        std::process::Command::new(common::FUMI)
+            .arg("--home")
+            .arg(bob.home.path())
+            .arg("receive")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (first, second) = (spawn(), spawn());
+    for child in [first, second] {
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    }
+    bob.ok(&["receive"]);
+    let saved: Vec<_> = std::fs::read_dir(bob.home.path().join("files"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(saved, vec!["shared.bin"], "one copy");
+    assert_eq!(
+        std::fs::read(bob.home.path().join("files/shared.bin")).unwrap(),
+        original
+    );
+    let history = bob.ok(&["history", &alice.username]);
+    assert!(history.contains("files/shared.bin"), "{history}");
+}

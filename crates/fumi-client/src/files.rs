@@ -305,6 +305,13 @@ impl FumiClient {
     /// Downloads every queued file; a file refused for good is marked so in history.
     pub(crate) async fn download_pending(&mut self) -> Result<(), ClientError> {
         for (local_id, attachment) in self.store.downloads()? {
+            // Another fumi process on this home may be fetching the same file: one at a time,
+            // and only while it is still queued.
+            let lock_path = self.temp_dir()?.join(format!("{}.lock", attachment.blob));
+            let lock = open_private(&lock_path, true).map_err(local)?;
+            if lock.try_lock().is_err() || !self.store.is_download_pending(attachment.blob)? {
+                continue;
+            }
             let mut view = FileView {
                 name: attachment.name.clone(),
                 size: attachment.size,
@@ -329,6 +336,8 @@ impl FumiClient {
             if let Err(e) = self.transport.request::<(), ()>(Method::POST, &path, None).await {
                 tracing::debug!(error = %e, "blob acknowledgement not taken");
             }
+            let _ = fs::remove_file(&lock_path);
+            drop(lock);
         }
         Ok(())
     }

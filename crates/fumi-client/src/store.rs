@@ -755,6 +755,19 @@ impl Store {
         Ok(out)
     }
 
+    /// Whether a file is still queued for download.
+    pub fn is_download_pending(&self, blob: fumi_proto::BlobId) -> Result<bool, ClientError> {
+        self.conn
+            .query_row(
+                "SELECT 1 FROM downloads WHERE blob_id = ?",
+                [blob.as_bytes().as_slice()],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|found| found.is_some())
+            .map_err(sql)
+    }
+
     /// Ends a download (done or refused).
     pub fn remove_download(&self, blob: fumi_proto::BlobId) -> Result<(), ClientError> {
         self.conn

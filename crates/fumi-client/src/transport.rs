@@ -195,7 +195,13 @@ impl Delivery {
     pub async fn next(&mut self) -> Result<Option<ServerFrame>, ClientError> {
         loop {
             match self.socket.next().await {
-                None | Some(Ok(Message::Close(_))) => return Ok(None),
+                None => return Ok(None),
+                Some(Ok(Message::Close(frame))) => {
+                    if let Some(frame) = frame.filter(|f| !f.reason.is_empty()) {
+                        tracing::warn!(reason = %frame.reason, "the server closed the delivery connection");
+                    }
+                    return Ok(None);
+                }
                 Some(Err(e)) => return Err(ClientError::Network(e.to_string())),
                 Some(Ok(Message::Text(text))) => {
                     return serde_json::from_str(&text)
@@ -207,13 +213,14 @@ impl Delivery {
         }
     }
 
-    /// Acknowledges processed envelopes.
+    /// Acknowledges processed envelopes. An acknowledgement that cannot be sent (the connection
+    /// just closed) is not an error: the envelopes are stored, and their redelivery is recognised.
     pub async fn ack(&mut self, seqs: Vec<u64>) -> Result<(), ClientError> {
         let text = serde_json::to_string(&ClientFrame::Ack { seqs }).expect("frame serialises");
-        self.socket
-            .send(Message::Text(text.into()))
-            .await
-            .map_err(|e| ClientError::Network(e.to_string()))
+        if let Err(e) = self.socket.send(Message::Text(text.into())).await {
+            tracing::debug!(error = %e, "acknowledgement not sent; the envelopes will be redelivered and skipped");
+        }
+        Ok(())
     }
 
     /// Closes the connection politely.
