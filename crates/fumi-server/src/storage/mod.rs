@@ -326,7 +326,8 @@ pub trait Storage: Send + Sync + 'static {
     async fn blob_fetched(&self, id: BlobId, device: DeviceId) -> Result<bool, StorageError>;
     /// Deletes a blob's record.
     async fn delete_blob(&self, id: BlobId) -> Result<(), StorageError>;
-    /// Blobs expired at `now`, or still incomplete after `stale_upload_before`.
+    /// Blobs to delete: expired at `now`, still incomplete after `stale_upload_before`, complete
+    /// with no recipient left, or uploaded by a device since removed.
     async fn expired_blobs(&self, now: u64, stale_upload_before: u64) -> Result<Vec<BlobId>, StorageError>;
     /// Stores an account's sealed avatar.
     async fn put_avatar(&self, account: AccountId, sealed: Ciphertext, now: u64) -> Result<(), StorageError>;

@@ -988,13 +988,16 @@ impl Storage for SqliteStorage {
     }
 
     async fn expired_blobs(&self, now: u64, stale_upload_before: u64) -> Result<Vec<BlobId>, StorageError> {
-        let ids: Vec<Vec<u8>> =
-            sqlx::query_scalar("SELECT id FROM blobs WHERE expires_at <= ? OR (complete = 0 AND created_at <= ?)")
-                .bind(to_i64(now))
-                .bind(to_i64(stale_upload_before))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db)?;
+        let ids: Vec<Vec<u8>> = sqlx::query_scalar(
+            "SELECT id FROM blobs WHERE expires_at <= ? OR (complete = 0 AND created_at <= ?)
+                 OR (complete = 1 AND NOT EXISTS (SELECT 1 FROM blob_recipients r WHERE r.blob_id = blobs.id))
+                 OR owner_device IN (SELECT id FROM devices WHERE removed_at IS NOT NULL)",
+        )
+        .bind(to_i64(now))
+        .bind(to_i64(stale_upload_before))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
         ids.iter()
             .map(|id| BlobId::from_slice(id).map_err(|_| StorageError::Database("corrupt blob id".into())))
             .collect()
@@ -1106,6 +1109,48 @@ mod tests {
             expires_at,
             max_queued: 10_000,
         }
+    }
+
+    #[tokio::test]
+    async fn blobs_left_without_a_live_recipient_or_uploader_are_collected() {
+        let (_dir, storage, device) = storage_with_device().await;
+        let account = AccountId::from_bytes([1; 16]);
+        let second = DeviceId::from_bytes([3; 16]);
+        let token = [4u8; 32];
+        storage
+            .create_link(&token, account, Ciphertext(vec![0; 40]), 0, 1_000)
+            .await
+            .unwrap();
+        storage
+            .link_device(&token, account, second, &[0; 32], vec![], None, 1)
+            .await
+            .unwrap();
+        let blob = |id: u8, owner: DeviceId, recipient: DeviceId| BlobRecord {
+            id: BlobId::from_bytes([id; 16]),
+            owner_account: account,
+            owner_device: owner,
+            size: 10,
+            complete: false,
+            pending: vec![recipient],
+            expires_at: u64::MAX / 2,
+        };
+        // One to the second device (complete), one from it (unfinished), one unrelated.
+        for record in [
+            blob(1, device, second),
+            blob(2, second, device),
+            blob(3, device, device),
+        ] {
+            storage.create_blob(&record, u64::MAX / 2, 1).await.unwrap();
+        }
+        storage.complete_blob(BlobId::from_bytes([1; 16])).await.unwrap();
+        assert!(storage.expired_blobs(2, 0).await.unwrap().is_empty());
+        storage.remove_device(account, second, 3).await.unwrap();
+        let mut collected = storage.expired_blobs(4, 0).await.unwrap();
+        collected.sort_by_key(|id| id.to_string());
+        assert_eq!(
+            collected,
+            vec![BlobId::from_bytes([1; 16]), BlobId::from_bytes([2; 16])]
+        );
     }
 
     #[tokio::test]
