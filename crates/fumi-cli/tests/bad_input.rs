@@ -704,8 +704,8 @@ async fn blob_link_invite_and_avatar_requests_are_checked_and_change_nothing() {
             &alice_auth,
             Some("0"),
             1001,
-            StatusCode::BAD_REQUEST,
-            "bad_request",
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
         ),
         (
             "not the uploader",

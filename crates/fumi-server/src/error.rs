@@ -155,7 +155,7 @@ impl From<crate::blobs::BlobError> for ApiError {
                     format!("the server holds {held} bytes of this upload; continue from there"),
                 )
             },
-            BlobError::Oversized => Self::bad_request("the upload carries more bytes than the announced size"),
+            BlobError::Oversized => Self::too_large("the upload carries more bytes than the announced size"),
             BlobError::Missing => Self::not_found(
                 "unknown_blob",
                 "no such blob (expired, or deleted after every recipient fetched it)",
