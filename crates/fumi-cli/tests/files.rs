@@ -260,3 +260,60 @@ fn two_processes_on_one_home_save_a_file_once() {
     let history = bob.ok(&["history", &alice.username]);
     assert!(history.contains("files/shared.bin"), "{history}");
 }
+
+#[test]
+fn a_download_killed_midway_resumes_in_the_next_run() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice", "Alice");
+    let bob = User::register(&server, "bob", "Bob");
+    let (file, original) = random_file(alice.home.path(), "long.bin", 40 * 1024 * 1024);
+    alice.ok(&["send", &bob.username, "--file", file.to_str().unwrap()]);
+    let mut receiving = std::process::Command::new(common::FUMI)
+        .arg("--home")
+        .arg(bob.home.path())
+        .arg("receive")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill -9 once part of the blob is saved for resumption.
+    let tmp = bob.home.path().join("tmp");
+    let saved_before_kill = loop {
+        let saved: u64 = std::fs::read_dir(&tmp)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".download"))
+            .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+            .sum();
+        if saved > 4 * 1024 * 1024 {
+            receiving.kill().unwrap();
+            receiving.wait().unwrap();
+            break saved;
+        }
+        assert!(
+            receiving.try_wait().unwrap().is_none(),
+            "the download finished before it could be interrupted"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    let before = server.metrics();
+    let out = bob.ok(&["receive"]);
+    assert_eq!(std::fs::read(saved_path(&out, "long.bin")).unwrap(), original);
+    // The second run fetched only what the first had not saved.
+    let sent = |metrics: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("fumi_blob_bytes_sent_total "))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let refetched = sent(&server.metrics()) - sent(&before);
+    let sealed = fumi_core::attachment::ciphertext_size(original.len() as u64);
+    assert!(
+        refetched <= sealed - saved_before_kill,
+        "{refetched} of {sealed} refetched after {saved_before_kill} were saved"
+    );
+}

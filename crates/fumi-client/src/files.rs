@@ -57,6 +57,8 @@ pub(crate) enum DownloadFailure {
     Retry(ClientError),
     /// Will never succeed: the file was altered, truncated or is gone.
     Refused(String),
+    /// Worth trying again, from the first byte (what was saved cannot be continued).
+    StartOver(ClientError),
 }
 
 /// Collects sealed bytes into upload-sized chunks and hands each to the uploader.
@@ -93,17 +95,23 @@ impl Write for ChunkSender {
     }
 }
 
-/// Reads the sealed chunks a download hands over; end of input when the sender is dropped.
+/// Reads the sealed chunks a download hands over, appending each to the part file first (no
+/// fsync: it only saves refetching after an interruption); end of input when the sender is
+/// dropped.
 struct ChunkReader {
     chunks: tokio::sync::mpsc::Receiver<Bytes>,
     current: Bytes,
+    saved: File,
 }
 
 impl Read for ChunkReader {
     fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
         while self.current.is_empty() {
             match self.chunks.blocking_recv() {
-                Some(chunk) => self.current = chunk,
+                Some(chunk) => {
+                    self.saved.write_all(&chunk)?;
+                    self.current = chunk;
+                }
                 None => return Ok(0),
             }
         }
@@ -322,7 +330,7 @@ impl FumiClient {
             match self.download(&attachment).await {
                 Ok(path) => view.path = Some(path.display().to_string()),
                 Err(DownloadFailure::Refused(reason)) => view.error = Some(reason),
-                Err(DownloadFailure::Retry(e)) => {
+                Err(DownloadFailure::Retry(e) | DownloadFailure::StartOver(e)) => {
                     tracing::warn!(error = %e, "a file could not be downloaded now; it will be tried again");
                     continue;
                 }
@@ -349,9 +357,15 @@ impl FumiClient {
         let files = self.files_dir();
         create_private_dir(&files).map_err(DownloadFailure::Retry)?;
         let plain = TempFile(files.join(format!(".{}.partial", attachment.blob)));
+        // What an earlier, interrupted run saved; anything longer than the blob is junk.
+        let resume_from = match tokio::fs::metadata(&part).await {
+            Ok(meta) if meta.len() <= expected => meta.len(),
+            _ => 0,
+        };
 
-        // Decryption runs on a blocking thread, fed the sealed bytes as they arrive.
-        let (feed, sealed_bytes) = tokio::sync::mpsc::channel::<Bytes>(4);
+        // A blocking thread does all the file work: it replays the saved prefix, then appends
+        // each arriving piece to the part file (for the next run's resumption) and decrypts.
+        let (feed, arriving) = tokio::sync::mpsc::channel::<Bytes>(4);
         let decryptor = {
             let key = AttachmentKey::from_bytes(attachment.key);
             let sealed = Sealed {
@@ -359,19 +373,22 @@ impl FumiClient {
                 plaintext_size: attachment.size,
                 ciphertext_size: expected,
             };
-            let plain = plain.0.clone();
+            let (part, plain) = (part.clone(), plain.0.clone());
             tokio::task::spawn_blocking(move || {
-                let mut source = ChunkReader {
-                    chunks: sealed_bytes,
+                let saved = open_private(&part, true)?;
+                saved.set_len(resume_from)?;
+                let mut source = File::open(&part)?.take(resume_from).chain(ChunkReader {
+                    chunks: arriving,
                     current: Bytes::new(),
-                };
+                    saved,
+                });
                 let mut sink = BufWriter::with_capacity(IO_BUFFER_BYTES, open_private(&plain, false)?);
                 attachment::decrypt(&key, &mut source, &sealed, &mut sink)?;
                 sink.flush()?;
                 Ok::<_, AttachmentError>(())
             })
         };
-        let fetched = self.fetch_blob(attachment, &part, expected, feed).await;
+        let fetched = self.fetch_blob(attachment, resume_from, expected, feed).await;
         let decrypted = decryptor
             .await
             .map_err(|e| DownloadFailure::Retry(ClientError::Store(format!("decryption task: {e}"))))?;
@@ -389,6 +406,10 @@ impl FumiClient {
         match outcome {
             // Keep what arrived: the next run resumes from there.
             Err(DownloadFailure::Retry(e)) => return Err(DownloadFailure::Retry(e)),
+            Err(DownloadFailure::StartOver(e)) => {
+                let _ = fs::remove_file(&part);
+                return Err(DownloadFailure::Retry(e));
+            }
             other => {
                 let _ = fs::remove_file(&part);
                 other?
@@ -399,41 +420,26 @@ impl FumiClient {
         Ok(target)
     }
 
-    /// Fetches a blob into `part`, resuming from what an earlier attempt left there.
-    /// Every byte (those an earlier run left in `part` first) also goes to `feed`; a closed
-    /// feed (the decryptor refused a chunk) ends the fetch early.
+    /// Fetches a blob from byte `offset` on and hands every piece to `feed`; a closed feed (the
+    /// decryptor refused a chunk) ends the fetch early. Resumes with `Range` after a break.
     async fn fetch_blob(
         &self,
         attachment: &Attachment,
-        part: &Path,
+        mut offset: u64,
         expected: u64,
         feed: tokio::sync::mpsc::Sender<Bytes>,
     ) -> Result<(), DownloadFailure> {
-        let retry = |e: std::io::Error| DownloadFailure::Retry(local(e));
-        let mut file = open_private(part, true).map_err(retry)?;
-        let mut offset = file.metadata().map_err(retry)?.len();
-        if offset > expected {
-            file.set_len(0).map_err(retry)?;
-            offset = 0;
-        }
-        if offset > 0 {
-            let mut earlier = File::open(part).map_err(retry)?;
-            let mut buffer = vec![0u8; IO_BUFFER_BYTES];
-            loop {
-                let n = earlier.read(&mut buffer).map_err(retry)?;
-                if n == 0 || feed.send(Bytes::copy_from_slice(&buffer[..n])).await.is_err() {
-                    break;
-                }
-            }
-        }
+        let refused = |e: AttachmentError| {
+            DownloadFailure::Refused(format!("refused {}: {e}; it was not saved", attachment.name))
+        };
         self.progress.begin(&format!("receiving {}", attachment.name), expected);
         self.progress.set(offset);
         let mut failures = 0u32;
-        let result = loop {
+        let result = 'fetch: loop {
             if offset >= expected {
                 break Ok(());
             }
-            let response = match self.transport.download(attachment.blob, offset).await {
+            let mut response = match self.transport.download(attachment.blob, offset).await {
                 Ok(response) => response,
                 Err(ClientError::Server { status: 404, .. }) => {
                     break Err(DownloadFailure::Refused(format!(
@@ -455,24 +461,16 @@ impl FumiClient {
                 Err(e) => break Err(DownloadFailure::Retry(e)),
             };
             if response.status() == reqwest::StatusCode::OK && offset > 0 {
-                // The server ignored the range: the next run starts over.
-                file.set_len(0).map_err(retry)?;
-                break Err(DownloadFailure::Retry(ClientError::Protocol(
+                break Err(DownloadFailure::StartOver(ClientError::Protocol(
                     "the server ignored the download range".into(),
                 )));
             }
-            let mut response = response;
             let interrupted = loop {
                 match response.chunk().await {
                     Ok(Some(bytes)) => {
                         if offset + bytes.len() as u64 > expected {
-                            return Err(DownloadFailure::Refused(format!(
-                                "refused {}: {}; it was not saved",
-                                attachment.name,
-                                AttachmentError::TooLong
-                            )));
+                            break 'fetch Err(refused(AttachmentError::TooLong));
                         }
-                        file.write_all(&bytes).map_err(retry)?;
                         offset += bytes.len() as u64;
                         self.progress.set(offset);
                         if feed.send(bytes).await.is_err() {
@@ -486,13 +484,7 @@ impl FumiClient {
             };
             match interrupted {
                 // The server sent all it has: fewer bytes than announced is a truncated blob.
-                None if offset < expected => {
-                    break Err(DownloadFailure::Refused(format!(
-                        "refused {}: {}; it was not saved",
-                        attachment.name,
-                        AttachmentError::Truncated
-                    )));
-                }
+                None if offset < expected => break Err(refused(AttachmentError::Truncated)),
                 None => {}
                 Some(e) if failures + 1 < TRANSFER_ATTEMPTS => {
                     failures += 1;
@@ -504,10 +496,6 @@ impl FumiClient {
             }
         };
         self.progress.end();
-        // No fsync: the part file only saves refetching after an interruption.
-        if matches!(result, Err(DownloadFailure::Refused(_))) {
-            let _ = fs::remove_file(part);
-        }
         result
     }
 }

@@ -178,7 +178,7 @@ impl FumiClient {
             };
             let saved = match self.download(&pointer).await {
                 Ok(path) => path,
-                Err(DownloadFailure::Retry(e)) => return Err(e),
+                Err(DownloadFailure::Retry(e) | DownloadFailure::StartOver(e)) => return Err(e),
                 Err(DownloadFailure::Refused(reason)) => {
                     tracing::warn!(%reason, "the history archive was refused");
                     self.store.remove_pending_history(&token)?;
