@@ -105,14 +105,19 @@ pub(crate) async fn create_blob(
     Ok((StatusCode::CREATED, Json(BlobCreated { blob_id: record.id })))
 }
 
-/// The blob, if the caller uploads it.
-async fn owned_blob(state: &AppState, device: &AuthDevice, blob: &str) -> Result<BlobRecord, ApiError> {
+/// The blob a path names.
+async fn blob_record(state: &AppState, blob: &str) -> Result<BlobRecord, ApiError> {
     let id: BlobId = parse_path_id(blob, "blob id")?;
-    let record = state
+    Ok(state
         .storage
         .blob(id)
         .await?
-        .ok_or(crate::storage::StorageError::UnknownBlob)?;
+        .ok_or(crate::storage::StorageError::UnknownBlob)?)
+}
+
+/// The blob, if the caller uploads it.
+async fn owned_blob(state: &AppState, device: &AuthDevice, blob: &str) -> Result<BlobRecord, ApiError> {
+    let record = blob_record(state, blob).await?;
     if record.owner_device != device.device {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -223,12 +228,7 @@ pub(crate) async fn upload(
 
 /// The blob, if the caller may download (or acknowledge) it: a recipient, upload complete.
 async fn receivable_blob(state: &AppState, device: &AuthDevice, blob: &str) -> Result<BlobRecord, ApiError> {
-    let id: BlobId = parse_path_id(blob, "blob id")?;
-    let record = state
-        .storage
-        .blob(id)
-        .await?
-        .ok_or(crate::storage::StorageError::UnknownBlob)?;
+    let record = blob_record(state, blob).await?;
     if !record.pending.contains(&device.device) {
         return Err(crate::storage::StorageError::NotBlobRecipient.into());
     }

@@ -126,6 +126,35 @@ pub struct SqliteStorage {
     pool: SqlitePool,
 }
 
+/// Tables that hold one sealed blob per account.
+#[derive(Clone, Copy)]
+enum SealedTable {
+    Profiles,
+    Avatars,
+}
+
+impl SealedTable {
+    fn upsert(self) -> &'static str {
+        match self {
+            SealedTable::Profiles => {
+                "INSERT INTO profiles (account_id, sealed, updated_at) VALUES (?, ?, ?)
+                 ON CONFLICT (account_id) DO UPDATE SET sealed = excluded.sealed, updated_at = excluded.updated_at"
+            }
+            SealedTable::Avatars => {
+                "INSERT INTO avatars (account_id, sealed, updated_at) VALUES (?, ?, ?)
+                 ON CONFLICT (account_id) DO UPDATE SET sealed = excluded.sealed, updated_at = excluded.updated_at"
+            }
+        }
+    }
+
+    fn select(self) -> &'static str {
+        match self {
+            SealedTable::Profiles => "SELECT sealed FROM profiles WHERE account_id = ?",
+            SealedTable::Avatars => "SELECT sealed FROM avatars WHERE account_id = ?",
+        }
+    }
+}
+
 impl SqliteStorage {
     /// Opens (creating if needed) the database file and applies migrations.
     pub async fn open(path: &Path) -> Result<Self, StorageError> {
@@ -178,6 +207,34 @@ impl SqliteStorage {
     /// on the busy timeout instead of failing on lock upgrade.
     async fn write(&self) -> Result<Transaction<'static, Sqlite>, StorageError> {
         self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db)
+    }
+
+    /// Stores (or replaces) an account's sealed blob in one of the per-account tables.
+    async fn put_sealed(
+        &self,
+        table: SealedTable,
+        account: AccountId,
+        sealed: Ciphertext,
+        now: u64,
+    ) -> Result<(), StorageError> {
+        let mut tx = self.write().await?;
+        sqlx::query(table.upsert())
+            .bind(account.as_bytes().as_slice())
+            .bind(sealed.0)
+            .bind(to_i64(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn sealed(&self, table: SealedTable, account: AccountId) -> Result<Option<Ciphertext>, StorageError> {
+        let sealed: Option<Vec<u8>> = sqlx::query_scalar(table.select())
+            .bind(account.as_bytes().as_slice())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(sealed.map(Ciphertext))
     }
 }
 
@@ -303,27 +360,11 @@ impl Storage for SqliteStorage {
     }
 
     async fn put_profile(&self, account: AccountId, sealed: Ciphertext, now: u64) -> Result<(), StorageError> {
-        let mut tx = self.write().await?;
-        sqlx::query(
-            "INSERT INTO profiles (account_id, sealed, updated_at) VALUES (?, ?, ?)
-             ON CONFLICT (account_id) DO UPDATE SET sealed = excluded.sealed, updated_at = excluded.updated_at",
-        )
-        .bind(account.as_bytes().as_slice())
-        .bind(sealed.0)
-        .bind(to_i64(now))
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        tx.commit().await.map_err(db)
+        self.put_sealed(SealedTable::Profiles, account, sealed, now).await
     }
 
     async fn profile(&self, account: AccountId) -> Result<Option<Ciphertext>, StorageError> {
-        let sealed: Option<Vec<u8>> = sqlx::query_scalar("SELECT sealed FROM profiles WHERE account_id = ?")
-            .bind(account.as_bytes().as_slice())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db)?;
-        Ok(sealed.map(Ciphertext))
+        self.sealed(SealedTable::Profiles, account).await
     }
 
     async fn add_key_packages(
@@ -1004,27 +1045,11 @@ impl Storage for SqliteStorage {
     }
 
     async fn put_avatar(&self, account: AccountId, sealed: Ciphertext, now: u64) -> Result<(), StorageError> {
-        let mut tx = self.write().await?;
-        sqlx::query(
-            "INSERT INTO avatars (account_id, sealed, updated_at) VALUES (?, ?, ?)
-             ON CONFLICT (account_id) DO UPDATE SET sealed = excluded.sealed, updated_at = excluded.updated_at",
-        )
-        .bind(account.as_bytes().as_slice())
-        .bind(sealed.0)
-        .bind(to_i64(now))
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        tx.commit().await.map_err(db)
+        self.put_sealed(SealedTable::Avatars, account, sealed, now).await
     }
 
     async fn avatar(&self, account: AccountId) -> Result<Option<Ciphertext>, StorageError> {
-        let sealed: Option<Vec<u8>> = sqlx::query_scalar("SELECT sealed FROM avatars WHERE account_id = ?")
-            .bind(account.as_bytes().as_slice())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db)?;
-        Ok(sealed.map(Ciphertext))
+        self.sealed(SealedTable::Avatars, account).await
     }
 }
 
