@@ -16,7 +16,6 @@ use chacha20poly1305::aead::stream::{DecryptorBE32, EncryptorBE32};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
-use zeroize::{Zeroize, ZeroizeOnDrop};
 
 /// Plaintext bytes per chunk.
 pub const CHUNK_BYTES: usize = 64 * 1024;
@@ -53,34 +52,10 @@ pub enum AttachmentError {
     Io(#[from] io::Error),
 }
 
-/// A 256-bit key that encrypts one file, and nothing else.
-#[derive(Clone, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
-pub struct AttachmentKey([u8; 32]);
-
-impl AttachmentKey {
-    /// A fresh random key.
-    pub fn generate(rng: &mut impl RngCore) -> Self {
-        let mut key = [0u8; 32];
-        rng.fill_bytes(&mut key);
-        Self(key)
-    }
-
-    /// Wraps raw key bytes.
-    pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        Self(bytes)
-    }
-
-    /// The raw key bytes.
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for AttachmentKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("AttachmentKey(…)")
-    }
-}
+symmetric_key!(
+    /// A 256-bit key that encrypts one file, and nothing else.
+    AttachmentKey
+);
 
 /// What the receiver needs besides the key: sizes and digest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

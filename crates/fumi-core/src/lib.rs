@@ -1,6 +1,40 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+/// A 256-bit symmetric key type: random or from bytes, zeroized on drop, never printed.
+macro_rules! symmetric_key {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
+        pub struct $name([u8; 32]);
+
+        impl $name {
+            /// A fresh random key.
+            pub fn generate(rng: &mut impl rand::RngCore) -> Self {
+                let mut key = [0u8; 32];
+                rng.fill_bytes(&mut key);
+                Self(key)
+            }
+
+            /// Wraps raw key bytes.
+            pub fn from_bytes(bytes: [u8; 32]) -> Self {
+                Self(bytes)
+            }
+
+            /// The raw key bytes.
+            pub fn as_bytes(&self) -> &[u8; 32] {
+                &self.0
+            }
+        }
+
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(concat!(stringify!($name), "(…)"))
+            }
+        }
+    };
+}
+
 pub mod attachment;
 pub mod content;
 pub mod identity;

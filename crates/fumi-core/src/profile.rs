@@ -7,7 +7,6 @@ use fumi_proto::AccountId;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::{padding, sealing};
 
@@ -28,34 +27,10 @@ pub enum ProfileError {
     InvalidName,
 }
 
-/// A 256-bit symmetric key that seals one account's profile.
-#[derive(Clone, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
-pub struct ProfileKey([u8; 32]);
-
-impl ProfileKey {
-    /// A fresh random key.
-    pub fn generate(rng: &mut impl RngCore) -> Self {
-        let mut key = [0u8; 32];
-        rng.fill_bytes(&mut key);
-        Self(key)
-    }
-
-    /// Wraps raw key bytes.
-    pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        Self(bytes)
-    }
-
-    /// The raw key bytes.
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for ProfileKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ProfileKey(…)")
-    }
-}
+symmetric_key!(
+    /// A 256-bit symmetric key that seals one account's profile.
+    ProfileKey
+);
 
 /// What a profile holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
