@@ -357,26 +357,29 @@ impl FumiClient {
     /// The new device keeps a copy of the account's avatar, to re-seal it when the profile
     /// changes. Best effort: without it, a later profile change drops the avatar.
     async fn fetch_own_avatar(&mut self) {
-        let me = self.account.account_id;
         let key = ProfileKey::from_bytes(self.account.profile_key);
-        let Ok(sealed) = self
-            .transport
-            .request::<(), SealedProfile>(Method::GET, &format!("/v1/accounts/{me}/profile"), None)
-            .await
-        else {
+        let Ok(Some(digest)) = self.own_profile(&key).await.map(|p| p.and_then(|p| p.avatar)) else {
             return;
         };
-        let Some(digest) = Profile::open(sealed.sealed.as_slice(), &key, me)
-            .ok()
-            .and_then(|p| p.avatar)
-        else {
-            return;
-        };
-        if let Ok(Some(image)) = self.fetch_avatar(me, &key, &digest).await
+        if let Ok(Some(image)) = self.fetch_avatar(self.account.account_id, &key, &digest).await
             && write_private(&self.home.join("avatar"), &image).is_ok()
         {
             self.account.avatar_digest = Some(digest);
             let _ = self.store.save_account(&self.account);
+        }
+    }
+
+    /// This account's published profile, if it opens with `key`; network failures are errors.
+    async fn own_profile(&self, key: &ProfileKey) -> Result<Option<Profile>, ClientError> {
+        let me = self.account.account_id;
+        match self
+            .transport
+            .request::<(), SealedProfile>(Method::GET, &format!("/v1/accounts/{me}/profile"), None)
+            .await
+        {
+            Ok(sealed) => Ok(Profile::open(sealed.sealed.as_slice(), key, me).ok()),
+            Err(e @ ClientError::Network(_)) => Err(e),
+            Err(_) => Ok(None),
         }
     }
 
@@ -529,19 +532,7 @@ impl FumiClient {
         if stored.profile_key == self.account.profile_key {
             return Ok(());
         }
-        let me = self.account.account_id;
-        let key = ProfileKey::from_bytes(stored.profile_key);
-        let path = format!("/v1/accounts/{me}/profile");
-        let profile = match self
-            .transport
-            .request::<(), SealedProfile>(Method::GET, &path, None)
-            .await
-        {
-            Ok(sealed) => Profile::open(sealed.sealed.as_slice(), &key, me).ok(),
-            Err(e @ ClientError::Network(_)) => return Err(e),
-            Err(_) => None,
-        };
-        let Some(profile) = profile else {
+        let Some(profile) = self.own_profile(&ProfileKey::from_bytes(stored.profile_key)).await? else {
             // Not the current key: keep ours.
             return self.store.save_account(&self.account);
         };
