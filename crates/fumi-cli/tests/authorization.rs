@@ -8,7 +8,7 @@ mod common;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use common::{Server, User, credentials, fumi_ok, snapshot};
+use common::{Server, User, account_of, credentials, fumi_ok, hex_encode, snapshot};
 use reqwest::{Client, Method, StatusCode};
 use serde_json::{Value, json};
 use sha2::Digest;
@@ -98,7 +98,7 @@ async fn every_endpoint_refuses_the_wrong_caller_and_changes_nothing() {
     assert_eq!(status, StatusCode::CREATED, "{created}");
     let blob = created["blob_id"].as_str().unwrap().to_owned();
     let link_token = [5u8; 32];
-    let link_hash = hex(&sha2::Sha256::digest(link_token));
+    let link_hash = hex_encode(&sha2::Sha256::digest(link_token));
     let (status, _) = call(
         Method::POST,
         "/v1/links".into(),
@@ -331,18 +331,6 @@ async fn every_endpoint_refuses_the_wrong_caller_and_changes_nothing() {
         metrics.contains("fumi_http_responses_server_error_total 0"),
         "{metrics}"
     );
-}
-
-fn account_of(user: &User) -> String {
-    let db = rusqlite::Connection::open(user.home.path().join("fumi.db")).unwrap();
-    let account: Vec<u8> = db
-        .query_row("SELECT account_id FROM account", [], |r| r.get(0))
-        .unwrap();
-    hex(&account)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn unhex(text: &str) -> Vec<u8> {

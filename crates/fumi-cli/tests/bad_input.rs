@@ -4,7 +4,7 @@ mod common;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use common::{Server, User, credentials, hex_encode, snapshot};
+use common::{Server, User, account_of, credentials, hex_encode, snapshot};
 use fumi_core::AccountIdentity;
 use fumi_core::mls::MlsDevice;
 use fumi_proto::{AccountId, DeviceId, GroupId};
@@ -761,11 +761,3 @@ type Case<'a> = (
     StatusCode,
     &'a str,
 );
-
-fn account_of(user: &User) -> String {
-    let db = rusqlite::Connection::open(user.home.path().join("fumi.db")).unwrap();
-    let account: Vec<u8> = db
-        .query_row("SELECT account_id FROM account", [], |r| r.get(0))
-        .unwrap();
-    hex_encode(&account)
-}

@@ -11,11 +11,14 @@ use std::time::Duration;
 use common::{FUMI, Server, User};
 use rand::{Rng, SeedableRng};
 
-fn seed() -> u64 {
-    std::env::var("FUMI_CRASH_SEED")
+/// The run's seed (printed, so a failure can be repeated) and the generator it drives.
+fn seeded() -> (u64, rand::rngs::StdRng) {
+    let seed = std::env::var("FUMI_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random())
+        .unwrap_or_else(|| rand::rng().random());
+    eprintln!("FUMI_CRASH_SEED={seed}");
+    (seed, rand::rngs::StdRng::seed_from_u64(seed))
 }
 
 /// Starts `fumi args` for `user` and kills it with SIGKILL after `after`; returns whether it had
@@ -38,9 +41,7 @@ fn kill_after(user: &User, args: &[&str], after: Duration) -> bool {
 
 #[test]
 fn receiving_killed_at_random_loses_and_repeats_nothing() {
-    let seed = seed();
-    eprintln!("FUMI_CRASH_SEED={seed}");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (seed, mut rng) = seeded();
     let server = Server::start();
     let alice = User::register(&server, "alice", "Alice");
     let bob = User::register(&server, "bob", "Bob");
@@ -93,9 +94,7 @@ fn receiving_killed_at_random_loses_and_repeats_nothing() {
 
 #[test]
 fn committing_killed_at_random_leaves_a_working_group() {
-    let seed = seed();
-    eprintln!("FUMI_CRASH_SEED={seed}");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (seed, mut rng) = seeded();
     let server = Server::start();
     let alice = User::register(&server, "alice", "Alice");
     let bob = User::register(&server, "bob", "Bob");

@@ -8,7 +8,7 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use common::{Server, User, fumi_ok};
+use common::{Server, User, fumi_ok, saved_path};
 use rand::RngCore;
 
 fn random_file(dir: &std::path::Path, name: &str, size: usize) -> (std::path::PathBuf, Vec<u8>) {
@@ -17,15 +17,6 @@ fn random_file(dir: &std::path::Path, name: &str, size: usize) -> (std::path::Pa
     let path = dir.join(name);
     std::fs::write(&path, &bytes).unwrap();
     (path, bytes)
-}
-
-/// The path `receive` printed for a file.
-fn saved_path(output: &str, name: &str) -> std::path::PathBuf {
-    let line = output
-        .lines()
-        .find(|l| l.contains(&format!("[file {name} ")))
-        .unwrap_or_else(|| panic!("no line for {name} in {output}"));
-    std::path::PathBuf::from(line.rsplit("] ").next().unwrap().trim())
 }
 
 #[test]

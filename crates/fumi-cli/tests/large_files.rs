@@ -37,12 +37,7 @@ fn a_50_mb_file_round_trips_in_bounded_memory() {
     let expected = hasher.finalize();
     alice.ok(&["send", &bob.username, "--file", path.to_str().unwrap()]);
     let out = bob.ok(&["receive"]);
-    let line = out
-        .lines()
-        .find(|l| l.contains("[file archive.bin"))
-        .expect("file line");
-    let saved = line.rsplit("] ").next().unwrap().trim();
-    let mut file = std::fs::File::open(saved).unwrap();
+    let mut file = std::fs::File::open(common::saved_path(&out, "archive.bin")).unwrap();
     let mut hasher = Sha256::new();
     std::io::copy(&mut file, &mut hasher).unwrap();
     assert_eq!(hasher.finalize(), expected, "the received file is the sent one");

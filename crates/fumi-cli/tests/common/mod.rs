@@ -304,3 +304,21 @@ pub fn fumi_ok(home: &Path, args: &[&str]) -> String {
     );
     String::from_utf8(output.stdout).expect("utf-8")
 }
+
+/// The account id (hex) stored in a user's client store.
+pub fn account_of(user: &User) -> String {
+    let db = rusqlite::Connection::open(user.home.path().join("fumi.db")).unwrap();
+    let account: Vec<u8> = db
+        .query_row("SELECT account_id FROM account", [], |r| r.get(0))
+        .unwrap();
+    hex_encode(&account)
+}
+
+/// Where `receive` said it saved the file `name`.
+pub fn saved_path(output: &str, name: &str) -> PathBuf {
+    let line = output
+        .lines()
+        .find(|l| l.contains(&format!("[file {name} ")))
+        .unwrap_or_else(|| panic!("no line for {name} in {output}"));
+    PathBuf::from(line.rsplit("] ").next().unwrap().trim())
+}
