@@ -40,6 +40,14 @@ fn check_address(state: &AppState, peer: SocketAddr) -> Result<(), ApiError> {
     ))
 }
 
+/// A link token hash as a path names it (64 hex digits).
+fn path_token_hash(hash: &str) -> Result<[u8; 32], ApiError> {
+    let mut bytes = [0u8; 32];
+    hex::decode_to_slice(hash, &mut bytes)
+        .map_err(|_| ApiError::bad_request("a link token hash is 64 hexadecimal digits"))?;
+    Ok(bytes)
+}
+
 fn token_hash(token: &Base64Bytes) -> Result<[u8; 32], ApiError> {
     let token = exact_32(token, "token")?;
     Ok(Sha256::digest(token).into())
@@ -92,9 +100,7 @@ pub(crate) async fn link_status(
     State(state): State<Arc<AppState>>,
     Path(hash): Path<String>,
 ) -> Result<Json<LinkStatus>, ApiError> {
-    let mut bytes = [0u8; 32];
-    hex::decode_to_slice(&hash, &mut bytes)
-        .map_err(|_| ApiError::bad_request("a link token hash is 64 hexadecimal digits"))?;
+    let bytes = path_token_hash(&hash)?;
     let device_id = state.storage.link_status(&bytes, device.account).await?;
     Ok(Json(LinkStatus { device_id }))
 }
@@ -108,9 +114,7 @@ pub(crate) async fn put_link_history(
     Path(hash): Path<String>,
     ApiJson(request): ApiJson<LinkHistory>,
 ) -> Result<StatusCode, ApiError> {
-    let mut bytes = [0u8; 32];
-    hex::decode_to_slice(&hash, &mut bytes)
-        .map_err(|_| ApiError::bad_request("a link token hash is 64 hexadecimal digits"))?;
+    let bytes = path_token_hash(&hash)?;
     let sealed = request
         .sealed
         .ok_or_else(|| ApiError::bad_request("sealed is required"))?;
