@@ -243,6 +243,39 @@ pub fn device_link_message(
     .concat()
 }
 
+/// Headers of a signed admin API request.
+pub mod admin_headers {
+    /// The operator's configured name.
+    pub const OPERATOR: &str = "fumi-operator";
+    /// The stated reason (a ticket id), printable ASCII, at most 200 bytes; public in the log.
+    pub const REASON: &str = "fumi-reason";
+    /// Milliseconds since the Unix epoch; within five minutes of the server's clock.
+    pub const TIMESTAMP: &str = "fumi-timestamp";
+    /// 32 hex digits, never reused.
+    pub const NONCE: &str = "fumi-nonce";
+    /// Ed25519 signature (128 hex digits) over [`super::admin_request_message`].
+    pub const SIGNATURE: &str = "fumi-signature";
+}
+
+/// The bytes an operator key signs for one admin request: a domain label and the request's
+/// method, path with query, timestamp, nonce, operator, reason and SHA-256 of the body, one per
+/// line.
+pub fn admin_request_message(
+    method: &str,
+    path_and_query: &str,
+    timestamp: u64,
+    nonce: &str,
+    operator: &str,
+    reason: &str,
+    body_sha256: &[u8; 32],
+) -> Vec<u8> {
+    format!(
+        "fumi admin request v1\n{method}\n{path_and_query}\n{timestamp}\n{nonce}\n{operator}\n{reason}\n{}",
+        hex::encode(body_sha256)
+    )
+    .into_bytes()
+}
+
 /// Answer to `GET /v1/links/{token-hash}`: whether a device has used the link yet.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkStatus {
@@ -336,6 +369,40 @@ pub enum ClientFrame {
         /// Sequence numbers from [`ServerFrame::Envelope`].
         seqs: Vec<u64>,
     },
+}
+
+/// Answer of `GET /v1/audit/key`: the account's audit key, with which its holder recognises the
+/// transparency log entries that name the account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditKey {
+    /// 32 bytes.
+    pub audit_key: Base64Bytes,
+}
+
+/// Answer of `GET /v1/moderation/key`: the HPKE public key abuse reports are sealed to, or none
+/// if the server takes no reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModerationKey {
+    /// X25519 public key (32 bytes).
+    pub public_key: Base64Bytes,
+}
+
+/// Body of `POST /v1/reports`: an abuse report sealed to the moderation key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportSubmit {
+    /// HPKE encapsulated key ‖ ciphertext of the report JSON (see `fumi_core::franking`).
+    pub sealed: Base64Bytes,
+}
+
+/// Answer of `POST /v1/reports`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportFiled {
+    /// The report's number.
+    pub id: u64,
 }
 
 /// Body of every error answer: `{"error": {"code": "...", "message": "..."}}`.

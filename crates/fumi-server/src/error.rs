@@ -56,6 +56,11 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal server error")
     }
 
+    /// 403 `forbidden`.
+    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, code, message)
+    }
+
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         self.status
@@ -137,6 +142,11 @@ impl From<StorageError> for ApiError {
                 format!(
                     "a recipient device has {limit} undelivered messages waiting; nothing more can be queued for it until it comes online"
                 ),
+            ),
+            StorageError::AuditConflict => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "audit_busy",
+                "the audit log is busy; nothing was done, retry",
             ),
             StorageError::Database(cause) => Self::internal(cause),
         }

@@ -1,7 +1,9 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+pub mod admin;
 mod attachments;
+pub mod audit;
 pub mod auth;
 pub mod blobs;
 mod devices;
@@ -66,6 +68,15 @@ pub struct Config {
     pub max_devices_per_account: usize,
     /// Seconds a client has to send a request's headers, and that an idle connection is kept.
     pub header_read_timeout_secs: u64,
+    /// Address of the admin API (keep it on loopback or a management network).
+    pub admin_listen: SocketAddr,
+    /// Operators allowed to use the admin API: name, Ed25519 key, jurisdiction, networks.
+    pub operators: Vec<admin::OperatorConfig>,
+    /// Jurisdictions whose operators may act (empty: every configured operator).
+    pub admin_jurisdictions: Vec<String>,
+    /// HPKE (X25519) public key, 64 hex digits, that abuse reports are sealed to; empty: the
+    /// server takes no reports.
+    pub moderation_public_key: String,
 }
 
 impl Default for Config {
@@ -85,6 +96,10 @@ impl Default for Config {
             max_queued_per_device: 10_000,
             max_devices_per_account: 10,
             header_read_timeout_secs: 10,
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            operators: Vec::new(),
+            admin_jurisdictions: Vec::new(),
+            moderation_public_key: String::new(),
         }
     }
 }
@@ -106,6 +121,12 @@ pub enum ServerError {
     /// The blob store could not be opened.
     #[error("cannot open blob store")]
     Blobs(#[from] blobs::BlobError),
+    /// The audit log key could not be loaded or created.
+    #[error(transparent)]
+    AuditKey(#[from] audit::KeyFileError),
+    /// A setting is invalid.
+    #[error("invalid settings: {0}")]
+    Config(String),
     /// Serving failed.
     #[error("server error")]
     Io(#[from] std::io::Error),
@@ -131,6 +152,10 @@ pub struct AppState {
     pub blobs: BlobStore,
     /// Blobs with an upload request running, so two requests never write one file at once.
     pub uploads_in_progress: std::sync::Mutex<std::collections::HashSet<fumi_proto::BlobId>>,
+    /// The transparency log of operator accesses.
+    pub audit: audit::AuditLog,
+    /// Who may use the admin API, from where.
+    pub admin: admin::AdminPolicy,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -145,11 +170,17 @@ pub fn database_path(config: &Config) -> PathBuf {
     config.data.join("fumi.db")
 }
 
-/// Runs the server on `listener` until `shutdown` completes. Opens (and creates) the SQLite
-/// database under `config.data`.
+/// The audit log's signing key inside a data directory.
+pub fn audit_key_path(config: &Config) -> PathBuf {
+    config.data.join("audit-log.key")
+}
+
+/// Runs the server until `shutdown` completes: the user API on `listener`, the admin API on
+/// `admin_listener`. Opens (and creates) the SQLite database under `config.data`.
 pub async fn run(
     config: Config,
     listener: TcpListener,
+    admin_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     std::fs::create_dir_all(&config.data).map_err(|source| ServerError::DataDir {
@@ -157,6 +188,15 @@ pub async fn run(
         source,
     })?;
     let storage: Arc<dyn Storage> = Arc::new(SqliteStorage::open(&database_path(&config)).await?);
+    let admin = admin::AdminPolicy::from_config(&config).map_err(ServerError::Config)?;
+    if !config.moderation_public_key.is_empty() && moderation_key(&config).is_none() {
+        return Err(ServerError::Config(
+            "moderation_public_key must be 64 hex digits".into(),
+        ));
+    }
+    let audit = audit::AuditLog::open(&audit_key_path(&config))?;
+    audit.init(storage.as_ref()).await?;
+    tracing::info!(log_key = %audit.public_key(), "transparency log");
     let blobs = BlobStore::open(&config)?;
     blobs.check().await?;
     tracing::info!(store = %blobs.description, "blob store");
@@ -171,11 +211,44 @@ pub async fn run(
         shutdown: shutdown_rx,
         blobs,
         uploads_in_progress: Default::default(),
+        audit,
+        admin,
     });
 
     let expiry = tokio::spawn(expire_messages(state.clone()));
-    let app = routes::router(state.clone()).layer(axum::middleware::from_fn_with_state(state.clone(), log_request));
+    let log = || axum::middleware::from_fn_with_state(state.clone(), log_request);
+    let app = routes::router(state.clone()).layer(log());
+    let admin_app = admin::router(state.clone()).layer(log());
     let header_timeout = Duration::from_secs(state.config.header_read_timeout_secs.max(1));
+    let mut stop = state.shutdown.clone();
+    let admin_loop = tokio::spawn(serve(admin_listener, admin_app, header_timeout, async move {
+        let _ = stop.wait_for(|stopped| *stopped).await;
+    }));
+    // The signal goes out before connections are drained, so delivery connections close.
+    let shutdown = async move {
+        shutdown.await;
+        tracing::info!("shutting down");
+        let _ = shutdown_tx.send(true);
+    };
+    serve(listener, app, header_timeout, shutdown).await;
+    let _ = admin_loop.await;
+    expiry.abort();
+    Ok(())
+}
+
+/// The moderation public key from the settings, if set and valid.
+pub fn moderation_key(config: &Config) -> Option<[u8; 32]> {
+    hex::decode(&config.moderation_public_key).ok()?.try_into().ok()
+}
+
+/// Accepts HTTP/1 connections on `listener` for `app` until `shutdown`, then lets requests in
+/// flight finish for a while.
+async fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    header_timeout: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
     let mut connections = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -211,15 +284,11 @@ pub async fn run(
             }
         });
     }
-    tracing::info!("shutting down");
-    let _ = shutdown_tx.send(true);
-    // Requests in flight finish (delivery connections close at the signal above), for a while.
+    // Requests in flight finish (delivery connections close at the shutdown signal), for a while.
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
         while connections.join_next().await.is_some() {}
     })
     .await;
-    expiry.abort();
-    Ok(())
 }
 
 /// An upload that has not completed within a day is abandoned and deleted.

@@ -20,7 +20,7 @@ use crate::error::ApiError;
 use crate::framing;
 use crate::metrics::Metrics;
 use crate::storage::{Ciphertext, Delivery, Submission, SubmitOutcome};
-use crate::{AppState, attachments, auth::AuthDevice, devices, now_ms, ws};
+use crate::{AppState, attachments, audit, auth::AuthDevice, devices, now_ms, ws};
 
 /// Largest sealed profile accepted.
 const MAX_PROFILE_BYTES: usize = 8 * 1024;
@@ -66,6 +66,15 @@ fn api() -> Api {
         .route("GET", "/health", routing::get(health))
         .route("GET", "/metrics", routing::get(metrics))
         .route("POST", "/v1/accounts", routing::post(register))
+        .route("GET", "/v1/audit/head", routing::get(audit::head))
+        .route("GET", "/v1/audit/entries", routing::get(audit::entries))
+        .route("GET", "/v1/audit/proof/inclusion", routing::get(audit::inclusion_proof))
+        .route(
+            "GET",
+            "/v1/audit/proof/consistency",
+            routing::get(audit::consistency_proof),
+        )
+        .route("GET", "/v1/audit/key", routing::get(audit::account_key))
         .route("GET", "/v1/accounts/{account}", routing::get(account_info))
         .route("GET", "/v1/accounts/{account}/profile", routing::get(get_profile))
         .route("PUT", "/v1/profile", routing::put(put_profile))

@@ -87,6 +87,9 @@ pub enum StorageError {
     /// The device may not touch this blob.
     #[error("not a recipient of the blob")]
     NotBlobRecipient,
+    /// Another writer appended to the audit log first; retry on the new size.
+    #[error("the audit log grew concurrently")]
+    AuditConflict,
     /// The backend failed: our problem, not the client's.
     #[error("database: {0}")]
     Database(String),
@@ -203,6 +206,40 @@ pub struct StorageStats {
     pub devices: u64,
     /// Envelopes waiting in mailboxes.
     pub queued_envelopes: u64,
+}
+
+/// What the admin API shows of an account: ids, counts and sizes (there is nothing else).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AccountSummary {
+    /// The account.
+    pub account: AccountId,
+    /// Creation time, ms since the Unix epoch.
+    pub created_at: u64,
+    /// Whether it is suspended.
+    pub suspended: bool,
+    /// Devices not removed.
+    pub devices: u64,
+    /// Envelopes waiting in its devices' mailboxes.
+    pub queued_envelopes: u64,
+    /// Their bytes.
+    pub queued_bytes: u64,
+    /// KeyPackages in stock.
+    pub key_packages: u64,
+    /// Blobs it uploaded that are still stored, and their announced bytes.
+    pub blobs: u64,
+    /// Announced bytes of those blobs.
+    pub blob_bytes: u64,
+}
+
+/// An abuse report as listed to moderators (its content is sealed to the moderation key).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReportSummary {
+    /// Report number.
+    pub id: u64,
+    /// When it was filed, ms since the Unix epoch.
+    pub created_at: u64,
+    /// Size of the sealed report.
+    pub size: u64,
 }
 
 /// The server's durable state. Implementations must make every method atomic and durable
@@ -333,4 +370,47 @@ pub trait Storage: Send + Sync + 'static {
     async fn put_avatar(&self, account: AccountId, sealed: Ciphertext, now: u64) -> Result<(), StorageError>;
     /// An account's sealed avatar.
     async fn avatar(&self, account: AccountId) -> Result<Option<Ciphertext>, StorageError>;
+
+    // --- transparency log -------------------------------------------------------------------
+
+    /// Number of entries in the audit log.
+    async fn audit_size(&self) -> Result<u64, StorageError>;
+    /// Leaf hashes of the first `size` entries, in order.
+    async fn audit_leaf_hashes(&self, size: u64) -> Result<Vec<[u8; 32]>, StorageError>;
+    /// Stored bytes of entries `start..end` (clamped to the log's size), in order.
+    async fn audit_entries(&self, start: u64, end: u64) -> Result<Vec<Vec<u8>>, StorageError>;
+    /// Appends entry number `index` and the signed head of the log it ends, atomically; fails
+    /// with [`StorageError::AuditConflict`] if the log does not have exactly `index` entries.
+    async fn append_audit(
+        &self,
+        index: u64,
+        entry: &[u8],
+        leaf_hash: &[u8; 32],
+        signed_head: &str,
+    ) -> Result<(), StorageError>;
+    /// Stores the signed head of the empty log, if the log has no head yet.
+    async fn init_audit_head(&self, signed_head: &str) -> Result<(), StorageError>;
+    /// The latest signed tree head (JSON).
+    async fn audit_head(&self) -> Result<Option<String>, StorageError>;
+    /// The account's audit key (see `fumi_audit::account_tag`), created on first use.
+    async fn audit_key(&self, account: AccountId) -> Result<[u8; 32], StorageError>;
+
+    // --- operator operations ----------------------------------------------------------------
+
+    /// Every account, with counts and sizes.
+    async fn account_summaries(&self) -> Result<Vec<AccountSummary>, StorageError>;
+    /// Suspends or reinstates an account.
+    async fn set_suspended(&self, account: AccountId, suspended: bool) -> Result<(), StorageError>;
+    /// Deletes an account and everything stored for it, except the bytes of its blobs, whose ids
+    /// are returned for the caller to delete (their records stay until then).
+    async fn purge_account(&self, account: AccountId) -> Result<Vec<BlobId>, StorageError>;
+
+    // --- abuse reports ----------------------------------------------------------------------
+
+    /// Stores a report sealed to the moderation key; returns its number.
+    async fn create_report(&self, sealed: Ciphertext, now: u64) -> Result<u64, StorageError>;
+    /// Every report, oldest first.
+    async fn reports(&self) -> Result<Vec<ReportSummary>, StorageError>;
+    /// A sealed report.
+    async fn report(&self, id: u64) -> Result<Option<Ciphertext>, StorageError>;
 }

@@ -118,6 +118,23 @@ CREATE TABLE avatars (
     updated_at INTEGER NOT NULL
 );
 "#,
+    r#"
+CREATE TABLE audit_log (
+    idx INTEGER PRIMARY KEY,
+    entry BLOB NOT NULL,
+    leaf_hash BLOB NOT NULL
+);
+CREATE TABLE audit_heads (
+    tree_size INTEGER PRIMARY KEY,
+    head TEXT NOT NULL
+);
+ALTER TABLE accounts ADD COLUMN audit_key BLOB;
+CREATE TABLE reports (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sealed BLOB NOT NULL,
+    created_at INTEGER NOT NULL
+);
+"#,
 ];
 
 /// SQLite storage in one file.
@@ -1050,6 +1067,237 @@ impl Storage for SqliteStorage {
 
     async fn avatar(&self, account: AccountId) -> Result<Option<Ciphertext>, StorageError> {
         self.sealed(SealedTable::Avatars, account).await
+    }
+
+    async fn audit_size(&self) -> Result<u64, StorageError> {
+        let size: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_log")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(to_u64(size))
+    }
+
+    async fn audit_leaf_hashes(&self, size: u64) -> Result<Vec<[u8; 32]>, StorageError> {
+        let hashes: Vec<Vec<u8>> = sqlx::query_scalar("SELECT leaf_hash FROM audit_log WHERE idx < ? ORDER BY idx")
+            .bind(to_i64(size))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        hashes
+            .into_iter()
+            .map(|hash| {
+                hash.try_into()
+                    .map_err(|_| StorageError::Database("corrupt audit leaf hash".into()))
+            })
+            .collect()
+    }
+
+    async fn audit_entries(&self, start: u64, end: u64) -> Result<Vec<Vec<u8>>, StorageError> {
+        sqlx::query_scalar("SELECT entry FROM audit_log WHERE idx >= ? AND idx < ? ORDER BY idx")
+            .bind(to_i64(start))
+            .bind(to_i64(end))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)
+    }
+
+    async fn append_audit(
+        &self,
+        index: u64,
+        entry: &[u8],
+        leaf_hash: &[u8; 32],
+        signed_head: &str,
+    ) -> Result<(), StorageError> {
+        let mut tx = self.write().await?;
+        let size: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_log")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+        if to_u64(size) != index {
+            return Err(StorageError::AuditConflict);
+        }
+        sqlx::query("INSERT INTO audit_log (idx, entry, leaf_hash) VALUES (?, ?, ?)")
+            .bind(to_i64(index))
+            .bind(entry)
+            .bind(leaf_hash.as_slice())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        sqlx::query("INSERT INTO audit_heads (tree_size, head) VALUES (?, ?)")
+            .bind(to_i64(index + 1))
+            .bind(signed_head)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn init_audit_head(&self, signed_head: &str) -> Result<(), StorageError> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "INSERT INTO audit_heads (tree_size, head) SELECT 0, ? WHERE NOT EXISTS (SELECT 1 FROM audit_heads)",
+        )
+        .bind(signed_head)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn audit_head(&self) -> Result<Option<String>, StorageError> {
+        sqlx::query_scalar("SELECT head FROM audit_heads ORDER BY tree_size DESC LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)
+    }
+
+    async fn audit_key(&self, account: AccountId) -> Result<[u8; 32], StorageError> {
+        let id = account.as_bytes().as_slice();
+        let mut fresh = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut fresh);
+        let mut tx = self.write().await?;
+        sqlx::query("UPDATE accounts SET audit_key = ? WHERE id = ? AND audit_key IS NULL")
+            .bind(fresh.as_slice())
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        let key: Option<Vec<u8>> = sqlx::query_scalar("SELECT audit_key FROM accounts WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        key.ok_or(StorageError::UnknownAccount)?
+            .try_into()
+            .map_err(|_| StorageError::Database("corrupt audit key".into()))
+    }
+
+    async fn account_summaries(&self) -> Result<Vec<AccountSummary>, StorageError> {
+        let rows = sqlx::query(
+            "SELECT a.id, a.created_at, a.suspended,
+                (SELECT COUNT(*) FROM devices d WHERE d.account_id = a.id AND d.removed_at IS NULL),
+                (SELECT COUNT(*) FROM mailbox m JOIN devices d ON d.id = m.device_id WHERE d.account_id = a.id),
+                (SELECT COALESCE(SUM(LENGTH(g.body)), 0) FROM mailbox m JOIN devices d ON d.id = m.device_id
+                    JOIN messages g ON g.id = m.message_id WHERE d.account_id = a.id),
+                (SELECT COUNT(*) FROM key_packages k JOIN devices d ON d.id = k.device_id WHERE d.account_id = a.id),
+                (SELECT COUNT(*) FROM blobs b WHERE b.owner_account = a.id),
+                (SELECT COALESCE(SUM(b.size), 0) FROM blobs b WHERE b.owner_account = a.id)
+             FROM accounts a ORDER BY a.created_at, a.id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|row| {
+                Ok(AccountSummary {
+                    account: account_id(&row.get::<Vec<u8>, _>(0))?,
+                    created_at: to_u64(row.get(1)),
+                    suspended: row.get::<i64, _>(2) != 0,
+                    devices: to_u64(row.get(3)),
+                    queued_envelopes: to_u64(row.get(4)),
+                    queued_bytes: to_u64(row.get(5)),
+                    key_packages: to_u64(row.get(6)),
+                    blobs: to_u64(row.get(7)),
+                    blob_bytes: to_u64(row.get(8)),
+                })
+            })
+            .collect()
+    }
+
+    async fn set_suspended(&self, account: AccountId, suspended: bool) -> Result<(), StorageError> {
+        let mut tx = self.write().await?;
+        let updated = sqlx::query("UPDATE accounts SET suspended = ? WHERE id = ?")
+            .bind(i64::from(suspended))
+            .bind(account.as_bytes().as_slice())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?
+            .rows_affected();
+        if updated != 1 {
+            return Err(StorageError::UnknownAccount);
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn purge_account(&self, account: AccountId) -> Result<Vec<BlobId>, StorageError> {
+        let id = account.as_bytes().as_slice();
+        let mut tx = self.write().await?;
+        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM accounts WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+        if exists.is_none() {
+            return Err(StorageError::UnknownAccount);
+        }
+        // Every statement takes the account id as its one parameter.
+        for statement in [
+            "DELETE FROM mailbox WHERE device_id IN (SELECT id FROM devices WHERE account_id = ?)",
+            "DELETE FROM key_packages WHERE device_id IN (SELECT id FROM devices WHERE account_id = ?)",
+            "DELETE FROM group_members WHERE device_id IN (SELECT id FROM devices WHERE account_id = ?)",
+            "DELETE FROM blob_recipients WHERE device_id IN (SELECT id FROM devices WHERE account_id = ?)",
+            "DELETE FROM submissions WHERE sender_device IN (SELECT id FROM devices WHERE account_id = ?)",
+            "DELETE FROM links WHERE account_id = ?",
+            "DELETE FROM invites WHERE account_id = ?",
+            "DELETE FROM usernames WHERE account_id = ?",
+            "DELETE FROM profiles WHERE account_id = ?",
+            "DELETE FROM avatars WHERE account_id = ?",
+            "DELETE FROM devices WHERE account_id = ?",
+            "DELETE FROM accounts WHERE id = ?",
+        ] {
+            sqlx::query(statement).bind(id).execute(&mut *tx).await.map_err(db)?;
+        }
+        sqlx::query("DELETE FROM messages WHERE NOT EXISTS (SELECT 1 FROM mailbox WHERE message_id = messages.id)")
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        let blobs: Vec<Vec<u8>> = sqlx::query_scalar("SELECT id FROM blobs WHERE owner_account = ?")
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        blobs
+            .iter()
+            .map(|blob| BlobId::from_slice(blob).map_err(|_| StorageError::Database("corrupt blob id".into())))
+            .collect()
+    }
+
+    async fn create_report(&self, sealed: Ciphertext, now: u64) -> Result<u64, StorageError> {
+        let mut tx = self.write().await?;
+        let id: i64 = sqlx::query_scalar("INSERT INTO reports (sealed, created_at) VALUES (?, ?) RETURNING id")
+            .bind(sealed.0)
+            .bind(to_i64(now))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(to_u64(id))
+    }
+
+    async fn reports(&self) -> Result<Vec<ReportSummary>, StorageError> {
+        let rows = sqlx::query("SELECT id, created_at, LENGTH(sealed) FROM reports ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(rows
+            .iter()
+            .map(|row| ReportSummary {
+                id: to_u64(row.get(0)),
+                created_at: to_u64(row.get(1)),
+                size: to_u64(row.get(2)),
+            })
+            .collect())
+    }
+
+    async fn report(&self, id: u64) -> Result<Option<Ciphertext>, StorageError> {
+        let sealed: Option<Vec<u8>> = sqlx::query_scalar("SELECT sealed FROM reports WHERE id = ?")
+            .bind(to_i64(id))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(sealed.map(Ciphertext))
     }
 }
 
