@@ -1,5 +1,6 @@
 //! `fumi`: the Fumi server and every user command, in one binary.
 
+mod operator;
 mod progress;
 mod server;
 
@@ -30,6 +31,11 @@ struct Cli {
 enum Command {
     /// Run the server (embedded SQLite in ./fumi-data unless configured otherwise).
     Server(server::ServerArgs),
+    /// Check a server's public log of operator accesses.
+    #[command(subcommand)]
+    Audit(operator::AuditCommand),
+    /// Operator tools: keys, and the signed admin API (every call is written to the public log).
+    Admin(operator::AdminArgs),
     /// Create an account on a server; prints your full username (name.NN).
     Register {
         /// Server URL, e.g. http://127.0.0.1:8080.
@@ -207,6 +213,14 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Server(args) => server::run(args),
+        Command::Admin(args) => {
+            init_client_logging();
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|runtime| runtime.block_on(operator::run_admin(args)))
+        }
         command => {
             init_client_logging();
             run_client_command(cli.home, command)
@@ -250,7 +264,8 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
         match command {
-            Command::Server(_) => unreachable!("handled in main"),
+            Command::Server(_) | Command::Admin(_) => unreachable!("handled in main"),
+            Command::Audit(command) => operator::run_audit(&home, command).await?,
             Command::Register { server, name, username } => {
                 let client = FumiClient::register(&home, &server, &name, &username).await?;
                 let me = client.whoami();

@@ -14,6 +14,9 @@ pub struct ServerArgs {
     /// Address to listen on [default: 127.0.0.1:8080].
     #[arg(long, env = "FUMI_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Address of the admin API [default: 127.0.0.1:8081].
+    #[arg(long, env = "FUMI_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
     /// Data directory (database) [default: ./fumi-data].
     #[arg(long, env = "FUMI_DATA")]
     data: Option<PathBuf>,
@@ -44,6 +47,7 @@ fn load_config(args: &ServerArgs) -> Result<Config> {
                 toml::Value::Integer(_) => {
                     toml::Value::Integer(value.parse().with_context(|| format!("{variable} must be a number"))?)
                 }
+                toml::Value::Array(_) => bail!("{variable}: set {key} in the configuration file (--config)"),
                 _ => toml::Value::String(value),
             };
             table.insert(key, parsed);
@@ -52,6 +56,9 @@ fn load_config(args: &ServerArgs) -> Result<Config> {
     let mut config: Config = table.try_into().context("invalid settings")?;
     if let Some(listen) = args.listen {
         config.listen = listen;
+    }
+    if let Some(admin_listen) = args.admin_listen {
+        config.admin_listen = admin_listen;
     }
     if let Some(data) = &args.data {
         config.data = data.clone();
@@ -71,12 +78,16 @@ pub fn run(args: ServerArgs) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let address = listener.local_addr()?;
+        let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (admin API)", config.admin_listen))?;
+        let admin_address = admin_listener.local_addr()?;
         println!(
-            "fumi server listening on http://{address}, data in {}",
+            "fumi server listening on http://{address}, admin API on http://{admin_address}, data in {}",
             fumi_server::database_path(&config).display()
         );
         std::io::stdout().flush()?;
-        fumi_server::run(config, listener, shutdown_signal()).await?;
+        fumi_server::run(config, listener, admin_listener, shutdown_signal()).await?;
         Ok(())
     })
 }

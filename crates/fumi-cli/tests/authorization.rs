@@ -134,6 +134,13 @@ async fn every_endpoint_refuses_the_wrong_caller_and_changes_nothing() {
         Some(match (method, path) {
             ("GET", "/health") | ("GET", "/metrics") => Entry::Public("liveness and counters, no per-user data"),
             ("POST", "/v1/accounts") => Entry::Public("registration, limited per address"),
+            ("GET", "/v1/audit/head")
+            | ("GET", "/v1/audit/entries")
+            | ("GET", "/v1/audit/proof/inclusion")
+            | ("GET", "/v1/audit/proof/consistency") => {
+                Entry::Public("the transparency log is public by design; it names no account")
+            }
+            ("GET", "/v1/audit/key") => device("/v1/audit/key".into(), None, vec![]),
             ("POST", "/v1/links/open") => Entry::Public("a new device holds only the link token"),
             ("POST", "/v1/devices") => Entry::Public("a new device proves the account's identity-key signature"),
             ("GET", "/v1/accounts/{account}") => device(format!("/v1/accounts/{alice_account}"), None, vec![]),

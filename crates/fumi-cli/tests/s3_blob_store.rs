@@ -150,7 +150,14 @@ fn a_missing_bucket_stops_the_server_at_startup() {
     let Some(moto) = Moto::start() else { return };
     let data = tempfile::tempdir().unwrap();
     let output = Command::new(FUMI)
-        .args(["server", "--listen", "127.0.0.1:0", "--data"])
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--data",
+        ])
         .arg(data.path())
         .env("FUMI_BLOB_STORE", "s3://no-such-bucket")
         .envs(moto.env())

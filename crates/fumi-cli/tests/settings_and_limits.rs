@@ -33,7 +33,14 @@ fn unknown_setting_is_a_clear_startup_error() {
     let config = dir.path().join("fumi.toml");
     std::fs::write(&config, "max_mesage_bytes = 4000\n").unwrap();
     let output = std::process::Command::new(common::FUMI)
-        .args(["server", "--listen", "127.0.0.1:0", "--config"])
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--config",
+        ])
         .arg(&config)
         .arg("--data")
         .arg(dir.path().join("data"))

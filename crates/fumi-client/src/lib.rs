@@ -1,6 +1,8 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+pub mod admin;
+pub mod audit;
 mod devices;
 mod files;
 mod history;

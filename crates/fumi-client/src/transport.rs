@@ -155,7 +155,7 @@ impl Transport {
 }
 
 /// Decodes a JSON answer (or none for 204), or the server's error.
-async fn decode<R: DeserializeOwned>(response: reqwest::Response) -> Result<R, ClientError> {
+pub(crate) async fn decode<R: DeserializeOwned>(response: reqwest::Response) -> Result<R, ClientError> {
     let status = response.status();
     let bytes = response
         .bytes()

@@ -13,34 +13,57 @@ pub const FUMI: &str = env!("CARGO_BIN_EXE_fumi");
 pub struct Server {
     pub dir: tempfile::TempDir,
     pub url: String,
+    /// The admin API's URL.
+    pub admin_url: String,
     listen: String,
+    admin_listen: String,
+    /// Settings from the environment, kept for restarts.
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
 impl Server {
     /// Starts a server on an ephemeral port.
     pub fn start() -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut server = Server {
-            dir,
-            url: String::new(),
-            listen: "127.0.0.1:0".into(),
-            child: None,
-        };
-        server.spawn(&[]);
-        server
+        Self::start_in(tempfile::tempdir().expect("temp dir"), Vec::new())
     }
 
     /// Starts a server with extra environment variables (settings).
     pub fn start_with_env(env: &[(&str, &str)]) -> Self {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Self::start_in(tempfile::tempdir().expect("temp dir"), env)
+    }
+
+    /// Starts a server with a TOML configuration file.
+    pub fn start_with_config(toml: &str) -> Self {
+        Self::start_configured(toml, None)
+    }
+
+    /// Starts a server with a TOML configuration file and, if given, this transparency log key
+    /// file content.
+    pub fn start_configured(toml: &str, audit_key: Option<&[u8]>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
+        if let Some(key) = audit_key {
+            std::fs::create_dir_all(dir.path().join("data")).expect("data dir");
+            std::fs::write(dir.path().join("data").join("audit-log.key"), key).expect("key file");
+        }
+        let config = dir.path().join("fumi.toml");
+        std::fs::write(&config, toml).expect("config file");
+        let env = vec![("FUMI_CONFIG".into(), config.to_str().expect("utf-8 path").into())];
+        Self::start_in(dir, env)
+    }
+
+    fn start_in(dir: tempfile::TempDir, env: Vec<(String, String)>) -> Self {
         let mut server = Server {
             dir,
             url: String::new(),
+            admin_url: String::new(),
             listen: "127.0.0.1:0".into(),
+            admin_listen: "127.0.0.1:0".into(),
+            env,
             child: None,
         };
-        server.spawn(env);
+        server.spawn();
         server
     }
 
@@ -56,7 +79,7 @@ impl Server {
         self.data_dir().join("fumi.db")
     }
 
-    fn spawn(&mut self, env: &[(&str, &str)]) {
+    fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -64,12 +87,19 @@ impl Server {
             .expect("log file");
         let mut command = Command::new(FUMI);
         command
-            .args(["server", "--listen", &self.listen, "--data"])
+            .args([
+                "server",
+                "--listen",
+                &self.listen,
+                "--admin-listen",
+                &self.admin_listen,
+                "--data",
+            ])
             .arg(self.data_dir())
             .env("FUMI_LOG", "debug")
             .stdout(Stdio::piped())
             .stderr(log);
-        for (key, value) in env {
+        for (key, value) in &self.env {
             command.env(key, value);
         }
         let mut child = command.spawn().expect("start fumi server");
@@ -78,15 +108,17 @@ impl Server {
         BufReader::new(stdout)
             .read_line(&mut line)
             .expect("server prints its address");
-        let url = line
+        let mut urls = line
             .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .trim_end_matches(',')
-            .to_owned();
-        // Restarts reuse the port, because clients keep the server URL in their home.
+            .filter(|w| w.starts_with("http://"))
+            .map(|w| w.trim_end_matches(',').to_owned());
+        let url = urls.next().unwrap_or_else(|| panic!("no address in {line:?}"));
+        let admin_url = urls.next().unwrap_or_else(|| panic!("no admin address in {line:?}"));
+        // Restarts reuse the ports, because clients keep the server URL in their home.
         self.listen = url.trim_start_matches("http://").to_owned();
+        self.admin_listen = admin_url.trim_start_matches("http://").to_owned();
         self.url = url;
+        self.admin_url = admin_url;
         self.child = Some(child);
     }
 
@@ -114,7 +146,7 @@ impl Server {
     /// Starts the server again on the same port and data directory.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop or kill the server first");
-        self.spawn(&[]);
+        self.spawn();
     }
 
     /// The `/metrics` page (a plain HTTP/1.0 GET, so that sync and async tests can both use it).

@@ -1,0 +1,291 @@
+//! Operator accountability from the command line: `fumi audit …` checks a server's public log of
+//! operator accesses (what a regulator or journalist runs), `fumi admin …` is the operator's only
+//! door to stored data, each call signed and logged.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use fumi_audit::verify::{Totals, VerifierState};
+use fumi_audit::{Entry, Outcome};
+use fumi_client::FumiClient;
+use fumi_client::admin::{AdminClient, generate_operator_key};
+use fumi_client::audit::verify_log;
+use reqwest::Method;
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Verify a server's log of operator accesses and print the totals. With --state, also check
+    /// that the log extends the one seen last time (kept in that file); exits non-zero if the log
+    /// was rewritten, truncated or forked.
+    Verify {
+        /// Server URL, e.g. http://127.0.0.1:8080.
+        #[arg(long, env = "FUMI_SERVER")]
+        server: String,
+        /// File remembering the last verified head and totals (created on the first run).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the log entries about your own account (every operator access to it).
+    Mine {
+        /// Print JSON, one entry per line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct AdminArgs {
+    /// Admin API URL.
+    #[arg(
+        long,
+        global = true,
+        env = "FUMI_ADMIN_SERVER",
+        default_value = "http://127.0.0.1:8081"
+    )]
+    server: String,
+    /// Your operator name, as in the server's configuration.
+    #[arg(long, global = true, env = "FUMI_OPERATOR")]
+    operator: Option<String>,
+    /// Your operator key file (from `fumi admin keygen`).
+    #[arg(long, global = true, env = "FUMI_OPERATOR_KEY")]
+    key: Option<PathBuf>,
+    /// Why you do this (a ticket id, printable ASCII); written into the public log.
+    #[arg(long, global = true)]
+    reason: Option<String>,
+    #[command(subcommand)]
+    command: AdminCommand,
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Create an operator key file; prints the public key for the server's configuration.
+    Keygen {
+        /// Where to write the secret key (refuses to overwrite).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// List accounts: ids, counts and sizes (the server holds nothing else).
+    Accounts,
+    /// Suspend an account: its devices are refused until it is unsuspended.
+    Suspend {
+        /// Account id (32 hex digits).
+        account: String,
+    },
+    /// Lift a suspension.
+    Unsuspend {
+        /// Account id.
+        account: String,
+    },
+    /// Delete an account and everything stored for it.
+    Purge {
+        /// Account id.
+        account: String,
+    },
+    /// List abuse reports.
+    Reports,
+    /// Delete a stored blob (attachment ciphertext).
+    DeleteBlob {
+        /// Blob id (32 hex digits).
+        blob: String,
+    },
+    /// Show the server's metrics.
+    Metrics,
+}
+
+pub async fn run_audit(home: &Path, command: AuditCommand) -> Result<()> {
+    match command {
+        AuditCommand::Verify { server, state, json } => {
+            let previous: Option<VerifierState> = match &state {
+                Some(path) if path.exists() => {
+                    let text =
+                        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+                    Some(
+                        serde_json::from_str(&text)
+                            .with_context(|| format!("{} is not a verifier state file", path.display()))?,
+                    )
+                }
+                _ => None,
+            };
+            let verified = verify_log(&server, previous.as_ref()).await?;
+            if let Some(path) = &state {
+                let text = serde_json::to_string_pretty(&verified.state)?;
+                let temporary = path.with_extension("tmp");
+                std::fs::write(&temporary, text).with_context(|| format!("cannot write {}", temporary.display()))?;
+                std::fs::rename(&temporary, path).with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            let head = &verified.state.head;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "tree_size": head.tree_size,
+                        "root_hash": head.root_hash,
+                        "log_key": head.log_key,
+                        "signed_at": head.timestamp,
+                        "new_entries": verified.new_entries,
+                        "totals": verified.state.totals,
+                    })
+                );
+            } else {
+                println!(
+                    "log verified: {} entries ({} new since the last run), head signed {} by log key {}",
+                    head.tree_size,
+                    verified.new_entries,
+                    format_utc(head.timestamp),
+                    head.log_key
+                );
+                print_totals(&verified.state.totals);
+            }
+        }
+        AuditCommand::Mine { json } => {
+            let client = FumiClient::open(home)?;
+            let (verified, mine) = client.my_audit_entries().await?;
+            if json {
+                for entry in &mine {
+                    println!("{}", serde_json::to_string(entry)?);
+                }
+            } else {
+                println!(
+                    "{} of the log's {} entries (verified) concern your account",
+                    mine.len(),
+                    verified.state.head.tree_size
+                );
+                for entry in &mine {
+                    println!("{}", describe(entry));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_totals(totals: &Totals) {
+    let section = |title: &str, counts: &std::collections::BTreeMap<String, u64>| {
+        println!("{title}:");
+        if counts.is_empty() {
+            println!("  (none)");
+        }
+        for (name, count) in counts {
+            let name = if name.is_empty() { "(none)" } else { name };
+            println!("  {name:<24} {count}");
+        }
+    };
+    let allowed = totals.entries - totals.refused;
+    println!("accesses: {allowed}");
+    section("accesses by operator", &totals.by_operator);
+    section("accesses by jurisdiction", &totals.by_jurisdiction);
+    section("accesses by kind", &totals.by_action);
+    println!("refused attempts: {}", totals.refused);
+    for (reason, count) in &totals.refused_by_reason {
+        println!("  {reason:<24} {count}");
+    }
+}
+
+fn describe(entry: &Entry) -> String {
+    let outcome = match &entry.outcome {
+        Outcome::Allowed => "allowed".to_owned(),
+        Outcome::Refused(reason) => format!("REFUSED ({reason})"),
+    };
+    format!(
+        "{}  {} by {} ({}) from {}, reason {:?}: {}",
+        format_utc(entry.time),
+        entry.action,
+        entry.operator,
+        entry.jurisdiction,
+        entry.source,
+        entry.reason,
+        outcome
+    )
+}
+
+pub async fn run_admin(args: AdminArgs) -> Result<()> {
+    if let AdminCommand::Keygen { out } = &args.command {
+        let (secret, public) = generate_operator_key();
+        fumi_server::audit::write_private(out, &secret)
+            .with_context(|| format!("cannot create {} (it must not exist yet)", out.display()))?;
+        println!("operator key written to {}", out.display());
+        println!("public key: {public}");
+        println!("add to the server's configuration:");
+        println!(
+            "[[operators]]\nname = \"YOUR-NAME\"\npublic_key = \"{public}\"\njurisdiction = \"jp\"\nnetworks = [\"127.0.0.1/32\"]"
+        );
+        return Ok(());
+    }
+    let (Some(operator), Some(key), Some(reason)) = (&args.operator, &args.key, &args.reason) else {
+        bail!("admin commands need --operator, --key and --reason (the reason is written into the public log)");
+    };
+    let secret = std::fs::read_to_string(key).with_context(|| format!("cannot read {}", key.display()))?;
+    let admin = AdminClient::new(&args.server, operator, &secret, reason)?;
+    match args.command {
+        AdminCommand::Keygen { .. } => unreachable!("handled above"),
+        AdminCommand::Accounts => {
+            let accounts: serde_json::Value = admin.json(Method::GET, "/admin/v1/accounts", None).await?;
+            println!("{}", serde_json::to_string_pretty(&accounts)?);
+        }
+        AdminCommand::Suspend { account } => {
+            admin
+                .json::<()>(Method::POST, &format!("/admin/v1/accounts/{account}/suspend"), None)
+                .await?;
+            println!("account {account} suspended");
+        }
+        AdminCommand::Unsuspend { account } => {
+            admin
+                .json::<()>(Method::POST, &format!("/admin/v1/accounts/{account}/unsuspend"), None)
+                .await?;
+            println!("account {account} unsuspended");
+        }
+        AdminCommand::Purge { account } => {
+            let answer: serde_json::Value = admin
+                .json(Method::DELETE, &format!("/admin/v1/accounts/{account}"), None)
+                .await?;
+            println!("account {account} purged ({} blobs deleted)", answer["blobs_deleted"]);
+        }
+        AdminCommand::Reports => {
+            let reports: serde_json::Value = admin.json(Method::GET, "/admin/v1/reports", None).await?;
+            println!("{}", serde_json::to_string_pretty(&reports)?);
+        }
+        AdminCommand::DeleteBlob { blob } => {
+            admin
+                .json::<()>(Method::DELETE, &format!("/admin/v1/blobs/{blob}"), None)
+                .await?;
+            println!("blob {blob} deleted");
+        }
+        AdminCommand::Metrics => print!("{}", admin.text(Method::GET, "/admin/v1/metrics").await?),
+    }
+    Ok(())
+}
+
+/// `YYYY-MM-DD hh:mm:ss UTC` from ms since the Unix epoch (civil-from-days, proleptic Gregorian).
+pub fn format_utc(ms: u64) -> String {
+    let seconds = ms / 1000;
+    let (days, rest) = ((seconds / 86_400) as i64, seconds % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_formatting() {
+        assert_eq!(super::format_utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(super::format_utc(1_795_643_236_000), "2026-11-25 21:47:16 UTC");
+        assert_eq!(super::format_utc(951_782_400_000), "2000-02-29 00:00:00 UTC");
+    }
+}

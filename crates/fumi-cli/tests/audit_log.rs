@@ -1,0 +1,506 @@
+//! The transparency log of operator accesses and the admin API, end to end: real servers, the
+//! `fumi admin` and `fumi audit` commands, and the server's database edited behind its back.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::{FUMI, Server, User, account_of, snapshot};
+use fumi_client::admin::AdminClient;
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+/// Operator keys in a directory, and a server configured with them.
+struct Operators {
+    dir: tempfile::TempDir,
+}
+
+impl Operators {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// Creates a key with `fumi admin keygen`; returns its public key.
+    fn keygen(&self, name: &str) -> String {
+        let out = run_ok(&["admin", "keygen", "--out", self.key(name).to_str().unwrap()]);
+        out.lines()
+            .find_map(|l| l.strip_prefix("public key: "))
+            .expect("public key printed")
+            .to_owned()
+    }
+
+    fn key(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.key"))
+    }
+}
+
+fn run(args: &[&str]) -> Output {
+    std::process::Command::new(FUMI).args(args).output().unwrap()
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let output = run(args);
+    assert!(
+        output.status.success(),
+        "fumi {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// A server with three operators: `tanaka` (jp, loopback), `contractor` (a jurisdiction the
+/// policy does not allow) and `remote` (allowed jurisdiction, but only from 10.0.0.0/8).
+fn server_with_operators(operators: &Operators) -> Server {
+    let config = format!(
+        r#"
+admin_jurisdictions = ["jp"]
+
+[[operators]]
+name = "tanaka"
+public_key = "{}"
+jurisdiction = "jp"
+networks = ["127.0.0.0/8"]
+
+[[operators]]
+name = "contractor"
+public_key = "{}"
+jurisdiction = "cn"
+networks = ["127.0.0.0/8"]
+
+[[operators]]
+name = "remote"
+public_key = "{}"
+jurisdiction = "jp"
+networks = ["10.0.0.0/8"]
+"#,
+        operators.keygen("tanaka"),
+        operators.keygen("contractor"),
+        operators.keygen("remote"),
+    );
+    Server::start_with_config(&config)
+}
+
+/// `fumi admin` as `operator`.
+fn admin(server: &Server, operators: &Operators, operator: &str, args: &[&str]) -> Output {
+    let key = operators.key(operator);
+    let mut full = vec![
+        "admin",
+        "--server",
+        &server.admin_url,
+        "--operator",
+        operator,
+        "--key",
+        key.to_str().unwrap(),
+        "--reason",
+        "TICKET-42",
+    ];
+    full.extend_from_slice(args);
+    run(&full)
+}
+
+fn admin_ok(server: &Server, operators: &Operators, operator: &str, args: &[&str]) -> String {
+    let output = admin(server, operators, operator, args);
+    assert!(
+        output.status.success(),
+        "fumi admin {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// The stored log entries, parsed.
+fn stored_entries(server: &Server) -> Vec<Value> {
+    let db = rusqlite::Connection::open(server.database()).unwrap();
+    let mut statement = db.prepare("SELECT entry FROM audit_log ORDER BY idx").unwrap();
+    statement
+        .query_map([], |row| row.get::<_, Vec<u8>>(0))
+        .unwrap()
+        .map(|bytes| serde_json::from_slice(&bytes.unwrap()).unwrap())
+        .collect()
+}
+
+fn verify(server: &Server, state: &Path) -> Output {
+    run(&[
+        "audit",
+        "verify",
+        "--server",
+        &server.url,
+        "--state",
+        state.to_str().unwrap(),
+        "--json",
+    ])
+}
+
+fn verify_ok(server: &Server, state: &Path) -> Value {
+    let output = verify(server, state);
+    assert!(
+        output.status.success(),
+        "audit verify failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn verify_fails(server: &Server, state: &Path, expected: &str) {
+    let output = verify(server, state);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "verification passed on a tampered log");
+    assert!(
+        stderr.contains("LOG VERIFICATION FAILED") && stderr.contains(expected),
+        "expected {expected:?} in: {stderr}"
+    );
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn every_admin_route_writes_exactly_one_entry_before_acting() {
+    let operators = Operators::new();
+    let server = server_with_operators(&operators);
+    let alice = User::register(&server, "alice", "Alice");
+    let alice_account = account_of(&alice);
+    let bob = User::register(&server, "bob", "Bob");
+    let bob_account = account_of(&bob);
+    let secret = std::fs::read_to_string(operators.key("tanaka")).unwrap();
+    let client = AdminClient::new(&server.admin_url, "tanaka", &secret, "TICKET-7").unwrap();
+    let runtime = runtime();
+
+    for endpoint in fumi_server::admin::endpoints() {
+        // A new admin route must be added here, or this test fails.
+        let path = match endpoint.path {
+            "/admin/v1/accounts" | "/admin/v1/reports" | "/admin/v1/metrics" => endpoint.path.to_owned(),
+            "/admin/v1/accounts/{account}/suspend" | "/admin/v1/accounts/{account}/unsuspend" => {
+                endpoint.path.replace("{account}", &alice_account)
+            }
+            "/admin/v1/accounts/{account}" => endpoint.path.replace("{account}", &bob_account),
+            "/admin/v1/reports/{report}" => endpoint.path.replace("{report}", "1"),
+            "/admin/v1/blobs/{blob}" => endpoint.path.replace("{blob}", &"ab".repeat(16)),
+            other => panic!("admin route {other} is not covered by this test: add it"),
+        };
+        let before = stored_entries(&server).len();
+        let method = Method::from_bytes(endpoint.method.as_bytes()).unwrap();
+        let result = runtime.block_on(client.text(method, &path));
+        if let Err(error) = &result {
+            // Routes naming something that does not exist answer 404, and still log the call.
+            assert!(error.to_string().contains("404"), "{} {path}: {error}", endpoint.method);
+        }
+        let entries = stored_entries(&server);
+        assert_eq!(
+            entries.len(),
+            before + 1,
+            "{} {path} must log exactly one entry",
+            endpoint.method
+        );
+        let entry = &entries[before];
+        assert_eq!(entry["action"], endpoint.action);
+        assert_eq!(entry["operator"], "tanaka");
+        assert_eq!(entry["jurisdiction"], "jp");
+        assert_eq!(entry["reason"], "TICKET-7");
+        assert_eq!(entry["outcome"], "allowed");
+    }
+
+    // The public log names no account: neither id appears anywhere in it.
+    let log_text: String = stored_entries(&server).iter().map(|e| e.to_string()).collect();
+    assert!(!log_text.contains(&alice_account) && !log_text.contains(&bob_account));
+    // Bob was purged: his device is refused, Alice (suspended then unsuspended) works.
+    let refused = bob.run(&["receive"]);
+    assert!(!refused.status.success());
+    alice.ok(&["receive"]);
+
+    // Write-ahead: when the log cannot be appended to, the operation fails and changes nothing.
+    let db = rusqlite::Connection::open(server.database()).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER block_audit BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
+    )
+    .unwrap();
+    let output = admin(&server, &operators, "tanaka", &["suspend", &alice_account]);
+    assert!(!output.status.success(), "an unlogged suspension went through");
+    alice.ok(&["receive"]);
+    let refused_read = admin(&server, &operators, "tanaka", &["accounts"]);
+    assert!(!refused_read.status.success(), "an unlogged read returned data");
+    assert!(refused_read.stdout.is_empty());
+    db.execute_batch("DROP TRIGGER block_audit;").unwrap();
+
+    let state = tempfile::tempdir().unwrap();
+    let totals = verify_ok(&server, &state.path().join("state.json"));
+    assert_eq!(totals["tree_size"], fumi_server::admin::endpoints().len());
+}
+
+#[test]
+fn policy_refusals_are_refused_and_logged() {
+    let operators = Operators::new();
+    let server = server_with_operators(&operators);
+    let alice = User::register(&server, "alice", "Alice");
+    let account = account_of(&alice);
+    let before = snapshot(&server);
+
+    // An operator from a jurisdiction the policy does not allow.
+    let output = admin(&server, &operators, "contractor", &["suspend", &account]);
+    assert!(String::from_utf8_lossy(&output.stderr).contains("jurisdiction not allowed"));
+    // An allowed operator from outside their network.
+    let output = admin(&server, &operators, "remote", &["accounts"]);
+    assert!(String::from_utf8_lossy(&output.stderr).contains("network not allowed"));
+    // A key that is not the operator's.
+    std::fs::copy(operators.key("contractor"), operators.dir.path().join("impostor.key")).unwrap();
+    let impostor = operators.dir.path().join("impostor.key");
+    let output = run(&[
+        "admin",
+        "--server",
+        &server.admin_url,
+        "--operator",
+        "tanaka",
+        "--key",
+        impostor.to_str().unwrap(),
+        "--reason",
+        "T-1",
+        "purge",
+        &account,
+    ]);
+    assert!(String::from_utf8_lossy(&output.stderr).contains("bad signature"));
+    // An unknown operator, an unsigned request, and a replayed one.
+    let output = run(&[
+        "admin",
+        "--server",
+        &server.admin_url,
+        "--operator",
+        "nobody",
+        "--key",
+        operators.key("tanaka").to_str().unwrap(),
+        "--reason",
+        "T-1",
+        "accounts",
+    ]);
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown operator"));
+    let runtime = runtime();
+    let http = reqwest::Client::new();
+    let unsigned = runtime
+        .block_on(http.get(format!("{}/admin/v1/accounts", server.admin_url)).send())
+        .unwrap();
+    assert_eq!(unsigned.status(), StatusCode::UNAUTHORIZED);
+    let secret = std::fs::read_to_string(operators.key("tanaka")).unwrap();
+    let key = ed25519_dalek::SigningKey::from_bytes(&hex_decode32(&secret));
+    let timestamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let signed = |timestamp: u64, nonce: &str| {
+        let path = format!("/admin/v1/accounts/{account}/suspend");
+        let message = fumi_proto::admin_request_message(
+            "POST",
+            &path,
+            timestamp,
+            nonce,
+            "tanaka",
+            "T-9",
+            &sha2::Digest::finalize(sha2::Sha256::default()).into(),
+        );
+        use ed25519_dalek::Signer;
+        http.post(format!("{}{path}", server.admin_url))
+            .header("fumi-operator", "tanaka")
+            .header("fumi-reason", "T-9")
+            .header("fumi-timestamp", timestamp.to_string())
+            .header("fumi-nonce", nonce)
+            .header("fumi-signature", hex(&key.sign(&message).to_bytes()))
+    };
+    let nonce = "0123456789abcdef0123456789abcdef";
+    let stale = runtime
+        .block_on(signed(timestamp - 3_600_000, "f".repeat(32).as_str()).send())
+        .unwrap();
+    assert_eq!(stale.status(), StatusCode::UNAUTHORIZED);
+    let first = runtime.block_on(signed(timestamp, nonce).send()).unwrap();
+    assert_eq!(first.status(), StatusCode::NO_CONTENT, "the genuine request is allowed");
+    let replayed = runtime.block_on(signed(timestamp, nonce).send()).unwrap();
+    assert_eq!(replayed.status(), StatusCode::UNAUTHORIZED);
+    assert!(runtime.block_on(replayed.text()).unwrap().contains("replayed"));
+
+    // Only the genuine request changed anything: the suspension, and the log.
+    let after = snapshot(&server);
+    let data = |s: &str| {
+        s.lines()
+            .filter(|l| !l.starts_with("audit_") && !l.starts_with("accounts:"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(data(&before), data(&after));
+
+    let state = tempfile::tempdir().unwrap();
+    let report = verify_ok(&server, &state.path().join("state.json"));
+    let totals = &report["totals"];
+    assert_eq!(totals["refused"], 7, "{totals}");
+    assert_eq!(totals["by_action"]["suspend_account"], 1);
+    let reasons = &totals["refused_by_reason"];
+    for reason in [
+        "jurisdiction not allowed",
+        "network not allowed",
+        "bad signature",
+        "unknown operator",
+        "missing or malformed signature headers",
+        "timestamp outside five minutes",
+        "replayed request",
+    ] {
+        assert_eq!(reasons[reason], 1, "{reason}: {reasons}");
+    }
+    let entries = stored_entries(&server);
+    let contractor = entries.iter().find(|e| e["operator"] == "contractor").unwrap();
+    assert_eq!(contractor["jurisdiction"], "cn");
+    assert_eq!(contractor["outcome"]["refused"], "jurisdiction not allowed");
+    // A refused impostor is not logged under the name they claimed.
+    let impostor = entries
+        .iter()
+        .find(|e| e["outcome"]["refused"] == "bad signature")
+        .unwrap();
+    assert_eq!(impostor["operator"], "unknown");
+    assert_eq!(impostor["details"]["claimed_operator"], "tanaka");
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hex_decode32(text: &str) -> [u8; 32] {
+    let text = text.trim();
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).unwrap();
+    }
+    out
+}
+
+#[test]
+fn rewritten_truncated_reordered_or_forked_logs_fail_verification() {
+    let operators = Operators::new();
+    let server = server_with_operators(&operators);
+    let alice = User::register(&server, "alice", "Alice");
+    let account = account_of(&alice);
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = state_dir.path().join("state.json");
+    for args in [["suspend", &account], ["unsuspend", &account]] {
+        admin_ok(&server, &operators, "tanaka", &args);
+    }
+    let first = verify_ok(&server, &state);
+    assert_eq!(first["tree_size"], 2);
+    assert_eq!(first["new_entries"], 2);
+    admin_ok(&server, &operators, "tanaka", &["accounts"]);
+    admin_ok(&server, &operators, "tanaka", &["metrics"]);
+    admin_ok(&server, &operators, "tanaka", &["reports"]);
+    let second = verify_ok(&server, &state);
+    assert_eq!(second["tree_size"], 5);
+    assert_eq!(second["new_entries"], 3, "only new entries are fetched");
+    assert_eq!(second["totals"]["by_operator"]["tanaka"], 5, "totals accumulate");
+    let good_state = std::fs::read(&state).unwrap();
+
+    let db = rusqlite::Connection::open(server.database()).unwrap();
+    let original: Vec<(i64, Vec<u8>, Vec<u8>)> = db
+        .prepare("SELECT idx, entry, leaf_hash FROM audit_log ORDER BY idx")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let restore = |db: &rusqlite::Connection| {
+        db.execute("DELETE FROM audit_log", []).unwrap();
+        for (idx, entry, leaf) in &original {
+            db.execute(
+                "INSERT INTO audit_log (idx, entry, leaf_hash) VALUES (?1, ?2, ?3)",
+                rusqlite::params![idx, entry, leaf],
+            )
+            .unwrap();
+        }
+    };
+    let fresh_state = || {
+        std::fs::write(&state, &good_state).unwrap();
+    };
+    let no_state = state_dir.path().join("none.json");
+
+    // An entry altered: the operator's name replaced.
+    db.execute(
+        "UPDATE audit_log SET entry = CAST(replace(CAST(entry AS TEXT), 'tanaka', 'nobody') AS BLOB) WHERE idx = 3",
+        [],
+    )
+    .unwrap();
+    verify_fails(&server, &no_state, "entry 3 is not in the signed log");
+    let _ = std::fs::remove_file(&no_state);
+    restore(&db);
+
+    // Two entries swapped, hashes and all.
+    db.execute_batch(
+        "UPDATE audit_log SET idx = -1 WHERE idx = 1; UPDATE audit_log SET idx = 1 WHERE idx = 0;
+         UPDATE audit_log SET idx = 0 WHERE idx = -1;",
+    )
+    .unwrap();
+    verify_fails(&server, &no_state, "entry 0 is not in the signed log");
+    let _ = std::fs::remove_file(&no_state);
+    restore(&db);
+
+    // An entry deleted: the signed head still counts it; the server cannot prove the log.
+    db.execute("DELETE FROM audit_log WHERE idx = 4", []).unwrap();
+    verify_fails(&server, &no_state, "cannot prove entry");
+    let _ = std::fs::remove_file(&no_state);
+    restore(&db);
+
+    // The log cut back to an older head: the verifier remembers it was bigger.
+    db.execute_batch("DELETE FROM audit_log WHERE idx >= 3; DELETE FROM audit_heads WHERE tree_size > 3;")
+        .unwrap();
+    fresh_state();
+    verify_fails(&server, &state, "truncated: it had 5 entries, it now claims 3");
+    restore(&db);
+
+    // History rewritten and regrown, all correctly signed (the operator holds the key): the new
+    // head is not consistent with the one the verifier saw.
+    db.execute_batch("DELETE FROM audit_log WHERE idx >= 3;").unwrap();
+    for _ in 0..3 {
+        admin_ok(&server, &operators, "tanaka", &["metrics"]);
+    }
+    fresh_state();
+    verify_fails(&server, &state, "rewritten or forked");
+
+    // A fork: another server with the same log key shows a different history of the same size.
+    let forked_operators = Operators::new();
+    let forked = server_with_same_key(&forked_operators, &server);
+    for _ in 0..5 {
+        admin_ok(&forked, &forked_operators, "tanaka", &["metrics"]);
+    }
+    fresh_state();
+    verify_fails(&forked, &state, "rewritten or forked");
+}
+
+/// A second server whose data directory starts with `original`'s log key only.
+fn server_with_same_key(operators: &Operators, original: &Server) -> Server {
+    let config = format!(
+        "[[operators]]\nname = \"tanaka\"\npublic_key = \"{}\"\njurisdiction = \"jp\"\nnetworks = [\"127.0.0.0/8\"]\n",
+        operators.keygen("tanaka")
+    );
+    let key = std::fs::read(original.data_dir().join("audit-log.key")).unwrap();
+    Server::start_configured(&config, Some(&key))
+}
+
+#[test]
+fn an_account_holder_finds_the_accesses_to_their_account() {
+    let operators = Operators::new();
+    let server = server_with_operators(&operators);
+    let alice = User::register(&server, "alice", "Alice");
+    let bob = User::register(&server, "bob", "Bob");
+    let alice_account = account_of(&alice);
+    admin_ok(&server, &operators, "tanaka", &["suspend", &alice_account]);
+    admin_ok(&server, &operators, "tanaka", &["unsuspend", &alice_account]);
+    admin_ok(&server, &operators, "tanaka", &["accounts"]);
+    let _ = admin(&server, &operators, "contractor", &["purge", &alice_account]);
+
+    let mine = alice.ok(&["audit", "mine"]);
+    assert!(
+        mine.starts_with("2 of the log's 4 entries (verified) concern your account"),
+        "{mine}"
+    );
+    assert!(mine.contains("suspend_account by tanaka (jp) from 127.0.0.1, reason \"TICKET-42\": allowed"));
+    assert!(mine.contains("unsuspend_account by tanaka"));
+    let bobs = bob.ok(&["audit", "mine", "--json"]);
+    assert_eq!(bobs.trim(), "", "no entry concerns Bob");
+}
