@@ -45,6 +45,10 @@ pub struct Content {
     /// deletes the message that long after it arrived. Absent: kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expire_after_ms: Option<u64>,
+    /// The franking proof of a text or file message, which lets a recipient report it
+    /// ([`crate::franking`]). Receivers drop a text or file message without a valid one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub franking: Option<crate::franking::Franking>,
 }
 
 /// Kinds of content. New kinds (attachments, reactions, receipts) are added as variants;
@@ -204,7 +208,7 @@ mod tests {
     proptest! {
         #[test]
         fn text_round_trips(text in ".{0,300}", id in any::<[u8; 16]>(), at in any::<u64>(), key in any::<[u8; 32]>()) {
-            let content = Content { v: 1, id: MessageId::from_bytes(id), sent_at: at, profile_key: key, body: Body::Text { text }, expire_after_ms: None };
+            let content = Content { v: 1, id: MessageId::from_bytes(id), sent_at: at, profile_key: key, body: Body::Text { text }, expire_after_ms: None, franking: None };
             prop_assert_eq!(Content::decode(&content.encode()).unwrap(), content);
         }
 
@@ -234,6 +238,7 @@ mod tests {
                 caption: Some("the scan".into()),
             },
             expire_after_ms: Some(3_600_000),
+            franking: None,
         };
         assert_eq!(Content::decode(&content.encode()).unwrap(), content);
         assert!(

@@ -37,6 +37,7 @@ macro_rules! symmetric_key {
 
 pub mod attachment;
 pub mod content;
+pub mod franking;
 pub mod identity;
 pub mod mls;
 pub mod padding;

@@ -125,6 +125,10 @@ pub enum Incoming {
         sender: Member,
         /// Decrypted, padded content.
         plaintext: Vec<u8>,
+        /// The sender device's MLS signature public key, which checks its franking signature.
+        sender_signature_key: Vec<u8>,
+        /// The sender device's encoded [`DeviceCredential`], kept with franking evidence.
+        sender_credential: Vec<u8>,
     },
     /// Another member's commit changed the group.
     Commit {
@@ -387,6 +391,17 @@ impl<P: OpenMlsProvider> MlsDevice<P> {
         })
     }
 
+    /// Signs a franking commitment ([`crate::franking`]) with this device's MLS signature key.
+    /// The signed bytes start with a Fumi label, so they can never be taken for an MLS structure.
+    pub fn sign_franking(&self, message: &[u8]) -> Result<[u8; 64], MlsError> {
+        use openmls_traits::signatures::Signer as _;
+        self.signer
+            .sign(message)
+            .ok()
+            .and_then(|signature| signature.try_into().ok())
+            .ok_or_else(|| MlsError::Refused("signing failed".into()))
+    }
+
     /// Processes one message from this device's mailbox.
     pub fn handle_message(&self, bytes: &[u8]) -> Result<Incoming, MlsError> {
         let message = MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| MlsError::Malformed(e.to_string()))?;
@@ -428,15 +443,19 @@ impl<P: OpenMlsProvider> MlsDevice<P> {
         let processed = mls_group
             .process_message(&self.provider, message)
             .map_err(|e| MlsError::Refused(e.to_string()))?;
-        let sender = member_of(
-            processed.credential(),
-            &sender_signature_key(&mls_group, processed.sender())?,
-        )?;
+        let signature_key = sender_signature_key(&mls_group, processed.sender())?;
+        let sender = member_of(processed.credential(), &signature_key)?;
+        let credential = BasicCredential::try_from(processed.credential().clone())
+            .map_err(|_| CredentialError::Malformed)?
+            .identity()
+            .to_vec();
         match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(app) => Ok(Incoming::Application {
                 group,
                 sender,
                 plaintext: app.into_bytes(),
+                sender_signature_key: signature_key,
+                sender_credential: credential,
             }),
             ProcessedMessageContent::StagedCommitMessage(staged) => {
                 let added = staged

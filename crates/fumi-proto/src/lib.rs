@@ -389,6 +389,9 @@ pub struct ModerationKey {
     pub public_key: Base64Bytes,
 }
 
+/// Largest sealed abuse report the server stores.
+pub const MAX_SEALED_REPORT_BYTES: usize = 256 * 1024;
+
 /// Body of `POST /v1/reports`: an abuse report sealed to the moderation key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
