@@ -19,6 +19,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("client_response", client_response),
     ("content", content),
     ("mls_incoming", mls_incoming),
+    ("accountability", accountability),
 ];
 
 fn json<T: serde::de::DeserializeOwned>(bytes: &[u8]) {
@@ -134,4 +135,50 @@ pub fn mls_incoming(data: &[u8]) {
     DEVICE.with(|device| {
         let _ = device.handle_message(data);
     });
+}
+
+/// What a moderator and an auditor parse from others: sealed abuse reports and their franking
+/// evidence (written by a possibly malicious reporter), and the transparency log's answers
+/// (served by a possibly malicious operator). The first byte picks the decoder.
+pub fn accountability(data: &[u8]) {
+    let Some((&selector, body)) = data.split_first() else {
+        return;
+    };
+    match selector % 6 {
+        0 => {
+            let _ = fumi_core::franking::Report::open(body, &[7; 32]);
+        }
+        1 => {
+            if let Ok(report) = serde_json::from_slice::<fumi_core::franking::Report>(body) {
+                let _ = report.evidence.verify();
+            }
+        }
+        2 => {
+            if let Ok(head) = serde_json::from_slice::<fumi_audit::SignedTreeHead>(body) {
+                let _ = head.verify();
+            }
+        }
+        3 => {
+            if let Ok(page) = serde_json::from_slice::<fumi_audit::EntriesPage>(body) {
+                for entry in &page.entries {
+                    let _ = fumi_audit::Entry::from_bytes(entry.as_bytes());
+                }
+            }
+        }
+        4 => {
+            if let Ok(proof) = serde_json::from_slice::<fumi_audit::InclusionProof>(body)
+                && let Some(path) = fumi_audit::decode_path(&proof.path)
+            {
+                let leaf = fumi_audit::merkle::leaf_hash(b"entry");
+                let _ = fumi_audit::merkle::verify_inclusion(proof.index, proof.tree_size, &leaf, &path, &[0; 32]);
+            }
+        }
+        _ => {
+            if let Ok(proof) = serde_json::from_slice::<fumi_audit::ConsistencyProof>(body)
+                && let Some(path) = fumi_audit::decode_path(&proof.path)
+            {
+                let _ = fumi_audit::merkle::verify_consistency(proof.first, proof.second, &[1; 32], &[2; 32], &path);
+            }
+        }
+    }
 }

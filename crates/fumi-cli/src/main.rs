@@ -104,6 +104,15 @@ enum Command {
     /// Link, list and remove this account's devices.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Report a message you received for abuse: its text and a proof that its sender really sent
+    /// it go, sealed, to the server's moderators (only they can open it).
+    Report {
+        /// The message id (`fumi history NAME --json` and `fumi receive --json` print it).
+        message: String,
+        /// Why you report it.
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
     /// Make a one-time invite link to you (no username needed to use it).
     Invite {
         /// Also print the link as a QR code.
@@ -428,6 +437,11 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
                 client.sync().await?;
                 let removed = client.remove_device(&device).await?;
                 println!("removed device {removed}; it can read nothing sent from now on");
+            }
+            Command::Report { message, comment } => {
+                let client = FumiClient::open(&home)?;
+                let id = client.report(&message, &comment).await?;
+                println!("reported as report {id}; only the server's moderators can read it");
             }
             Command::Invite { qr: show_qr } => {
                 let client = FumiClient::open(&home)?;

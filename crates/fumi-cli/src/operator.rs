@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use fumi_audit::verify::{Totals, VerifierState};
 use fumi_audit::{Entry, Outcome};
 use fumi_client::FumiClient;
-use fumi_client::admin::{AdminClient, generate_operator_key};
+use fumi_client::admin::{AdminClient, ReviewedReport, generate_moderation_key, generate_operator_key};
 use fumi_client::audit::verify_log;
 use reqwest::Method;
 
@@ -85,8 +85,28 @@ enum AdminCommand {
         /// Account id.
         account: String,
     },
-    /// List abuse reports.
+    /// Create the moderators' key file; prints the public key for the server's
+    /// `moderation_public_key` (reports are sealed to it; only this file opens them).
+    ModerationKeygen {
+        /// Where to write the secret key (refuses to overwrite).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// List abuse reports (numbers, times, sizes: they are sealed).
     Reports,
+    /// Read an abuse report: opens it with the moderation key and verifies its franking proof
+    /// (that the named sender really sent this text in that conversation). Exits non-zero if the
+    /// proof fails.
+    Report {
+        /// The report's number (from `fumi admin reports`).
+        id: u64,
+        /// The moderation key file (from `fumi admin moderation-keygen`).
+        #[arg(long, env = "FUMI_MODERATION_KEY")]
+        moderation_key: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete a stored blob (attachment ciphertext).
     DeleteBlob {
         /// Blob id (32 hex digits).
@@ -203,16 +223,24 @@ fn describe(entry: &Entry) -> String {
 }
 
 pub async fn run_admin(args: AdminArgs) -> Result<()> {
-    if let AdminCommand::Keygen { out } = &args.command {
-        let (secret, public) = generate_operator_key();
+    let new_key = match &args.command {
+        AdminCommand::Keygen { out } => Some((out, "operator", generate_operator_key())),
+        AdminCommand::ModerationKeygen { out } => Some((out, "moderation", generate_moderation_key())),
+        _ => None,
+    };
+    if let Some((out, kind, (secret, public))) = new_key {
         fumi_server::audit::write_private(out, &secret)
             .with_context(|| format!("cannot create {} (it must not exist yet)", out.display()))?;
-        println!("operator key written to {}", out.display());
+        println!("{kind} key written to {}", out.display());
         println!("public key: {public}");
         println!("add to the server's configuration:");
-        println!(
-            "[[operators]]\nname = \"YOUR-NAME\"\npublic_key = \"{public}\"\njurisdiction = \"jp\"\nnetworks = [\"127.0.0.1/32\"]"
-        );
+        if kind == "operator" {
+            println!(
+                "[[operators]]\nname = \"YOUR-NAME\"\npublic_key = \"{public}\"\njurisdiction = \"jp\"\nnetworks = [\"127.0.0.1/32\"]"
+            );
+        } else {
+            println!("moderation_public_key = \"{public}\"");
+        }
         return Ok(());
     }
     let (Some(operator), Some(key), Some(reason)) = (&args.operator, &args.key, &args.reason) else {
@@ -221,7 +249,7 @@ pub async fn run_admin(args: AdminArgs) -> Result<()> {
     let secret = std::fs::read_to_string(key).with_context(|| format!("cannot read {}", key.display()))?;
     let admin = AdminClient::new(&args.server, operator, &secret, reason)?;
     match args.command {
-        AdminCommand::Keygen { .. } => unreachable!("handled above"),
+        AdminCommand::Keygen { .. } | AdminCommand::ModerationKeygen { .. } => unreachable!("handled above"),
         AdminCommand::Accounts => {
             let accounts: serde_json::Value = admin.json(Method::GET, "/admin/v1/accounts", None).await?;
             println!("{}", serde_json::to_string_pretty(&accounts)?);
@@ -248,6 +276,21 @@ pub async fn run_admin(args: AdminArgs) -> Result<()> {
             let reports: serde_json::Value = admin.json(Method::GET, "/admin/v1/reports", None).await?;
             println!("{}", serde_json::to_string_pretty(&reports)?);
         }
+        AdminCommand::Report {
+            id,
+            moderation_key,
+            json,
+        } => {
+            let secret = std::fs::read_to_string(&moderation_key)
+                .with_context(|| format!("cannot read {}", moderation_key.display()))?;
+            let reviewed = admin.review_report(id, &secret).await?;
+            print_report(&reviewed, json)?;
+            if let Err(reason) = &reviewed.verdict {
+                bail!(
+                    "REPORT REJECTED: its franking proof does not verify ({reason}); the reported content cannot be attributed to the named sender"
+                );
+            }
+        }
         AdminCommand::DeleteBlob { blob } => {
             admin
                 .json::<()>(Method::DELETE, &format!("/admin/v1/blobs/{blob}"), None)
@@ -256,6 +299,54 @@ pub async fn run_admin(args: AdminArgs) -> Result<()> {
         }
         AdminCommand::Metrics => print!("{}", admin.text(Method::GET, "/admin/v1/metrics").await?),
     }
+    Ok(())
+}
+
+fn print_report(reviewed: &ReviewedReport, json: bool) -> Result<()> {
+    let report = &reviewed.report;
+    let evidence = &report.evidence;
+    if json {
+        let verdict = match &reviewed.verdict {
+            Ok(_) => serde_json::json!({"verified": true}),
+            Err(reason) => serde_json::json!({"verified": false, "reason": reason}),
+        };
+        println!(
+            "{}",
+            serde_json::json!({
+                "id": reviewed.id,
+                "verdict": verdict,
+                "sender": evidence.context.sender,
+                "sender_device": evidence.context.device,
+                "conversation": evidence.context.group,
+                "message": evidence.context.message,
+                "sent_at": evidence.context.sent_at,
+                "content": evidence.content,
+                "reporter": report.reporter,
+                "comment": report.comment,
+                "reported_at": report.reported_at,
+            })
+        );
+        return Ok(());
+    }
+    println!("report {}", reviewed.id);
+    match &reviewed.verdict {
+        Ok(sender) => println!(
+            "  VERIFIED: account {} (device {}) sent this in conversation {}",
+            sender.account, sender.device, evidence.context.group
+        ),
+        Err(reason) => println!("  NOT VERIFIED: {reason}"),
+    }
+    println!("  sent:      {}", format_utc(evidence.context.sent_at));
+    println!("  text:      {:?}", evidence.content.text);
+    if let Some(file) = &evidence.content.file {
+        println!(
+            "  file:      {:?} ({}, {} bytes, sha256 of the sealed blob {})",
+            file.name, file.media_type, file.size, file.digest
+        );
+    }
+    println!("  reporter:  account {}", report.reporter);
+    println!("  reported:  {}", format_utc(report.reported_at));
+    println!("  comment:   {:?}", report.comment);
     Ok(())
 }
 

@@ -141,6 +141,12 @@ async fn every_endpoint_refuses_the_wrong_caller_and_changes_nothing() {
                 Entry::Public("the transparency log is public by design; it names no account")
             }
             ("GET", "/v1/audit/key") => device("/v1/audit/key".into(), None, vec![]),
+            ("GET", "/v1/moderation/key") => device("/v1/moderation/key".into(), None, vec![]),
+            ("POST", "/v1/reports") => device(
+                "/v1/reports".into(),
+                Some(json!({"sealed": STANDARD.encode([7u8; 64])})),
+                vec![],
+            ),
             ("POST", "/v1/links/open") => Entry::Public("a new device holds only the link token"),
             ("POST", "/v1/devices") => Entry::Public("a new device proves the account's identity-key signature"),
             ("GET", "/v1/accounts/{account}") => device(format!("/v1/accounts/{alice_account}"), None, vec![]),

@@ -2,6 +2,7 @@
 //! reason that the server writes into the public transparency log before acting.
 
 use ed25519_dalek::{Signer, SigningKey};
+use fumi_core::franking::{ProvenSender, Report};
 use reqwest::Method;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
@@ -110,5 +111,55 @@ impl AdminClient {
             return decode::<()>(response).await.map(|()| String::new());
         }
         response.text().await.map_err(|e| ClientError::Network(e.to_string()))
+    }
+}
+
+/// A fresh moderation key: the secret (for the moderators' key file) and the public key (the
+/// server's `moderation_public_key`), both hex.
+pub fn generate_moderation_key() -> (String, String) {
+    let (secret, public) = fumi_core::franking::moderation_keypair(&mut rand::rng());
+    (hex::encode(secret), hex::encode(public))
+}
+
+/// An abuse report as a moderator reviewed it.
+#[derive(Debug)]
+pub struct ReviewedReport {
+    /// The report's number on the server.
+    pub id: u64,
+    /// What the reporter sent.
+    pub report: Report,
+    /// Whether the franking proof shows the reported sender really sent this in that
+    /// conversation, and why not.
+    pub verdict: Result<ProvenSender, String>,
+}
+
+impl AdminClient {
+    /// Fetches report `id` (a logged access), opens it with the moderation secret key (hex) and
+    /// verifies its franking proof, including that the certifying identity key is the sender
+    /// account's (a second logged access, to that account's public keys).
+    pub async fn review_report(&self, id: u64, moderation_secret_hex: &str) -> Result<ReviewedReport, ClientError> {
+        let secret: [u8; 32] = hex::decode(moderation_secret_hex.trim())
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| ClientError::Usage("the moderation key file must hold 64 hex digits".into()))?;
+        let sealed: fumi_proto::ReportSubmit = self.json(Method::GET, &format!("/admin/v1/reports/{id}"), None).await?;
+        let report = Report::open(sealed.sealed.as_slice(), &secret).map_err(|e| ClientError::Usage(e.to_string()))?;
+        let verdict = match report.evidence.verify() {
+            Err(e) => Err(e.to_string()),
+            Ok(sender) => {
+                let account: fumi_proto::AccountInfo = self
+                    .json(Method::GET, &format!("/admin/v1/accounts/{}", sender.account), None)
+                    .await?;
+                if account.identity_key.as_slice() == sender.identity_key {
+                    Ok(sender)
+                } else {
+                    Err(
+                        "the device credential was certified by a key that is not the sender account's identity key"
+                            .into(),
+                    )
+                }
+            }
+        };
+        Ok(ReviewedReport { id, report, verdict })
     }
 }

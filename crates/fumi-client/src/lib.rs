@@ -6,6 +6,7 @@ pub mod audit;
 mod devices;
 mod files;
 mod history;
+mod report;
 pub mod store;
 pub mod transport;
 
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fumi_core::content::{Body, Content, ContentError, MemberProfileKey};
+use fumi_core::franking::{Evidence, Franking, FrankingContext, ReportedContent};
 use fumi_core::mls::{Commit, Incoming, Member, MlsDevice, MlsError};
 use fumi_core::{AccountIdentity, Profile, Username};
 use fumi_proto::*;
@@ -751,6 +753,20 @@ impl FumiClient {
             .conversation(group)?
             .and_then(|c| c.expire_after_ms)
             .filter(|_| matches!(body, Body::Text { .. } | Body::File { .. }));
+        let context = FrankingContext {
+            group,
+            sender: self.account.account_id,
+            device: self.account.device_id,
+            message: id,
+            sent_at,
+        };
+        let franking = ReportedContent::of(&body)
+            .map(|reported| {
+                Franking::new(&context, &reported, &mut rand::rng(), |message| {
+                    self.device.sign_franking(message)
+                })
+            })
+            .transpose()?;
         let content = Content {
             v: fumi_core::content::CONTENT_VERSION,
             id,
@@ -758,6 +774,7 @@ impl FumiClient {
             profile_key: self.account.profile_key,
             body,
             expire_after_ms,
+            franking,
         };
         let entry = self.store.transaction(|| {
             let outgoing = self.device.encrypt(group, &content.encode())?;
@@ -904,8 +921,46 @@ impl FumiClient {
                 group,
                 sender,
                 plaintext,
+                sender_signature_key,
+                sender_credential,
             } => {
                 let content = Content::decode(&plaintext).map_err(|e| ClientError::Protocol(e.to_string()))?;
+                // A text or file message must be reportable: its franking proof must open.
+                let evidence = match ReportedContent::of(&content.body) {
+                    None => None,
+                    Some(reported) => {
+                        let context = FrankingContext {
+                            group,
+                            sender: sender.account,
+                            device: sender.device,
+                            message: content.id,
+                            sent_at: content.sent_at,
+                        };
+                        let franking = content.franking.clone().ok_or_else(|| {
+                            ClientError::Protocol(
+                                "a message without a franking proof (it could not be reported)".into(),
+                            )
+                        })?;
+                        franking
+                            .check(&context, &reported, &sender_signature_key)
+                            .map_err(|e| ClientError::Protocol(format!("a message whose franking proof fails: {e}")))?;
+                        Some(Evidence {
+                            context,
+                            content: reported,
+                            franking,
+                            signature_key: hex::encode(&sender_signature_key),
+                            credential: hex::encode(&sender_credential),
+                        })
+                    }
+                };
+                let keep_evidence = |local_id: Option<i64>| -> Result<(), ClientError> {
+                    match (local_id, &evidence) {
+                        (Some(local_id), Some(evidence)) if sender.account != me => {
+                            self.store.keep_franking_evidence(local_id, evidence)
+                        }
+                        _ => Ok(()),
+                    }
+                };
                 if sender.account == me {
                     // Another of our devices changed the profile (name, avatar): follow it.
                     if sender.device != self.account.device_id {
@@ -929,8 +984,10 @@ impl FumiClient {
                 };
                 match content.body {
                     Body::Text { text } => {
-                        self.store
+                        let local_id = self
+                            .store
                             .insert_message(&received(text, false, None), false, now_ms())?;
+                        keep_evidence(local_id)?;
                     }
                     Body::File { attachment, caption } => {
                         let view = FileView {
@@ -941,9 +998,11 @@ impl FumiClient {
                             error: None,
                         };
                         let message = received(caption.unwrap_or_default(), false, Some(view));
-                        if let Some(local_id) = self.store.insert_message(&message, false, now_ms())? {
+                        let local_id = self.store.insert_message(&message, false, now_ms())?;
+                        if let Some(local_id) = local_id {
                             self.store.add_download(local_id, &attachment)?;
                         }
+                        keep_evidence(local_id)?;
                     }
                     Body::Timer { expire_after_ms } => {
                         self.store.set_expire_after(group, expire_after_ms)?;

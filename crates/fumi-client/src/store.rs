@@ -8,6 +8,7 @@
 use std::path::Path;
 use std::rc::Rc;
 
+use fumi_core::franking::Evidence;
 use fumi_proto::{AccountId, DeviceId, GroupId, MessageId};
 use openmls_rust_crypto::RustCrypto;
 use openmls_sqlite_storage::{Codec, SqliteStorageProvider};
@@ -101,6 +102,13 @@ CREATE TABLE pending_history (
 CREATE TABLE revoked_devices (
     device_id BLOB PRIMARY KEY,
     revoked_at INTEGER NOT NULL
+);
+"#,
+    r#"
+-- The opening of each received message's franking proof, so it can be reported.
+CREATE TABLE franking_evidence (
+    message_rowid INTEGER PRIMARY KEY,
+    evidence TEXT NOT NULL
 );
 "#,
 ];
@@ -674,6 +682,34 @@ impl Store {
         Ok((changed == 1).then(|| self.conn.last_insert_rowid()))
     }
 
+    /// Keeps the franking opening of a received message.
+    pub fn keep_franking_evidence(&self, message_rowid: i64, evidence: &Evidence) -> Result<(), ClientError> {
+        let json = serde_json::to_string(evidence).expect("evidence serialises");
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO franking_evidence (message_rowid, evidence) VALUES (?, ?)",
+                params![message_rowid, json],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// The franking opening of the received message with this id, if this device has it.
+    pub fn franking_evidence(&self, id: MessageId) -> Result<Option<Evidence>, ClientError> {
+        let json: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT f.evidence FROM franking_evidence f JOIN messages m ON m.rowid = f.message_rowid
+                 WHERE m.id = ? AND m.outgoing = 0",
+                [id.as_bytes().as_slice()],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(sql)?;
+        json.map(|json| serde_json::from_str(&json).map_err(|e| ClientError::Store(e.to_string())))
+            .transpose()
+    }
+
     fn messages_where(&self, condition: &str, group: Option<GroupId>) -> Result<Vec<StoredMessage>, ClientError> {
         self.messages_ordered(condition, "rowid", group)
     }
@@ -794,6 +830,12 @@ impl Store {
         for message in &expired {
             self.conn
                 .execute("DELETE FROM downloads WHERE message_rowid = ?", [message.local_id])
+                .map_err(sql)?;
+            self.conn
+                .execute(
+                    "DELETE FROM franking_evidence WHERE message_rowid = ?",
+                    [message.local_id],
+                )
                 .map_err(sql)?;
             self.conn
                 .execute("DELETE FROM messages WHERE rowid = ?", [message.local_id])

@@ -133,6 +133,10 @@ fn routes() -> Vec<(AdminEndpoint, routing::MethodRouter<Arc<AppState>>)> {
             routing::get(list_accounts),
         ),
         (
+            e("GET", "/admin/v1/accounts/{account}", "read_account"),
+            routing::get(read_account),
+        ),
+        (
             e("POST", "/admin/v1/accounts/{account}/suspend", "suspend_account"),
             routing::post(suspend_account),
         ),
@@ -444,6 +448,26 @@ async fn list_accounts(
 ) -> Result<impl IntoResponse, ApiError> {
     context.record(&state, &[], BTreeMap::new()).await?;
     Ok(Json(state.storage.account_summaries().await?))
+}
+
+/// An account's public keys: its identity key and devices (what a moderator checks a report's
+/// sender against). The server holds nothing else about it.
+async fn read_account(
+    State(state): State<Arc<AppState>>,
+    Extension(context): Extension<AdminContext>,
+    Path(account): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let account_id = context.record_account(&state, &account).await?;
+    let record = state
+        .storage
+        .account(account_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("unknown_account", "no such account"))?;
+    Ok(Json(fumi_proto::AccountInfo {
+        account_id,
+        identity_key: fumi_proto::Base64Bytes(record.identity_key),
+        devices: record.devices,
+    }))
 }
 
 async fn suspend_account(

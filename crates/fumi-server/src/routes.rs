@@ -75,6 +75,8 @@ fn api() -> Api {
             routing::get(audit::consistency_proof),
         )
         .route("GET", "/v1/audit/key", routing::get(audit::account_key))
+        .route("GET", "/v1/moderation/key", routing::get(moderation_key))
+        .route("POST", "/v1/reports", routing::post(submit_report))
         .route("GET", "/v1/accounts/{account}", routing::get(account_info))
         .route("GET", "/v1/accounts/{account}/profile", routing::get(get_profile))
         .route("PUT", "/v1/profile", routing::put(put_profile))
@@ -397,6 +399,52 @@ async fn claim_key_packages(
             })
             .collect(),
     }))
+}
+
+/// Smallest sealed report: an X25519 encapsulated key and an AEAD tag.
+const MIN_SEALED_REPORT_BYTES: usize = 32 + 16;
+
+async fn moderation_key(
+    _device: AuthDevice,
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<ModerationKey>, ApiError> {
+    let key = crate::moderation_key(&state.config).ok_or_else(|| {
+        ApiError::not_found(
+            "reports_disabled",
+            "this server takes no abuse reports (no moderation key is configured)",
+        )
+    })?;
+    Ok(Json(ModerationKey {
+        public_key: Base64Bytes(key.to_vec()),
+    }))
+}
+
+/// Stores an abuse report sealed to the moderation key; the server cannot read it.
+async fn submit_report(
+    _device: AuthDevice,
+    State(state): State<Arc<AppState>>,
+    ApiJson(request): ApiJson<ReportSubmit>,
+) -> Result<Json<ReportFiled>, ApiError> {
+    if crate::moderation_key(&state.config).is_none() {
+        return Err(ApiError::not_found(
+            "reports_disabled",
+            "this server takes no abuse reports (no moderation key is configured)",
+        ));
+    }
+    let size = request.sealed.as_slice().len();
+    if size > MAX_SEALED_REPORT_BYTES {
+        return Err(ApiError::too_large(format!(
+            "a sealed report is at most {MAX_SEALED_REPORT_BYTES} bytes"
+        )));
+    }
+    if size < MIN_SEALED_REPORT_BYTES {
+        return Err(ApiError::bad_request("a sealed report is at least 48 bytes"));
+    }
+    let id = state
+        .storage
+        .create_report(Ciphertext(request.sealed.0), now_ms())
+        .await?;
+    Ok(Json(ReportFiled { id }))
 }
 
 async fn submit_message(
