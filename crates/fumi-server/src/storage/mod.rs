@@ -25,7 +25,7 @@ impl std::fmt::Debug for Ciphertext {
 
 /// Errors of storage operations. Every variant but `Database` is the caller's fault and maps to
 /// a 4xx answer.
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, Error)]
 pub enum StorageError {
     /// The username hash belongs to another account.
     #[error("username taken")]
