@@ -44,7 +44,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Directory holding the database (`fumi.db`).
     pub data: PathBuf,
-    /// Largest MLS message (plus Welcome) accepted, in bytes.
+    /// Largest MLS message (plus Welcome) accepted, in bytes. A Welcome carries the ratchet tree,
+    /// about 320 bytes per member device: 1 MiB lets a group grow to its 1000-device limit.
     pub max_message_bytes: usize,
     /// Most recipient devices of one message (the group size limit).
     pub max_recipients: usize,
@@ -84,7 +85,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data: PathBuf::from("fumi-data"),
-            max_message_bytes: 256 * 1024,
+            max_message_bytes: 1024 * 1024,
             max_recipients: 1000,
             message_ttl_secs: 30 * 24 * 60 * 60,
             device_requests_per_minute: 1200,
