@@ -237,7 +237,7 @@ fn every_admin_route_writes_exactly_one_entry_before_acting() {
 #[test]
 fn policy_refusals_are_refused_and_logged() {
     let operators = Operators::new();
-    let server = server_with_operators(&operators);
+    let mut server = server_with_operators(&operators);
     let alice = User::register(&server, "alice", "Alice");
     let account = account_of(&alice);
     let before = snapshot(&server);
@@ -280,7 +280,7 @@ fn policy_refusals_are_refused_and_logged() {
     ]);
     assert!(String::from_utf8_lossy(&output.stderr).contains("unknown operator"));
     let runtime = runtime();
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
     let unsigned = runtime
         .block_on(http.get(format!("{}/admin/v1/accounts", server.admin_url)).send())
         .unwrap();
@@ -291,7 +291,7 @@ fn policy_refusals_are_refused_and_logged() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
-    let signed = |timestamp: u64, nonce: &str| {
+    let signed = |url: &str, timestamp: u64, nonce: &str| {
         let path = format!("/admin/v1/accounts/{account}/suspend");
         let message = fumi_proto::admin_request_message(
             "POST",
@@ -303,7 +303,7 @@ fn policy_refusals_are_refused_and_logged() {
             &sha2::Digest::finalize(sha2::Sha256::default()).into(),
         );
         use ed25519_dalek::Signer;
-        http.post(format!("{}{path}", server.admin_url))
+        http.post(format!("{url}{path}"))
             .header("fumi-operator", "tanaka")
             .header("fumi-reason", "T-9")
             .header("fumi-timestamp", timestamp.to_string())
@@ -312,12 +312,24 @@ fn policy_refusals_are_refused_and_logged() {
     };
     let nonce = "0123456789abcdef0123456789abcdef";
     let stale = runtime
-        .block_on(signed(timestamp - 3_600_000, "f".repeat(32).as_str()).send())
+        .block_on(signed(&server.admin_url, timestamp - 3_600_000, "f".repeat(32).as_str()).send())
         .unwrap();
     assert_eq!(stale.status(), StatusCode::UNAUTHORIZED);
-    let first = runtime.block_on(signed(timestamp, nonce).send()).unwrap();
+    let first = runtime
+        .block_on(signed(&server.admin_url, timestamp, nonce).send())
+        .unwrap();
     assert_eq!(first.status(), StatusCode::NO_CONTENT, "the genuine request is allowed");
-    let replayed = runtime.block_on(signed(timestamp, nonce).send()).unwrap();
+    let replayed = runtime
+        .block_on(signed(&server.admin_url, timestamp, nonce).send())
+        .unwrap();
+    assert_eq!(replayed.status(), StatusCode::UNAUTHORIZED);
+    assert!(runtime.block_on(replayed.text()).unwrap().contains("replayed"));
+    // A crash and restart does not reopen the window: nonces are remembered in the database.
+    server.kill9();
+    server.restart();
+    let replayed = runtime
+        .block_on(signed(&server.admin_url, timestamp, nonce).send())
+        .unwrap();
     assert_eq!(replayed.status(), StatusCode::UNAUTHORIZED);
     assert!(runtime.block_on(replayed.text()).unwrap().contains("replayed"));
 
@@ -325,7 +337,7 @@ fn policy_refusals_are_refused_and_logged() {
     let after = snapshot(&server);
     let data = |s: &str| {
         s.lines()
-            .filter(|l| !l.starts_with("audit_") && !l.starts_with("accounts:"))
+            .filter(|l| !l.starts_with("audit_") && !l.starts_with("accounts:") && !l.starts_with("admin_nonces:"))
             .map(str::to_owned)
             .collect::<Vec<_>>()
     };
@@ -334,7 +346,7 @@ fn policy_refusals_are_refused_and_logged() {
     let state = tempfile::tempdir().unwrap();
     let report = verify_ok(&server, &state.path().join("state.json"));
     let totals = &report["totals"];
-    assert_eq!(totals["refused"], 7, "{totals}");
+    assert_eq!(totals["refused"], 8, "{totals}");
     assert_eq!(totals["by_action"]["suspend_account"], 1);
     let reasons = &totals["refused_by_reason"];
     for reason in [
@@ -344,10 +356,10 @@ fn policy_refusals_are_refused_and_logged() {
         "unknown operator",
         "missing or malformed signature headers",
         "timestamp outside five minutes",
-        "replayed request",
     ] {
         assert_eq!(reasons[reason], 1, "{reason}: {reasons}");
     }
+    assert_eq!(reasons["replayed request"], 2, "{reasons}");
     let entries = stored_entries(&server);
     let contractor = entries.iter().find(|e| e["operator"] == "contractor").unwrap();
     assert_eq!(contractor["jurisdiction"], "cn");

@@ -4,7 +4,7 @@
 //! is checked, and every request — allowed or refused — is appended to the transparency log
 //! before anything is returned or changed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,8 +60,6 @@ pub struct AdminPolicy {
     operators: Vec<Operator>,
     /// Jurisdictions whose operators may act now (empty: any configured operator).
     jurisdictions: Vec<String>,
-    /// Nonces seen within the clock-skew window, with when they may be forgotten.
-    seen_nonces: std::sync::Mutex<HashMap<String, u64>>,
 }
 
 impl AdminPolicy {
@@ -97,15 +95,7 @@ impl AdminPolicy {
         Ok(Self {
             operators,
             jurisdictions: config.admin_jurisdictions.clone(),
-            seen_nonces: Default::default(),
         })
-    }
-
-    /// Remembers a nonce; false if it was seen within the window.
-    fn fresh_nonce(&self, nonce: &str, now: u64) -> bool {
-        let mut seen = self.seen_nonces.lock().expect("nonce lock");
-        seen.retain(|_, forget_at| *forget_at > now);
-        seen.insert(nonce.to_owned(), now + 2 * MAX_CLOCK_SKEW_MS).is_none()
     }
 }
 
@@ -368,7 +358,13 @@ async fn authorize(
                 "timestamp outside five minutes",
             ));
         }
-        if !state.admin.fresh_nonce(nonce, time) {
+        // Remembered in the database, so a restart does not reopen the replay window.
+        let fresh = state
+            .storage
+            .remember_admin_nonce(nonce, time, time + 2 * MAX_CLOCK_SKEW_MS)
+            .await
+            .map_err(|_| signed_refusal(StatusCode::SERVICE_UNAVAILABLE, "audit_busy", "nonce store unavailable"))?;
+        if !fresh {
             return Err(signed_refusal(
                 StatusCode::UNAUTHORIZED,
                 "replayed_request",

@@ -388,6 +388,9 @@ pub trait Storage: Send + Sync + 'static {
         leaf_hash: &[u8; 32],
         signed_head: &str,
     ) -> Result<(), StorageError>;
+    /// Remembers an admin request's nonce until `forget_at` (and forgets those past `now`);
+    /// false if it is already remembered: the request is a replay.
+    async fn remember_admin_nonce(&self, nonce: &str, now: u64, forget_at: u64) -> Result<bool, StorageError>;
     /// Stores the signed head of the empty log, if the log has no head yet.
     async fn init_audit_head(&self, signed_head: &str) -> Result<(), StorageError>;
     /// The latest signed tree head (JSON).

@@ -136,6 +136,14 @@ CREATE TABLE reports (
     created_at INTEGER NOT NULL
 );
 "#,
+    r#"
+-- Nonces of admin requests, kept while their timestamps could still pass: a signed request
+-- cannot be replayed, not even after a restart.
+CREATE TABLE admin_nonces (
+    nonce TEXT PRIMARY KEY,
+    forget_at INTEGER NOT NULL
+);
+"#,
 ];
 
 /// SQLite storage in one file.
@@ -1018,6 +1026,25 @@ impl Storage for SqliteStorage {
         .await
         .map_err(db)?;
         tx.commit().await.map_err(db)
+    }
+
+    async fn remember_admin_nonce(&self, nonce: &str, now: u64, forget_at: u64) -> Result<bool, StorageError> {
+        let mut tx = self.write().await?;
+        sqlx::query("DELETE FROM admin_nonces WHERE forget_at <= ?")
+            .bind(to_i64(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        let fresh = sqlx::query("INSERT OR IGNORE INTO admin_nonces (nonce, forget_at) VALUES (?, ?)")
+            .bind(nonce)
+            .bind(to_i64(forget_at))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?
+            .rows_affected()
+            == 1;
+        tx.commit().await.map_err(db)?;
+        Ok(fresh)
     }
 
     async fn audit_head(&self) -> Result<Option<String>, StorageError> {
