@@ -218,6 +218,16 @@ impl Arrivals {
         self.inner.lock().expect("arrivals lock").len()
     }
 
+    /// How many messages arrived more than once (each recipient device gets each message once).
+    pub fn duplicates(&self) -> usize {
+        self.inner
+            .lock()
+            .expect("arrivals lock")
+            .values()
+            .filter(|a| a.copies > 1)
+            .count()
+    }
+
     /// When this message first arrived.
     pub fn get(&self, fingerprint: &[u8; 32]) -> Option<Instant> {
         self.inner
