@@ -125,8 +125,14 @@ impl SimDevice {
 
     /// Submits one prepared message; returns when the server has it on disk.
     pub async fn submit(&self, message: Vec<u8>, recipients: Vec<DeviceId>) -> Result<()> {
+        self.submit_with_id(MessageId::from_bytes(random()), message, recipients)
+            .await
+    }
+
+    /// Submits one prepared message under a chosen id (a retry reuses the id and the bytes).
+    pub async fn submit_with_id(&self, id: MessageId, message: Vec<u8>, recipients: Vec<DeviceId>) -> Result<()> {
         let request = SubmitMessage {
-            id: MessageId::from_bytes(random()),
+            id,
             message: Base64Bytes(message),
             recipients,
             welcome: None,
@@ -137,8 +143,14 @@ impl SimDevice {
     }
 
     /// Opens this device's delivery WebSocket and starts a task that acknowledges everything and
-    /// records when each message arrived (by fingerprint) in `arrivals`.
+    /// records when each message arrived (by fingerprint) in `arrivals`. What was queued before
+    /// (commits, Welcomes) is acknowledged without being recorded.
     pub async fn listen(&self, arrivals: Arrivals) -> Result<tokio::task::JoinHandle<()>> {
+        self.listen_with(arrivals, false).await
+    }
+
+    /// As [`Self::listen`]; with `record_backlog`, what was queued before is recorded too.
+    pub async fn listen_with(&self, arrivals: Arrivals, record_backlog: bool) -> Result<tokio::task::JoinHandle<()>> {
         let url = format!("{}/v1/ws", self.base.replacen("http", "ws", 1));
         let mut request = url.into_client_request()?;
         request
@@ -153,7 +165,10 @@ impl SimDevice {
             match socket.next().await {
                 Some(Ok(Message::Text(text))) => match serde_json::from_str::<ServerFrame>(&text)? {
                     ServerFrame::Drained => break,
-                    ServerFrame::Envelope { seq, .. } => {
+                    ServerFrame::Envelope { seq, message, .. } => {
+                        if record_backlog {
+                            arrivals.record(fingerprint(message.as_slice()));
+                        }
                         let ack = serde_json::to_string(&ClientFrame::Ack { seqs: vec![seq] })?;
                         socket.send(Message::text(ack)).await?;
                     }
