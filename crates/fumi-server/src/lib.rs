@@ -252,6 +252,9 @@ async fn serve(
 ) {
     let mut connections = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    // Tells every connection to stop at shutdown: an idle kept-alive one closes at once, one with
+    // a request in flight after answering it.
+    let (stopping, stop) = tokio::sync::watch::channel(false);
     loop {
         let (stream, peer) = tokio::select! {
             () = &mut shutdown => break,
@@ -279,12 +282,22 @@ async fn serve(
             .header_read_timeout(header_timeout)
             .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
             .with_upgrades();
+        let mut stop = stop.clone();
         connections.spawn(async move {
-            if let Err(error) = connection.await {
+            let mut connection = std::pin::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                _ = stop.changed() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = result {
                 tracing::debug!(%error, "connection ended with an error");
             }
         });
     }
+    let _ = stopping.send(true);
     // Requests in flight finish (delivery connections close at the shutdown signal), for a while.
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
         while connections.join_next().await.is_some() {}
