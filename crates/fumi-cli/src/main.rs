@@ -104,6 +104,22 @@ enum Command {
     /// Link, list and remove this account's devices.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Show the safety number with a contact, to compare in person (or scan as a QR code); with
+    /// --confirm, mark it verified. A later change of a verified contact's key is refused loudly.
+    Verify {
+        /// The contact's full username (e.g. bob.17).
+        username: String,
+        /// You compared the number with them in person and it matches: mark it verified (and
+        /// trust their new key, if it changed).
+        #[arg(long)]
+        confirm: bool,
+        /// Also print the number as a QR code.
+        #[arg(long)]
+        qr: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Report a message you received for abuse: its text and a proof that its sender really sent
     /// it go, sealed, to the server's moderators (only they can open it).
     Report {
@@ -438,6 +454,46 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
                 let removed = client.remove_device(&device).await?;
                 println!("removed device {removed}; it can read nothing sent from now on");
             }
+            Command::Verify {
+                username,
+                confirm,
+                qr: show_qr,
+                json,
+            } => {
+                let client = FumiClient::open(&home)?;
+                let check = if confirm {
+                    client.confirm_safety_number(&username).await?
+                } else {
+                    client.safety_number(&username).await?
+                };
+                if json {
+                    println!("{}", serde_json::to_string(&check)?);
+                } else {
+                    if check.changed && !confirm {
+                        eprintln!(
+                            "WARNING: {username}'s identity key is NOT the one you knew. Their messages and \
+                             conversations are refused until you compare this new safety number with them \
+                             in person and run `fumi verify {username} --confirm`."
+                        );
+                    }
+                    println!("safety number with {username}:");
+                    println!("{}", fumi_core::safety::display(&check.number));
+                    if show_qr {
+                        println!("{}", qr(&format!("fumi-safety:{}", check.number))?);
+                    }
+                    println!(
+                        "{}",
+                        if check.verified {
+                            "verified: you confirmed this number in person"
+                        } else {
+                            "not verified: compare it with them in person, then run `fumi verify NAME --confirm`"
+                        }
+                    );
+                }
+                if check.changed && !confirm {
+                    std::process::exit(3);
+                }
+            }
             Command::Report { message, comment } => {
                 let client = FumiClient::open(&home)?;
                 let id = client.report(&message, &comment).await?;
@@ -470,9 +526,10 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
                         println!("{}", serde_json::to_string(&contact)?);
                     } else {
                         println!(
-                            "{}{}{}",
+                            "{}{}{}{}",
                             contact.username.as_deref().unwrap_or(&contact.account_id),
                             contact.name.map(|n| format!(" · {n}")).unwrap_or_default(),
+                            if contact.verified { "  ✓ verified" } else { "" },
                             contact.avatar.map(|a| format!("  (avatar: {a})")).unwrap_or_default(),
                         );
                     }

@@ -53,6 +53,8 @@ pub struct ContactSummary {
     pub name: Option<String>,
     /// Where their avatar was saved.
     pub avatar: Option<String>,
+    /// Whether you verified their safety number in person (`fumi verify`).
+    pub verified: bool,
 }
 
 /// A device-link code made by an existing device, waiting for the new one.
@@ -616,7 +618,7 @@ impl FumiClient {
             other => other?,
         }
         if !self.store.check_identity_key(account, &identity_key)? {
-            return Err(ClientError::IdentityKeyChanged("the inviting account".into()));
+            return Err(self.identity_changed(account)?);
         }
         self.store.set_profile_key(account, &profile_key)?;
         self.fetch_profiles().await?;
@@ -627,6 +629,7 @@ impl FumiClient {
         let contact = self.store.contact(account)?;
         Ok(ContactSummary {
             account_id: account.to_string(),
+            verified: self.store.is_verified(account)?,
             username: contact.as_ref().and_then(|c| c.username.clone()),
             name: contact.as_ref().and_then(|c| c.display_name.clone()),
             avatar: contact.and_then(|c| c.avatar_path),
@@ -635,17 +638,19 @@ impl FumiClient {
 
     /// Everyone this device has a pinned identity key for.
     pub fn contacts(&self) -> Result<Vec<ContactSummary>, ClientError> {
-        Ok(self
-            .store
+        self.store
             .contacts()?
             .into_iter()
-            .map(|(c, _, _)| ContactSummary {
-                account_id: c.account_id.to_string(),
-                username: c.username,
-                name: c.display_name,
-                avatar: c.avatar_path,
+            .map(|(c, _, _)| {
+                Ok(ContactSummary {
+                    account_id: c.account_id.to_string(),
+                    verified: self.store.is_verified(c.account_id)?,
+                    username: c.username,
+                    name: c.display_name,
+                    avatar: c.avatar_path,
+                })
             })
-            .collect())
+            .collect()
     }
 
     // --- profiles and avatars ------------------------------------------------------------

@@ -7,6 +7,7 @@ mod devices;
 mod files;
 mod history;
 mod report;
+mod safety;
 pub mod store;
 pub mod transport;
 
@@ -68,6 +69,13 @@ pub enum ClientError {
          impersonating this account. Verify with them in person before trusting it again."
     )]
     IdentityKeyChanged(String),
+    /// As [`Self::IdentityKeyChanged`], for a contact whose safety number the user verified.
+    #[error(
+        "SECURITY WARNING: THE SAFETY NUMBER OF YOUR VERIFIED CONTACT {0} HAS CHANGED: a device presented a \
+         different identity key than the one you verified in person; refusing it. Do not trust this account \
+         until you have compared the new safety number with them in person (`fumi verify`)."
+    )]
+    VerifiedIdentityKeyChanged(String),
     /// An MLS or credential check failed.
     #[error(transparent)]
     Mls(#[from] MlsError),
@@ -652,7 +660,7 @@ impl FumiClient {
                 self.device
                     .verify_key_package(entry.key_package.as_slice(), entry.account_id, entry.device_id)?;
             if member.identity_key != *expected_key {
-                return Err(ClientError::IdentityKeyChanged(self.display_account(member.account)?));
+                return Err(self.identity_changed(member.account)?);
             }
             self.check_identity(&member)?;
             verified.push((key_package, member));
@@ -1133,8 +1141,19 @@ impl FumiClient {
         if self.store.check_identity_key(member.account, &member.identity_key)? {
             Ok(())
         } else {
-            Err(ClientError::IdentityKeyChanged(self.display_account(member.account)?))
+            Err(self.identity_changed(member.account)?)
         }
+    }
+
+    /// The error for an account that presented another identity key than the pinned one: louder
+    /// if the user had verified the pinned key.
+    pub(crate) fn identity_changed(&self, account: AccountId) -> Result<ClientError, ClientError> {
+        let name = self.display_account(account)?;
+        Ok(if self.store.is_verified(account)? {
+            ClientError::VerifiedIdentityKeyChanged(name)
+        } else {
+            ClientError::IdentityKeyChanged(name)
+        })
     }
 
     // --- naming --------------------------------------------------------------------------

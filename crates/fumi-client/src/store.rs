@@ -111,6 +111,10 @@ CREATE TABLE franking_evidence (
     evidence TEXT NOT NULL
 );
 "#,
+    r#"
+-- The identity key the user confirmed by comparing safety numbers in person.
+ALTER TABLE contacts ADD COLUMN verified_key BLOB;
+"#,
 ];
 
 /// JSON codec for OpenMLS's stored values.
@@ -462,6 +466,52 @@ impl Store {
                 Ok(true)
             }
         }
+    }
+
+    /// The identity key pinned for an account, if any.
+    pub fn pinned_identity_key(&self, account: AccountId) -> Result<Option<[u8; 32]>, ClientError> {
+        let pinned: Option<Option<Vec<u8>>> = self
+            .conn
+            .query_row(
+                "SELECT identity_key FROM contacts WHERE account_id = ?",
+                [account.as_bytes().as_slice()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql)?;
+        pinned
+            .flatten()
+            .map(|key| {
+                key.try_into()
+                    .map_err(|_| ClientError::Store("a pinned identity key is not 32 bytes".into()))
+            })
+            .transpose()
+    }
+
+    /// Records that the user compared safety numbers for this key in person: pins it (replacing
+    /// a previous pin) and marks it verified.
+    pub fn set_verified(&self, account: AccountId, key: &[u8; 32]) -> Result<(), ClientError> {
+        self.conn
+            .execute(
+                "INSERT INTO contacts (account_id, identity_key, verified_key) VALUES (?1, ?2, ?2)
+                 ON CONFLICT (account_id) DO UPDATE SET identity_key = ?2, verified_key = ?2",
+                params![account.as_bytes().as_slice(), key.as_slice()],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// Whether the user verified this account's pinned identity key in person.
+    pub fn is_verified(&self, account: AccountId) -> Result<bool, ClientError> {
+        self.conn
+            .query_row(
+                "SELECT verified_key IS NOT NULL AND verified_key = identity_key FROM contacts WHERE account_id = ?",
+                [account.as_bytes().as_slice()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map(|v| v.unwrap_or(false))
+            .map_err(sql)
     }
 
     /// Whether a profile key is known for an account.

@@ -42,6 +42,7 @@ pub mod identity;
 pub mod mls;
 pub mod padding;
 pub mod profile;
+pub mod safety;
 pub mod sealing;
 pub mod username;
 

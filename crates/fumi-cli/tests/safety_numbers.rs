@@ -1,0 +1,95 @@
+//! Safety numbers: both sides compute the same number, a confirmed contact shows as verified,
+//! and a server that substitutes a verified contact's identity key is refused loudly.
+
+mod common;
+
+use common::{Server, User, account_of};
+use serde_json::Value;
+
+fn verify(user: &User, username: &str, extra: &[&str]) -> (i32, Value, String) {
+    let mut args = vec!["verify", username, "--json"];
+    args.extend_from_slice(extra);
+    let output = user.run(&args);
+    let json = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+    (
+        output.status.code().unwrap_or(-1),
+        json,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn safety_numbers_match_and_a_substituted_key_is_refused_loudly() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice", "Alice");
+    let bob = User::register(&server, "bob", "Bob");
+    alice.ok(&["send", &bob.username, "hi"]);
+    assert_eq!(bob.receive_texts(), vec!["hi".to_owned()]);
+
+    let (code, at_alice, _) = verify(&alice, &bob.username, &[]);
+    assert_eq!(code, 0);
+    let (_, at_bob, _) = verify(&bob, &alice.username, &[]);
+    let number = at_alice["number"].as_str().unwrap().to_owned();
+    assert_eq!(number.len(), 60);
+    assert_eq!(at_bob["number"], number, "both sides must see the same number");
+    assert_eq!(at_alice["verified"], false);
+
+    let (_, confirmed, _) = verify(&alice, &bob.username, &["--confirm"]);
+    assert_eq!(confirmed["verified"], true);
+    let contacts: Vec<Value> = alice
+        .ok(&["contact", "list", "--json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let bob_contact = contacts
+        .iter()
+        .find(|c| c["username"] == bob.username.as_str())
+        .unwrap();
+    assert_eq!(bob_contact["verified"], true);
+
+    // The server now names another identity key for Bob.
+    let db = rusqlite::Connection::open(server.database()).unwrap();
+    let bob_id = hex(&account_of(&bob));
+    let real_key: Vec<u8> = db
+        .query_row("SELECT identity_key FROM accounts WHERE id = ?", [&bob_id], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    db.execute(
+        "UPDATE accounts SET identity_key = ? WHERE id = ?",
+        rusqlite::params![[9u8; 32].as_slice(), &bob_id],
+    )
+    .unwrap();
+    let (code, changed, _) = verify(&alice, &bob.username, &[]);
+    assert_eq!(code, 3, "a changed key must not look like success");
+    assert_eq!(changed["changed"], true);
+    assert_eq!(changed["verified"], false);
+    assert_ne!(changed["number"], number);
+    let warned = alice.run(&["verify", &bob.username]);
+    assert!(String::from_utf8_lossy(&warned.stderr).contains("is NOT the one you knew"));
+    let output = alice.run(&["group", "create", "Plans", &bob.username]);
+    assert!(
+        !output.status.success(),
+        "a conversation with the substituted key was created"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("VERIFIED CONTACT"), "{stderr}");
+
+    // The real key back: the pin and the verification still hold.
+    db.execute(
+        "UPDATE accounts SET identity_key = ? WHERE id = ?",
+        rusqlite::params![real_key, &bob_id],
+    )
+    .unwrap();
+    let (code, restored, _) = verify(&alice, &bob.username, &[]);
+    assert_eq!(code, 0);
+    assert_eq!(restored["number"], number);
+    assert_eq!(restored["verified"], true);
+}
+
+fn hex(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+        .collect()
+}
