@@ -638,16 +638,7 @@ impl FumiClient {
         // match the key pinned when we first met the account.
         let mut registered = std::collections::HashMap::new();
         for account in accounts {
-            let info: AccountInfo = self
-                .transport
-                .request::<(), _>(Method::GET, &format!("/v1/accounts/{account}"), None)
-                .await?;
-            let key: [u8; 32] = info
-                .identity_key
-                .as_slice()
-                .try_into()
-                .map_err(|_| ClientError::Protocol("an identity key is 32 bytes".into()))?;
-            registered.insert(*account, key);
+            registered.insert(*account, self.registered_identity_key(*account).await?);
         }
         let mut verified = Vec::new();
         for entry in claimed.key_packages {
@@ -666,6 +657,18 @@ impl FumiClient {
             verified.push((key_package, member));
         }
         Ok(verified)
+    }
+
+    /// The identity key the server says `account` registered (checked against pins by callers).
+    pub(crate) async fn registered_identity_key(&self, account: AccountId) -> Result<[u8; 32], ClientError> {
+        let info: AccountInfo = self
+            .transport
+            .request::<(), _>(Method::GET, &format!("/v1/accounts/{account}"), None)
+            .await?;
+        info.identity_key
+            .as_slice()
+            .try_into()
+            .map_err(|_| ClientError::Protocol("an identity key is 32 bytes".into()))
     }
 
     /// Makes a commit, sends it, and applies it; on an epoch conflict processes the winner and

@@ -2,8 +2,7 @@
 
 use fumi_core::AccountIdentity;
 use fumi_core::safety::safety_number;
-use fumi_proto::{AccountId, AccountInfo};
-use reqwest::Method;
+use fumi_proto::AccountId;
 use serde::Serialize;
 
 use crate::{ClientError, FumiClient};
@@ -55,15 +54,7 @@ impl FumiClient {
         if account == self.account.account_id {
             return Err(ClientError::Usage("that is your own account".into()));
         }
-        let info: AccountInfo = self
-            .transport
-            .request::<(), _>(Method::GET, &format!("/v1/accounts/{account}"), None)
-            .await?;
-        let key: [u8; 32] = info
-            .identity_key
-            .as_slice()
-            .try_into()
-            .map_err(|_| ClientError::Protocol("an identity key is 32 bytes".into()))?;
+        let key = self.registered_identity_key(account).await?;
         let changed = !self.store.check_identity_key(account, &key)?;
         Ok((account, key, changed))
     }

@@ -444,17 +444,8 @@ impl Store {
     /// Returns false if a different key was pinned: someone is impersonating the account, or it
     /// was re-created.
     pub fn check_identity_key(&self, account: AccountId, key: &[u8; 32]) -> Result<bool, ClientError> {
-        let pinned: Option<Option<Vec<u8>>> = self
-            .conn
-            .query_row(
-                "SELECT identity_key FROM contacts WHERE account_id = ?",
-                [account.as_bytes().as_slice()],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(sql)?;
-        match pinned.flatten() {
-            Some(pinned) => Ok(pinned == key),
+        match self.pinned_identity_key(account)? {
+            Some(pinned) => Ok(pinned == *key),
             None => {
                 self.conn
                     .execute(
