@@ -1,5 +1,6 @@
 //! `fumi`: the Fumi server and every user command, in one binary.
 
+mod daemon;
 mod operator;
 mod progress;
 mod server;
@@ -104,6 +105,20 @@ enum Command {
     /// Link, list and remove this account's devices.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Run as a JSON-RPC 2.0 service for bots and integrations: requests and `message`
+    /// notifications, one JSON object per line, on stdin/stdout and optionally a Unix socket
+    /// (see docs/JSON_RPC.md).
+    Daemon {
+        /// Speak JSON-RPC 2.0 (the only mode).
+        #[arg(long, required = true)]
+        json_rpc: bool,
+        /// Also listen on this Unix socket (created with mode 0600; one session per connection).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// How often subscribed sessions are checked for new messages, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        poll_ms: u64,
+    },
     /// Show the safety number with a contact, to compare in person (or scan as a QR code); with
     /// --confirm, mark it verified. A later change of a verified contact's key is refused loudly.
     Verify {
@@ -454,6 +469,11 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
                 let removed = client.remove_device(&device).await?;
                 println!("removed device {removed}; it can read nothing sent from now on");
             }
+            Command::Daemon {
+                json_rpc: _,
+                socket,
+                poll_ms,
+            } => daemon::run(&home, socket, Duration::from_millis(poll_ms.max(50))).await?,
             Command::Verify {
                 username,
                 confirm,

@@ -1,0 +1,150 @@
+//! `fumi daemon --json-rpc`: a bot drives the daemon over its Unix socket — subscribes, receives
+//! a message as a notification, replies — and over stdin/stdout.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{FUMI, Server, User};
+use serde_json::{Value, json};
+
+struct Rpc {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Rpc {
+    fn connect(path: &std::path::Path) -> Self {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(stream) => break stream,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => panic!("daemon socket never appeared: {e}"),
+            }
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        Self {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        }
+    }
+
+    fn send(&mut self, request: Value) {
+        writeln!(self.writer, "{request}").unwrap();
+    }
+
+    fn next(&mut self) -> Value {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("a line from the daemon");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+
+    /// Calls a method and returns its answer, skipping notifications on the way.
+    fn call(&mut self, id: u64, method: &str, params: Value) -> Value {
+        self.send(json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}));
+        loop {
+            let answer = self.next();
+            if answer["id"] == id {
+                return answer;
+            }
+        }
+    }
+}
+
+#[test]
+fn a_bot_subscribes_receives_and_replies_over_the_socket() {
+    let server = Server::start();
+    let citizen = User::register(&server, "citizen", "Citizen");
+    let bot = User::register(&server, "cityhall", "City Hall");
+    let socket = bot.home.path().join("rpc.sock");
+    let mut daemon = Command::new(FUMI)
+        .args([
+            "--home",
+            bot.home.path().to_str().unwrap(),
+            "daemon",
+            "--json-rpc",
+            "--poll-ms",
+            "100",
+            "--socket",
+        ])
+        .arg(&socket)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut rpc = Rpc::connect(&socket);
+
+    let me = rpc.call(1, "whoami", json!({}));
+    assert_eq!(me["result"]["username"], bot.username.as_str(), "{me}");
+    assert_eq!(rpc.call(2, "subscribe", json!({}))["result"]["subscribed"], true);
+
+    citizen.ok(&["send", &bot.username, "When is the vaccination centre open?"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let question = loop {
+        assert!(Instant::now() < deadline, "no message notification");
+        let event = rpc.next();
+        if event["method"] == "message" && event["params"]["event"] == false {
+            break event["params"].clone();
+        }
+    };
+    assert_eq!(question["text"], "When is the vaccination centre open?");
+    assert_eq!(question["sender"], citizen.username.as_str());
+
+    let sent = rpc.call(
+        3,
+        "send",
+        json!({"to": citizen.username, "text": "9:00 to 17:00, Monday to Saturday."}),
+    );
+    assert!(sent["result"]["id"].is_string(), "{sent}");
+    assert_eq!(
+        citizen.receive_texts(),
+        vec!["9:00 to 17:00, Monday to Saturday.".to_owned()]
+    );
+
+    // Bad requests get JSON-RPC errors, and the session goes on.
+    rpc.send(json!("not an object").to_string().into());
+    assert_eq!(rpc.call(4, "launch", json!({}))["error"]["code"], -32601);
+    assert_eq!(
+        rpc.call(5, "send", json!({"text": "to nobody"}))["error"]["code"],
+        -32602
+    );
+    let history = rpc.call(6, "history", json!({"conversation": citizen.username}));
+    let texts: Vec<&str> = history["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["event"] == false)
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            "When is the vaccination centre open?",
+            "9:00 to 17:00, Monday to Saturday."
+        ]
+    );
+
+    // The same over stdin/stdout.
+    let stdin = daemon.stdin.as_mut().unwrap();
+    writeln!(
+        stdin,
+        "{}",
+        json!({"jsonrpc": "2.0", "id": 9, "method": "conversations"})
+    )
+    .unwrap();
+    let mut line = String::new();
+    BufReader::new(daemon.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let answer: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(answer["id"], 9);
+    assert_eq!(answer["result"].as_array().unwrap().len(), 1);
+
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+}
