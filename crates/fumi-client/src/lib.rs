@@ -935,6 +935,8 @@ impl FumiClient {
                 sender_signature_key,
                 sender_credential,
             } => {
+                // The sender's leaf must still be certified by its account's pinned key.
+                self.check_identity(&sender)?;
                 let content = Content::decode(&plaintext).map_err(|e| ClientError::Protocol(e.to_string()))?;
                 // A text or file message must be reportable: its franking proof must open.
                 let evidence = match ReportedContent::of(&content.body) {
@@ -1057,6 +1059,7 @@ impl FumiClient {
                 removed,
                 self_removed,
             } => {
+                self.check_identity(&by)?;
                 if self_removed {
                     self.store.deactivate_conversation(group)?;
                     let text = format!(

@@ -443,6 +443,7 @@ impl<P: OpenMlsProvider> MlsDevice<P> {
         let processed = mls_group
             .process_message(&self.provider, message)
             .map_err(|e| MlsError::Refused(e.to_string()))?;
+        let commit_sender = processed.sender().clone();
         let signature_key = sender_signature_key(&mls_group, processed.sender())?;
         let sender = member_of(processed.credential(), &signature_key)?;
         let credential = BasicCredential::try_from(processed.credential().clone())
@@ -458,6 +459,14 @@ impl<P: OpenMlsProvider> MlsDevice<P> {
                 sender_credential: credential,
             }),
             ProcessedMessageContent::StagedCommitMessage(staged) => {
+                // OpenMLS lets a member replace its leaf with any validly signed credential; a
+                // Fumi member may refresh its keys but never become another account or device.
+                if let Some(leaf) = staged.update_path_leaf_node() {
+                    check_same_member(&mls_group, &commit_sender, leaf)?;
+                }
+                for update in staged.update_proposals() {
+                    check_same_member(&mls_group, update.sender(), update.update_proposal().leaf_node())?;
+                }
                 let added = staged
                     .add_proposals()
                     .map(|p| {
@@ -525,6 +534,25 @@ fn member_of(credential: &Credential, signature_key: &[u8]) -> Result<Member, Ml
         account: device.account,
         device: device.device,
     })
+}
+
+/// Checks that `leaf`, replacing the leaf of `sender`, certifies the same account, device and
+/// identity key.
+fn check_same_member(group: &MlsGroup, sender: &Sender, leaf: &LeafNode) -> Result<(), MlsError> {
+    let Sender::Member(index) = sender else {
+        return Err(MlsError::Refused("only members may update a leaf".into()));
+    };
+    let before = group
+        .member_at(*index)
+        .ok_or_else(|| MlsError::Refused("update of an unknown leaf".into()))?;
+    let before = member_of(&before.credential, &before.signature_key)?;
+    let after = member_of(leaf.credential(), leaf.signature_key().as_slice())?;
+    if before != after {
+        return Err(MlsError::Refused(
+            "a member tried to change the account, device or identity key of its leaf".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn sender_signature_key(group: &MlsGroup, sender: &Sender) -> Result<Vec<u8>, MlsError> {
