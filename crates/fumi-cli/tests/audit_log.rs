@@ -515,4 +515,13 @@ fn an_account_holder_finds_the_accesses_to_their_account() {
     assert!(mine.contains("unsuspend_account by tanaka"));
     let bobs = bob.ok(&["audit", "mine", "--json"]);
     assert_eq!(bobs.trim(), "", "no entry concerns Bob");
+
+    // The server knows who asks, so it could show Alice an older or rewritten log; her device
+    // remembers the head it verified and refuses one that does not extend it.
+    let db = rusqlite::Connection::open(server.database()).unwrap();
+    db.execute_batch("DELETE FROM audit_log WHERE idx >= 2; DELETE FROM audit_heads WHERE tree_size > 2;")
+        .unwrap();
+    let output = alice.run(&["audit", "mine"]);
+    assert!(!output.status.success(), "a truncated log was accepted");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("LOG VERIFICATION FAILED"));
 }

@@ -2,7 +2,7 @@
 //! `fumi audit verify` (anyone) and `fumi audit mine` (an account holder) run.
 
 use fumi_audit::verify::{self, Totals, VerifierState, VerifyError};
-use fumi_audit::{ConsistencyProof, EntriesPage, Entry, InclusionProof, SignedTreeHead, decode_path};
+use fumi_audit::{ConsistencyProof, EntriesPage, Entry, InclusionProof, SignedTreeHead, TreeHead, decode_path};
 use reqwest::Method;
 use thiserror::Error;
 
@@ -44,6 +44,26 @@ pub struct Verified {
     pub entries: Vec<Entry>,
 }
 
+/// Checks that `head` (already signature-checked against `previous`'s key) extends the head
+/// seen last time.
+async fn check_extends(transport: &Transport, previous: &VerifierState, head: &TreeHead) -> Result<(), AuditError> {
+    if previous.head.tree_size == 0 {
+        return Ok(());
+    }
+    let proof: ConsistencyProof = get(
+        transport,
+        &format!(
+            "/v1/audit/proof/consistency?first={}&second={}",
+            previous.head.tree_size, head.tree_size
+        ),
+    )
+    .await
+    .map_err(|e| unprovable(previous.head.tree_size, e))?;
+    let path = decode_path(&proof.path).ok_or_else(|| protocol("consistency proof"))?;
+    verify::check_consistency(&previous.head, head, &path)?;
+    Ok(())
+}
+
 /// Fetches the log's head, checks that it extends `previous` (if any), checks the inclusion of
 /// every entry after it, and counts them.
 pub async fn verify_log(server: &str, previous: Option<&VerifierState>) -> Result<Verified, AuditError> {
@@ -52,19 +72,7 @@ pub async fn verify_log(server: &str, previous: Option<&VerifierState>) -> Resul
     let head = verify::check_head(previous.map(|p| &p.head), &served)?;
     let (start, mut totals) = match previous {
         Some(previous) => {
-            if previous.head.tree_size > 0 {
-                let proof: ConsistencyProof = get(
-                    &transport,
-                    &format!(
-                        "/v1/audit/proof/consistency?first={}&second={}",
-                        previous.head.tree_size, head.tree_size
-                    ),
-                )
-                .await
-                .map_err(|e| unprovable(previous.head.tree_size, e))?;
-                let path = decode_path(&proof.path).ok_or_else(|| protocol("consistency proof"))?;
-                verify::check_consistency(&previous.head, &head, &path)?;
-            }
+            check_extends(&transport, previous, &head).await?;
             (previous.head.tree_size, previous.totals.clone())
         }
         None => (0, Totals::default()),
@@ -130,7 +138,28 @@ impl crate::FumiClient {
             .request::<(), _>(Method::GET, "/v1/audit/key", None)
             .await?;
         let key: [u8; 32] = key.audit_key.as_slice().try_into().map_err(|_| protocol("audit key"))?;
+        // The server knows who asks: without the head seen last time, it could show this account a
+        // log of its own making. The log key and last head are kept in the home and checked.
+        let state_path = self.home.join("audit-state.json");
+        let previous: Option<VerifierState> = match std::fs::read_to_string(&state_path) {
+            Ok(text) => Some(serde_json::from_str(&text).map_err(|e| {
+                AuditError::Client(ClientError::Store(format!("{} is damaged: {e}", state_path.display())))
+            })?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(AuditError::Client(ClientError::Store(e.to_string()))),
+        };
+        // Every entry, checked against the head served now; that head must extend the last one.
         let verified = verify_log(self.transport.base(), None).await?;
+        if let Some(previous) = &previous {
+            let transport = Transport::new(self.transport.base())?;
+            let head = verify::check_head(Some(&previous.head), &verified.state.head)?;
+            check_extends(&transport, previous, &head).await?;
+        }
+        let text = serde_json::to_string(&verified.state).expect("state serialises");
+        let temporary = state_path.with_extension("tmp");
+        std::fs::write(&temporary, text)
+            .and_then(|()| std::fs::rename(&temporary, &state_path))
+            .map_err(|e| AuditError::Client(ClientError::Store(e.to_string())))?;
         let mine = verified.entries.iter().filter(|e| e.concerns(&key)).cloned().collect();
         Ok((verified, mine))
     }
