@@ -242,7 +242,14 @@ struct SocketGuard {
 
 impl SocketGuard {
     fn bind(path: &Path, events: mpsc::UnboundedSender<Event>) -> Result<Self> {
-        if path.exists() {
+        if let Ok(metadata) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if !metadata.file_type().is_socket() {
+                bail!(
+                    "{} exists and is not a socket; choose another --socket path",
+                    path.display()
+                );
+            }
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 bail!("{} is in use by another running daemon", path.display());
             }

@@ -735,20 +735,33 @@ impl Store {
         Ok(())
     }
 
-    /// The franking opening of the received message with this id, if this device has it.
+    /// The franking opening of the received message with this id, if this device has it. Ids are
+    /// chosen by senders, so another sender could reuse one: an id that matches several received
+    /// messages is refused rather than guessed.
     pub fn franking_evidence(&self, id: MessageId) -> Result<Option<Evidence>, ClientError> {
-        let json: Option<String> = self
+        let mut statement = self
             .conn
-            .query_row(
+            .prepare(
                 "SELECT f.evidence FROM franking_evidence f JOIN messages m ON m.rowid = f.message_rowid
-                 WHERE m.id = ? AND m.outgoing = 0",
-                [id.as_bytes().as_slice()],
-                |row| row.get(0),
+                 WHERE m.id = ? AND m.outgoing = 0 LIMIT 2",
             )
-            .optional()
             .map_err(sql)?;
-        json.map(|json| serde_json::from_str(&json).map_err(|e| ClientError::Store(e.to_string())))
-            .transpose()
+        let rows: Vec<String> = statement
+            .query_map([id.as_bytes().as_slice()], |row| row.get(0))
+            .map_err(sql)?
+            .collect::<Result<_, _>>()
+            .map_err(sql)?;
+        match rows.as_slice() {
+            [] => Ok(None),
+            [json] => serde_json::from_str(json)
+                .map(Some)
+                .map_err(|e| ClientError::Store(e.to_string())),
+            _ => Err(ClientError::Usage(
+                "several received messages carry this id (a sender reused another's); this message cannot be \
+                 reported by id"
+                    .into(),
+            )),
+        }
     }
 
     fn messages_where(&self, condition: &str, group: Option<GroupId>) -> Result<Vec<StoredMessage>, ClientError> {
