@@ -774,7 +774,7 @@ impl FumiClient {
         let franking = ReportedContent::of(&body)
             .map(|reported| {
                 Franking::new(&context, &reported, &mut rand::rng(), |message| {
-                    self.device.sign_franking(message)
+                    self.device.sign_labelled(message)
                 })
             })
             .transpose()?;

@@ -40,7 +40,12 @@ impl FumiClient {
             comment: comment.to_owned(),
             reported_at: now_ms(),
         };
-        let sealed = report.seal(&key).map_err(|e| ClientError::Usage(e.to_string()))?;
+        let (signature_key, credential) = self.device.signing_identity();
+        let sealed = report
+            .seal(&key, &signature_key, &credential, |message| {
+                self.device.sign_labelled(message).ok()
+            })
+            .map_err(|e| ClientError::Usage(e.to_string()))?;
         let filed: ReportFiled = self
             .transport
             .request(

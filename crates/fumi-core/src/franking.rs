@@ -33,6 +33,7 @@ use crate::identity::DeviceCredential;
 const COMMITMENT_LABEL: &[u8] = b"fumi franking commitment v1";
 const SIGNATURE_LABEL: &[u8] = b"fumi franking signature v1";
 const REPORT_INFO: &[u8] = b"fumi abuse report v1";
+const REPORT_SIGNATURE_LABEL: &[u8] = b"fumi abuse report signature v1";
 /// Current report format version.
 pub const REPORT_VERSION: u32 = 1;
 /// Longest reporter comment, in bytes.
@@ -61,6 +62,9 @@ pub enum FrankingError {
     /// The device credential does not certify this key for the claimed sender.
     #[error("the sender's device credential does not certify the signing key for the claimed sender")]
     BadCredential,
+    /// The report is not signed by a device of the account it names as reporter.
+    #[error("the report is not signed by a device of the reporter it names")]
+    BadReporter,
     /// The sealed report does not open with this moderation key.
     #[error("the report does not open with this moderation key (sealed to another key, or altered)")]
     Sealed,
@@ -334,16 +338,47 @@ pub struct Report {
     pub reported_at: u64,
 }
 
+/// What is sealed: the report's exact JSON and the reporter device's signature over it, so the
+/// moderator knows the named reporter really filed it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignedReport {
+    /// The [`Report`] as JSON text (signed as these exact bytes).
+    report: String,
+    /// The reporter device's MLS signature public key, hex.
+    signature_key: String,
+    /// The reporter device's credential, hex.
+    credential: String,
+    /// Ed25519 by that key over `"fumi abuse report signature v1" ‖ report`, hex.
+    signature: String,
+}
+
 impl Report {
-    /// Seals the report to the moderation public key (HPKE base mode, X25519, HKDF-SHA256,
-    /// ChaCha20-Poly1305). Output: encapsulated key ‖ ciphertext.
-    pub fn seal(&self, moderation_key: &[u8; 32]) -> Result<Vec<u8>, FrankingError> {
+    /// Signs the report with the reporter device's key (through `sign`, given its signature key
+    /// and credential) and seals it to the moderation public key (HPKE base mode, X25519,
+    /// HKDF-SHA256, ChaCha20-Poly1305). Output: encapsulated key ‖ ciphertext.
+    pub fn seal(
+        &self,
+        moderation_key: &[u8; 32],
+        signature_key: &[u8],
+        credential: &[u8],
+        sign: impl FnOnce(&[u8]) -> Option<[u8; 64]>,
+    ) -> Result<Vec<u8>, FrankingError> {
         if self.comment.len() > MAX_COMMENT_BYTES {
             return Err(FrankingError::Malformed(format!(
                 "a comment is at most {MAX_COMMENT_BYTES} bytes"
             )));
         }
-        let json = serde_json::to_vec(self).expect("report serialises");
+        let report = serde_json::to_string(self).expect("report serialises");
+        let signature = sign(&[REPORT_SIGNATURE_LABEL, report.as_bytes()].concat())
+            .ok_or_else(|| FrankingError::Malformed("the device could not sign the report".into()))?;
+        let signed = SignedReport {
+            report,
+            signature_key: hex::encode(signature_key),
+            credential: hex::encode(credential),
+            signature: hex::encode(signature),
+        };
+        let json = serde_json::to_vec(&signed).expect("report serialises");
         let provider = OpenMlsRustCrypto::default();
         let sealed = provider
             .crypto()
@@ -356,7 +391,9 @@ impl Report {
         Ok(out)
     }
 
-    /// Opens a sealed report with the moderation secret key. Does not verify the evidence: call
+    /// Opens a sealed report with the moderation secret key and checks that the reporter it names
+    /// signed it (with a device certified by some identity key; the moderator checks that key is
+    /// the reporter account's if it matters). Does not verify the evidence: call
     /// [`Evidence::verify`].
     pub fn open(sealed: &[u8], moderation_secret: &[u8; 32]) -> Result<Self, FrankingError> {
         if sealed.len() <= KEM_OUTPUT_BYTES {
@@ -372,9 +409,34 @@ impl Report {
             .crypto()
             .hpke_open(HPKE, &input, moderation_secret, REPORT_INFO, &[])
             .map_err(|_| FrankingError::Sealed)?;
-        let report: Report = serde_json::from_slice(&json).map_err(|e| FrankingError::Malformed(e.to_string()))?;
+        let signed: SignedReport =
+            serde_json::from_slice(&json).map_err(|e| FrankingError::Malformed(e.to_string()))?;
+        let report: Report =
+            serde_json::from_str(&signed.report).map_err(|e| FrankingError::Malformed(e.to_string()))?;
         if report.v != REPORT_VERSION {
             return Err(FrankingError::Malformed(format!("unknown report version {}", report.v)));
+        }
+        // The reporter named inside must be the device that signed it.
+        let signature_key =
+            hex::decode(&signed.signature_key).map_err(|_| FrankingError::Malformed("signature key".into()))?;
+        let credential = hex::decode(&signed.credential).map_err(|_| FrankingError::Malformed("credential".into()))?;
+        let credential =
+            DeviceCredential::verify(&credential, &signature_key).map_err(|_| FrankingError::BadReporter)?;
+        let signature: [u8; 64] = hex::decode(&signed.signature)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or(FrankingError::BadReporter)?;
+        let key = <[u8; 32]>::try_from(signature_key.as_slice())
+            .ok()
+            .and_then(|k| ed25519_dalek::VerifyingKey::from_bytes(&k).ok())
+            .ok_or(FrankingError::BadReporter)?;
+        key.verify_strict(
+            &[REPORT_SIGNATURE_LABEL, signed.report.as_bytes()].concat(),
+            &ed25519_dalek::Signature::from_bytes(&signature),
+        )
+        .map_err(|_| FrankingError::BadReporter)?;
+        if credential.account != report.reporter {
+            return Err(FrankingError::BadReporter);
         }
         Ok(report)
     }
@@ -511,15 +573,41 @@ mod tests {
         let mut rng = rand::rng();
         let (secret, public) = moderation_keypair(&mut rng);
         let (other_secret, _) = moderation_keypair(&mut rng);
+        let reporter = Sender::new(5);
+        let reporter_key = reporter.device_key.verifying_key().to_bytes();
+        let reporter_credential = reporter
+            .identity
+            .certify_device(reporter.account, reporter.device, &reporter_key)
+            .encode();
         let report = Report {
             v: REPORT_VERSION,
             evidence: Sender::new(1).evidence("abuse"),
-            reporter: AccountId::from_bytes([5; 16]),
+            reporter: reporter.account,
             comment: "threatening".into(),
             reported_at: 1,
         };
-        let sealed = report.seal(&public).unwrap();
+        let seal = |report: &Report, signer: &ed25519_dalek::SigningKey| {
+            report
+                .seal(&public, &reporter_key, &reporter_credential, |m| {
+                    Some(signer.sign(m).to_bytes())
+                })
+                .unwrap()
+        };
+        let sealed = seal(&report, &reporter.device_key);
         assert_eq!(Report::open(&sealed, &secret).unwrap(), report);
+        // Filed in someone else's name, or signed by another key: refused.
+        let impostor = Report {
+            reporter: AccountId::from_bytes([6; 16]),
+            ..report.clone()
+        };
+        assert_eq!(
+            Report::open(&seal(&impostor, &reporter.device_key), &secret),
+            Err(FrankingError::BadReporter)
+        );
+        assert_eq!(
+            Report::open(&seal(&report, &Sender::new(7).device_key), &secret),
+            Err(FrankingError::BadReporter)
+        );
         assert_eq!(Report::open(&sealed, &other_secret), Err(FrankingError::Sealed));
         let mut altered = sealed.clone();
         *altered.last_mut().unwrap() ^= 1;

@@ -212,6 +212,18 @@ impl<P: OpenMlsProvider> MlsDevice<P> {
         self.me
     }
 
+    /// This device's MLS signature public key and its encoded [`DeviceCredential`], which let
+    /// others check what it signed with [`Self::sign_labelled`].
+    pub fn signing_identity(&self) -> (Vec<u8>, Vec<u8>) {
+        (
+            self.credential.signature_key.as_slice().to_vec(),
+            BasicCredential::try_from(self.credential.credential.clone())
+                .expect("this device's own credential is a basic credential")
+                .identity()
+                .to_vec(),
+        )
+    }
+
     /// Makes `count` one-time KeyPackages and, if asked, one last-resort KeyPackage.
     pub fn key_packages(&self, count: usize, last_resort: bool) -> Result<KeyPackages, MlsError> {
         let make = |last: bool| -> Result<Vec<u8>, MlsError> {
@@ -391,9 +403,10 @@ impl<P: OpenMlsProvider> MlsDevice<P> {
         })
     }
 
-    /// Signs a franking commitment ([`crate::franking`]) with this device's MLS signature key.
-    /// The signed bytes start with a Fumi label, so they can never be taken for an MLS structure.
-    pub fn sign_franking(&self, message: &[u8]) -> Result<[u8; 64], MlsError> {
+    /// Signs Fumi-labelled bytes (a franking commitment, an abuse report) with this device's MLS
+    /// signature key. Every such message starts with a "fumi ..." label, so it can never be taken
+    /// for an MLS structure (whose signed content starts with a length below 0x40).
+    pub fn sign_labelled(&self, message: &[u8]) -> Result<[u8; 64], MlsError> {
         use openmls_traits::signatures::Signer as _;
         self.signer
             .sign(message)
