@@ -14,6 +14,9 @@
 //!   the commitment and checks the signature and the device credential ([`Evidence::verify`]):
 //!   altered text, another sender, another conversation or a signature by another key is rejected.
 //!
+//! For a file, the commitment covers its name, type, size, the blob's digest and the file key, so
+//! a moderator given the blob can decrypt it and know it is the file that was sent.
+//!
 //! What is given up: a recipient who reports can prove to the moderator what the sender wrote. MLS
 //! already signs every message with the same key, so a recipient holds that proof anyway.
 
@@ -112,6 +115,9 @@ pub struct ReportedFile {
     pub size: u64,
     /// SHA-256 of the encrypted blob, hex.
     pub digest: String,
+    /// The file's key, hex: with the blob (from the reporter, or the server while it keeps it),
+    /// the moderator can decrypt the reported file and the digest proves it is the one sent.
+    pub key: String,
 }
 
 impl ReportedContent {
@@ -143,6 +149,7 @@ impl ReportedContent {
                 field(&mut out, file.media_type.as_bytes());
                 out.extend_from_slice(&file.size.to_be_bytes());
                 field(&mut out, file.digest.as_bytes());
+                field(&mut out, file.key.as_bytes());
             }
         }
         out
@@ -156,6 +163,7 @@ impl ReportedFile {
             media_type: attachment.media_type.clone(),
             size: attachment.size,
             digest: hex::encode(attachment.digest),
+            key: hex::encode(attachment.key),
         }
     }
 }
