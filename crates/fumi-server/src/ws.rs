@@ -74,7 +74,8 @@ async fn deliver(socket: WebSocket, device: AuthDevice, state: &AppState) -> Res
             .fetch(device.device, last_sent, BATCH)
             .await
             .map_err(|e| e.to_string())?;
-        let full = batch.len() == BATCH as usize;
+        // A round may stop early (by count or by bytes): read again until nothing is left.
+        let more = !batch.is_empty();
         for envelope in batch {
             last_sent = envelope.seq;
             let frame = ServerFrame::Envelope {
@@ -84,7 +85,7 @@ async fn deliver(socket: WebSocket, device: AuthDevice, state: &AppState) -> Res
             };
             send(&mut sink, &frame).await?;
         }
-        if full {
+        if more {
             continue;
         }
         if !drained_sent {

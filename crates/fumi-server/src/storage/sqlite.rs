@@ -157,6 +157,8 @@ struct Readers {
 
 /// Idle reader connections kept.
 const MAX_IDLE_READERS: usize = 16;
+/// Envelope bytes read for one delivery round (beyond the first envelope).
+const MAX_FETCH_BYTES: usize = 2 * 1024 * 1024;
 
 impl Readers {
     fn with<R>(&self, read: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<R>) -> Result<R, StorageError> {
@@ -165,7 +167,9 @@ impl Readers {
             Some(conn) => conn,
             None => {
                 let conn = rusqlite::Connection::open(&self.path).map_err(sql)?;
-                conn.busy_timeout(Duration::from_secs(10)).map_err(sql)?;
+                // Readers in WAL mode do not wait for the writer; a short timeout bounds the rare
+                // wait (WAL recovery) on an async task.
+                conn.busy_timeout(Duration::from_secs(1)).map_err(sql)?;
                 conn.pragma_update(None, "query_only", true).map_err(sql)?;
                 conn
             }
@@ -546,23 +550,34 @@ impl Storage for SqliteStorage {
     }
 
     async fn fetch(&self, device: DeviceId, after_seq: u64, limit: u32) -> Result<Vec<Envelope>, StorageError> {
-        // Every delivery round asks this: read inline (see `Readers`).
+        // Every delivery round asks this: read inline (see `Readers`). A round stops after
+        // MAX_FETCH_BYTES (with at least one envelope), so a mailbox of large commits and
+        // Welcomes neither holds the task long nor takes much memory; the next round continues.
         self.readers.with(|conn| {
-            conn.prepare_cached(
+            let mut statement = conn.prepare_cached(
                 "SELECT mb.seq, m.body, m.received_at FROM mailbox mb JOIN messages m ON m.id = mb.message_id
                  WHERE mb.device_id = ? AND mb.seq > ? ORDER BY mb.seq LIMIT ?",
-            )?
-            .query_map(
-                rusqlite::params![device.as_bytes().as_slice(), to_i64(after_seq), i64::from(limit)],
-                |row| {
-                    Ok(Envelope {
-                        seq: to_u64(row.get(0)?),
-                        body: Ciphertext(row.get(1)?),
-                        received_at: to_u64(row.get(2)?),
-                    })
-                },
-            )?
-            .collect()
+            )?;
+            let mut rows = statement.query(rusqlite::params![
+                device.as_bytes().as_slice(),
+                to_i64(after_seq),
+                i64::from(limit)
+            ])?;
+            let mut envelopes = Vec::new();
+            let mut bytes = 0;
+            while let Some(row) = rows.next()? {
+                let body: Vec<u8> = row.get(1)?;
+                bytes += body.len();
+                envelopes.push(Envelope {
+                    seq: to_u64(row.get(0)?),
+                    body: Ciphertext(body),
+                    received_at: to_u64(row.get(2)?),
+                });
+                if bytes >= MAX_FETCH_BYTES {
+                    break;
+                }
+            }
+            Ok(envelopes)
         })
     }
 
