@@ -232,6 +232,13 @@ fn every_admin_route_writes_exactly_one_entry_before_acting() {
     let state = tempfile::tempdir().unwrap();
     let totals = verify_ok(&server, &state.path().join("state.json"));
     assert_eq!(totals["tree_size"], fumi_server::admin::endpoints().len());
+
+    // HEAD on a GET route reads the same data: it is logged as that route's action.
+    let before = stored_entries(&server).len();
+    let _ = runtime.block_on(client.text(Method::HEAD, "/admin/v1/metrics"));
+    let entries = stored_entries(&server);
+    assert_eq!(entries.len(), before + 1);
+    assert_eq!(entries[before]["action"], "view_metrics");
 }
 
 #[test]

@@ -27,11 +27,11 @@ fn config_file_sets_the_message_size_limit() {
     assert_eq!(bob.receive_texts(), vec!["short"]);
 }
 
-#[test]
-fn unknown_setting_is_a_clear_startup_error() {
+/// Starts a server with this configuration file; it must refuse to start.
+fn start_refused(toml: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("fumi.toml");
-    std::fs::write(&config, "max_mesage_bytes = 4000\n").unwrap();
+    std::fs::write(&config, toml).unwrap();
     let output = std::process::Command::new(common::FUMI)
         .args([
             "server",
@@ -46,9 +46,28 @@ fn unknown_setting_is_a_clear_startup_error() {
         .arg(dir.path().join("data"))
         .output()
         .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "the server started with {toml:?}");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn unknown_setting_is_a_clear_startup_error() {
+    let stderr = start_refused("max_mesage_bytes = 4000\n");
     assert!(stderr.contains("unknown setting \"max_mesage_bytes\""), "{stderr}");
+}
+
+#[test]
+fn a_bad_operator_list_stops_the_server_at_startup() {
+    let key = "11".repeat(32);
+    let operator = |name: &str, network: &str| {
+        format!(
+            "[[operators]]\nname = \"{name}\"\npublic_key = \"{key}\"\njurisdiction = \"jp\"\nnetworks = [\"{network}\"]\n"
+        )
+    };
+    let twice = start_refused(&(operator("sato", "127.0.0.0/8") + &operator("sato", "10.0.0.0/8")));
+    assert!(twice.contains("listed twice"), "{twice}");
+    let network = start_refused(&operator("sato", "localhost"));
+    assert!(network.contains("not a network in CIDR form"), "{network}");
 }
 
 #[test]

@@ -71,6 +71,10 @@ impl AdminPolicy {
             if operator.name.is_empty() || !operator.name.chars().all(|c| c.is_ascii_graphic()) {
                 return Err(context("the name must be printable ASCII without spaces"));
             }
+            // The log names operators: two with one name could not be told apart.
+            if operators.iter().any(|o: &Operator| o.name == operator.name) {
+                return Err(context("listed twice; operator names must be unique"));
+            }
             let key: [u8; 32] = hex::decode(&operator.public_key)
                 .ok()
                 .and_then(|bytes| bytes.try_into().ok())
@@ -294,9 +298,14 @@ async fn authorize(
     next: Next,
 ) -> Response {
     let time = now_ms();
+    // axum answers HEAD on GET routes: it reads the same data, so it is logged as the GET.
+    let method = match request.method().as_str() {
+        "HEAD" => "GET",
+        other => other,
+    };
     let action = endpoints()
         .into_iter()
-        .find(|e| e.path == matched.as_str() && e.method == request.method().as_str())
+        .find(|e| e.path == matched.as_str() && e.method == method)
         .map_or("unknown", |e| e.action);
     let (parts, body) = request.into_parts();
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
