@@ -656,6 +656,65 @@ mod tests {
         ));
     }
 
+    /// A pair in one group: Alice created it and added Bob, who joined.
+    fn pair() -> (MlsDevice<OpenMlsRustCrypto>, MlsDevice<OpenMlsRustCrypto>, GroupId) {
+        let alice = device(1);
+        let bob = device(2);
+        let packages = bob.key_packages(1, false).unwrap();
+        let (key_package, _) = alice
+            .verify_key_package(&packages.one_time[0], bob.me().account, bob.me().device)
+            .unwrap();
+        let group = GroupId::from_bytes([7; 16]);
+        alice.create_group(group).unwrap();
+        let commit = alice.add_members(group, &[key_package]).unwrap();
+        alice.confirm_commit(group).unwrap();
+        bob.handle_message(commit.welcome.as_ref().unwrap()).unwrap();
+        (alice, bob, group)
+    }
+
+    #[test]
+    fn a_member_cannot_become_another_account_by_updating_its_leaf() {
+        let (alice, bob, group) = pair();
+        // Bob commits a self-update whose new leaf carries a validly signed credential for
+        // another account (certified by an identity key Bob controls).
+        let other = AccountIdentity::generate(&mut rand::rng());
+        let new_signer = SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).unwrap();
+        new_signer.store(bob.provider.storage()).unwrap();
+        let forged = other.certify_device(
+            AccountId::from_bytes([9; 16]),
+            DeviceId::from_bytes([9; 16]),
+            &new_signer.to_public_vec(),
+        );
+        let mut bobs_group = bob.load(group).unwrap();
+        let bundle = bobs_group
+            .self_update_with_new_signer(
+                &bob.provider,
+                &bob.signer,
+                NewSignerBundle {
+                    signer: &new_signer,
+                    credential_with_key: CredentialWithKey {
+                        credential: BasicCredential::new(forged.encode()).into(),
+                        signature_key: new_signer.to_public_vec().into(),
+                    },
+                },
+                LeafNodeParameters::default(),
+            )
+            .unwrap();
+        let commit = serialize(&bundle.into_commit()).unwrap();
+        match alice.handle_message(&commit) {
+            Err(MlsError::Refused(reason)) => assert!(reason.contains("change the account"), "{reason}"),
+            other => panic!("a leaf swapped to another account was accepted: {other:?}"),
+        }
+        // A plain key refresh by the same member is still fine.
+        let (alice, bob, group) = pair();
+        let mut bobs_group = bob.load(group).unwrap();
+        let bundle = bobs_group
+            .self_update(&bob.provider, &bob.signer, LeafNodeParameters::default())
+            .unwrap();
+        let commit = serialize(&bundle.into_commit()).unwrap();
+        assert!(matches!(alice.handle_message(&commit), Ok(Incoming::Commit { .. })));
+    }
+
     #[test]
     fn key_package_for_another_device_is_refused() {
         let alice = device(1);
