@@ -239,6 +239,15 @@ fn every_admin_route_writes_exactly_one_entry_before_acting() {
     let entries = stored_entries(&server);
     assert_eq!(entries.len(), before + 1);
     assert_eq!(entries[before]["action"], "view_metrics");
+
+    // A path its handler cannot even decode is refused before the handler runs: still one entry.
+    let before = stored_entries(&server).len();
+    let result = runtime.block_on(client.text(Method::POST, "/admin/v1/accounts/%FF/suspend"));
+    assert!(result.is_err());
+    let entries = stored_entries(&server);
+    assert_eq!(entries.len(), before + 1);
+    assert_eq!(entries[before]["action"], "suspend_account");
+    assert_eq!(entries[before]["outcome"]["refused"], "malformed request");
 }
 
 #[test]

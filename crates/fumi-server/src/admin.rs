@@ -407,12 +407,28 @@ async fn authorize(
                 time,
                 recorded: Arc::new(AtomicBool::new(false)),
             };
-            let recorded = context.recorded.clone();
+            let unhandled = context.clone();
             let mut request = Request::from_parts(parts, Body::from(body));
             request.extensions_mut().insert(context);
             let response = next.run(request).await;
-            if !recorded.load(Ordering::SeqCst) {
-                tracing::error!(action, "an admin request finished without a log entry");
+            if !unhandled.recorded.load(Ordering::SeqCst) {
+                // Refused before its handler ran (an undecodable path, say): nothing was read or
+                // changed, and the attempt is still logged, as a refusal.
+                let entry = Entry {
+                    time: unhandled.time,
+                    operator: unhandled.operator.clone(),
+                    jurisdiction: unhandled.jurisdiction.clone(),
+                    source: unhandled.source.to_string(),
+                    action: action.to_owned(),
+                    reason: unhandled.reason.clone(),
+                    outcome: Outcome::Refused("malformed request".into()),
+                    subjects: vec![],
+                    details: details([("status", response.status().as_u16().into())]),
+                    nonce: String::new(),
+                };
+                if let Err(error) = state.audit.append(state.storage.as_ref(), &entry).await {
+                    tracing::error!(%error, action, "logging a malformed admin request failed");
+                }
             }
             response
         }
