@@ -55,28 +55,40 @@ impl Rpc {
     }
 }
 
+/// The daemon process, killed when the test ends, whether it passes or panics.
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn a_bot_subscribes_receives_and_replies_over_the_socket() {
     let server = Server::start();
     let citizen = User::register(&server, "citizen", "Citizen");
     let bot = User::register(&server, "cityhall", "City Hall");
     let socket = bot.home.path().join("rpc.sock");
-    let mut daemon = Command::new(FUMI)
-        .args([
-            "--home",
-            bot.home.path().to_str().unwrap(),
-            "daemon",
-            "--json-rpc",
-            "--poll-ms",
-            "100",
-            "--socket",
-        ])
-        .arg(&socket)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut daemon = Daemon(
+        Command::new(FUMI)
+            .args([
+                "--home",
+                bot.home.path().to_str().unwrap(),
+                "daemon",
+                "--json-rpc",
+                "--poll-ms",
+                "100",
+                "--socket",
+            ])
+            .arg(&socket)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut rpc = Rpc::connect(&socket);
 
     let me = rpc.call(1, "whoami", json!({}));
@@ -130,7 +142,7 @@ fn a_bot_subscribes_receives_and_replies_over_the_socket() {
     );
 
     // The same over stdin/stdout.
-    let stdin = daemon.stdin.as_mut().unwrap();
+    let stdin = daemon.0.stdin.as_mut().unwrap();
     writeln!(
         stdin,
         "{}",
@@ -138,13 +150,10 @@ fn a_bot_subscribes_receives_and_replies_over_the_socket() {
     )
     .unwrap();
     let mut line = String::new();
-    BufReader::new(daemon.stdout.as_mut().unwrap())
+    BufReader::new(daemon.0.stdout.as_mut().unwrap())
         .read_line(&mut line)
         .unwrap();
     let answer: Value = serde_json::from_str(&line).unwrap();
     assert_eq!(answer["id"], 9);
     assert_eq!(answer["result"].as_array().unwrap().len(), 1);
-
-    daemon.kill().unwrap();
-    daemon.wait().unwrap();
 }

@@ -80,7 +80,9 @@ async fn kill9_under_load_loses_no_accepted_message_and_duplicates_none() {
             }
         }));
     }
-    while accepted.lock().unwrap().len() < 200 {
+    // Kill it once messages are flowing (bounded: senders that all failed early end the wait).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while accepted.lock().unwrap().len() < 200 && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     server.kill9();

@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{FUMI, Server, User};
+use common::{Server, User};
 
 struct Moto {
     child: Child,
@@ -149,16 +149,7 @@ fn files_go_through_an_s3_compatible_store() {
 fn a_missing_bucket_stops_the_server_at_startup() {
     let Some(moto) = Moto::start() else { return };
     let data = tempfile::tempdir().unwrap();
-    let output = Command::new(FUMI)
-        .args([
-            "server",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--data",
-        ])
-        .arg(data.path())
+    let output = common::server_command(data.path())
         .env("FUMI_BLOB_STORE", "s3://no-such-bucket")
         .envs(moto.env())
         .output()

@@ -32,18 +32,9 @@ fn start_refused(toml: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("fumi.toml");
     std::fs::write(&config, toml).unwrap();
-    let output = std::process::Command::new(common::FUMI)
-        .args([
-            "server",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--config",
-        ])
+    let output = common::server_command(&dir.path().join("data"))
+        .arg("--config")
         .arg(&config)
-        .arg("--data")
-        .arg(dir.path().join("data"))
         .output()
         .unwrap();
     assert!(!output.status.success(), "the server started with {toml:?}");

@@ -316,6 +316,23 @@ impl User {
     }
 }
 
+/// `fumi server` on ephemeral loopback ports with this data directory, for tests that expect it
+/// to refuse to start (add settings before running it).
+pub fn server_command(data: &Path) -> Command {
+    let mut command = Command::new(FUMI);
+    command
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--data",
+        ])
+        .arg(data);
+    command
+}
+
 pub fn fumi(home: &Path, args: &[&str]) -> Output {
     Command::new(FUMI)
         .arg("--home")
