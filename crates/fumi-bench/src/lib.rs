@@ -21,9 +21,9 @@ async fn register_many(
     key_packages: usize,
 ) -> Result<Vec<SimDevice>> {
     let mut devices = Vec::with_capacity(count);
-    for chunk in (0..count).collect::<Vec<_>>().chunks(64) {
-        let batch = try_join_all(chunk.iter().map(|_| SimDevice::register(http, server, key_packages))).await?;
-        devices.extend(batch);
+    while devices.len() < count {
+        let batch = (count - devices.len()).min(64);
+        devices.extend(try_join_all((0..batch).map(|_| SimDevice::register(http, server, key_packages))).await?);
     }
     Ok(devices)
 }

@@ -302,7 +302,7 @@ fn policy_refusals_are_refused_and_logged() {
         .unwrap();
     assert_eq!(unsigned.status(), StatusCode::UNAUTHORIZED);
     let secret = std::fs::read_to_string(operators.key("tanaka")).unwrap();
-    let key = ed25519_dalek::SigningKey::from_bytes(&hex_decode32(&secret));
+    let key = ed25519_dalek::SigningKey::from_bytes(&common::hex_decode(&secret).try_into().unwrap());
     let timestamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -324,7 +324,7 @@ fn policy_refusals_are_refused_and_logged() {
             .header("fumi-reason", "T-9")
             .header("fumi-timestamp", timestamp.to_string())
             .header("fumi-nonce", nonce)
-            .header("fumi-signature", hex(&key.sign(&message).to_bytes()))
+            .header("fumi-signature", common::hex_encode(&key.sign(&message).to_bytes()))
     };
     let nonce = "0123456789abcdef0123456789abcdef";
     let stale = runtime
@@ -387,19 +387,6 @@ fn policy_refusals_are_refused_and_logged() {
         .unwrap();
     assert_eq!(impostor["operator"], "unknown");
     assert_eq!(impostor["details"]["claimed_operator"], "tanaka");
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn hex_decode32(text: &str) -> [u8; 32] {
-    let text = text.trim();
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).unwrap();
-    }
-    out
 }
 
 #[test]

@@ -112,7 +112,7 @@ async fn every_endpoint_refuses_the_wrong_caller_and_changes_nothing() {
     db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
     db.execute(
         "UPDATE accounts SET suspended = 1 WHERE id = ?",
-        [unhex(&account_of(&carol))],
+        [common::hex_decode(&account_of(&carol))],
     )
     .unwrap();
     drop(db);
@@ -344,11 +344,4 @@ async fn every_endpoint_refuses_the_wrong_caller_and_changes_nothing() {
         metrics.contains("fumi_http_responses_server_error_total 0"),
         "{metrics}"
     );
-}
-
-fn unhex(text: &str) -> Vec<u8> {
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
-        .collect()
 }

@@ -49,7 +49,7 @@ fn safety_numbers_match_and_a_substituted_key_is_refused_loudly() {
 
     // The server now names another identity key for Bob.
     let db = rusqlite::Connection::open(server.database()).unwrap();
-    let bob_id = hex(&account_of(&bob));
+    let bob_id = common::hex_decode(&account_of(&bob));
     let real_key: Vec<u8> = db
         .query_row("SELECT identity_key FROM accounts WHERE id = ?", [&bob_id], |r| {
             r.get(0)
@@ -85,11 +85,4 @@ fn safety_numbers_match_and_a_substituted_key_is_refused_loudly() {
     assert_eq!(code, 0);
     assert_eq!(restored["number"], number);
     assert_eq!(restored["verified"], true);
-}
-
-fn hex(text: &str) -> Vec<u8> {
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
-        .collect()
 }

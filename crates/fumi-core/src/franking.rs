@@ -208,11 +208,15 @@ impl std::fmt::Debug for Franking {
 
 /// The commitment to `content` in `context` under `key`.
 pub fn commitment(key: &[u8; 32], context: &FrankingContext, content: &ReportedContent) -> [u8; 32] {
+    commitment_mac(key, context, content).finalize().into_bytes().into()
+}
+
+fn commitment_mac(key: &[u8; 32], context: &FrankingContext, content: &ReportedContent) -> Hmac<Sha256> {
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
     mac.update(COMMITMENT_LABEL);
     mac.update(&context.encode());
     mac.update(&content.encode());
-    mac.finalize().into_bytes().into()
+    mac
 }
 
 /// What the sender's device signs: a label and the commitment.
@@ -255,11 +259,8 @@ impl Franking {
             .and_then(|b| b.try_into().ok())
             .ok_or_else(|| FrankingError::Malformed("signature is not 64 bytes of hex".into()))?;
         // Constant-time comparison through the MAC's own verifier.
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key).expect("HMAC takes any key length");
-        mac.update(COMMITMENT_LABEL);
-        mac.update(&context.encode());
-        mac.update(&content.encode());
-        mac.verify_slice(&claimed)
+        commitment_mac(&key, context, content)
+            .verify_slice(&claimed)
             .map_err(|_| FrankingError::CommitmentMismatch)?;
         let verifying_key = <[u8; 32]>::try_from(signature_key)
             .ok()

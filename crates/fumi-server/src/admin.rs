@@ -222,23 +222,34 @@ impl AdminContext {
                 Target::Report(id) => subjects.push(Subject::Report { id: *id }),
             }
         }
-        let entry = Entry {
+        let entry = self.entry(Outcome::Allowed, subjects, details, hex::encode(nonce));
+        if self.recorded.swap(true, Ordering::SeqCst) {
+            tracing::error!(action = self.action, "an admin request recorded twice");
+        }
+        state.audit.append(state.storage.as_ref(), &entry).await?;
+        Ok(())
+    }
+
+    /// This request's log entry.
+    fn entry(
+        &self,
+        outcome: Outcome,
+        subjects: Vec<Subject>,
+        details: BTreeMap<String, serde_json::Value>,
+        nonce: String,
+    ) -> Entry {
+        Entry {
             time: self.time,
             operator: self.operator.clone(),
             jurisdiction: self.jurisdiction.clone(),
             source: self.source.to_string(),
             action: self.action.to_owned(),
             reason: self.reason.clone(),
-            outcome: Outcome::Allowed,
+            outcome,
             subjects,
             details,
-            nonce: hex::encode(nonce),
-        };
-        if self.recorded.swap(true, Ordering::SeqCst) {
-            tracing::error!(action = self.action, "an admin request recorded twice");
+            nonce,
         }
-        state.audit.append(state.storage.as_ref(), &entry).await?;
-        Ok(())
     }
 
     /// Parses an account id from the path and records the request naming it (an unparsable id
@@ -414,18 +425,12 @@ async fn authorize(
             if !unhandled.recorded.load(Ordering::SeqCst) {
                 // Refused before its handler ran (an undecodable path, say): nothing was read or
                 // changed, and the attempt is still logged, as a refusal.
-                let entry = Entry {
-                    time: unhandled.time,
-                    operator: unhandled.operator.clone(),
-                    jurisdiction: unhandled.jurisdiction.clone(),
-                    source: unhandled.source.to_string(),
-                    action: action.to_owned(),
-                    reason: unhandled.reason.clone(),
-                    outcome: Outcome::Refused("malformed request".into()),
-                    subjects: vec![],
-                    details: details([("status", response.status().as_u16().into())]),
-                    nonce: String::new(),
-                };
+                let entry = unhandled.entry(
+                    Outcome::Refused("malformed request".into()),
+                    vec![],
+                    details([("status", response.status().as_u16().into())]),
+                    String::new(),
+                );
                 if let Err(error) = state.audit.append(state.storage.as_ref(), &entry).await {
                     tracing::error!(%error, action, "logging a malformed admin request failed");
                 }

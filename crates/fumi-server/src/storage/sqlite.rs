@@ -1340,15 +1340,17 @@ fn write_batch(conn: &mut rusqlite::Connection, batch: Vec<Write>) {
         let mut outcomes = Vec::with_capacity(batch.len());
         for write in &batch {
             let savepoint = tx.savepoint().map_err(sql)?;
-            let outcome = match write {
-                Write::Submit(submission, _) => submit_in(&savepoint, submission).map(Outcome::Submit),
-                Write::Acknowledge(device, seqs, _) => {
-                    acknowledge_in(&savepoint, *device, seqs).map(Outcome::Acknowledge)
-                }
-            };
+            let outcome = write.apply(&savepoint);
             if outcome.is_ok() {
                 savepoint.commit().map_err(sql)?;
-            } // else dropped: rolled back and released.
+            } else {
+                drop(savepoint); // rolled back and released
+                // Some errors (disk full, I/O) make SQLite roll back the whole transaction;
+                // the writes after it must not run outside one.
+                if tx.is_autocommit() {
+                    return Err(outcome.err().expect("a failed write"));
+                }
+            }
             outcomes.push(outcome);
         }
         tx.commit().map_err(sql)?;
@@ -1357,24 +1359,35 @@ fn write_batch(conn: &mut rusqlite::Connection, batch: Vec<Write>) {
     match result {
         Ok(outcomes) => {
             for (write, outcome) in batch.into_iter().zip(outcomes) {
-                match (write, outcome) {
-                    (Write::Submit(_, reply), Ok(Outcome::Submit(o))) => drop(reply.send(Ok(o))),
-                    (Write::Acknowledge(_, _, reply), Ok(Outcome::Acknowledge(n))) => drop(reply.send(Ok(n))),
-                    (Write::Submit(_, reply), Err(e)) => drop(reply.send(Err(e))),
-                    (Write::Acknowledge(_, _, reply), Err(e)) => drop(reply.send(Err(e))),
-                    _ => unreachable!("outcomes follow their writes"),
-                }
+                write.answer(outcome);
             }
         }
         // Nothing of the batch was committed: every write fails, and its caller may retry.
         Err(error) => {
             tracing::error!(%error, writes = batch.len(), "a batch of writes failed");
             for write in batch {
-                match write {
-                    Write::Submit(_, reply) => drop(reply.send(Err(error.clone()))),
-                    Write::Acknowledge(_, _, reply) => drop(reply.send(Err(error.clone()))),
-                }
+                write.answer(Err(error.clone()));
             }
+        }
+    }
+}
+
+impl Write {
+    fn apply(&self, conn: &rusqlite::Connection) -> Result<Outcome, StorageError> {
+        match self {
+            Write::Submit(submission, _) => submit_in(conn, submission).map(Outcome::Submit),
+            Write::Acknowledge(device, seqs, _) => acknowledge_in(conn, *device, seqs).map(Outcome::Acknowledge),
+        }
+    }
+
+    /// Sends the outcome to the waiting caller (gone callers are ignored).
+    fn answer(self, outcome: Result<Outcome, StorageError>) {
+        match (self, outcome) {
+            (Write::Submit(_, reply), Ok(Outcome::Submit(o))) => drop(reply.send(Ok(o))),
+            (Write::Acknowledge(_, _, reply), Ok(Outcome::Acknowledge(n))) => drop(reply.send(Ok(n))),
+            (Write::Submit(_, reply), Err(e)) => drop(reply.send(Err(e))),
+            (Write::Acknowledge(_, _, reply), Err(e)) => drop(reply.send(Err(e))),
+            _ => unreachable!("an outcome follows its write"),
         }
     }
 }
