@@ -172,6 +172,11 @@ impl SimDevice {
                         let ack = serde_json::to_string(&ClientFrame::Ack { seqs: vec![seq] })?;
                         socket.send(Message::text(ack)).await?;
                     }
+                    ServerFrame::ChannelPost { sealed_post, .. } => {
+                        if record_backlog {
+                            arrivals.record(fingerprint(sealed_post.as_slice()));
+                        }
+                    }
                 },
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(e.into()),
@@ -181,13 +186,19 @@ impl SimDevice {
         Ok(tokio::spawn(async move {
             while let Some(Ok(frame)) = socket.next().await {
                 let Message::Text(text) = frame else { continue };
-                let Ok(ServerFrame::Envelope { seq, message, .. }) = serde_json::from_str::<ServerFrame>(&text) else {
-                    continue;
-                };
-                arrivals.record(fingerprint(message.as_slice()));
-                let ack = serde_json::to_string(&ClientFrame::Ack { seqs: vec![seq] }).expect("serialises");
-                if socket.send(Message::text(ack)).await.is_err() {
-                    break;
+                match serde_json::from_str::<ServerFrame>(&text) {
+                    Ok(ServerFrame::Envelope { seq, message, .. }) => {
+                        arrivals.record(fingerprint(message.as_slice()));
+                        let ack = serde_json::to_string(&ClientFrame::Ack { seqs: vec![seq] }).expect("serialises");
+                        if socket.send(Message::text(ack)).await.is_err() {
+                            break;
+                        }
+                    }
+                    // Channel posts are not acknowledged: they stay in the channel.
+                    Ok(ServerFrame::ChannelPost { sealed_post, .. }) => {
+                        arrivals.record(fingerprint(sealed_post.as_slice()))
+                    }
+                    _ => {}
                 }
             }
         }))

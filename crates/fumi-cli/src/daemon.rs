@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use fumi_client::official::OfficialEvents;
 use fumi_client::{FumiClient, To};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -65,8 +66,11 @@ pub async fn run(home: &Path, socket: Option<PathBuf>, poll: Duration) -> Result
                 }
             },
             _ = poll_timer.tick(), if sessions.values().any(|s| s.subscribed) => {
-                match client.receive(Duration::ZERO).await {
-                    Ok(messages) => notify(&sessions, &messages),
+                match receive(&mut client).await {
+                    Ok((messages, events)) => {
+                        notify(&sessions, &messages);
+                        notify_official(&sessions, &events);
+                    }
                     Err(error) => tracing::warn!(%error, "receiving failed; trying again"),
                 }
             }
@@ -75,12 +79,39 @@ pub async fn run(home: &Path, socket: Option<PathBuf>, poll: Duration) -> Result
     Ok(())
 }
 
+/// Messages and official-account events that arrived.
+async fn receive(
+    client: &mut FumiClient,
+) -> Result<(Vec<fumi_client::DisplayMessage>, OfficialEvents), fumi_client::ClientError> {
+    let messages = client.receive(Duration::ZERO).await?;
+    Ok((messages, client.take_official_events()?))
+}
+
+fn broadcast(sessions: &HashMap<u64, Session>, method: &str, params: impl serde::Serialize) {
+    let notification = json!({"jsonrpc": "2.0", "method": method, "params": params}).to_string();
+    for session in sessions.values().filter(|s| s.subscribed) {
+        let _ = session.out.send(notification.clone());
+    }
+}
+
 fn notify(sessions: &HashMap<u64, Session>, messages: &[fumi_client::DisplayMessage]) {
     for message in messages {
-        let notification = json!({"jsonrpc": "2.0", "method": "message", "params": message}).to_string();
-        for session in sessions.values().filter(|s| s.subscribed) {
-            let _ = session.out.send(notification.clone());
-        }
+        broadcast(sessions, "message", message);
+    }
+}
+
+fn notify_official(sessions: &HashMap<u64, Session>, events: &OfficialEvents) {
+    for post in &events.posts {
+        broadcast(sessions, "channelPost", post);
+    }
+    for submission in &events.submissions {
+        broadcast(sessions, "formSubmission", submission);
+    }
+    for receipt in &events.receipts {
+        broadcast(sessions, "formReceipt", receipt);
+    }
+    for warning in &events.warnings {
+        broadcast(sessions, "channelWarning", warning);
     }
 }
 
@@ -201,9 +232,26 @@ async fn call(
             json!({"id": id.to_string()})
         }
         "receive" => {
-            let messages = client.receive(Duration::ZERO).await?;
+            let (messages, events) = receive(client).await?;
             notify(sessions, &messages);
-            json!(messages)
+            notify_official(sessions, &events);
+            json!({"messages": messages, "channel_posts": events.posts, "form_submissions": events.submissions,
+                   "form_receipts": events.receipts, "channel_warnings": events.warnings})
+        }
+        "channelPost" => {
+            let seq = client
+                .post_text(text_param(params, "channel")?, text_param(params, "text")?)
+                .await?;
+            json!({"seq": seq})
+        }
+        "channels" => json!(client.channels().await?),
+        "forms" => {
+            client.sync_channels().await?;
+            json!(client.forms()?)
+        }
+        "submissions" => {
+            client.sync().await?;
+            json!(client.submissions(text_param(params, "form")?)?)
         }
         "conversations" => json!(client.conversations()?),
         "history" => json!(client.history(text_param(params, "conversation")?)?),

@@ -1,6 +1,7 @@
 //! `fumi`: the Fumi server and every user command, in one binary.
 
 mod daemon;
+mod official;
 mod operator;
 mod progress;
 mod server;
@@ -153,6 +154,19 @@ enum Command {
     /// Add contacts from invite links, and list them.
     #[command(subcommand)]
     Contact(ContactCommand),
+    /// Authorities that verify organisations: trust one, or (as an authority) make a key and
+    /// sign an organisation's request.
+    #[command(subcommand)]
+    Authority(official::AuthorityCommand),
+    /// This account as an organisation: name, logo, and an authority's verification.
+    #[command(subcommand)]
+    Org(official::OrgCommand),
+    /// Broadcast channels: create, post, subscribe, list, show.
+    #[command(subcommand)]
+    Channel(official::ChannelCommand),
+    /// Forms in channels: publish, fill in (answers reach only the organisation), export.
+    #[command(subcommand)]
+    Form(official::FormCommand),
     /// Turn disappearing messages on or off for a conversation: `fumi disappearing bob.17 1h`.
     Disappearing {
         /// A username (1:1) or a group name.
@@ -261,6 +275,9 @@ fn main() {
                 .map_err(anyhow::Error::from)
                 .and_then(|runtime| runtime.block_on(operator::run_admin(args)))
         }
+        Command::Authority(ref authority) if official::is_offline(authority) => {
+            official::run_authority_offline(authority)
+        }
         command => {
             init_client_logging();
             run_client_command(cli.home, command)
@@ -306,6 +323,10 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
         match command {
             Command::Server(_) | Command::Admin(_) => unreachable!("handled in main"),
             Command::Audit(command) => operator::run_audit(&home, command).await?,
+            Command::Authority(command) => official::run_authority(&home, command).await?,
+            Command::Org(command) => official::run_org(&home, command).await?,
+            Command::Channel(command) => official::run_channel(&home, command).await?,
+            Command::Form(command) => official::run_form(&home, command).await?,
             Command::Register { server, name, username } => {
                 let client = FumiClient::register(&home, &server, &name, &username).await?;
                 let me = client.whoami();
@@ -353,6 +374,7 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
                 for message in client.receive(Duration::from_secs(timeout)).await? {
                     print_message(&message, json)?;
                 }
+                official::print_events(&client.take_official_events()?, json)?;
             }
             Command::Group(GroupCommand::Create { name, members }) => {
                 let mut client = FumiClient::open(&home)?;
@@ -649,7 +671,7 @@ fn parse_timer(text: &str) -> Result<Option<Duration>> {
 }
 
 /// A QR code drawn with Unicode half blocks, for terminals.
-fn qr(text: &str) -> Result<String> {
+pub(crate) fn qr(text: &str) -> Result<String> {
     let code = qrcode::QrCode::new(text.as_bytes()).context("the code is too long for a QR code")?;
     Ok(code
         .render::<qrcode::render::unicode::Dense1x2>()

@@ -350,25 +350,9 @@ fn print_report(reviewed: &ReviewedReport, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// `YYYY-MM-DD hh:mm:ss UTC` from ms since the Unix epoch (civil-from-days, proleptic Gregorian).
+/// `YYYY-MM-DD hh:mm:ss UTC` from ms since the Unix epoch.
 pub fn format_utc(ms: u64) -> String {
-    let seconds = ms / 1000;
-    let (days, rest) = ((seconds / 86_400) as i64, seconds % 86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    )
+    fumi_core::form::iso_time(ms).replace('T', " ").replace('Z', " UTC")
 }
 
 #[cfg(test)]

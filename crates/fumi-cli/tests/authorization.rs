@@ -107,6 +107,16 @@ async fn every_endpoint_refuses_the_wrong_caller_and_changes_nothing() {
     )
     .await;
     assert_eq!(status, StatusCode::CREATED);
+    // A channel of Alice's account.
+    let channel = "22".repeat(16);
+    let (status, answer) = call(
+        Method::POST,
+        "/v1/channels".into(),
+        Some(alice_auth.clone()),
+        Some(json!({"channel_id": channel, "sealed_info": STANDARD.encode([3u8; 64])})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
     // Carol's account is suspended (there is no admin API yet: the test sets the flag).
     let db = rusqlite::Connection::open(server.database()).unwrap();
     db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
@@ -257,6 +267,26 @@ async fn every_endpoint_refuses_the_wrong_caller_and_changes_nothing() {
                 None,
                 vec![as_laptop(StatusCode::FORBIDDEN, "not_a_recipient")],
             ),
+            ("POST", "/v1/channels") => device(
+                "/v1/channels".into(),
+                Some(json!({"channel_id": "33".repeat(16), "sealed_info": STANDARD.encode([3u8; 64])})),
+                vec![],
+            ),
+            ("GET", "/v1/channels/{channel}") => device(format!("/v1/channels/{channel}"), None, vec![]),
+            ("PUT", "/v1/channels/{channel}") => device(
+                format!("/v1/channels/{channel}"),
+                Some(json!({"sealed_info": STANDARD.encode([4u8; 64])})),
+                vec![as_bob(StatusCode::FORBIDDEN, "not_channel_owner")],
+            ),
+            ("GET", "/v1/channels/{channel}/posts") => device(format!("/v1/channels/{channel}/posts"), None, vec![]),
+            ("POST", "/v1/channels/{channel}/posts") => device(
+                format!("/v1/channels/{channel}/posts"),
+                Some(json!({"seq": 1, "sealed_post": STANDARD.encode([5u8; 64])})),
+                vec![as_bob(StatusCode::FORBIDDEN, "not_channel_owner")],
+            ),
+            ("PUT", "/v1/channels/{channel}/subscription") | ("DELETE", "/v1/channels/{channel}/subscription") => {
+                device(format!("/v1/channels/{channel}/subscription"), None, vec![])
+            }
             _ => return None,
         })
     };

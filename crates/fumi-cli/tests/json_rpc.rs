@@ -157,3 +157,87 @@ fn a_bot_subscribes_receives_and_replies_over_the_socket() {
     assert_eq!(answer["id"], 9);
     assert_eq!(answer["result"].as_array().unwrap().len(), 1);
 }
+
+fn spawn_daemon(user: &User, socket: &std::path::Path) -> Daemon {
+    Daemon(
+        Command::new(FUMI)
+            .args([
+                "--home",
+                user.home.path().to_str().unwrap(),
+                "daemon",
+                "--json-rpc",
+                "--poll-ms",
+                "100",
+                "--socket",
+            ])
+            .arg(socket)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+#[test]
+fn an_organisation_bot_gets_form_submissions_as_events_and_posts_to_its_channel() {
+    let server = Server::start();
+    let citizen = User::register(&server, "citizen", "Citizen");
+    let bot = User::register(&server, "health", "Health Office");
+    let link = bot
+        .ok(&["channel", "create", "Check-in"])
+        .lines()
+        .find_map(|l| l.strip_prefix("link: "))
+        .unwrap()
+        .to_owned();
+    let definition = bot.home.path().join("form.json");
+    std::fs::write(
+        &definition,
+        json!({"title": "Daily check-in", "fields": [
+            {"name": "temperature", "label": "Temperature", "type": "number", "required": true},
+            {"name": "cough", "label": "Cough", "type": "boolean", "required": true}]})
+        .to_string(),
+    )
+    .unwrap();
+    let published = bot.ok(&["form", "publish", "Check-in", definition.to_str().unwrap()]);
+    let form_id = published.trim().strip_prefix("published form ").unwrap().to_owned();
+    citizen.ok(&["channel", "subscribe", &link]);
+
+    let socket = bot.home.path().join("rpc.sock");
+    let _daemon = spawn_daemon(&bot, &socket);
+    let mut rpc = Rpc::connect(&socket);
+    assert_eq!(rpc.call(1, "subscribe", json!({}))["result"]["subscribed"], true);
+
+    let answers = citizen.home.path().join("answers.json");
+    std::fs::write(&answers, json!({"temperature": 37.9, "cough": true}).to_string()).unwrap();
+    citizen.ok(&["form", "fill", &form_id, "--answers", answers.to_str().unwrap()]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let submission = loop {
+        assert!(Instant::now() < deadline, "no formSubmission notification");
+        let event = rpc.next();
+        if event["method"] == "formSubmission" {
+            break event["params"].clone();
+        }
+    };
+    assert_eq!(submission["form_id"], form_id.as_str());
+    assert_eq!(submission["submitter"], citizen.username.as_str());
+    assert_eq!(submission["answers"], json!({"temperature": 37.9, "cough": true}));
+
+    let posted = rpc.call(
+        2,
+        "channelPost",
+        json!({"channel": "Check-in", "text": "Fever clinic open until 20:00"}),
+    );
+    assert_eq!(posted["result"]["seq"], 2, "{posted}");
+    let forms = rpc.call(3, "submissions", json!({"form": form_id}));
+    assert_eq!(forms["result"].as_array().unwrap().len(), 1, "{forms}");
+
+    let lines: Vec<Value> = citizen
+        .ok(&["receive", "--json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = lines.iter().filter_map(|l| l["type"].as_str()).collect();
+    assert_eq!(kinds, ["channel_post", "form_receipt"], "{lines:?}");
+    assert_eq!(lines[0]["post"]["text"], "Fever clinic open until 20:00");
+}

@@ -92,12 +92,17 @@ fn bundle_label(account: AccountId) -> Vec<u8> {
     [b"fumi device link v1".as_slice(), account.as_bytes()].concat()
 }
 
-fn encode_server(server: &str) -> String {
+pub(crate) fn encode_server(server: &str) -> String {
     URL_SAFE_NO_PAD.encode(server.trim_end_matches('/'))
 }
 
 /// Splits `prefix<server>/<payload>` into the server URL and the payload bytes.
-fn parse_code(code: &str, prefix: &str, payload_len: usize, what: &str) -> Result<(String, Vec<u8>), ClientError> {
+pub(crate) fn parse_code(
+    code: &str,
+    prefix: &str,
+    payload_len: usize,
+    what: &str,
+) -> Result<(String, Vec<u8>), ClientError> {
     let bad = || {
         ClientError::Usage(format!(
             "this is not a complete {what} (it starts with {prefix}); copy it again"

@@ -6,6 +6,7 @@ pub mod audit;
 mod devices;
 mod files;
 mod history;
+pub mod official;
 mod report;
 mod safety;
 pub mod store;
@@ -481,6 +482,12 @@ impl FumiClient {
                 Some(ServerFrame::Envelope { seq, message, .. }) => {
                     self.process_envelope(&mut delivery, seq, message.as_slice()).await?
                 }
+                Some(ServerFrame::ChannelPost {
+                    channel,
+                    seq,
+                    sealed_post,
+                    ..
+                }) => self.on_channel_push(channel, seq, sealed_post.as_slice()).await?,
             }
         }
         delivery.close().await;
@@ -503,6 +510,12 @@ impl FumiClient {
                 ServerFrame::Envelope { seq, message, .. } => {
                     self.process_envelope(&mut delivery, seq, message.as_slice()).await?
                 }
+                ServerFrame::ChannelPost {
+                    channel,
+                    seq,
+                    sealed_post,
+                    ..
+                } => self.on_channel_push(channel, seq, sealed_post.as_slice()).await?,
             }
         }
         delivery.close().await;
@@ -1049,6 +1062,10 @@ impl FumiClient {
                     }
                     // The profile key in every content is all an introduction carries.
                     Body::Introduction => {}
+                    Body::FormSubmission { form_id, answers, .. } => {
+                        self.handle_form_submission(group, &sender, content.id, content.sent_at, &form_id, &answers)?;
+                    }
+                    Body::FormReceipt { submission } => self.handle_form_receipt(&sender, submission)?,
                 }
                 Ok(None)
             }
@@ -1115,6 +1132,8 @@ impl FumiClient {
                 .await?;
         }
         self.download_pending().await?;
+        self.send_form_receipts().await?;
+        self.sync_channels().await?;
         if let Err(e) = self.receive_history().await {
             tracing::warn!(error = %e, "the message history from your other device could not be fetched yet");
         }

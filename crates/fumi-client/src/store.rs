@@ -115,6 +115,67 @@ CREATE TABLE franking_evidence (
 -- The identity key the user confirmed by comparing safety numbers in person.
 ALTER TABLE contacts ADD COLUMN verified_key BLOB;
 "#,
+    r#"
+-- Official accounts: authorities this user trusts to verify organisations, this account's own
+-- organisation profile, channels (own and subscribed) with their keys, received posts, forms,
+-- and form submissions (sent by us, or received by our organisation).
+CREATE TABLE authorities (
+    name TEXT PRIMARY KEY,
+    public_key BLOB NOT NULL UNIQUE,
+    added_at INTEGER NOT NULL
+);
+CREATE TABLE organisation (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    profile TEXT NOT NULL
+);
+CREATE TABLE channels (
+    channel_id BLOB PRIMARY KEY,
+    owner_account BLOB NOT NULL,
+    owner_key BLOB NOT NULL,
+    epoch INTEGER NOT NULL,
+    channel_key BLOB NOT NULL,
+    own INTEGER NOT NULL,
+    info TEXT NOT NULL,
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    added_at INTEGER NOT NULL
+);
+CREATE TABLE channel_posts (
+    channel_id BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    post TEXT NOT NULL,
+    received_at INTEGER NOT NULL,
+    seen INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (channel_id, seq)
+);
+CREATE TABLE channel_warnings (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    channel_id BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    warning TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    seen INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE forms (
+    form_id TEXT PRIMARY KEY,
+    channel_id BLOB NOT NULL,
+    definition TEXT NOT NULL,
+    published_at INTEGER NOT NULL
+);
+CREATE TABLE form_submissions (
+    submission_id BLOB PRIMARY KEY,
+    form_id TEXT NOT NULL,
+    group_id BLOB NOT NULL,
+    submitter BLOB NOT NULL,
+    answers TEXT NOT NULL,
+    sent_at INTEGER NOT NULL,
+    received_at INTEGER NOT NULL,
+    outgoing INTEGER NOT NULL,
+    receipt_at INTEGER,
+    receipt_sent INTEGER NOT NULL DEFAULT 0,
+    seen INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX form_submissions_by_form ON form_submissions (form_id, sent_at);
+"#,
 ];
 
 /// JSON codec for OpenMLS's stored values.
@@ -300,18 +361,18 @@ pub struct OutboxEntry {
 
 /// The client store.
 pub struct Store {
-    conn: Rc<Connection>,
+    pub(crate) conn: Rc<Connection>,
 }
 
-fn sql(error: rusqlite::Error) -> ClientError {
+pub(crate) fn sql(error: rusqlite::Error) -> ClientError {
     ClientError::Store(error.to_string())
 }
 
-fn id16<T>(bytes: Vec<u8>, make: impl Fn(&[u8]) -> Result<T, fumi_proto::IdError>) -> rusqlite::Result<T> {
+pub(crate) fn id16<T>(bytes: Vec<u8>, make: impl Fn(&[u8]) -> Result<T, fumi_proto::IdError>) -> rusqlite::Result<T> {
     make(&bytes).map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, Box::new(e)))
 }
 
-fn key32(bytes: Vec<u8>) -> rusqlite::Result<[u8; 32]> {
+pub(crate) fn key32(bytes: Vec<u8>) -> rusqlite::Result<[u8; 32]> {
     bytes.try_into().map_err(|_| rusqlite::Error::InvalidQuery)
 }
 

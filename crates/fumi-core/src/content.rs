@@ -85,6 +85,22 @@ pub enum Body {
     /// Sent by a new member after joining, so the others learn its profile key (carried, as in
     /// every content, in [`Content::profile_key`]).
     Introduction,
+    /// Answers to a form an organisation published in a channel, sent into the submitter's
+    /// 1:1 conversation with the organisation (so only its staff devices can read them). The
+    /// content's id is the submission's id.
+    FormSubmission {
+        /// The channel the form was published in.
+        channel: fumi_proto::ChannelId,
+        /// The form's id.
+        form_id: String,
+        /// Answers by field name.
+        answers: crate::form::Answers,
+    },
+    /// Sent back by a staff device that stored a submission.
+    FormReceipt {
+        /// The submission's id.
+        submission: MessageId,
+    },
     /// A kind this client does not know.
     #[serde(other)]
     Unknown,
@@ -185,7 +201,7 @@ struct VersionOnly {
     v: u32,
 }
 
-mod key_hex {
+pub(crate) mod key_hex {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(key: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {

@@ -52,6 +52,12 @@ impl AccountIdentity {
         self.signing_key.verifying_key().to_bytes()
     }
 
+    /// Signs `message`, which must start with a domain label of its own (e.g.
+    /// `"fumi channel post v1\0"`), so that no signature of one kind verifies as another.
+    pub(crate) fn sign_labelled(&self, message: &[u8]) -> [u8; 64] {
+        self.signing_key.sign(message).to_bytes()
+    }
+
     /// Signs the request that adds `device` to `account` through a device link (checked by the
     /// server against the account's registered identity key).
     pub fn sign_device_link(

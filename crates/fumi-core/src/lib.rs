@@ -37,9 +37,11 @@ macro_rules! symmetric_key {
 
 pub mod attachment;
 pub mod content;
+pub mod form;
 pub mod franking;
 pub mod identity;
 pub mod mls;
+pub mod official;
 pub mod padding;
 pub mod profile;
 pub mod safety;

@@ -97,3 +97,7 @@ id_type!(
     /// A random 128-bit blob id, chosen by the server when an upload starts.
     BlobId
 );
+id_type!(
+    /// A random 128-bit broadcast channel id, chosen by the organisation that creates it.
+    ChannelId
+);

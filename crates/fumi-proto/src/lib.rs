@@ -5,7 +5,7 @@ mod bytes;
 mod ids;
 
 pub use bytes::Base64Bytes;
-pub use ids::{AccountId, BlobId, DeviceId, GroupId, IdError, MessageId};
+pub use ids::{AccountId, BlobId, ChannelId, DeviceId, GroupId, IdError, MessageId};
 
 use serde::{Deserialize, Serialize};
 
@@ -358,6 +358,18 @@ pub enum ServerFrame {
     },
     /// Everything queued when the connection opened has been sent.
     Drained,
+    /// A new post in a channel the account subscribes to, pushed as it is stored. Best effort:
+    /// a client that sees a gap in `seq` (or was offline) fetches `GET /v1/channels/{id}/posts`.
+    ChannelPost {
+        /// The channel.
+        channel: ChannelId,
+        /// The post's number in its channel (1, 2, 3, ...).
+        seq: u64,
+        /// The post, sealed under the channel key (opaque to the server).
+        sealed_post: Base64Bytes,
+        /// Server time the post was stored, ms since the Unix epoch.
+        posted_at: u64,
+    },
 }
 
 /// Frames a client sends on the delivery WebSocket.
@@ -408,6 +420,75 @@ pub struct ReportFiled {
     pub id: u64,
 }
 
+/// Largest sealed channel description (name, organisation profile and logo, verification).
+pub const MAX_SEALED_CHANNEL_INFO_BYTES: usize = 256 * 1024;
+/// Largest sealed channel post (text up to 64 KiB, a file pointer or a form definition).
+pub const MAX_SEALED_CHANNEL_POST_BYTES: usize = 256 * 1024;
+
+/// Body of `POST /v1/channels`: create a broadcast channel owned by the caller's account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelCreate {
+    /// Chosen at random by the creator.
+    pub channel_id: ChannelId,
+    /// The channel's description sealed under the channel key.
+    pub sealed_info: Base64Bytes,
+}
+
+/// Body of `PUT /v1/channels/{id}`: replace the sealed description (owner only), e.g. after a
+/// key rotation or a new verification statement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelInfoUpdate {
+    /// The new sealed description.
+    pub sealed_info: Base64Bytes,
+}
+
+/// Answer of `GET /v1/channels/{id}` (public: anyone who knows the id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelState {
+    /// The channel.
+    pub channel_id: ChannelId,
+    /// The sealed description.
+    pub sealed_info: Base64Bytes,
+    /// How many accounts subscribe (a count: no list exists anywhere in the API).
+    pub subscribers: u64,
+    /// The newest post's number; 0 before the first post.
+    pub latest_seq: u64,
+}
+
+/// Body of `POST /v1/channels/{id}/posts` (owner only). `seq` must be `latest_seq + 1`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelPostSubmit {
+    /// The post's number, also signed inside the sealed post.
+    pub seq: u64,
+    /// The signed post sealed under the channel key.
+    pub sealed_post: Base64Bytes,
+}
+
+/// One stored post, as `GET /v1/channels/{id}/posts` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelPostRecord {
+    /// The post's number.
+    pub seq: u64,
+    /// The signed post sealed under the channel key.
+    pub sealed_post: Base64Bytes,
+    /// Server time the post was stored, ms since the Unix epoch.
+    pub posted_at: u64,
+}
+
+/// Answer of `GET /v1/channels/{id}/posts?after=N&limit=M`: posts with `seq > after`, oldest
+/// first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelPosts {
+    /// At most `limit` posts.
+    pub posts: Vec<ChannelPostRecord>,
+}
+
 /// Body of every error answer: `{"error": {"code": "...", "message": "..."}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -428,6 +509,9 @@ pub struct ErrorDetail {
     /// For `upload_offset_mismatch`: how many bytes of the upload the server holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upload_offset: Option<u64>,
+    /// For `channel_seq_conflict`: the channel's newest post number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_seq: Option<u64>,
 }
 
 #[cfg(test)]

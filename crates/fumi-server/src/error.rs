@@ -16,6 +16,7 @@ pub struct ApiError {
     message: String,
     current_epoch: Option<u64>,
     upload_offset: Option<u64>,
+    latest_seq: Option<u64>,
 }
 
 impl ApiError {
@@ -27,6 +28,7 @@ impl ApiError {
             message: message.into(),
             current_epoch: None,
             upload_offset: None,
+            latest_seq: None,
         }
     }
 
@@ -148,6 +150,32 @@ impl From<StorageError> for ApiError {
                 "audit_busy",
                 "the audit log is busy; nothing was done, retry",
             ),
+            StorageError::UnknownChannel => Self::not_found("unknown_channel", "no such channel"),
+            StorageError::NotChannelOwner => Self::forbidden(
+                "not_channel_owner",
+                "only the account that created the channel can change it or post to it",
+            ),
+            StorageError::ChannelExists => Self::new(
+                StatusCode::CONFLICT,
+                "channel_exists",
+                "a channel with this id exists; choose another random id",
+            ),
+            StorageError::ChannelSeqConflict { latest } => Self {
+                latest_seq: Some(latest),
+                ..Self::new(
+                    StatusCode::CONFLICT,
+                    "channel_seq_conflict",
+                    format!(
+                        "the channel's newest post is number {latest}; the next post must be number {}",
+                        latest + 1
+                    ),
+                )
+            },
+            StorageError::TooMany { what, limit } => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "limit_reached",
+                format!("an account can have at most {limit} {what}"),
+            ),
             StorageError::Database(cause) => Self::internal(cause),
         }
     }
@@ -183,6 +211,7 @@ impl IntoResponse for ApiError {
                 message: self.message,
                 current_epoch: self.current_epoch,
                 upload_offset: self.upload_offset,
+                latest_seq: self.latest_seq,
             },
         };
         (self.status, Json(body)).into_response()

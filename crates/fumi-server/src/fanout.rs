@@ -4,8 +4,17 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use fumi_proto::DeviceId;
-use tokio::sync::watch;
+use axum::extract::ws::Utf8Bytes;
+use fumi_proto::{ChannelId, DeviceId};
+use tokio::sync::{broadcast, watch};
+
+/// A channel post ready to push: its channel and the serialised `channel_post` frame, encoded
+/// once and shared by every connection that sends it.
+pub type ChannelPush = (ChannelId, Utf8Bytes);
+
+/// Channel posts buffered for slow connections; one that falls further behind skips the
+/// pushes it missed (its client fetches them by number).
+const CHANNEL_PUSH_BUFFER: usize = 256;
 
 /// Carries "new message for device X" events to whichever connection serves X.
 pub trait Fanout: Send + Sync + 'static {
@@ -14,6 +23,10 @@ pub trait Fanout: Send + Sync + 'static {
     /// Registers a new delivery connection for `device`; a previous connection of the same
     /// device is told to close (one WebSocket per device).
     fn connect(&self, device: DeviceId) -> Subscription;
+    /// Pushes a stored channel post to every delivery connection of a subscriber.
+    fn publish_channel_post(&self, post: ChannelPush);
+    /// Channel posts as they are published (each connection keeps those of its subscriptions).
+    fn channel_posts(&self) -> broadcast::Receiver<ChannelPush>;
 }
 
 /// A delivery connection's view of its device's events.
@@ -41,9 +54,19 @@ struct DeviceChannels {
 }
 
 /// Fan-out inside one process.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct InProcessFanout {
     devices: Mutex<HashMap<DeviceId, DeviceChannels>>,
+    channel_posts: broadcast::Sender<ChannelPush>,
+}
+
+impl Default for InProcessFanout {
+    fn default() -> Self {
+        Self {
+            devices: Mutex::default(),
+            channel_posts: broadcast::channel(CHANNEL_PUSH_BUFFER).0,
+        }
+    }
 }
 
 impl InProcessFanout {
@@ -82,5 +105,14 @@ impl Fanout for InProcessFanout {
                 connection,
             }
         })
+    }
+
+    fn publish_channel_post(&self, post: ChannelPush) {
+        // No receiver (nobody with a subscription online) is not an error.
+        let _ = self.channel_posts.send(post);
+    }
+
+    fn channel_posts(&self) -> broadcast::Receiver<ChannelPush> {
+        self.channel_posts.subscribe()
     }
 }

@@ -6,6 +6,7 @@ mod attachments;
 pub mod audit;
 pub mod auth;
 pub mod blobs;
+pub mod channels;
 mod devices;
 pub mod error;
 pub mod fanout;

@@ -20,7 +20,7 @@ use crate::error::ApiError;
 use crate::framing;
 use crate::metrics::Metrics;
 use crate::storage::{Ciphertext, Delivery, Submission, SubmitOutcome};
-use crate::{AppState, attachments, audit, auth::AuthDevice, devices, now_ms, ws};
+use crate::{AppState, attachments, audit, auth::AuthDevice, channels, devices, now_ms, ws};
 
 /// Largest sealed profile accepted.
 const MAX_PROFILE_BYTES: usize = 8 * 1024;
@@ -119,6 +119,21 @@ fn api() -> Api {
             routing::get(attachments::upload_status),
         )
         .route("POST", "/v1/blobs/{blob}/ack", routing::post(attachments::acknowledge))
+        .route("POST", "/v1/channels", routing::post(channels::create))
+        .route("GET", "/v1/channels/{channel}", routing::get(channels::get))
+        .route("PUT", "/v1/channels/{channel}", routing::put(channels::update))
+        .route("GET", "/v1/channels/{channel}/posts", routing::get(channels::posts))
+        .route("POST", "/v1/channels/{channel}/posts", routing::post(channels::post))
+        .route(
+            "PUT",
+            "/v1/channels/{channel}/subscription",
+            routing::put(channels::subscribe),
+        )
+        .route(
+            "DELETE",
+            "/v1/channels/{channel}/subscription",
+            routing::delete(channels::unsubscribe),
+        )
 }
 
 /// Every endpoint of the public API.

@@ -50,6 +50,16 @@ pub async fn upgrade(device: AuthDevice, State(state): State<Arc<AppState>>, ws:
 async fn deliver(socket: WebSocket, device: AuthDevice, state: &AppState) -> Result<(), String> {
     let (mut sink, mut stream) = socket.split();
     let mut subscription = state.fanout.connect(device.device);
+    // Channel posts are pushed only to subscribers; subscriptions made while this connection is
+    // open take effect on the next one (a client fetches posts by number meanwhile).
+    let channels: std::collections::HashSet<_> = state
+        .storage
+        .subscriptions(device.account)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .collect();
+    let mut channel_posts = (!channels.is_empty()).then(|| state.fanout.channel_posts());
     let mut shutdown = state.shutdown.clone();
     let mut last_sent = 0u64;
     let mut drained_sent = false;
@@ -96,6 +106,17 @@ async fn deliver(socket: WebSocket, device: AuthDevice, state: &AppState) -> Res
             changed = subscription.mailbox.changed() => changed.map_err(|e| e.to_string())?,
             _ = subscription.replaced.changed() => {}
             _ = shutdown.changed() => {}
+            pushed = next_channel_post(&mut channel_posts) => match pushed {
+                Ok((channel, frame)) if channels.contains(&channel) => {
+                    sink.send(Message::Text(frame)).await.map_err(|e| e.to_string())?;
+                }
+                Ok(_) => {}
+                // Skipped pushes are fetched by the client, which sees the gap in numbers.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(skipped)) => {
+                    tracing::debug!(skipped, "a delivery connection skipped channel pushes");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => channel_posts = None,
+            },
             _ = tokio::time::sleep(IDLE_POLL) => {
                 if last_heard.elapsed() > SILENCE_LIMIT {
                     return close(&mut sink, close_code::AWAY, "no answer to pings").await;
@@ -121,6 +142,16 @@ async fn deliver(socket: WebSocket, device: AuthDevice, state: &AppState) -> Res
                 Some(Ok(_)) => {} // ping/pong handled by the library
             }},
         }
+    }
+}
+
+/// The next channel push, or never if the connection has no subscriptions.
+async fn next_channel_post(
+    receiver: &mut Option<tokio::sync::broadcast::Receiver<crate::fanout::ChannelPush>>,
+) -> Result<crate::fanout::ChannelPush, tokio::sync::broadcast::error::RecvError> {
+    match receiver {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
     }
 }
 

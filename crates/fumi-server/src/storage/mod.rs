@@ -9,7 +9,7 @@ mod sqlite;
 pub use sqlite::SqliteStorage;
 
 use async_trait::async_trait;
-use fumi_proto::{AccountId, BlobId, DeviceId, GroupId, MessageId};
+use fumi_proto::{AccountId, BlobId, ChannelId, DeviceId, GroupId, MessageId};
 use thiserror::Error;
 
 /// Bytes the server stores and forwards but cannot read: MLS messages, KeyPackages, sealed
@@ -90,6 +90,29 @@ pub enum StorageError {
     /// Another writer appended to the audit log first; retry on the new size.
     #[error("the audit log grew concurrently")]
     AuditConflict,
+    /// No channel has this id.
+    #[error("unknown channel")]
+    UnknownChannel,
+    /// The caller's account did not create the channel.
+    #[error("not the channel's owner")]
+    NotChannelOwner,
+    /// A channel with this id exists.
+    #[error("channel exists")]
+    ChannelExists,
+    /// A post's number is not the next one (and not an identical retry of a stored one).
+    #[error("channel post number conflict, newest is {latest}")]
+    ChannelSeqConflict {
+        /// The channel's newest post number.
+        latest: u64,
+    },
+    /// A per-account limit (channels, subscriptions) is reached.
+    #[error("at most {limit} {what}")]
+    TooMany {
+        /// What is counted.
+        what: &'static str,
+        /// The limit.
+        limit: u64,
+    },
     /// The backend failed: our problem, not the client's.
     #[error("database: {0}")]
     Database(String),
@@ -240,6 +263,39 @@ pub struct ReportSummary {
     pub created_at: u64,
     /// Size of the sealed report.
     pub size: u64,
+}
+
+/// A channel as stored: its owner, sealed description and counts.
+#[derive(Debug, Clone)]
+pub struct ChannelRecord {
+    /// The account that created it (the only one that may post).
+    pub owner: AccountId,
+    /// The description sealed under the channel key.
+    pub sealed_info: Ciphertext,
+    /// Number of subscribed accounts.
+    pub subscribers: u64,
+    /// Newest post number, 0 before the first.
+    pub latest_seq: u64,
+}
+
+/// One stored channel post.
+#[derive(Debug, Clone)]
+pub struct StoredChannelPost {
+    /// Its number in the channel.
+    pub seq: u64,
+    /// The signed post sealed under the channel key.
+    pub sealed_post: Ciphertext,
+    /// When it was stored, ms since the Unix epoch.
+    pub posted_at: u64,
+}
+
+/// Per-account limits on channels, checked inside the storing transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct ChannelLimits {
+    /// Channels one account may own.
+    pub owned: u64,
+    /// Channels one account may subscribe to.
+    pub subscriptions: u64,
 }
 
 /// The server's durable state. Implementations must make every method atomic and durable
@@ -416,4 +472,51 @@ pub trait Storage: Send + Sync + 'static {
     async fn reports(&self) -> Result<Vec<ReportSummary>, StorageError>;
     /// A sealed report.
     async fn report(&self, id: u64) -> Result<Option<Ciphertext>, StorageError>;
+
+    // --- broadcast channels -----------------------------------------------------------------
+
+    /// Creates a channel owned by `owner`.
+    async fn create_channel(
+        &self,
+        channel: ChannelId,
+        owner: AccountId,
+        sealed_info: Ciphertext,
+        now: u64,
+        limits: ChannelLimits,
+    ) -> Result<(), StorageError>;
+    /// Replaces a channel's sealed description (owner only).
+    async fn update_channel_info(
+        &self,
+        channel: ChannelId,
+        owner: AccountId,
+        sealed_info: Ciphertext,
+    ) -> Result<(), StorageError>;
+    /// A channel, if it exists.
+    async fn channel(&self, channel: ChannelId) -> Result<Option<ChannelRecord>, StorageError>;
+    /// Stores post `seq`, which must be the channel's next number; returns false (and changes
+    /// nothing) if that exact post is already stored, so retries are idempotent.
+    async fn add_channel_post(
+        &self,
+        channel: ChannelId,
+        owner: AccountId,
+        post: &StoredChannelPost,
+    ) -> Result<bool, StorageError>;
+    /// Posts with `seq > after`, oldest first, at most `limit`.
+    async fn channel_posts(
+        &self,
+        channel: ChannelId,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredChannelPost>, StorageError>;
+    /// Subscribes (`true`) or unsubscribes an account; both are idempotent.
+    async fn set_subscription(
+        &self,
+        channel: ChannelId,
+        account: AccountId,
+        subscribed: bool,
+        now: u64,
+        limits: ChannelLimits,
+    ) -> Result<(), StorageError>;
+    /// The channels an account subscribes to.
+    async fn subscriptions(&self, account: AccountId) -> Result<Vec<ChannelId>, StorageError>;
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fumi_proto::{AccountId, BlobId, DeviceId};
+use fumi_proto::{AccountId, BlobId, ChannelId, DeviceId};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, Sqlite, Transaction};
 use tokio::sync::{mpsc, oneshot};
@@ -143,6 +143,32 @@ CREATE TABLE admin_nonces (
     nonce TEXT PRIMARY KEY,
     forget_at INTEGER NOT NULL
 );
+"#,
+    r#"
+-- Broadcast channels: descriptions and posts are sealed under a channel key the server never
+-- sees; subscriptions exist only so that online subscribers get posts pushed and the owner a count.
+CREATE TABLE channels (
+    id BLOB PRIMARY KEY,
+    owner_account BLOB NOT NULL REFERENCES accounts(id),
+    sealed_info BLOB NOT NULL,
+    latest_seq INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX channels_by_owner ON channels (owner_account);
+CREATE TABLE channel_posts (
+    channel_id BLOB NOT NULL REFERENCES channels(id),
+    seq INTEGER NOT NULL,
+    sealed_post BLOB NOT NULL,
+    posted_at INTEGER NOT NULL,
+    PRIMARY KEY (channel_id, seq)
+);
+CREATE TABLE channel_subscriptions (
+    channel_id BLOB NOT NULL REFERENCES channels(id),
+    account_id BLOB NOT NULL REFERENCES accounts(id),
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (channel_id, account_id)
+);
+CREATE INDEX channel_subscriptions_by_account ON channel_subscriptions (account_id);
 "#,
 ];
 
@@ -1199,6 +1225,10 @@ impl Storage for SqliteStorage {
             "DELETE FROM group_members WHERE device_id IN (SELECT id FROM devices WHERE account_id = ?)",
             "DELETE FROM blob_recipients WHERE device_id IN (SELECT id FROM devices WHERE account_id = ?)",
             "DELETE FROM submissions WHERE sender_device IN (SELECT id FROM devices WHERE account_id = ?)",
+            "DELETE FROM channel_subscriptions WHERE account_id = ?",
+            "DELETE FROM channel_subscriptions WHERE channel_id IN (SELECT id FROM channels WHERE owner_account = ?)",
+            "DELETE FROM channel_posts WHERE channel_id IN (SELECT id FROM channels WHERE owner_account = ?)",
+            "DELETE FROM channels WHERE owner_account = ?",
             "DELETE FROM links WHERE account_id = ?",
             "DELETE FROM invites WHERE account_id = ?",
             "DELETE FROM usernames WHERE account_id = ?",
@@ -1260,6 +1290,229 @@ impl Storage for SqliteStorage {
             .map_err(db)?;
         Ok(sealed.map(Ciphertext))
     }
+
+    async fn create_channel(
+        &self,
+        channel: ChannelId,
+        owner: AccountId,
+        sealed_info: Ciphertext,
+        now: u64,
+        limits: ChannelLimits,
+    ) -> Result<(), StorageError> {
+        let mut tx = self.write().await?;
+        let owned: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM channels WHERE owner_account = ?")
+            .bind(owner.as_bytes().as_slice())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+        if to_u64(owned) >= limits.owned {
+            return Err(StorageError::TooMany {
+                what: "channels",
+                limit: limits.owned,
+            });
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO channels (id, owner_account, sealed_info, created_at) VALUES (?, ?, ?, ?)
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(channel.as_bytes().as_slice())
+        .bind(owner.as_bytes().as_slice())
+        .bind(sealed_info.0)
+        .bind(to_i64(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        if inserted.rows_affected() == 0 {
+            return Err(StorageError::ChannelExists);
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn update_channel_info(
+        &self,
+        channel: ChannelId,
+        owner: AccountId,
+        sealed_info: Ciphertext,
+    ) -> Result<(), StorageError> {
+        let mut tx = self.write().await?;
+        channel_owned_by(&mut tx, channel, owner).await?;
+        sqlx::query("UPDATE channels SET sealed_info = ? WHERE id = ?")
+            .bind(sealed_info.0)
+            .bind(channel.as_bytes().as_slice())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn channel(&self, channel: ChannelId) -> Result<Option<ChannelRecord>, StorageError> {
+        let row = sqlx::query(
+            "SELECT owner_account, sealed_info, latest_seq,
+                    (SELECT COUNT(*) FROM channel_subscriptions WHERE channel_id = channels.id)
+             FROM channels WHERE id = ?",
+        )
+        .bind(channel.as_bytes().as_slice())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        row.map(|row| {
+            Ok(ChannelRecord {
+                owner: account_id(row.get::<&[u8], _>(0))?,
+                sealed_info: Ciphertext(row.get(1)),
+                latest_seq: to_u64(row.get(2)),
+                subscribers: to_u64(row.get(3)),
+            })
+        })
+        .transpose()
+    }
+
+    async fn add_channel_post(
+        &self,
+        channel: ChannelId,
+        owner: AccountId,
+        post: &StoredChannelPost,
+    ) -> Result<bool, StorageError> {
+        let id = channel.as_bytes().as_slice();
+        let mut tx = self.write().await?;
+        let latest = channel_owned_by(&mut tx, channel, owner).await?;
+        if post.seq != latest + 1 {
+            // An identical retry of a stored post is a success that changes nothing.
+            let stored: Option<Vec<u8>> =
+                sqlx::query_scalar("SELECT sealed_post FROM channel_posts WHERE channel_id = ? AND seq = ?")
+                    .bind(id)
+                    .bind(to_i64(post.seq))
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            return match stored {
+                Some(bytes) if bytes == post.sealed_post.0 => Ok(false),
+                _ => Err(StorageError::ChannelSeqConflict { latest }),
+            };
+        }
+        sqlx::query("INSERT INTO channel_posts (channel_id, seq, sealed_post, posted_at) VALUES (?, ?, ?, ?)")
+            .bind(id)
+            .bind(to_i64(post.seq))
+            .bind(post.sealed_post.0.as_slice())
+            .bind(to_i64(post.posted_at))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        sqlx::query("UPDATE channels SET latest_seq = ? WHERE id = ?")
+            .bind(to_i64(post.seq))
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(true)
+    }
+
+    async fn channel_posts(
+        &self,
+        channel: ChannelId,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredChannelPost>, StorageError> {
+        let rows = sqlx::query(
+            "SELECT seq, sealed_post, posted_at FROM channel_posts
+             WHERE channel_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(channel.as_bytes().as_slice())
+        .bind(to_i64(after))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(rows
+            .iter()
+            .map(|row| StoredChannelPost {
+                seq: to_u64(row.get(0)),
+                sealed_post: Ciphertext(row.get(1)),
+                posted_at: to_u64(row.get(2)),
+            })
+            .collect())
+    }
+
+    async fn set_subscription(
+        &self,
+        channel: ChannelId,
+        account: AccountId,
+        subscribed: bool,
+        now: u64,
+        limits: ChannelLimits,
+    ) -> Result<(), StorageError> {
+        let mut tx = self.write().await?;
+        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM channels WHERE id = ?")
+            .bind(channel.as_bytes().as_slice())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+        if exists.is_none() {
+            return Err(StorageError::UnknownChannel);
+        }
+        if subscribed {
+            let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM channel_subscriptions WHERE account_id = ?")
+                .bind(account.as_bytes().as_slice())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db)?;
+            let inserted = sqlx::query(
+                "INSERT INTO channel_subscriptions (channel_id, account_id, created_at) VALUES (?, ?, ?)
+                 ON CONFLICT (channel_id, account_id) DO NOTHING",
+            )
+            .bind(channel.as_bytes().as_slice())
+            .bind(account.as_bytes().as_slice())
+            .bind(to_i64(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+            // A new subscription beyond the limit is refused (the transaction rolls back).
+            if inserted.rows_affected() == 1 && to_u64(count) >= limits.subscriptions {
+                return Err(StorageError::TooMany {
+                    what: "channel subscriptions",
+                    limit: limits.subscriptions,
+                });
+            }
+        } else {
+            sqlx::query("DELETE FROM channel_subscriptions WHERE channel_id = ? AND account_id = ?")
+                .bind(channel.as_bytes().as_slice())
+                .bind(account.as_bytes().as_slice())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn subscriptions(&self, account: AccountId) -> Result<Vec<ChannelId>, StorageError> {
+        let rows: Vec<Vec<u8>> =
+            sqlx::query_scalar("SELECT channel_id FROM channel_subscriptions WHERE account_id = ?")
+                .bind(account.as_bytes().as_slice())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+        rows.iter()
+            .map(|id| ChannelId::from_slice(id).map_err(|_| StorageError::Database("corrupt channel id".into())))
+            .collect()
+    }
+}
+
+/// The channel's newest post number, if `owner` owns it.
+async fn channel_owned_by(
+    tx: &mut Transaction<'static, Sqlite>,
+    channel: ChannelId,
+    owner: AccountId,
+) -> Result<u64, StorageError> {
+    let row = sqlx::query("SELECT owner_account, latest_seq FROM channels WHERE id = ?")
+        .bind(channel.as_bytes().as_slice())
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db)?
+        .ok_or(StorageError::UnknownChannel)?;
+    if row.get::<&[u8], _>(0) != owner.as_bytes().as_slice() {
+        return Err(StorageError::NotChannelOwner);
+    }
+    Ok(to_u64(row.get(1)))
 }
 
 fn account_id(bytes: &[u8]) -> Result<AccountId, StorageError> {
