@@ -20,6 +20,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("content", content),
     ("mls_incoming", mls_incoming),
     ("accountability", accountability),
+    ("official", official),
 ];
 
 fn json<T: serde::de::DeserializeOwned>(bytes: &[u8]) {
@@ -180,5 +181,65 @@ pub fn accountability(data: &[u8]) {
                 let _ = fumi_audit::merkle::verify_consistency(proof.first, proof.second, &[1; 32], &[2; 32], &path);
             }
         }
+    }
+}
+
+/// Official accounts: what subscribers open (channel links, sealed descriptions and posts from a
+/// possibly malicious server, verification statements), what staff check (form definitions and
+/// answers from the public), and the channel bodies the server parses. The first byte picks.
+pub fn official(data: &[u8]) {
+    use fumi_core::form::{Answers, FormDefinition};
+    use fumi_core::official::*;
+    let Some((&selector, body)) = data.split_first() else {
+        return;
+    };
+    let owner_key = AccountIdentity::from_secret(&[3; 32]).public_key();
+    let channel = ChannelId::from_bytes([4; 16]);
+    let key = |epoch: u32| (epoch == 0).then_some([7u8; 32]);
+    match selector % 12 {
+        0 => {
+            let _ = ChannelLink::from_bytes(body);
+        }
+        1 => {
+            let seq = body.first().map_or(0, |b| u64::from(*b));
+            let _ = open_post(key, &owner_key, channel, seq, body);
+        }
+        2 => {
+            let _ = open_info(key, &owner_key, channel, body);
+        }
+        3 => {
+            let _ = FormDefinition::parse(body);
+        }
+        4 => {
+            let form = FormDefinition::parse(
+                br#"{"title":"t","fields":[{"name":"a","label":"A","type":"text","required":true,"max_length":5},
+                    {"name":"b","label":"B","type":"choices","choices":["x","y"]},{"name":"c","label":"C","type":"date"},
+                    {"name":"d","label":"D","type":"number"},{"name":"e","label":"E","type":"boolean"}]}"#,
+            )
+            .expect("a valid form");
+            if let Ok(answers) = serde_json::from_slice::<Answers>(body) {
+                let _ = form.check_answers(&answers);
+            }
+            if let Ok(text) = std::str::from_utf8(body) {
+                for field in &form.fields {
+                    let _ = field.parse_typed(text);
+                }
+            }
+        }
+        5 => {
+            if let Ok(profile) = serde_json::from_slice::<OrganisationProfile>(body) {
+                let trusted = [TrustedAuthority {
+                    name: "a".into(),
+                    public_key: owner_key,
+                }];
+                let _ = profile.verification(AccountId::from_bytes([1; 16]), &owner_key, &trusted, 1);
+            }
+        }
+        6 => json::<ChannelCreate>(body),
+        7 => json::<ChannelPostSubmit>(body),
+        8 => json::<ChannelState>(body),
+        9 => json::<ChannelPosts>(body),
+        10 => json::<Post>(body),
+        _ => json::<ChannelInfo>(body),
     }
 }

@@ -256,3 +256,85 @@ pub async fn connections(http: &reqwest::Client, server: &str, count: usize, ser
         "server_rss_bytes_per_connection": per_connection,
     }))
 }
+
+/// A channel with `subscribers` subscribed accounts, `online` of them listening: per post, the
+/// organisation's cost (one signature and one encryption, whatever the audience), the time
+/// until the last online subscriber has it, and how fast offline subscribers fetch it later.
+pub async fn channel(
+    http: &reqwest::Client,
+    server: &str,
+    subscribers: usize,
+    online: usize,
+    posts: usize,
+    timeout: Duration,
+) -> Result<Value> {
+    let online = online.min(subscribers);
+    let organisation = SimDevice::register(http, server, 0).await?;
+    let (channel, key) = organisation.create_channel().await?;
+    let setup_started = Instant::now();
+    let devices = register_many(http, server, subscribers, 0).await?;
+    let subscribe = format!("/v1/channels/{channel}/subscription");
+    for chunk in devices.chunks(256) {
+        try_join_all(chunk.iter().map(|d| d.call(reqwest::Method::PUT, &subscribe))).await?;
+    }
+    let arrivals = Arrivals::default();
+    let mut listeners = Vec::with_capacity(online);
+    for chunk in devices[..online].chunks(256) {
+        listeners.extend(try_join_all(chunk.iter().map(|d| d.listen(arrivals.clone()))).await?);
+    }
+    let setup_seconds = setup_started.elapsed().as_secs_f64();
+    let mut rounds = Vec::with_capacity(posts);
+    for seq in 1..=posts as u64 {
+        let started = Instant::now();
+        let sealed = organisation.seal_post(channel, &key, seq, 300);
+        let seal_us = started.elapsed().as_secs_f64() * 1e6;
+        let (post_bytes, fingerprint) = (sealed.len(), fingerprint(&sealed));
+        organisation.submit_post(channel, seq, sealed).await?;
+        let accepted_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let reached = arrivals
+            .wait_for_copies(&fingerprint, online, Instant::now() + timeout)
+            .await;
+        let last_ms = arrivals
+            .copies(&fingerprint)
+            .1
+            .map(|last| (last - started).as_secs_f64() * 1000.0);
+        rounds.push(json!({
+            "organisation_seal_us": seal_us,
+            "sealed_post_bytes": post_bytes,
+            "accepted_ms": accepted_ms,
+            "last_online_subscriber_ms": last_ms,
+            "online_reached": reached,
+        }));
+    }
+    // Offline subscribers catch up by number when they come online: a sample fetches the posts.
+    let offline = &devices[online..];
+    let sample = offline.len().min(2000);
+    let fetch = format!("/v1/channels/{channel}/posts?after=0");
+    let fetched = AtomicUsize::new(0);
+    let fetch_started = Instant::now();
+    for chunk in offline[..sample].chunks(64) {
+        try_join_all(chunk.iter().map(|d| async {
+            let page: fumi_proto::ChannelPosts = d.call(reqwest::Method::GET, &fetch).await?.json().await?;
+            fetched.fetch_add(page.posts.len(), Ordering::Relaxed);
+            Ok::<_, anyhow::Error>(())
+        }))
+        .await?;
+    }
+    let fetch_seconds = fetch_started.elapsed().as_secs_f64();
+    let state: fumi_proto::ChannelState = devices[0]
+        .call(reqwest::Method::GET, &format!("/v1/channels/{channel}"))
+        .await?
+        .json()
+        .await?;
+    drop(listeners);
+    Ok(json!({
+        "scenario": "channel",
+        "subscribers": state.subscribers,
+        "online_subscribers": online,
+        "setup_seconds": setup_seconds,
+        "posts": rounds,
+        "offline_sample": sample,
+        "offline_posts_fetched": fetched.load(Ordering::Relaxed),
+        "offline_fetches_per_second": if fetch_seconds > 0.0 { sample as f64 / fetch_seconds } else { 0.0 },
+    }))
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use fumi_bench::{connections, fanout, latency, throughput};
+use fumi_bench::{channel, connections, fanout, latency, throughput};
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -72,6 +72,19 @@ enum Scenario {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// One post to a channel of S subscribed accounts, O of them online: the organisation's
+    /// cost, the time until the last online subscriber has it, offline catch-up speed.
+    Channel {
+        /// Subscribed accounts.
+        #[arg(long, default_value_t = 10_000)]
+        subscribers: usize,
+        /// How many of them listen on a WebSocket (each is an open file on both sides).
+        #[arg(long, default_value_t = 1000)]
+        online: usize,
+        /// Posts, one after another (each measured).
+        #[arg(long, default_value_t = 3)]
+        posts: usize,
+    },
     /// Opens N idle delivery WebSockets and reports the server's resident memory before and after.
     Connections {
         /// Connections (each a device of its own account).
@@ -113,6 +126,11 @@ async fn main() -> Result<()> {
             size,
         } => latency(&http, &cli.server, rate, seconds, pairs, size, timeout).await?,
         Scenario::Fanout { members, rounds } => fanout(&http, &cli.server, members, rounds, timeout).await?,
+        Scenario::Channel {
+            subscribers,
+            online,
+            posts,
+        } => channel(&http, &cli.server, subscribers, online, posts, timeout).await?,
         Scenario::Connections { count, server_pid } => connections(&http, &cli.server, count, server_pid).await?,
     };
     if cli.json {

@@ -9,6 +9,9 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use fumi_core::AccountIdentity;
 use fumi_core::mls::MlsDevice;
+use fumi_core::official::{
+    CHANNEL_VERSION, ChannelInfo, ChannelKey, OrganisationProfile, Post, PostBody, seal_info, seal_post,
+};
 use fumi_proto::*;
 use futures_util::{SinkExt, StreamExt};
 use openmls_rust_crypto::OpenMlsRustCrypto;
@@ -20,6 +23,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 /// One simulated device of its own account.
 pub struct SimDevice {
     pub account: AccountId,
+    identity: AccountIdentity,
     authorization: String,
     base: String,
     http: reqwest::Client,
@@ -58,6 +62,7 @@ impl SimDevice {
         )?;
         let device = Self {
             account: registered.account_id,
+            identity,
             authorization: format!("{AUTH_SCHEME} {}:{}", registered.device_id, hex::encode(secret)),
             base: base.to_owned(),
             http: http.clone(),
@@ -76,6 +81,74 @@ impl SimDevice {
 
     async fn post<B: serde::Serialize, R: serde::de::DeserializeOwned>(&self, path: &str, body: &B) -> Result<R> {
         post(&self.http, &self.base, path, Some(&self.authorization), body).await
+    }
+
+    /// Sends a request without a body and checks the status.
+    pub async fn call(&self, method: reqwest::Method, path: &str) -> Result<reqwest::Response> {
+        let response = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header("authorization", &self.authorization)
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            bail!("{path}: {}", response.text().await.unwrap_or_default());
+        }
+        Ok(response)
+    }
+
+    /// Creates a channel owned by this device's account; returns its id and key.
+    pub async fn create_channel(&self) -> Result<(ChannelId, ChannelKey)> {
+        let channel = ChannelId::from_bytes(random());
+        let key = ChannelKey {
+            epoch: 0,
+            key: random(),
+        };
+        let info = ChannelInfo {
+            v: CHANNEL_VERSION,
+            channel,
+            epoch: 0,
+            name: "bench".into(),
+            description: None,
+            organisation: OrganisationProfile {
+                name: "bench".into(),
+                logo: None,
+                verification: None,
+            },
+        };
+        let sealed = seal_info(&self.identity, &key, &info, &mut rand::rng());
+        let _: () = self
+            .post(
+                "/v1/channels",
+                &ChannelCreate {
+                    channel_id: channel,
+                    sealed_info: Base64Bytes(sealed),
+                },
+            )
+            .await?;
+        Ok((channel, key))
+    }
+
+    /// Signs and seals post `seq` (the organisation's whole per-post cost).
+    pub fn seal_post(&self, channel: ChannelId, key: &ChannelKey, seq: u64, size: usize) -> Vec<u8> {
+        let post = Post {
+            v: CHANNEL_VERSION,
+            channel,
+            epoch: key.epoch,
+            seq,
+            sent_at: 0,
+            body: PostBody::Text { text: "x".repeat(size) },
+        };
+        seal_post(&self.identity, key, &post, &mut rand::rng())
+    }
+
+    /// Stores a sealed post.
+    pub async fn submit_post(&self, channel: ChannelId, seq: u64, sealed: Vec<u8>) -> Result<()> {
+        let post = ChannelPostSubmit {
+            seq,
+            sealed_post: Base64Bytes(sealed),
+        };
+        self.post(&format!("/v1/channels/{channel}/posts"), &post).await
     }
 
     /// Creates a group with these devices (each of its own account), adding at most 100 per
@@ -312,5 +385,7 @@ async fn post<B: serde::Serialize, R: serde::de::DeserializeOwned>(
     if !status.is_success() {
         bail!("POST {path}: {status}: {}", String::from_utf8_lossy(&bytes));
     }
-    Ok(serde_json::from_slice(&bytes)?)
+    // 201/204 without a body decode as `null` (e.g. into `()`).
+    let body: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
+    Ok(serde_json::from_slice(body)?)
 }

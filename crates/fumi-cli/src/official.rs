@@ -104,12 +104,17 @@ pub enum ChannelCommand {
         #[arg(long)]
         qr: bool,
     },
-    /// Post text to a channel you run (signed by your organisation, sealed once for everyone).
+    /// Post text or a file to a channel you run (signed by your organisation, sealed once for
+    /// everyone): `fumi channel post News "text"`, `fumi channel post News --file notice.pdf`.
     Post {
         /// Channel name or id.
         channel: String,
-        /// The text.
-        text: String,
+        /// The text (with --file: shown with the file).
+        #[arg(required_unless_present = "file")]
+        text: Option<String>,
+        /// Post this file (encrypted on this device; subscribers download it).
+        #[arg(long)]
+        file: Option<PathBuf>,
     },
     /// Subscribe with a channel link (staff devices of the organisation do this too).
     Subscribe {
@@ -336,13 +341,21 @@ fn print_post(post: &ChannelPostView, json: bool) -> Result<()> {
     }
     let badge = post.verified_by.as_ref().map(|a| format!(" ✔ {a}")).unwrap_or_default();
     let header = format!("[#{} · {}{badge}] #{}", post.channel_name, post.organisation, post.seq);
-    match (&post.text, &post.form) {
-        (_, Some(form)) => println!(
+    let text = post.text.as_deref().map(|t| format!(" {t}")).unwrap_or_default();
+    match (&post.form, &post.file) {
+        (Some(form), _) => println!(
             "{header} FORM “{}” ({} questions): fumi form fill {}",
             form.title, form.fields, form.form_id
         ),
-        (Some(text), None) => println!("{header} {text}"),
-        (None, None) => println!("{header} (empty)"),
+        (None, Some(file)) => {
+            let state = match (&file.path, &file.error) {
+                (_, Some(error)) => format!("NOT SAVED: {error}"),
+                (Some(path), None) => path.clone(),
+                (None, None) => "not downloaded yet; run `fumi receive` again".into(),
+            };
+            println!("{header}{text} [file {} · {} bytes] {state}", file.name, file.size);
+        }
+        (None, None) => println!("{header}{text}"),
     }
     Ok(())
 }
@@ -421,8 +434,12 @@ pub async fn run_channel(home: &Path, command: ChannelCommand) -> Result<()> {
             }
             println!("staff devices of this account subscribe with the same link to read and post");
         }
-        ChannelCommand::Post { channel, text } => {
-            let seq = client.post_text(&channel, &text).await?;
+        ChannelCommand::Post { channel, text, file } => {
+            let seq = match (file, text) {
+                (Some(file), caption) => client.post_file(&channel, &file, caption.as_deref()).await?,
+                (None, Some(text)) => client.post_text(&channel, &text).await?,
+                (None, None) => unreachable!("clap requires text or --file"),
+            };
             println!("posted #{seq}");
         }
         ChannelCommand::Subscribe { link } => {
@@ -439,7 +456,7 @@ pub async fn run_channel(home: &Path, command: ChannelCommand) -> Result<()> {
             client.sync_channels().await?;
             print_events(
                 &OfficialEvents {
-                    warnings: client.take_official_events()?.warnings,
+                    warnings: client.take_channel_warnings(&channel)?,
                     ..Default::default()
                 },
                 json,

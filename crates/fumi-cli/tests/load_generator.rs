@@ -36,6 +36,16 @@ async fn concurrent_messages_are_each_delivered_exactly_once() {
     for round in report["rounds"].as_array().unwrap() {
         assert_eq!(round["members_reached"], 30, "{report}");
     }
+
+    // A channel post is pushed once to every online subscriber; offline ones fetch both posts.
+    let report = fumi_bench::channel(&http, &server.url, 40, 25, 2, timeout)
+        .await
+        .unwrap();
+    assert_eq!(report["subscribers"], 40, "{report}");
+    for round in report["posts"].as_array().unwrap() {
+        assert_eq!(round["online_reached"], 25, "{report}");
+    }
+    assert_eq!(report["offline_posts_fetched"], 15 * 2, "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -158,8 +158,9 @@ async fn a_verified_channel_reaches_its_subscribers_and_refuses_forged_and_repla
     keys.sort();
     assert_eq!(keys, ["channel_id", "latest_seq", "sealed_info", "subscribers"]);
 
-    // A malicious server (or anyone writing its database) plants two posts: one signed by a
-    // subscriber who knows the channel key, and a copy of post 1 served as post 3.
+    // A malicious server (or anyone writing its database) plants two posts — one signed by a
+    // subscriber who knows the channel key, and a copy of post 1 served as post 3 — and
+    // withholds post 4.
     let forger = AccountIdentity::generate(&mut rand::rng());
     let forged = seal_post(
         &forger,
@@ -194,18 +195,18 @@ async fn a_verified_channel_reaches_its_subscribers_and_refuses_forged_and_repla
             )
             .unwrap();
         }
-        db.execute("UPDATE channels SET latest_seq = 3 WHERE id = ?", [&channel])
+        db.execute("UPDATE channels SET latest_seq = 4 WHERE id = ?", [&channel])
             .unwrap();
     }
     org.ok(&[
         "channel",
         "post",
         "Health notices",
-        "MARKER-POST-FOUR flu shots on Friday",
+        "MARKER-POST-FIVE flu shots on Friday",
     ]);
     let lines = subscribers[0].receive_json();
     let warnings: Vec<&Value> = lines.iter().filter(|l| l["type"] == "channel_warning").collect();
-    assert_eq!(warnings.len(), 2, "{lines:?}");
+    assert_eq!(warnings.len(), 3, "{lines:?}");
     assert_eq!(warnings[0]["warning"]["seq"], 2);
     assert!(
         warnings[0]["warning"]["warning"].as_str().unwrap().contains("FORGED"),
@@ -219,15 +220,51 @@ async fn a_verified_channel_reaches_its_subscribers_and_refuses_forged_and_repla
             .contains("REPLAYED channel post: the organisation signed it as post 1, the server served it as post 3"),
         "{warnings:?}"
     );
+    assert_eq!(warnings[2]["warning"]["seq"], 4);
+    assert_eq!(warnings[2]["warning"]["warning"], "the server withheld post 4");
     let posts: Vec<&Value> = lines.iter().filter(|l| l["type"] == "channel_post").collect();
     assert_eq!(posts.len(), 1, "{lines:?}");
-    assert_eq!(posts[0]["post"]["seq"], 4);
+    assert_eq!(posts[0]["post"]["seq"], 5);
     let shown = subscribers[0].ok(&["channel", "show", "Health notices"]);
     assert!(
-        shown.contains("MARKER-POST-ONE") && shown.contains("MARKER-POST-FOUR"),
+        shown.contains("MARKER-POST-ONE") && shown.contains("MARKER-POST-FIVE"),
         "{shown}"
     );
     assert!(!shown.contains("MARKER-FORGED"), "{shown}");
+
+    // A file post: sealed under a fresh key carried in the signed post; every subscriber can
+    // fetch the blob, and it stays for the next one.
+    let notice = org.home.path().join("notice.pdf");
+    let notice_bytes = b"%PDF-1.7 MARKER-FILE-BYTES vaccination schedule".repeat(100);
+    std::fs::write(&notice, &notice_bytes).unwrap();
+    org.ok(&[
+        "channel",
+        "post",
+        "Health notices",
+        "MARKER-CAPTION schedule",
+        "--file",
+        notice.to_str().unwrap(),
+    ]);
+    for user in &subscribers[..2] {
+        let posts = events(user, "channel_post");
+        let filed = posts.iter().find(|p| p["post"]["seq"] == 6).expect("the file post");
+        assert_eq!(filed["post"]["text"], "MARKER-CAPTION schedule");
+        assert_eq!(filed["post"]["file"]["name"], "notice.pdf");
+        let saved = filed["post"]["file"]["path"].as_str().expect("saved");
+        assert_eq!(std::fs::read(saved).unwrap(), notice_bytes);
+    }
+    let (status, refused) = {
+        let answer = http
+            .post(format!("{}/v1/blobs", server.url))
+            .header("authorization", &subscriber_auth)
+            .json(&json!({"size": 100, "channel": parsed.channel.to_string()}))
+            .send()
+            .await
+            .unwrap();
+        (answer.status(), answer.json::<Value>().await.unwrap())
+    };
+    assert_eq!(status, StatusCode::FORBIDDEN, "{refused}");
+    assert_eq!(refused["error"]["code"], "not_channel_owner");
 
     // Leaving drops the count.
     subscribers[2].ok(&["channel", "unsubscribe", "Health notices"]);
@@ -238,7 +275,10 @@ async fn a_verified_channel_reaches_its_subscribers_and_refuses_forged_and_repla
     for (path, bytes) in server.all_written_bytes() {
         for marker in [
             "MARKER-POST-ONE",
-            "MARKER-POST-FOUR",
+            "MARKER-POST-FIVE",
+            "MARKER-CAPTION",
+            "MARKER-FILE-BYTES",
+            "notice.pdf",
             "Health notices",
             "City of Kobe",
             "Clinic hours",
@@ -285,6 +325,14 @@ fn a_form_submission_reaches_exactly_the_staff_devices_and_exports_as_csv() {
     .unwrap();
     let published = org.ok(&["form", "publish", "Vaccination", definition.to_str().unwrap()]);
     let form_id = published.trim().strip_prefix("published form ").unwrap().to_owned();
+    // Either staff device posts; each sees the other's posts, also those before its own.
+    fumi_ok(staff.path(), &["channel", "post", "Vaccination", "Walk-ins from 10:00"]);
+    org.ok(&["channel", "post", "Vaccination", "Bring your ticket"]);
+    let shown = org.ok(&["channel", "show", "Vaccination"]);
+    assert!(
+        shown.contains("#2 Walk-ins from 10:00") && shown.contains("#3 Bring your ticket"),
+        "{shown}"
+    );
     for user in [&citizen, &bystander] {
         user.ok(&["channel", "subscribe", &link]);
     }
@@ -478,6 +526,20 @@ async fn channel_requests_are_checked_and_change_nothing() {
             None,
             StatusCode::NOT_FOUND,
             "unknown_channel",
+        ),
+        (
+            Method::POST,
+            "/v1/blobs".to_owned(),
+            Some(json!({"size": 10, "channel": "55".repeat(16)})),
+            StatusCode::NOT_FOUND,
+            "unknown_channel",
+        ),
+        (
+            Method::POST,
+            "/v1/blobs".to_owned(),
+            Some(json!({"size": 10, "channel": channel.to_string(), "recipients": ["66".repeat(16)]})),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
         ),
     ];
     for (method, path, body, status, code) in cases {

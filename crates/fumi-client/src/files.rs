@@ -150,13 +150,41 @@ impl FumiClient {
         path: &Path,
         caption: Option<&str>,
     ) -> Result<MessageId, ClientError> {
-        if let Some(caption) = caption
-            && caption.len() > fumi_core::content::MAX_TEXT_BYTES
-        {
+        check_caption(caption)?;
+        let me = self.account.device_id;
+        let recipients: Vec<DeviceId> = self
+            .device
+            .members(group)?
+            .into_iter()
+            .map(|m| m.device)
+            .filter(|d| *d != me)
+            .collect();
+        if recipients.is_empty() {
             return Err(ClientError::Usage(
-                fumi_core::content::ContentError::TooLong.to_string(),
+                "no one else is in this conversation to receive the file".into(),
             ));
         }
+        let (attachment, view) = self
+            .seal_and_upload(path, |size| BlobCreate {
+                size,
+                recipients,
+                channel: None,
+            })
+            .await?;
+        let body = Body::File {
+            attachment,
+            caption: caption.map(str::to_owned).filter(|c| !c.trim().is_empty()),
+        };
+        self.send_content_with(group, body, Some(view)).await
+    }
+
+    /// Encrypts a file under a fresh key while uploading it as the blob `create` describes
+    /// (given the sealed size); returns what opens it and what history shows of it.
+    pub(crate) async fn seal_and_upload(
+        &self,
+        path: &Path,
+        create: impl FnOnce(u64) -> BlobCreate,
+    ) -> Result<(Attachment, FileView), ClientError> {
         let unreadable = |e: std::io::Error| ClientError::Usage(format!("cannot read {}: {e}", path.display()));
         let metadata = fs::metadata(path).map_err(unreadable)?;
         if !metadata.is_file() {
@@ -166,14 +194,6 @@ impl FumiClient {
         let size = metadata.len();
 
         let key = AttachmentKey::generate(&mut rand::rng());
-        let me = self.account.device_id;
-        let recipients: Vec<DeviceId> = self
-            .device
-            .members(group)?
-            .into_iter()
-            .map(|m| m.device)
-            .filter(|d| *d != me)
-            .collect();
         // Encryption runs on a blocking thread and hands sealed chunks to the upload as they
         // are ready: both cores work, and no sealed copy of the file is written to disk.
         let (chunks, mut ready) = tokio::sync::mpsc::channel::<Bytes>(2);
@@ -191,7 +211,7 @@ impl FumiClient {
             })
         };
         let ciphertext_size = attachment::ciphertext_size(size);
-        let uploaded = self.upload(&mut ready, ciphertext_size, recipients, &name).await;
+        let uploaded = self.upload(&mut ready, create(ciphertext_size), &name).await;
         drop(ready);
         let encrypted = encryptor
             .await
@@ -225,29 +245,20 @@ impl FumiClient {
             path: Some(original.display().to_string()),
             error: None,
         };
-        let body = Body::File {
-            attachment,
-            caption: caption.map(str::to_owned).filter(|c| !c.trim().is_empty()),
-        };
-        self.send_content_with(group, body, Some(view)).await
+        Ok((attachment, view))
     }
 
     /// Uploads sealed chunks as they arrive; after a failure resumes from the server's offset.
     pub(crate) async fn upload(
         &self,
         ready: &mut tokio::sync::mpsc::Receiver<Bytes>,
-        size: u64,
-        recipients: Vec<DeviceId>,
+        create: BlobCreate,
         label: &str,
     ) -> Result<BlobId, ClientError> {
-        if recipients.is_empty() {
-            return Err(ClientError::Usage(
-                "no one else is in this conversation to receive the file".into(),
-            ));
-        }
+        let size = create.size;
         let created: BlobCreated = self
             .transport
-            .request(Method::POST, "/v1/blobs", Some(&BlobCreate { size, recipients }))
+            .request(Method::POST, "/v1/blobs", Some(&create))
             .await
             .map_err(|e| match e {
                 ClientError::Server {
@@ -552,6 +563,16 @@ fn unique_path(dir: &Path, name: &str) -> PathBuf {
         .map(|n| dir.join(format!("{stem} ({n}){extension}")))
         .find(|p| !p.exists())
         .expect("some name is free")
+}
+
+/// Refuses a caption longer than a text message may be.
+pub(crate) fn check_caption(caption: Option<&str>) -> Result<(), ClientError> {
+    match caption {
+        Some(caption) if caption.len() > fumi_core::content::MAX_TEXT_BYTES => Err(ClientError::Usage(
+            fumi_core::content::ContentError::TooLong.to_string(),
+        )),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

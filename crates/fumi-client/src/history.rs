@@ -119,7 +119,15 @@ impl FumiClient {
         }
         drop(chunks);
         let blob = self
-            .upload(&mut ready, sealed.ciphertext_size, vec![device], "history")
+            .upload(
+                &mut ready,
+                BlobCreate {
+                    size: sealed.ciphertext_size,
+                    recipients: vec![device],
+                    channel: None,
+                },
+                "history",
+            )
             .await?;
         let pointer = Attachment {
             blob,

@@ -770,7 +770,27 @@ impl FumiClient {
         body: Body,
         file: Option<FileView>,
     ) -> Result<MessageId, ClientError> {
-        let id = MessageId::from_bytes(random_bytes());
+        self.send_content_full(group, MessageId::from_bytes(random_bytes()), body, file)
+            .await
+    }
+
+    /// As [`Self::send_content`], under a message id the caller chose (and recorded).
+    pub(crate) async fn send_content_as(
+        &mut self,
+        group: GroupId,
+        id: MessageId,
+        body: Body,
+    ) -> Result<MessageId, ClientError> {
+        self.send_content_full(group, id, body, None).await
+    }
+
+    async fn send_content_full(
+        &mut self,
+        group: GroupId,
+        id: MessageId,
+        body: Body,
+        file: Option<FileView>,
+    ) -> Result<MessageId, ClientError> {
         let sent_at = now_ms();
         let expire_after_ms = self
             .store
@@ -1062,8 +1082,20 @@ impl FumiClient {
                     }
                     // The profile key in every content is all an introduction carries.
                     Body::Introduction => {}
-                    Body::FormSubmission { form_id, answers, .. } => {
-                        self.handle_form_submission(group, &sender, content.id, content.sent_at, &form_id, &answers)?;
+                    Body::FormSubmission {
+                        channel,
+                        form_id,
+                        answers,
+                    } => {
+                        self.handle_form_submission(
+                            group,
+                            &sender,
+                            content.id,
+                            content.sent_at,
+                            channel,
+                            &form_id,
+                            &answers,
+                        )?;
                     }
                     Body::FormReceipt { submission } => self.handle_form_receipt(&sender, submission)?,
                 }

@@ -25,11 +25,12 @@ use fumi_core::official::{
 };
 use fumi_proto::*;
 use reqwest::Method;
-use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 
 use crate::devices::{encode_server, parse_code};
-use crate::store::{Store, id16, key32, sql};
+use crate::files::{DownloadFailure, check_caption};
+use crate::store::FileView;
+use crate::store::official::{ChannelRow, SubmissionRecord, Submissions};
 use crate::{ClientError, FumiClient, now_ms, random_bytes};
 
 const CHANNEL_PREFIX: &str = "fumi://channel/";
@@ -85,6 +86,9 @@ pub struct ChannelPostView {
     /// The form, for a form post.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub form: Option<FormSummary>,
+    /// The file, for a file post: where it was saved, or why not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileView>,
 }
 
 /// A form this device knows.
@@ -163,270 +167,6 @@ impl OfficialEvents {
     }
 }
 
-/// A channel as stored on this device.
-#[derive(Debug, Clone)]
-struct ChannelRow {
-    channel: ChannelId,
-    owner: AccountId,
-    owner_key: [u8; 32],
-    key: ChannelKey,
-    own: bool,
-    info: ChannelInfo,
-    last_seq: u64,
-}
-
-impl ChannelRow {
-    fn link(&self) -> ChannelLink {
-        ChannelLink {
-            channel: self.channel,
-            owner: self.owner,
-            owner_key: self.owner_key,
-            key: self.key.clone(),
-        }
-    }
-}
-
-fn json_err(e: serde_json::Error) -> ClientError {
-    ClientError::Store(format!("stored JSON: {e}"))
-}
-
-// --- store -----------------------------------------------------------------------------------
-
-impl Store {
-    fn save_channel(&self, row: &ChannelRow) -> Result<(), ClientError> {
-        let info = serde_json::to_string(&row.info).map_err(json_err)?;
-        self.conn
-            .execute(
-                "INSERT INTO channels (channel_id, owner_account, owner_key, epoch, channel_key, own, info, last_seq, added_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-                 ON CONFLICT (channel_id) DO UPDATE SET epoch = ?4, channel_key = ?5, info = ?7",
-                params![
-                    row.channel.as_bytes().as_slice(),
-                    row.owner.as_bytes().as_slice(),
-                    row.owner_key.as_slice(),
-                    row.key.epoch,
-                    row.key.key.as_slice(),
-                    row.own,
-                    info,
-                    row.last_seq as i64,
-                    now_ms() as i64
-                ],
-            )
-            .map_err(sql)?;
-        Ok(())
-    }
-
-    fn channel_rows(&self) -> Result<Vec<ChannelRow>, ClientError> {
-        let mut statement = self
-            .conn
-            .prepare(
-                "SELECT channel_id, owner_account, owner_key, epoch, channel_key, own, info, last_seq
-                 FROM channels ORDER BY added_at",
-            )
-            .map_err(sql)?;
-        let rows = statement
-            .query_map([], |r| {
-                Ok((
-                    id16(r.get(0)?, ChannelId::from_slice)?,
-                    id16(r.get(1)?, AccountId::from_slice)?,
-                    key32(r.get(2)?)?,
-                    r.get::<_, u32>(3)?,
-                    key32(r.get(4)?)?,
-                    r.get::<_, bool>(5)?,
-                    r.get::<_, String>(6)?,
-                    r.get::<_, i64>(7)? as u64,
-                ))
-            })
-            .map_err(sql)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(sql)?;
-        rows.into_iter()
-            .map(|(channel, owner, owner_key, epoch, key, own, info, last_seq)| {
-                Ok(ChannelRow {
-                    channel,
-                    owner,
-                    owner_key,
-                    key: ChannelKey { epoch, key },
-                    own,
-                    info: serde_json::from_str(&info).map_err(json_err)?,
-                    last_seq,
-                })
-            })
-            .collect()
-    }
-
-    fn set_last_seq(&self, channel: ChannelId, seq: u64) -> Result<(), ClientError> {
-        self.conn
-            .execute(
-                "UPDATE channels SET last_seq = MAX(last_seq, ?) WHERE channel_id = ?",
-                params![seq as i64, channel.as_bytes().as_slice()],
-            )
-            .map_err(sql)?;
-        Ok(())
-    }
-
-    fn insert_post(&self, post: &Post, seen: bool) -> Result<(), ClientError> {
-        let json = serde_json::to_string(post).map_err(json_err)?;
-        self.conn
-            .execute(
-                "INSERT OR IGNORE INTO channel_posts (channel_id, seq, post, received_at, seen) VALUES (?, ?, ?, ?, ?)",
-                params![
-                    post.channel.as_bytes().as_slice(),
-                    post.seq as i64,
-                    json,
-                    now_ms() as i64,
-                    seen
-                ],
-            )
-            .map_err(sql)?;
-        if let PostBody::Form { form_id, form } = &post.body {
-            self.conn
-                .execute(
-                    "INSERT OR IGNORE INTO forms (form_id, channel_id, definition, published_at) VALUES (?, ?, ?, ?)",
-                    params![
-                        form_id,
-                        post.channel.as_bytes().as_slice(),
-                        serde_json::to_string(form).map_err(json_err)?,
-                        post.sent_at as i64
-                    ],
-                )
-                .map_err(sql)?;
-        }
-        Ok(())
-    }
-
-    fn posts(&self, channel: Option<ChannelId>, unseen_only: bool) -> Result<Vec<Post>, ClientError> {
-        let mut statement = self
-            .conn
-            .prepare(
-                "SELECT post FROM channel_posts
-                 WHERE (?1 IS NULL OR channel_id = ?1) AND (?2 = 0 OR seen = 0) ORDER BY received_at, seq",
-            )
-            .map_err(sql)?;
-        let posts = statement
-            .query_map(params![channel.map(|c| c.as_bytes().to_vec()), unseen_only], |r| {
-                r.get::<_, String>(0)
-            })
-            .map_err(sql)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(sql)?;
-        posts
-            .iter()
-            .map(|p| serde_json::from_str(p).map_err(json_err))
-            .collect()
-    }
-
-    fn add_warning(&self, channel: ChannelId, seq: u64, warning: &str) -> Result<(), ClientError> {
-        self.conn
-            .execute(
-                "INSERT INTO channel_warnings (channel_id, seq, warning, created_at) VALUES (?, ?, ?, ?)",
-                params![channel.as_bytes().as_slice(), seq as i64, warning, now_ms() as i64],
-            )
-            .map_err(sql)?;
-        Ok(())
-    }
-
-    fn form_definition(&self, form_id: &str) -> Result<Option<(ChannelId, FormDefinition)>, ClientError> {
-        let row: Option<(Vec<u8>, String)> = self
-            .conn
-            .query_row(
-                "SELECT channel_id, definition FROM forms WHERE form_id = ?",
-                [form_id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-            .map_err(sql)?;
-        row.map(|(channel, definition)| {
-            Ok((
-                ChannelId::from_slice(&channel).map_err(|e| ClientError::Store(e.to_string()))?,
-                serde_json::from_str(&definition).map_err(json_err)?,
-            ))
-        })
-        .transpose()
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn insert_submission(
-        &self,
-        submission: MessageId,
-        form_id: &str,
-        group: GroupId,
-        submitter: AccountId,
-        answers: &Answers,
-        sent_at: u64,
-        outgoing: bool,
-    ) -> Result<(), ClientError> {
-        self.conn
-            .execute(
-                "INSERT OR IGNORE INTO form_submissions
-                 (submission_id, form_id, group_id, submitter, answers, sent_at, received_at, outgoing, seen)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                params![
-                    submission.as_bytes().as_slice(),
-                    form_id,
-                    group.as_bytes().as_slice(),
-                    submitter.as_bytes().as_slice(),
-                    serde_json::to_string(answers).map_err(json_err)?,
-                    sent_at as i64,
-                    now_ms() as i64,
-                    outgoing,
-                    outgoing
-                ],
-            )
-            .map_err(sql)?;
-        Ok(())
-    }
-}
-
-/// A submission row as stored.
-struct SubmissionRecord {
-    id: MessageId,
-    form_id: String,
-    submitter: AccountId,
-    answers: Answers,
-    sent_at: u64,
-    outgoing: bool,
-    receipt_at: Option<u64>,
-}
-
-impl Store {
-    fn submissions(&self, filter: &str, arg: &dyn rusqlite::ToSql) -> Result<Vec<SubmissionRecord>, ClientError> {
-        let query = format!(
-            "SELECT submission_id, form_id, submitter, answers, sent_at, outgoing, receipt_at
-             FROM form_submissions WHERE {filter} ORDER BY sent_at, received_at"
-        );
-        let mut statement = self.conn.prepare(&query).map_err(sql)?;
-        let rows = statement
-            .query_map([arg], |r| {
-                Ok((
-                    id16(r.get(0)?, MessageId::from_slice)?,
-                    r.get::<_, String>(1)?,
-                    id16(r.get(2)?, AccountId::from_slice)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, i64>(4)? as u64,
-                    r.get::<_, bool>(5)?,
-                    r.get::<_, Option<i64>>(6)?.map(|t| t as u64),
-                ))
-            })
-            .map_err(sql)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(sql)?;
-        rows.into_iter()
-            .map(|(id, form_id, submitter, answers, sent_at, outgoing, receipt_at)| {
-                Ok(SubmissionRecord {
-                    id,
-                    form_id,
-                    submitter,
-                    answers: serde_json::from_str(&answers).map_err(json_err)?,
-                    sent_at,
-                    outgoing,
-                    receipt_at,
-                })
-            })
-            .collect()
-    }
-}
-
 // --- the client ----------------------------------------------------------------------------
 
 impl FumiClient {
@@ -448,29 +188,12 @@ impl FumiClient {
         if ed25519_dalek::VerifyingKey::from_bytes(&key).is_err() {
             return Err(ClientError::Usage("this is not an Ed25519 public key".into()));
         }
-        self.store
-            .conn
-            .execute(
-                "INSERT INTO authorities (name, public_key, added_at) VALUES (?, ?, ?)",
-                params![name, key.as_slice(), now_ms() as i64],
-            )
-            .map_err(|e| match e {
-                rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
-                    ClientError::Usage("an authority with this name or key is already trusted".into())
-                }
-                other => sql(other),
-            })?;
-        Ok(())
+        self.store.add_authority(name, &key)
     }
 
     /// Stops trusting an authority.
     pub fn distrust_authority(&self, name: &str) -> Result<(), ClientError> {
-        let removed = self
-            .store
-            .conn
-            .execute("DELETE FROM authorities WHERE name = ?", [name.trim()])
-            .map_err(sql)?;
-        if removed == 0 {
+        if !self.store.remove_authority(name.trim())? {
             return Err(ClientError::Usage(format!("no trusted authority is named {name:?}")));
         }
         Ok(())
@@ -478,51 +201,16 @@ impl FumiClient {
 
     /// The authorities this user trusts.
     pub fn trusted_authorities(&self) -> Result<Vec<TrustedAuthority>, ClientError> {
-        let mut statement = self
-            .store
-            .conn
-            .prepare("SELECT name, public_key FROM authorities ORDER BY name")
-            .map_err(sql)?;
-        statement
-            .query_map([], |r| {
-                Ok(TrustedAuthority {
-                    name: r.get(0)?,
-                    public_key: key32(r.get(1)?)?,
-                })
-            })
-            .map_err(sql)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(sql)
+        self.store.authorities()
     }
 
     /// This account's organisation profile (by default: its display name, no logo, unverified).
     pub fn organisation(&self) -> Result<OrganisationProfile, ClientError> {
-        let stored: Option<String> = self
-            .store
-            .conn
-            .query_row("SELECT profile FROM organisation WHERE id = 1", [], |r| r.get(0))
-            .optional()
-            .map_err(sql)?;
-        match stored {
-            Some(json) => serde_json::from_str(&json).map_err(json_err),
-            None => Ok(OrganisationProfile {
-                name: self.account.display_name.clone(),
-                logo: None,
-                verification: None,
-            }),
-        }
-    }
-
-    fn save_organisation(&self, profile: &OrganisationProfile) -> Result<(), ClientError> {
-        let json = serde_json::to_string(profile).map_err(json_err)?;
-        self.store
-            .conn
-            .execute(
-                "INSERT INTO organisation (id, profile) VALUES (1, ?1) ON CONFLICT (id) DO UPDATE SET profile = ?1",
-                [json],
-            )
-            .map_err(sql)?;
-        Ok(())
+        Ok(self.store.organisation()?.unwrap_or_else(|| OrganisationProfile {
+            name: self.account.display_name.clone(),
+            logo: None,
+            verification: None,
+        }))
     }
 
     /// Sets the organisation's name and logo (dropping any verification, which named the old
@@ -556,7 +244,7 @@ impl FumiClient {
             logo,
             verification: None,
         };
-        self.save_organisation(&profile)?;
+        self.store.save_organisation(&profile)?;
         self.republish_channels().await?;
         Ok(self.organisation_claim(&profile))
     }
@@ -597,7 +285,7 @@ impl FumiClient {
             .verify(std::slice::from_ref(&signer), now_ms())
             .map_err(|reason| ClientError::Usage(format!("refusing the statement: {reason}")))?;
         profile.verification = Some(statement);
-        self.save_organisation(&profile)?;
+        self.store.save_organisation(&profile)?;
         self.republish_channels().await
     }
 
@@ -606,15 +294,12 @@ impl FumiClient {
         for mut row in self.store.channel_rows()?.into_iter().filter(|r| r.own) {
             row.info.organisation = organisation.clone();
             let sealed = seal_info(&self.identity(), &row.key, &row.info, &mut rand::rng());
+            let update = ChannelInfoUpdate {
+                sealed_info: Base64Bytes(sealed),
+            };
             let _: () = self
                 .transport
-                .request(
-                    Method::PUT,
-                    &format!("/v1/channels/{}", row.channel),
-                    Some(&ChannelInfoUpdate {
-                        sealed_info: Base64Bytes(sealed),
-                    }),
-                )
+                .request(Method::PUT, &format!("/v1/channels/{}", row.channel), Some(&update))
                 .await?;
             self.store.save_channel(&row)?;
         }
@@ -639,9 +324,14 @@ impl FumiClient {
             organisation: self.organisation()?,
         };
         info.validate().map_err(|e| ClientError::Usage(e.to_string()))?;
-        if self.store.channel_rows()?.iter().any(|r| r.info.name == info.name) {
+        if self
+            .store
+            .channel_rows()?
+            .iter()
+            .any(|r| r.own && r.info.name == info.name)
+        {
             return Err(ClientError::Usage(format!(
-                "you already have a channel named {:?}",
+                "you already run a channel named {:?}",
                 info.name
             )));
         }
@@ -659,16 +349,13 @@ impl FumiClient {
             info,
             last_seq: 0,
         };
+        let create = ChannelCreate {
+            channel_id: channel,
+            sealed_info: Base64Bytes(sealed),
+        };
         let _: () = self
             .transport
-            .request(
-                Method::POST,
-                "/v1/channels",
-                Some(&ChannelCreate {
-                    channel_id: channel,
-                    sealed_info: Base64Bytes(sealed),
-                }),
-            )
+            .request(Method::POST, "/v1/channels", Some(&create))
             .await?;
         self.store.save_channel(&row)?;
         self.summary(&row, Some(0))
@@ -683,15 +370,6 @@ impl FumiClient {
     }
 
     fn summary(&self, row: &ChannelRow, subscribers: Option<u64>) -> Result<ChannelSummary, ClientError> {
-        let posts: i64 = self
-            .store
-            .conn
-            .query_row(
-                "SELECT COUNT(*) FROM channel_posts WHERE channel_id = ?",
-                [row.channel.as_bytes().as_slice()],
-                |r| r.get(0),
-            )
-            .map_err(sql)?;
         Ok(ChannelSummary {
             id: row.channel.to_string(),
             name: row.info.name.clone(),
@@ -701,7 +379,7 @@ impl FumiClient {
             own: row.own,
             link: self.channel_link_text(row),
             subscribers,
-            posts: posts as u64,
+            posts: self.store.post_count(row.channel)?,
         })
     }
 
@@ -710,6 +388,18 @@ impl FumiClient {
             .info
             .organisation
             .verification(row.owner, &row.owner_key, &self.trusted_authorities()?, now_ms()))
+    }
+
+    /// Opens a sealed description of `row`'s channel under its key and owner key.
+    fn open_description(row: &ChannelLink, sealed: &[u8]) -> Result<ChannelInfo, ClientError> {
+        let key = row.key.clone();
+        open_info(
+            |epoch| (epoch == key.epoch).then_some(key.key),
+            &row.owner_key,
+            row.channel,
+            sealed,
+        )
+        .map_err(|e| ClientError::Protocol(format!("refusing the channel's description: {e}")))
     }
 
     /// Subscribes to a channel by its link: checks the description's signature against the key
@@ -731,20 +421,8 @@ impl FumiClient {
             ));
         }
         let state = self.channel_state(link.channel).await?;
-        let key = link.key.clone();
-        let info = open_info(
-            |epoch| (epoch == key.epoch).then_some(key.key),
-            &link.owner_key,
-            link.channel,
-            state.sealed_info.as_slice(),
-        )
-        .map_err(|e| ClientError::Protocol(format!("refusing the channel: {e}")))?;
-        let last_seq = self
-            .store
-            .channel_rows()?
-            .into_iter()
-            .find(|r| r.channel == link.channel)
-            .map_or(0, |r| r.last_seq);
+        let info = Self::open_description(&link, state.sealed_info.as_slice())?;
+        let last_seq = self.store.channel_row(link.channel)?.map_or(0, |r| r.last_seq);
         let row = ChannelRow {
             channel: link.channel,
             owner: link.owner,
@@ -755,21 +433,13 @@ impl FumiClient {
             last_seq,
         };
         if !own {
-            let _: () = self
-                .transport
-                .request::<(), _>(Method::PUT, &format!("/v1/channels/{}/subscription", row.channel), None)
-                .await?;
+            let path = format!("/v1/channels/{}/subscription", row.channel);
+            let _: () = self.transport.request::<(), _>(Method::PUT, &path, None).await?;
         }
         self.store.save_channel(&row)?;
         self.fetch_posts(&row).await?;
         // Posts from before the subscription are history, not news.
-        self.store
-            .conn
-            .execute(
-                "UPDATE channel_posts SET seen = 1 WHERE channel_id = ?",
-                [row.channel.as_bytes().as_slice()],
-            )
-            .map_err(sql)?;
+        self.store.mark_posts_seen(Some(row.channel))?;
         let row = self.channel_row(&row.channel.to_string())?;
         self.summary(&row, own.then_some(state.subscribers))
     }
@@ -778,26 +448,10 @@ impl FumiClient {
     pub async fn unsubscribe_channel(&mut self, channel: &str) -> Result<(), ClientError> {
         let row = self.channel_row(channel)?;
         if !row.own {
-            let _: () = self
-                .transport
-                .request::<(), _>(
-                    Method::DELETE,
-                    &format!("/v1/channels/{}/subscription", row.channel),
-                    None,
-                )
-                .await?;
+            let path = format!("/v1/channels/{}/subscription", row.channel);
+            let _: () = self.transport.request::<(), _>(Method::DELETE, &path, None).await?;
         }
-        let id = row.channel.as_bytes().as_slice();
-        self.store.transaction(|| {
-            for statement in [
-                "DELETE FROM channel_posts WHERE channel_id = ?",
-                "DELETE FROM channel_warnings WHERE channel_id = ?",
-                "DELETE FROM channels WHERE channel_id = ?",
-            ] {
-                self.store.conn.execute(statement, [id]).map_err(sql)?;
-            }
-            Ok(())
-        })
+        self.store.transaction(|| self.store.forget_channel(row.channel))
     }
 
     fn channel_row(&self, channel: &str) -> Result<ChannelRow, ClientError> {
@@ -818,16 +472,23 @@ impl FumiClient {
         }
     }
 
-    /// Channels this device holds; for own channels, with the server's subscriber count.
+    /// Channels this device holds, each description refreshed from the server (a renamed
+    /// channel or a new verification shows), with the subscriber count of own channels.
     pub async fn channels(&self) -> Result<Vec<ChannelSummary>, ClientError> {
         let mut summaries = Vec::new();
-        for row in self.store.channel_rows()? {
-            let subscribers = if row.own {
-                Some(self.channel_state(row.channel).await?.subscribers)
-            } else {
-                None
-            };
-            summaries.push(self.summary(&row, subscribers)?);
+        for mut row in self.store.channel_rows()? {
+            let state = self.channel_state(row.channel).await?;
+            match Self::open_description(&row.link(), state.sealed_info.as_slice()) {
+                Ok(info) => {
+                    row.info = info;
+                    self.store.save_channel(&row)?;
+                }
+                // Keep the last good description; say why the new one was refused.
+                Err(e) => {
+                    tracing::warn!(channel = %row.info.name, error = %e, "kept the channel's earlier description")
+                }
+            }
+            summaries.push(self.summary(&row, row.own.then_some(state.subscribers))?);
         }
         Ok(summaries)
     }
@@ -846,24 +507,41 @@ impl FumiClient {
         self.post(channel, PostBody::Text { text: text.to_owned() }).await
     }
 
+    /// Encrypts a file under a fresh key, uploads it as the channel's, and posts it (the key
+    /// travels in the signed post); returns the post's number.
+    pub async fn post_file(&mut self, channel: &str, path: &Path, caption: Option<&str>) -> Result<u64, ClientError> {
+        check_caption(caption)?;
+        let row = self.own_channel(channel)?;
+        let (attachment, view) = self
+            .seal_and_upload(path, |size| BlobCreate {
+                size,
+                recipients: vec![],
+                channel: Some(row.channel),
+            })
+            .await?;
+        let body = PostBody::File {
+            attachment,
+            caption: caption.map(str::to_owned).filter(|c| !c.trim().is_empty()),
+        };
+        let seq = self.post(channel, body).await?;
+        self.store.set_channel_file(row.channel, seq, &view)?;
+        Ok(seq)
+    }
+
     /// Publishes a form (JSON definition, see `docs/OFFICIAL_ACCOUNTS.md`) in an own channel;
     /// returns the form's id.
     pub async fn publish_form(&mut self, channel: &str, definition: &[u8]) -> Result<String, ClientError> {
         let form = FormDefinition::parse(definition).map_err(|e| ClientError::Usage(e.to_string()))?;
         let form_id = hex::encode(random_bytes::<16>());
-        self.post(
-            channel,
-            PostBody::Form {
-                form_id: form_id.clone(),
-                form,
-            },
-        )
-        .await?;
+        let body = PostBody::Form {
+            form_id: form_id.clone(),
+            form,
+        };
+        self.post(channel, body).await?;
         Ok(form_id)
     }
 
-    /// Signs, seals (once) and stores the next post of an own channel.
-    async fn post(&mut self, channel: &str, body: PostBody) -> Result<u64, ClientError> {
+    fn own_channel(&self, channel: &str) -> Result<ChannelRow, ClientError> {
         let row = self.channel_row(channel)?;
         if !row.own {
             return Err(ClientError::Usage(format!(
@@ -871,8 +549,14 @@ impl FumiClient {
                 row.info.organisation.name, row.info.name
             )));
         }
+        Ok(row)
+    }
+
+    /// Signs, seals (once) and stores the next post of an own channel.
+    async fn post(&mut self, channel: &str, body: PostBody) -> Result<u64, ClientError> {
+        let row = self.own_channel(channel)?;
         // Another staff device may have posted: start after the server's newest post.
-        let mut seq = self.latest_seq(row.channel).await? + 1;
+        let mut seq = self.channel_state(row.channel).await?.latest_seq + 1;
         for _ in 0..POST_ATTEMPTS {
             let post = Post {
                 v: CHANNEL_VERSION,
@@ -896,21 +580,24 @@ impl FumiClient {
                 Ok(()) => {
                     self.store.transaction(|| {
                         self.store.insert_post(&post, true)?;
-                        self.store.set_last_seq(row.channel, seq)
+                        // Posts of other staff devices before this one are still to fetch.
+                        let last = self.store.channel_row(row.channel)?.map_or(0, |r| r.last_seq);
+                        if last + 1 == seq {
+                            self.store.set_last_seq(row.channel, seq)?;
+                        }
+                        Ok(())
                     })?;
                     return Ok(seq);
                 }
-                Err(e) if e.is_code("channel_seq_conflict") => seq = self.latest_seq(row.channel).await? + 1,
+                Err(e) if e.is_code("channel_seq_conflict") => {
+                    seq = self.channel_state(row.channel).await?.latest_seq + 1;
+                }
                 Err(e) => return Err(e),
             }
         }
         Err(ClientError::Usage(
             "other devices kept posting in this channel at the same time; try again".into(),
         ))
-    }
-
-    async fn latest_seq(&self, channel: ChannelId) -> Result<u64, ClientError> {
-        Ok(self.channel_state(channel).await?.latest_seq)
     }
 
     /// The server's view of a channel: sealed description, counts.
@@ -926,40 +613,49 @@ impl FumiClient {
             })
     }
 
-    /// Fetches the posts of every channel this device holds that it has not seen yet.
+    /// Fetches the posts of every channel this device holds that it has not seen yet, then
+    /// their files.
     pub async fn sync_channels(&mut self) -> Result<(), ClientError> {
         for row in self.store.channel_rows()? {
             self.fetch_posts(&row).await?;
         }
-        Ok(())
+        self.download_channel_files().await
     }
 
     async fn fetch_posts(&mut self, row: &ChannelRow) -> Result<(), ClientError> {
         let mut after = row.last_seq;
         loop {
-            let page: ChannelPosts = self
-                .transport
-                .request::<(), _>(
-                    Method::GET,
-                    &format!(
-                        "/v1/channels/{}/posts?after={after}&limit={POSTS_PER_PAGE}",
-                        row.channel
-                    ),
-                    None,
-                )
-                .await?;
-            let Some(last) = page.posts.last().map(|p| p.seq) else {
+            let path = format!(
+                "/v1/channels/{}/posts?after={after}&limit={POSTS_PER_PAGE}",
+                row.channel
+            );
+            let page: ChannelPosts = self.transport.request::<(), _>(Method::GET, &path, None).await?;
+            if page.posts.is_empty() {
                 return Ok(());
-            };
+            }
             for post in &page.posts {
+                if post.seq <= after {
+                    return Err(ClientError::Protocol(
+                        "the server served channel posts out of order".into(),
+                    ));
+                }
+                // The server numbers posts without gaps: a hole is a post it withheld.
+                if post.seq > after + 1 {
+                    let missing = format!(
+                        "the server withheld post{} {}{}",
+                        if post.seq > after + 2 { "s" } else { "" },
+                        after + 1,
+                        if post.seq > after + 2 {
+                            format!(" to {}", post.seq - 1)
+                        } else {
+                            String::new()
+                        }
+                    );
+                    self.store.add_warning(row.channel, after + 1, &missing)?;
+                }
                 self.accept_post(row, post.seq, post.sealed_post.as_slice())?;
+                after = post.seq;
             }
-            if last <= after {
-                return Err(ClientError::Protocol(
-                    "the server served channel posts out of order".into(),
-                ));
-            }
-            after = last;
         }
     }
 
@@ -970,7 +666,7 @@ impl FumiClient {
         seq: u64,
         sealed: &[u8],
     ) -> Result<(), ClientError> {
-        let Some(row) = self.store.channel_rows()?.into_iter().find(|r| r.channel == channel) else {
+        let Some(row) = self.store.channel_row(channel)? else {
             return Ok(()); // unsubscribed on this device
         };
         if seq == row.last_seq + 1 {
@@ -1012,6 +708,29 @@ impl FumiClient {
         })
     }
 
+    /// Downloads the files of channel posts this device has not fetched yet.
+    async fn download_channel_files(&mut self) -> Result<(), ClientError> {
+        for post in self.store.posts(None, false)? {
+            let PostBody::File { attachment, .. } = &post.body else {
+                continue;
+            };
+            if self.store.channel_file(post.channel, post.seq)?.is_some() {
+                continue;
+            }
+            let mut view = pending_file_view(attachment);
+            match self.download(attachment).await {
+                Ok(path) => view.path = Some(path.display().to_string()),
+                Err(DownloadFailure::Refused(reason)) => view.error = Some(reason),
+                Err(DownloadFailure::Retry(e) | DownloadFailure::StartOver(e)) => {
+                    tracing::warn!(error = %e, "a channel file could not be downloaded now; it will be tried again");
+                    continue;
+                }
+            }
+            self.store.set_channel_file(post.channel, post.seq, &view)?;
+        }
+        Ok(())
+    }
+
     fn post_view(&self, rows: &[ChannelRow], post: &Post) -> Result<Option<ChannelPostView>, ClientError> {
         let Some(row) = rows.iter().find(|r| r.channel == post.channel) else {
             return Ok(None);
@@ -1020,11 +739,19 @@ impl FumiClient {
             Verification::Verified { authority } => Some(authority),
             Verification::Unverified { .. } => None,
         };
-        let (text, form) = match &post.body {
-            PostBody::Text { text } => (Some(text.clone()), None),
-            PostBody::File { caption, .. } => (caption.clone(), None),
-            PostBody::Form { form_id, .. } => (None, self.form_summary(form_id)?),
-            PostBody::Unknown => (Some("(a post this version of fumi cannot show)".into()), None),
+        let (text, form, file) = match &post.body {
+            PostBody::Text { text } => (Some(text.clone()), None, None),
+            PostBody::File { caption, attachment } => (
+                caption.clone(),
+                None,
+                Some(
+                    self.store
+                        .channel_file(post.channel, post.seq)?
+                        .unwrap_or_else(|| pending_file_view(attachment)),
+                ),
+            ),
+            PostBody::Form { form_id, form } => (None, Some(self.form_summary(row, form_id, form)?), None),
+            PostBody::Unknown => (Some("(a post this version of fumi cannot show)".into()), None, None),
         };
         Ok(Some(ChannelPostView {
             channel: row.channel.to_string(),
@@ -1035,6 +762,7 @@ impl FumiClient {
             sent_at: post.sent_at,
             text,
             form,
+            file,
         }))
     }
 
@@ -1042,13 +770,7 @@ impl FumiClient {
     pub fn channel_history(&self, channel: &str) -> Result<Vec<ChannelPostView>, ClientError> {
         let row = self.channel_row(channel)?;
         let posts = self.store.posts(Some(row.channel), false)?;
-        self.store
-            .conn
-            .execute(
-                "UPDATE channel_posts SET seen = 1 WHERE channel_id = ?",
-                [row.channel.as_bytes().as_slice()],
-            )
-            .map_err(sql)?;
+        self.store.mark_posts_seen(Some(row.channel))?;
         let rows = [row];
         Ok(posts
             .iter()
@@ -1059,95 +781,100 @@ impl FumiClient {
             .collect())
     }
 
+    /// Refused-post warnings of one channel not shown before, marked shown.
+    pub fn take_channel_warnings(&self, channel: &str) -> Result<Vec<ChannelWarning>, ClientError> {
+        let row = self.channel_row(channel)?;
+        self.warnings(Some(row.channel))
+    }
+
+    fn warnings(&self, channel: Option<ChannelId>) -> Result<Vec<ChannelWarning>, ClientError> {
+        let rows = self.store.channel_rows()?;
+        Ok(self
+            .store
+            .take_warnings(channel)?
+            .into_iter()
+            .map(|(channel, seq, warning)| ChannelWarning {
+                channel: channel.to_string(),
+                channel_name: rows
+                    .iter()
+                    .find(|r| r.channel == channel)
+                    .map_or_else(String::new, |r| r.info.name.clone()),
+                seq,
+                warning,
+            })
+            .collect())
+    }
+
     // --- forms -----------------------------------------------------------------------------
 
-    fn form_summary(&self, form_id: &str) -> Result<Option<FormSummary>, ClientError> {
-        let Some((channel, form)) = self.store.form_definition(form_id)? else {
-            return Ok(None);
-        };
-        let row = self.store.channel_rows()?.into_iter().find(|r| r.channel == channel);
-        let submissions: i64 = self
-            .store
-            .conn
-            .query_row(
-                "SELECT COUNT(*) FROM form_submissions WHERE form_id = ?",
-                [form_id],
-                |r| r.get(0),
-            )
-            .map_err(sql)?;
-        Ok(Some(FormSummary {
+    fn form_summary(&self, row: &ChannelRow, form_id: &str, form: &FormDefinition) -> Result<FormSummary, ClientError> {
+        Ok(FormSummary {
             form_id: form_id.to_owned(),
             title: form.title.clone(),
-            channel: channel.to_string(),
-            channel_name: row.as_ref().map_or_else(String::new, |r| r.info.name.clone()),
+            channel: row.channel.to_string(),
+            channel_name: row.info.name.clone(),
             fields: form.fields.len(),
-            own: row.is_some_and(|r| r.own),
-            submissions: submissions as u64,
-        }))
+            own: row.own,
+            submissions: self.store.submission_count(row.channel, form_id)?,
+        })
     }
 
     /// Forms this device knows, oldest first.
     pub fn forms(&self) -> Result<Vec<FormSummary>, ClientError> {
-        let mut statement = self
-            .store
-            .conn
-            .prepare("SELECT form_id FROM forms ORDER BY published_at")
-            .map_err(sql)?;
-        let ids = statement
-            .query_map([], |r| r.get::<_, String>(0))
-            .map_err(sql)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(sql)?;
-        Ok(ids
-            .iter()
-            .map(|id| self.form_summary(id))
-            .collect::<Result<Vec<_>, _>>()?
-            .into_iter()
-            .flatten()
-            .collect())
+        let rows = self.store.channel_rows()?;
+        let mut forms = Vec::new();
+        for (channel, form_id, form) in self.store.forms()? {
+            if let Some(row) = rows.iter().find(|r| r.channel == channel) {
+                forms.push(self.form_summary(row, &form_id, &form)?);
+            }
+        }
+        Ok(forms)
     }
 
-    /// A form's definition, by id (or an unambiguous id prefix, or its exact title).
-    pub fn form(&self, form: &str) -> Result<(String, FormDefinition), ClientError> {
+    /// A form, by id (or an unambiguous id prefix of 6+ digits, or its exact title): its
+    /// channel, id and definition.
+    fn find_form(&self, form: &str) -> Result<(ChannelRow, String, FormDefinition), ClientError> {
         let wanted = form.trim();
-        let matches: Vec<(String, FormDefinition)> = self
-            .forms()?
-            .into_iter()
-            .filter(|f| {
-                f.form_id == wanted || f.title == wanted || (wanted.len() >= 6 && f.form_id.starts_with(wanted))
-            })
-            .map(|f| {
-                let definition = self.store.form_definition(&f.form_id)?.expect("listed").1;
-                Ok((f.form_id, definition))
-            })
-            .collect::<Result<_, ClientError>>()?;
+        let rows = self.store.channel_rows()?;
+        let mut matches = Vec::new();
+        for (channel, form_id, definition) in self.store.forms()? {
+            let named =
+                form_id == wanted || definition.title == wanted || (wanted.len() >= 6 && form_id.starts_with(wanted));
+            if let (true, Some(row)) = (named, rows.iter().find(|r| r.channel == channel)) {
+                matches.push((row.clone(), form_id, definition));
+            }
+        }
         match matches.len() {
             0 => Err(ClientError::Usage(format!("no form {wanted:?}; see `fumi form list`"))),
-            1 => Ok(matches.into_iter().next().expect("one")),
+            1 => Ok(matches.pop().expect("one")),
             _ => Err(ClientError::Usage(format!(
-                "several forms match {wanted:?}; use the form id"
+                "several forms match {wanted:?} (in {}); use the full form id",
+                matches
+                    .iter()
+                    .map(|(row, _, _)| format!("#{}", row.info.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))),
         }
     }
 
+    /// A form's definition and id.
+    pub fn form(&self, form: &str) -> Result<(String, FormDefinition), ClientError> {
+        let (_, form_id, definition) = self.find_form(form)?;
+        Ok((form_id, definition))
+    }
+
     /// Sends answers to a form, end-to-end encrypted, to the organisation's devices only.
     pub async fn submit_form(&mut self, form: &str, answers: Answers) -> Result<MessageId, ClientError> {
-        let (form_id, definition) = self.form(form)?;
+        let (row, form_id, definition) = self.find_form(form)?;
         definition
             .check_answers(&answers)
             .map_err(|e| ClientError::Usage(e.to_string()))?;
-        let (channel, _) = self.store.form_definition(&form_id)?.expect("known form");
-        let row = self
-            .store
-            .channel_rows()?
-            .into_iter()
-            .find(|r| r.channel == channel)
-            .ok_or_else(|| ClientError::Usage("you left the channel this form was published in".into()))?;
         if row.owner == self.account.account_id {
             return Err(ClientError::Usage("this is your own organisation's form".into()));
         }
         // The organisation's key comes from the channel link: pin it, so that a server handing
-        // out other devices for the organisation is caught when they are added.
+        // out devices of another key for the organisation is caught when they are added.
         if !self.store.check_identity_key(row.owner, &row.owner_key)? {
             return Err(self.identity_changed(row.owner)?);
         }
@@ -1159,75 +886,112 @@ impl FumiClient {
             None => self.create_conversation(None, &[row.owner]).await?,
         };
         let body = Body::FormSubmission {
-            channel,
+            channel: row.channel,
             form_id: form_id.clone(),
             answers: answers.clone(),
         };
-        let id = self.send_content(group, body).await?;
-        let me = self.account.account_id;
-        self.store
-            .insert_submission(id, &form_id, group, me, &answers, now_ms(), true)?;
-        Ok(id)
+        // Recorded before sending: if the network fails, the outbox delivers it later and its
+        // receipt still finds it.
+        let id = MessageId::from_bytes(random_bytes());
+        let record = SubmissionRecord {
+            id,
+            channel: row.channel,
+            form_id,
+            group,
+            submitter: self.account.account_id,
+            answers,
+            sent_at: now_ms(),
+            outgoing: true,
+            receipt_at: None,
+        };
+        self.store.insert_submission(&record)?;
+        match self.send_content_as(group, id, body).await {
+            Err(e @ (ClientError::Network(_) | ClientError::Server { status: 500.., .. })) => Err(e),
+            Err(e) => {
+                self.store.delete_submission(id)?;
+                Err(e)
+            }
+            Ok(id) => Ok(id),
+        }
     }
 
     /// Writes the submissions this device received for an own form as CSV (readable only by
-    /// this user); returns the number of rows.
+    /// this user); returns the number of rows. A submission that does not fit the form (one
+    /// stored before this device knew the form) is left out and logged.
     pub fn export_form(&self, form: &str, path: &Path) -> Result<usize, ClientError> {
-        let (form_id, definition) = self.form(form)?;
-        let rows: Vec<SubmissionRow> = self
-            .store
-            .submissions("form_id = ?1 AND outgoing = 0", &form_id)?
-            .into_iter()
-            .map(|s| {
-                Ok(SubmissionRow {
-                    id: s.id.to_string(),
-                    sent_at: s.sent_at,
-                    submitter: self.display_account(s.submitter)?,
-                    answers: s.answers,
-                })
-            })
-            .collect::<Result<_, ClientError>>()?;
+        let (row, form_id, definition) = self.find_form(form)?;
+        let mut rows = Vec::new();
+        for s in self.store.submissions(Submissions::Form(row.channel, &form_id))? {
+            if s.outgoing {
+                continue;
+            }
+            if let Err(e) = definition.check_answers(&s.answers) {
+                tracing::warn!(submission = %s.id, error = %e, "left out a submission that does not fit the form");
+                continue;
+            }
+            rows.push(SubmissionRow {
+                id: s.id.to_string(),
+                sent_at: s.sent_at,
+                submitter: self.display_account(s.submitter)?,
+                answers: s.answers,
+            });
+        }
         let csv = to_csv(&definition, &rows);
         write_private(path, csv.as_bytes())
             .map_err(|e| ClientError::Usage(format!("cannot write {}: {e}", path.display())))?;
         Ok(rows.len())
     }
 
-    /// A form submission arrived in a 1:1 conversation (inside the receiving transaction).
+    /// A form submission arrived (inside the receiving transaction). Kept only if it came in a
+    /// 1:1 conversation, for a channel this account runs, and fits the form if this device
+    /// knows it yet.
+    #[allow(clippy::too_many_arguments)] // the fields of one received content
     pub(crate) fn handle_form_submission(
         &self,
         group: GroupId,
         sender: &Member,
         content_id: MessageId,
         sent_at: u64,
+        channel: ChannelId,
         form_id: &str,
         answers: &Answers,
     ) -> Result<(), ClientError> {
         let me = self.account.account_id;
+        let direct = self.store.conversation(group)?.is_some_and(|c| c.direct);
+        if !direct {
+            return Err(ClientError::Protocol(
+                "a form submission outside a 1:1 conversation".into(),
+            ));
+        }
+        let record = SubmissionRecord {
+            id: content_id,
+            channel,
+            form_id: form_id.to_owned(),
+            group,
+            submitter: sender.account,
+            answers: answers.clone(),
+            sent_at,
+            outgoing: sender.account == me,
+            receipt_at: None,
+        };
         if sender.account == me {
             // Sent by another of our devices.
-            return self
-                .store
-                .insert_submission(content_id, form_id, group, me, answers, sent_at, true);
+            return self.store.insert_submission(&record);
         }
-        match self.store.form_definition(form_id)? {
-            Some((channel, definition)) => {
-                let own = self.store.channel_rows()?.iter().any(|r| r.channel == channel && r.own);
-                if !own {
-                    return Err(ClientError::Protocol(
-                        "a submission to a form we did not publish".into(),
-                    ));
-                }
-                definition
-                    .check_answers(answers)
-                    .map_err(|e| ClientError::Protocol(format!("a submission that does not fit its form: {e}")))?;
-            }
-            // A staff device that has not subscribed to the channel yet keeps the submission;
-            // it is checked and exported once the device knows the form.
-            None => tracing::warn!("a submission to a form this device does not know yet"),
+        if !self.store.channel_row(channel)?.is_some_and(|r| r.own) {
+            return Err(ClientError::Protocol(
+                "a submission to a form of a channel we do not run".into(),
+            ));
         }
-        self.store
-            .insert_submission(content_id, form_id, group, sender.account, answers, sent_at, false)
+        match self.store.form_definition(channel, form_id)? {
+            Some(definition) => definition
+                .check_answers(answers)
+                .map_err(|e| ClientError::Protocol(format!("a submission that does not fit its form: {e}")))?,
+            // This staff device has not fetched the form yet: keep the submission; the export
+            // checks it against the form.
+            None => tracing::warn!("a submission to a form this device has not fetched yet"),
+        }
+        self.store.insert_submission(&record)
     }
 
     /// A staff device confirmed one of our submissions.
@@ -1235,44 +999,16 @@ impl FumiClient {
         if sender.account == self.account.account_id {
             return Ok(());
         }
-        self.store
-            .conn
-            .execute(
-                "UPDATE form_submissions SET receipt_at = ?, seen = 0
-                 WHERE submission_id = ? AND outgoing = 1 AND receipt_at IS NULL",
-                params![now_ms() as i64, submission.as_bytes().as_slice()],
-            )
-            .map_err(sql)?;
-        Ok(())
+        self.store.set_receipt(submission)
     }
 
     /// Sends a receipt for every submission this device stored and has not confirmed yet.
     pub(crate) async fn send_form_receipts(&mut self) -> Result<(), ClientError> {
-        let pending: Vec<(Vec<u8>, Vec<u8>)> = {
-            let mut statement = self
-                .store
-                .conn
-                .prepare("SELECT submission_id, group_id FROM form_submissions WHERE outgoing = 0 AND receipt_sent = 0")
-                .map_err(sql)?;
-            statement
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-                .map_err(sql)?
-                .collect::<Result<_, _>>()
-                .map_err(sql)?
-        };
-        for (submission, group) in pending {
-            let submission = MessageId::from_slice(&submission).map_err(|e| ClientError::Store(e.to_string()))?;
-            let group = GroupId::from_slice(&group).map_err(|e| ClientError::Store(e.to_string()))?;
+        for (submission, group) in self.store.unconfirmed_submissions()? {
             if self.device.is_member(group) {
                 self.send_content(group, Body::FormReceipt { submission }).await?;
             }
-            self.store
-                .conn
-                .execute(
-                    "UPDATE form_submissions SET receipt_sent = 1 WHERE submission_id = ?",
-                    [submission.as_bytes().as_slice()],
-                )
-                .map_err(sql)?;
+            self.store.mark_receipt_sent(submission)?;
         }
         Ok(())
     }
@@ -1280,7 +1016,7 @@ impl FumiClient {
     fn submission_view(&self, s: SubmissionRecord) -> Result<SubmissionView, ClientError> {
         Ok(SubmissionView {
             submission: s.id.to_string(),
-            form_title: self.store.form_definition(&s.form_id)?.map(|(_, f)| f.title),
+            form_title: self.store.form_definition(s.channel, &s.form_id)?.map(|f| f.title),
             form_id: s.form_id,
             submitter: self.display_account(s.submitter)?,
             sent_at: s.sent_at,
@@ -1292,9 +1028,9 @@ impl FumiClient {
 
     /// Submissions this device holds for a form (received, for an own form; sent, otherwise).
     pub fn submissions(&self, form: &str) -> Result<Vec<SubmissionView>, ClientError> {
-        let (form_id, _) = self.form(form)?;
+        let (row, form_id, _) = self.find_form(form)?;
         self.store
-            .submissions("form_id = ?1", &form_id)?
+            .submissions(Submissions::Form(row.channel, &form_id))?
             .into_iter()
             .map(|s| self.submission_view(s))
             .collect()
@@ -1313,62 +1049,38 @@ impl FumiClient {
                 .into_iter()
                 .flatten()
                 .collect();
+            self.store.mark_posts_seen(None)?;
             let (receipts, submissions): (Vec<_>, Vec<_>) = self
                 .store
-                .submissions("seen = ?1", &false)?
+                .submissions(Submissions::Unseen)?
                 .into_iter()
                 .map(|s| self.submission_view(s))
                 .collect::<Result<Vec<_>, _>>()?
                 .into_iter()
                 .partition(|s| s.outgoing);
-            let warnings = {
-                let mut statement = self
-                    .store
-                    .conn
-                    .prepare("SELECT channel_id, seq, warning FROM channel_warnings WHERE seen = 0 ORDER BY id")
-                    .map_err(sql)?;
-                let found = statement
-                    .query_map([], |r| {
-                        Ok((
-                            id16(r.get(0)?, ChannelId::from_slice)?,
-                            r.get::<_, i64>(1)? as u64,
-                            r.get::<_, String>(2)?,
-                        ))
-                    })
-                    .map_err(sql)?
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(sql)?;
-                found
-                    .into_iter()
-                    .map(|(channel, seq, warning)| ChannelWarning {
-                        channel: channel.to_string(),
-                        channel_name: rows
-                            .iter()
-                            .find(|r| r.channel == channel)
-                            .map_or_else(String::new, |r| r.info.name.clone()),
-                        seq,
-                        warning,
-                    })
-                    .collect()
-            };
-            for statement in [
-                "UPDATE channel_posts SET seen = 1 WHERE seen = 0",
-                "UPDATE form_submissions SET seen = 1 WHERE seen = 0",
-                "UPDATE channel_warnings SET seen = 1 WHERE seen = 0",
-            ] {
-                self.store.conn.execute(statement, []).map_err(sql)?;
-            }
             Ok(OfficialEvents {
                 posts,
                 submissions,
                 receipts,
-                warnings,
+                warnings: self.warnings(None)?,
             })
         })
     }
 }
 
-/// Writes a file only its owner can read (submissions are personal data).
+/// What a channel file shows before it is downloaded.
+fn pending_file_view(attachment: &fumi_core::Attachment) -> FileView {
+    FileView {
+        name: crate::files::sanitize_file_name(&attachment.name),
+        size: attachment.size,
+        media_type: attachment.media_type.clone(),
+        path: None,
+        error: None,
+    }
+}
+
+/// Writes a file only its owner can read (submissions are personal data), also when it
+/// replaces an existing file.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
@@ -1379,6 +1091,11 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         options.mode(0o600);
     }
     let mut file = options.open(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
     file.write_all(bytes)?;
     file.sync_all()
 }

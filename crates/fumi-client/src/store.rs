@@ -17,6 +17,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::ClientError;
 
+pub(crate) mod official;
+
 /// File name of the store inside the home directory.
 pub const STORE_FILE: &str = "fumi.db";
 
@@ -175,6 +177,28 @@ CREATE TABLE form_submissions (
     seen INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX form_submissions_by_form ON form_submissions (form_id, sent_at);
+"#,
+    r#"
+-- Files of channel posts: where this device saved each (or why it refused it).
+CREATE TABLE channel_files (
+    channel_id BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    view TEXT NOT NULL,
+    PRIMARY KEY (channel_id, seq)
+);
+-- A form is named by its channel and its id: another channel may reuse an id.
+CREATE TABLE channel_forms (
+    channel_id BLOB NOT NULL,
+    form_id TEXT NOT NULL,
+    definition TEXT NOT NULL,
+    published_at INTEGER NOT NULL,
+    PRIMARY KEY (channel_id, form_id)
+);
+INSERT INTO channel_forms (channel_id, form_id, definition, published_at)
+    SELECT channel_id, form_id, definition, published_at FROM forms;
+DROP TABLE forms;
+ALTER TABLE form_submissions ADD COLUMN channel_id BLOB;
+UPDATE form_submissions SET channel_id = (SELECT channel_id FROM channel_forms f WHERE f.form_id = form_submissions.form_id);
 "#,
 ];
 

@@ -153,15 +153,24 @@ impl FormDefinition {
             }
         }
         for field in &self.fields {
-            match answers.get(&field.name) {
-                None | Some(Value::Null) if field.required => {
-                    return Err(error(format!("{} is required", field.label)));
-                }
-                None | Some(Value::Null) => {}
+            let value = answers.get(&field.name).filter(|v| !is_empty(v));
+            match value {
+                None if field.required => return Err(error(format!("{} is required", field.label))),
+                None => {}
                 Some(value) => field.check(value)?,
             }
         }
         Ok(())
+    }
+}
+
+/// No answer: null, blank text, or no choice picked.
+fn is_empty(value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::String(text) => text.trim().is_empty(),
+        Value::Array(items) => items.is_empty(),
+        _ => false,
     }
 }
 
@@ -340,7 +349,8 @@ fn push_row(out: &mut String, cells: &[String]) {
         if i > 0 {
             out.push(',');
         }
-        let guarded = if cell.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        // A negative number is data, not a formula.
+        let guarded = if cell.starts_with(['=', '+', '-', '@', '\t', '\r']) && cell.parse::<f64>().is_err() {
             format!("'{cell}")
         } else {
             cell.clone()
@@ -414,6 +424,8 @@ mod tests {
         form.check_answers(&answers(good.clone())).unwrap();
         let cases = [
             ("name", json!(null), "Full name is required"),
+            ("name", json!("  "), "Full name is required"),
+            ("site", json!([]), "Site is required"),
             ("name", json!("x".repeat(21)), "at most 20"),
             ("born", json!("1990-02-30"), "YYYY-MM-DD"),
             ("site", json!("East"), "one of: North, South"),
@@ -474,14 +486,14 @@ mod tests {
             submitter: "bob.12".into(),
             answers: answers(
                 json!({"name": "=HYPERLINK(\"x\")", "born": "2000-01-01", "site": "North",
-                                    "symptoms": ["fever", "cough"], "consent": false}),
+                                    "symptoms": ["fever", "cough"], "temperature": -1.5, "consent": false}),
             ),
         };
         let csv = to_csv(&form, &[row]);
         assert_eq!(
             csv,
             "submission,sent_at,submitter,name,born,site,symptoms,temperature,consent\r\n\
-             ab,1970-01-01T00:00:00Z,bob.12,\"'=HYPERLINK(\"\"x\"\")\",2000-01-01,North,fever; cough,,no\r\n"
+             ab,1970-01-01T00:00:00Z,bob.12,\"'=HYPERLINK(\"\"x\"\")\",2000-01-01,North,fever; cough,-1.5,no\r\n"
         );
     }
 

@@ -386,8 +386,8 @@ impl ChannelLink {
 }
 
 /// A channel's description, signed by the organisation and sealed under the channel key.
+/// Fields a newer version adds are ignored (the signature covers the bytes as sent).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ChannelInfo {
     /// Format version.
     pub v: u32,
@@ -424,9 +424,8 @@ impl ChannelInfo {
     }
 }
 
-/// A post.
+/// A post. Fields a newer version adds are ignored (the signature covers the bytes as sent).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Post {
     /// Format version.
     pub v: u32,
@@ -529,6 +528,15 @@ fn open_signed(
     Ok((epoch, signed.body))
 }
 
+fn check_version(v: u32) -> Result<(), OfficialError> {
+    if v > CHANNEL_VERSION {
+        return Err(OfficialError::Invalid(format!(
+            "channel format version {v} is newer than this fumi understands; upgrade to read it"
+        )));
+    }
+    Ok(())
+}
+
 /// Signs and seals a channel description.
 pub fn seal_info(identity: &AccountIdentity, key: &ChannelKey, info: &ChannelInfo, rng: &mut impl RngCore) -> Vec<u8> {
     let body = serde_json::to_string(info).expect("serialises");
@@ -544,6 +552,7 @@ pub fn open_info(
 ) -> Result<ChannelInfo, OfficialError> {
     let (epoch, body) = open_signed(key_for, owner_key, channel, INFO_LABEL, "description", sealed)?;
     let info: ChannelInfo = serde_json::from_str(&body).map_err(|_| OfficialError::Malformed("description"))?;
+    check_version(info.v)?;
     if info.channel != channel || info.epoch != epoch {
         return Err(OfficialError::WrongChannel("description"));
     }
@@ -567,6 +576,7 @@ pub fn open_post(
 ) -> Result<Post, OfficialError> {
     let (epoch, body) = open_signed(key_for, owner_key, channel, POST_LABEL, "post", sealed)?;
     let post: Post = serde_json::from_str(&body).map_err(|_| OfficialError::Malformed("post"))?;
+    check_version(post.v)?;
     if post.channel != channel || post.epoch != epoch {
         return Err(OfficialError::WrongChannel("post"));
     }

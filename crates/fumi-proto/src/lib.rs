@@ -318,8 +318,14 @@ pub struct InviteRedeem {
 pub struct BlobCreate {
     /// Exact size of the blob in bytes.
     pub size: u64,
-    /// Devices allowed to download it; once each has acknowledged it, it is deleted.
+    /// Devices allowed to download it; once each has acknowledged it, it is deleted. Empty for
+    /// a channel's file.
+    #[serde(default)]
     pub recipients: Vec<DeviceId>,
+    /// For a file posted in a channel the caller owns: any device may download it (the key is
+    /// in the post), and it stays until it expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<ChannelId>,
 }
 
 /// Answer to [`BlobCreate`].

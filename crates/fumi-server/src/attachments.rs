@@ -76,11 +76,20 @@ pub(crate) async fn create_blob(
             config.max_blob_bytes
         )));
     }
-    if request.recipients.is_empty() || request.recipients.len() > config.max_recipients {
-        return Err(ApiError::bad_request(format!(
-            "a blob goes to 1 to {} devices",
-            config.max_recipients
-        )));
+    match (request.channel, request.recipients.len()) {
+        (Some(_), 0) => {}
+        (Some(_), _) => {
+            return Err(ApiError::bad_request(
+                "a channel's file names no recipients: every subscriber may fetch it",
+            ));
+        }
+        (None, n) if n == 0 || n > config.max_recipients => {
+            return Err(ApiError::bad_request(format!(
+                "a blob goes to 1 to {} devices",
+                config.max_recipients
+            )));
+        }
+        (None, _) => {}
     }
     let unique: HashSet<_> = request.recipients.iter().collect();
     if unique.len() != request.recipients.len() {
@@ -100,6 +109,7 @@ pub(crate) async fn create_blob(
         complete: false,
         pending: request.recipients,
         expires_at: now.saturating_add(config.message_ttl_secs.saturating_mul(1000)),
+        channel: request.channel,
     };
     state.storage.create_blob(&record, config.blob_quota_bytes, now).await?;
     Ok((StatusCode::CREATED, Json(BlobCreated { blob_id: record.id })))
@@ -229,7 +239,7 @@ pub(crate) async fn upload(
 /// The blob, if the caller may download (or acknowledge) it: a recipient, upload complete.
 async fn receivable_blob(state: &AppState, device: &AuthDevice, blob: &str) -> Result<BlobRecord, ApiError> {
     let record = blob_record(state, blob).await?;
-    if !record.pending.contains(&device.device) {
+    if record.channel.is_none() && !record.pending.contains(&device.device) {
         return Err(crate::storage::StorageError::NotBlobRecipient.into());
     }
     if !record.complete {
@@ -304,9 +314,12 @@ pub(crate) async fn acknowledge(
 ) -> Result<StatusCode, ApiError> {
     // A recipient of a complete blob only: acknowledging (and so deleting) a blob still being
     // written would race the upload.
-    let id = receivable_blob(&state, &device, &blob).await?.id;
-    if state.storage.blob_fetched(id, device.device).await? {
-        crate::delete_blob(&state, id).await.map_err(ApiError::internal)?;
+    let record = receivable_blob(&state, &device, &blob).await?;
+    // A channel's file stays for later subscribers: acknowledging it changes nothing.
+    if record.channel.is_none() && state.storage.blob_fetched(record.id, device.device).await? {
+        crate::delete_blob(&state, record.id)
+            .await
+            .map_err(ApiError::internal)?;
     }
     Ok(StatusCode::NO_CONTENT)
 }

@@ -160,9 +160,6 @@ pub(crate) async fn posts(
             "limit is between 1 and {MAX_POSTS_PER_PAGE}"
         )));
     }
-    if state.storage.channel(channel).await?.is_none() {
-        return Err(crate::storage::StorageError::UnknownChannel.into());
-    }
     let posts = state.storage.channel_posts(channel, after, limit).await?;
     Ok(Json(ChannelPosts {
         posts: posts

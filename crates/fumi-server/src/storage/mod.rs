@@ -148,6 +148,9 @@ pub struct BlobRecord {
     pub pending: Vec<DeviceId>,
     /// When it is deleted even if not every recipient fetched it.
     pub expires_at: u64,
+    /// For a channel's file: the channel. Any device may download it (subscribers hold the
+    /// key), and it stays until it expires; `pending` is empty.
+    pub channel: Option<ChannelId>,
 }
 
 /// Public keys of an account.
@@ -501,7 +504,8 @@ pub trait Storage: Send + Sync + 'static {
         owner: AccountId,
         post: &StoredChannelPost,
     ) -> Result<bool, StorageError>;
-    /// Posts with `seq > after`, oldest first, at most `limit`.
+    /// Posts with `seq > after`, oldest first, at most `limit`; [`StorageError::UnknownChannel`]
+    /// if there is no such channel.
     async fn channel_posts(
         &self,
         channel: ChannelId,

@@ -170,6 +170,14 @@ CREATE TABLE channel_subscriptions (
 );
 CREATE INDEX channel_subscriptions_by_account ON channel_subscriptions (account_id);
 "#,
+    r#"
+-- A channel's files: readable by any device (subscribers hold the key), kept until they expire.
+ALTER TABLE blobs ADD COLUMN channel_id BLOB REFERENCES channels(id);
+-- The subscriber count, kept with the channel: counting 100,000 rows on every read was the
+-- bottleneck of subscribers fetching posts.
+ALTER TABLE channels ADD COLUMN subscribers INTEGER NOT NULL DEFAULT 0;
+UPDATE channels SET subscribers = (SELECT COUNT(*) FROM channel_subscriptions WHERE channel_id = channels.id);
+"#,
 ];
 
 /// Connections for the two reads on the hot path (authenticating a device, reading a mailbox).
@@ -901,6 +909,20 @@ impl Storage for SqliteStorage {
         if to_u64(used).saturating_add(blob.size) > quota {
             return Err(StorageError::QuotaExceeded { quota });
         }
+        if let Some(channel) = blob.channel {
+            let owner: Option<Vec<u8>> = sqlx::query_scalar("SELECT owner_account FROM channels WHERE id = ?")
+                .bind(channel.as_bytes().as_slice())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db)?;
+            match owner {
+                None => return Err(StorageError::UnknownChannel),
+                Some(owner) if owner != blob.owner_account.as_bytes().as_slice() => {
+                    return Err(StorageError::NotChannelOwner);
+                }
+                Some(_) => {}
+            }
+        }
         let mut live_recipients = 0;
         for recipient in &blob.pending {
             // Like messages, blobs skip devices removed from their account (the sender's
@@ -922,12 +944,12 @@ impl Storage for SqliteStorage {
                 .await
                 .map_err(db)?;
         }
-        if live_recipients == 0 {
+        if live_recipients == 0 && blob.channel.is_none() {
             return Err(StorageError::UnknownDevice);
         }
         sqlx::query(
-            "INSERT INTO blobs (id, owner_account, owner_device, size, complete, created_at, expires_at)
-             VALUES (?, ?, ?, ?, 0, ?, ?)",
+            "INSERT INTO blobs (id, owner_account, owner_device, size, complete, created_at, expires_at, channel_id)
+             VALUES (?, ?, ?, ?, 0, ?, ?, ?)",
         )
         .bind(blob.id.as_bytes().as_slice())
         .bind(blob.owner_account.as_bytes().as_slice())
@@ -935,6 +957,7 @@ impl Storage for SqliteStorage {
         .bind(to_i64(blob.size))
         .bind(to_i64(now))
         .bind(to_i64(blob.expires_at))
+        .bind(blob.channel.map(|c| c.as_bytes().to_vec()))
         .execute(&mut *tx)
         .await
         .map_err(db)?;
@@ -942,11 +965,13 @@ impl Storage for SqliteStorage {
     }
 
     async fn blob(&self, id: BlobId) -> Result<Option<BlobRecord>, StorageError> {
-        let row = sqlx::query("SELECT owner_account, owner_device, size, complete, expires_at FROM blobs WHERE id = ?")
-            .bind(id.as_bytes().as_slice())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db)?;
+        let row = sqlx::query(
+            "SELECT owner_account, owner_device, size, complete, expires_at, channel_id FROM blobs WHERE id = ?",
+        )
+        .bind(id.as_bytes().as_slice())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
         let Some(row) = row else { return Ok(None) };
         let pending: Vec<Vec<u8>> = sqlx::query_scalar("SELECT device_id FROM blob_recipients WHERE blob_id = ?")
             .bind(id.as_bytes().as_slice())
@@ -961,6 +986,10 @@ impl Storage for SqliteStorage {
             complete: row.get::<i64, _>(3) != 0,
             pending: pending.iter().map(|d| device_id(d)).collect::<Result<_, _>>()?,
             expires_at: to_u64(row.get(4)),
+            channel: row
+                .get::<Option<Vec<u8>>, _>(5)
+                .map(|c| ChannelId::from_slice(&c).map_err(|_| StorageError::Database("corrupt channel id".into())))
+                .transpose()?,
         }))
     }
 
@@ -1016,8 +1045,9 @@ impl Storage for SqliteStorage {
     async fn expired_blobs(&self, now: u64, stale_upload_before: u64) -> Result<Vec<BlobId>, StorageError> {
         let ids: Vec<Vec<u8>> = sqlx::query_scalar(
             "SELECT id FROM blobs WHERE expires_at <= ? OR (complete = 0 AND created_at <= ?)
-                 OR (complete = 1 AND NOT EXISTS (SELECT 1 FROM blob_recipients r WHERE r.blob_id = blobs.id))
-                 OR owner_device IN (SELECT id FROM devices WHERE removed_at IS NOT NULL)",
+                 OR (channel_id IS NULL AND complete = 1
+                     AND NOT EXISTS (SELECT 1 FROM blob_recipients r WHERE r.blob_id = blobs.id))
+                 OR (channel_id IS NULL AND owner_device IN (SELECT id FROM devices WHERE removed_at IS NOT NULL))",
         )
         .bind(to_i64(now))
         .bind(to_i64(stale_upload_before))
@@ -1225,9 +1255,14 @@ impl Storage for SqliteStorage {
             "DELETE FROM group_members WHERE device_id IN (SELECT id FROM devices WHERE account_id = ?)",
             "DELETE FROM blob_recipients WHERE device_id IN (SELECT id FROM devices WHERE account_id = ?)",
             "DELETE FROM submissions WHERE sender_device IN (SELECT id FROM devices WHERE account_id = ?)",
+            "UPDATE channels SET subscribers = subscribers - 1
+             WHERE id IN (SELECT channel_id FROM channel_subscriptions WHERE account_id = ?)",
             "DELETE FROM channel_subscriptions WHERE account_id = ?",
             "DELETE FROM channel_subscriptions WHERE channel_id IN (SELECT id FROM channels WHERE owner_account = ?)",
             "DELETE FROM channel_posts WHERE channel_id IN (SELECT id FROM channels WHERE owner_account = ?)",
+            // The blob records stay for the caller to delete the bytes (below); they no longer
+            // belong to a channel.
+            "UPDATE blobs SET channel_id = NULL WHERE owner_account = ?",
             "DELETE FROM channels WHERE owner_account = ?",
             "DELETE FROM links WHERE account_id = ?",
             "DELETE FROM invites WHERE account_id = ?",
@@ -1346,15 +1381,11 @@ impl Storage for SqliteStorage {
     }
 
     async fn channel(&self, channel: ChannelId) -> Result<Option<ChannelRecord>, StorageError> {
-        let row = sqlx::query(
-            "SELECT owner_account, sealed_info, latest_seq,
-                    (SELECT COUNT(*) FROM channel_subscriptions WHERE channel_id = channels.id)
-             FROM channels WHERE id = ?",
-        )
-        .bind(channel.as_bytes().as_slice())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db)?;
+        let row = sqlx::query("SELECT owner_account, sealed_info, latest_seq, subscribers FROM channels WHERE id = ?")
+            .bind(channel.as_bytes().as_slice())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
         row.map(|row| {
             Ok(ChannelRecord {
                 owner: account_id(row.get::<&[u8], _>(0))?,
@@ -1413,24 +1444,34 @@ impl Storage for SqliteStorage {
         after: u64,
         limit: u32,
     ) -> Result<Vec<StoredChannelPost>, StorageError> {
-        let rows = sqlx::query(
-            "SELECT seq, sealed_post, posted_at FROM channel_posts
-             WHERE channel_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-        )
-        .bind(channel.as_bytes().as_slice())
-        .bind(to_i64(after))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db)?;
-        Ok(rows
-            .iter()
-            .map(|row| StoredChannelPost {
-                seq: to_u64(row.get(0)),
-                sealed_post: Ciphertext(row.get(1)),
-                posted_at: to_u64(row.get(2)),
-            })
-            .collect())
+        // Every subscriber coming online reads here: inline, like the mailbox.
+        let (exists, posts) = self.readers.with(|conn| {
+            let posts = conn
+                .prepare_cached(
+                    "SELECT seq, sealed_post, posted_at FROM channel_posts
+                     WHERE channel_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                )?
+                .query_map(
+                    rusqlite::params![channel.as_bytes().as_slice(), to_i64(after), i64::from(limit)],
+                    |row| {
+                        Ok(StoredChannelPost {
+                            seq: to_u64(row.get(0)?),
+                            sealed_post: Ciphertext(row.get(1)?),
+                            posted_at: to_u64(row.get(2)?),
+                        })
+                    },
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let exists = !posts.is_empty()
+                || conn
+                    .prepare_cached("SELECT 1 FROM channels WHERE id = ?")?
+                    .exists([channel.as_bytes().as_slice()])?;
+            Ok((exists, posts))
+        })?;
+        if !exists {
+            return Err(StorageError::UnknownChannel);
+        }
+        Ok(posts)
     }
 
     async fn set_subscription(
@@ -1473,13 +1514,19 @@ impl Storage for SqliteStorage {
                     limit: limits.subscriptions,
                 });
             }
+            if inserted.rows_affected() == 1 {
+                adjust_subscribers(&mut tx, channel, 1).await?;
+            }
         } else {
-            sqlx::query("DELETE FROM channel_subscriptions WHERE channel_id = ? AND account_id = ?")
+            let deleted = sqlx::query("DELETE FROM channel_subscriptions WHERE channel_id = ? AND account_id = ?")
                 .bind(channel.as_bytes().as_slice())
                 .bind(account.as_bytes().as_slice())
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
+            if deleted.rows_affected() == 1 {
+                adjust_subscribers(&mut tx, channel, -1).await?;
+            }
         }
         tx.commit().await.map_err(db)
     }
@@ -1495,6 +1542,20 @@ impl Storage for SqliteStorage {
             .map(|id| ChannelId::from_slice(id).map_err(|_| StorageError::Database("corrupt channel id".into())))
             .collect()
     }
+}
+
+async fn adjust_subscribers(
+    tx: &mut Transaction<'static, Sqlite>,
+    channel: ChannelId,
+    by: i64,
+) -> Result<(), StorageError> {
+    sqlx::query("UPDATE channels SET subscribers = subscribers + ? WHERE id = ?")
+        .bind(by)
+        .bind(channel.as_bytes().as_slice())
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+    Ok(())
 }
 
 /// The channel's newest post number, if `owner` owns it.
@@ -1895,6 +1956,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_channel_file_stays_until_it_expires_and_its_owner_can_be_purged() {
+        let (_dir, storage, device) = storage_with_device().await;
+        let account = AccountId::from_bytes([1; 16]);
+        let channel = ChannelId::from_bytes([5; 16]);
+        let limits = ChannelLimits {
+            owned: 1,
+            subscriptions: 1,
+        };
+        storage
+            .create_channel(channel, account, Ciphertext(vec![0; 40]), 0, limits)
+            .await
+            .unwrap();
+        let file = BlobRecord {
+            id: BlobId::from_bytes([6; 16]),
+            owner_account: account,
+            owner_device: device,
+            size: 10,
+            complete: false,
+            pending: vec![],
+            expires_at: 1_000,
+            channel: Some(channel),
+        };
+        storage.create_blob(&file, u64::MAX, 0).await.unwrap();
+        storage.complete_blob(file.id).await.unwrap();
+        // Complete and without recipients, it is not collected: subscribers fetch it later.
+        assert!(storage.expired_blobs(999, 0).await.unwrap().is_empty());
+        assert_eq!(storage.expired_blobs(1_000, 0).await.unwrap(), vec![file.id]);
+        // Purging the organisation removes its channel; the file is left for the caller.
+        assert_eq!(storage.purge_account(account).await.unwrap(), vec![file.id]);
+        assert!(storage.channel(channel).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
     async fn blobs_left_without_a_live_recipient_or_uploader_are_collected() {
         let (_dir, storage, device) = storage_with_device().await;
         let account = AccountId::from_bytes([1; 16]);
@@ -1916,6 +2010,7 @@ mod tests {
             complete: false,
             pending: vec![recipient],
             expires_at: u64::MAX / 2,
+            channel: None,
         };
         // One to the second device (complete), one from it (unfinished), one unrelated.
         for record in [
