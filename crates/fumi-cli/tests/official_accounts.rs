@@ -361,15 +361,69 @@ fn a_form_submission_reaches_exactly_the_staff_devices_and_exports_as_csv() {
     let sent = citizen.ok(&["form", "fill", &form_id, "--answers", answers.to_str().unwrap()]);
     let submission = sent.split_whitespace().nth(2).unwrap().trim_end_matches(';').to_owned();
 
-    // Both staff devices get it; the other subscriber gets nothing.
+    // Another citizen answers at the terminal: a wrong answer is asked again, an optional one
+    // skipped with Enter.
+    let walk_in = User::register(&server, "fumiko", "Fumiko");
+    walk_in.ok(&["channel", "subscribe", &link]);
+    let mut child = std::process::Command::new(common::FUMI)
+        .args([
+            "--home",
+            walk_in.home.path().to_str().unwrap(),
+            "form",
+            "fill",
+            &form_id,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(
+                b"MARKER-TYPED Fumiko Abe
+1985-07-32
+1985-07-31
+3
+1
+
+",
+            )
+            .unwrap();
+    }
+    let typed = child.wait_with_output().unwrap();
+    let prompts = String::from_utf8_lossy(&typed.stdout);
+    assert!(
+        typed.status.success(),
+        "{prompts} {}",
+        String::from_utf8_lossy(&typed.stderr)
+    );
+    assert!(prompts.contains("Date of birth: a date as YYYY-MM-DD"), "{prompts}");
+    assert!(prompts.contains("Site: one of: North, South"), "{prompts}");
+    assert!(prompts.contains("sent submission"), "{prompts}");
+
+    // Both staff devices get them; the other subscriber gets nothing.
     let staff_user = User {
         home: staff,
         username: org.username.clone(),
     };
     for device in [&org, &staff_user] {
         let got = events(device, "form_submission");
-        assert_eq!(got.len(), 1, "{got:?}");
-        let received = &got[0]["submission"];
+        assert_eq!(got.len(), 2, "{got:?}");
+        let typed = got
+            .iter()
+            .find(|g| g["submission"]["submitter"] == walk_in.username.as_str());
+        let typed = &typed.expect("the typed submission")["submission"]["answers"];
+        assert_eq!(
+            typed,
+            &json!({"name": "MARKER-TYPED Fumiko Abe", "born": "1985-07-31", "site": "North"})
+        );
+        let received = &got
+            .iter()
+            .find(|g| g["submission"]["submitter"] == citizen.username.as_str())
+            .expect("the file submission")["submission"];
         assert_eq!(received["submission"], submission.as_str());
         assert_eq!(received["submitter"], citizen.username.as_str());
         assert_eq!(received["answers"]["site"], "South");
@@ -387,7 +441,7 @@ fn a_form_submission_reaches_exactly_the_staff_devices_and_exports_as_csv() {
     for device in [&org, &staff_user] {
         let csv_path = device.home.path().join("out.csv");
         let out = device.ok(&["form", "export", &form_id, "--csv", csv_path.to_str().unwrap()]);
-        assert!(out.contains("wrote 1 submission"), "{out}");
+        assert!(out.contains("wrote 2 submissions"), "{out}");
         let csv = std::fs::read_to_string(&csv_path).unwrap();
         let lines: Vec<&str> = csv.split("\r\n").collect();
         assert_eq!(lines[0], "submission,sent_at,submitter,name,born,site,notes");
@@ -408,7 +462,13 @@ fn a_form_submission_reaches_exactly_the_staff_devices_and_exports_as_csv() {
 
     // The server saw ciphertext only.
     for (path, bytes) in server.all_written_bytes() {
-        for marker in ["MARKER-NAME", "MARKER-NOTES", "Vaccine appointment", "Date of birth"] {
+        for marker in [
+            "MARKER-NAME",
+            "MARKER-NOTES",
+            "MARKER-TYPED",
+            "Vaccine appointment",
+            "Date of birth",
+        ] {
             assert!(
                 !bytes.windows(marker.len()).any(|w| w == marker.as_bytes()),
                 "{marker} found in {}",
