@@ -20,6 +20,10 @@ pub struct ServerArgs {
     /// Data directory (database) [default: ./fumi-data].
     #[arg(long, env = "FUMI_DATA")]
     data: Option<PathBuf>,
+    /// Database: a postgres:// URL for cluster mode [default: embedded SQLite in the data
+    /// directory].
+    #[arg(long)]
+    database: Option<String>,
     /// TOML file with any of the settings listed in the README ("Server settings").
     #[arg(long, env = "FUMI_CONFIG")]
     config: Option<PathBuf>,
@@ -63,6 +67,9 @@ fn load_config(args: &ServerArgs) -> Result<Config> {
     if let Some(data) = &args.data {
         config.data = data.clone();
     }
+    if let Some(database) = &args.database {
+        config.database = database.clone();
+    }
     Ok(config)
 }
 
@@ -83,8 +90,8 @@ pub fn run(args: ServerArgs) -> Result<()> {
             .with_context(|| format!("cannot listen on {} (admin API)", config.admin_listen))?;
         let admin_address = admin_listener.local_addr()?;
         println!(
-            "fumi server listening on http://{address}, admin API on http://{admin_address}, data in {}",
-            fumi_server::database_path(&config).display()
+            "fumi server listening on http://{address}, admin API on http://{admin_address}, database: {}",
+            fumi_server::database_description(&config)
         );
         std::io::stdout().flush()?;
         fumi_server::run(config, listener, admin_listener, shutdown_signal()).await?;

@@ -72,7 +72,9 @@ fn server_files_and_logs_hold_no_plaintext() {
     ];
     let files = server.all_written_bytes();
     assert!(
-        files.iter().any(|(p, _)| p.ends_with("fumi.db")),
+        files
+            .iter()
+            .any(|(p, b)| (p.ends_with("fumi.db") || p.to_string_lossy().starts_with("postgres:")) && !b.is_empty()),
         "the database was searched"
     );
     assert!(

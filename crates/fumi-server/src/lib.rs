@@ -34,7 +34,7 @@ use crate::blobs::BlobStore;
 use crate::fanout::{Fanout, InProcessFanout};
 use crate::metrics::Metrics;
 use crate::rate_limit::RateLimiter;
-use crate::storage::{SqliteStorage, Storage};
+use crate::storage::{PostgresStorage, SqliteStorage, Storage};
 
 /// Server settings. Every field has a default; the CLI layers a TOML file, `FUMI_*` environment
 /// variables and flags on top.
@@ -43,8 +43,14 @@ use crate::storage::{SqliteStorage, Storage};
 pub struct Config {
     /// Address to listen on.
     pub listen: SocketAddr,
-    /// Directory holding the database (`fumi.db`).
+    /// Directory holding the embedded database (`fumi.db`), the transparency log's key and, by
+    /// default, the blobs.
     pub data: PathBuf,
+    /// Empty: the embedded SQLite database in `data`. `postgres://user@host:port/db`: a
+    /// PostgreSQL database shared by every node of a cluster.
+    pub database: String,
+    /// The PostgreSQL schema holding Fumi's tables (created if missing).
+    pub database_schema: String,
     /// Largest MLS message (plus Welcome) accepted, in bytes. A Welcome carries the ratchet tree,
     /// about 320 bytes per member device: 1 MiB lets a group grow to its 1000-device limit.
     pub max_message_bytes: usize,
@@ -86,6 +92,8 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data: PathBuf::from("fumi-data"),
+            database: String::new(),
+            database_schema: "fumi".into(),
             max_message_bytes: 1024 * 1024,
             max_recipients: 1000,
             message_ttl_secs: 30 * 24 * 60 * 60,
@@ -172,6 +180,38 @@ pub fn database_path(config: &Config) -> PathBuf {
     config.data.join("fumi.db")
 }
 
+/// The database, as the startup line shows it (never with a password).
+pub fn database_description(config: &Config) -> String {
+    if config.database.is_empty() {
+        return format!("SQLite {}", database_path(config).display());
+    }
+    let host = config
+        .database
+        .split_once('@')
+        .map_or(config.database.as_str(), |(_, rest)| rest);
+    let host = host
+        .trim_start_matches("postgres://")
+        .trim_start_matches("postgresql://");
+    let host = host.split(['?', '/']).next().unwrap_or_default();
+    format!("PostgreSQL on {host}, schema {}", config.database_schema)
+}
+
+/// Opens the configured database: PostgreSQL if `database` names one, else SQLite in `data`.
+pub async fn open_storage(config: &Config) -> Result<Arc<dyn Storage>, ServerError> {
+    let database = config.database.trim();
+    if database.is_empty() {
+        return Ok(Arc::new(SqliteStorage::open(&database_path(config)).await?));
+    }
+    if !(database.starts_with("postgres://") || database.starts_with("postgresql://")) {
+        return Err(ServerError::Config(
+            "database must be empty (embedded SQLite) or a postgres:// URL".into(),
+        ));
+    }
+    Ok(Arc::new(
+        PostgresStorage::connect_in_schema(database, &config.database_schema).await?,
+    ))
+}
+
 /// The audit log's signing key inside a data directory.
 pub fn audit_key_path(config: &Config) -> PathBuf {
     config.data.join("audit-log.key")
@@ -189,7 +229,7 @@ pub async fn run(
         path: config.data.clone(),
         source,
     })?;
-    let storage: Arc<dyn Storage> = Arc::new(SqliteStorage::open(&database_path(&config)).await?);
+    let storage = open_storage(&config).await?;
     let admin = admin::AdminPolicy::from_config(&config).map_err(ServerError::Config)?;
     if !config.moderation_public_key.is_empty() && moderation_key(&config).is_none() {
         return Err(ServerError::Config(

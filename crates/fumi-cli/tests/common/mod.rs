@@ -20,6 +20,33 @@ pub struct Server {
     /// Settings from the environment, kept for restarts.
     env: Vec<(String, String)>,
     child: Option<Child>,
+    /// With `FUMI_TEST_BACKEND=postgres`: the PostgreSQL URL and this server's own schema,
+    /// dropped when the test ends.
+    postgres: Option<(String, String)>,
+}
+
+/// The PostgreSQL database and a fresh schema, if the suite runs on the cluster backend.
+fn postgres_backend() -> Option<(String, String)> {
+    if std::env::var("FUMI_TEST_BACKEND").ok()? != "postgres" {
+        return None;
+    }
+    let url = std::env::var("FUMI_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let schema = format!("test_{}", hex_encode(&rand::random::<[u8; 8]>()));
+    Some((url, schema))
+}
+
+fn psql(url: &str, sql: &str) -> Vec<u8> {
+    let output = Command::new("psql")
+        .args([url, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()
+        .expect("run psql");
+    assert!(
+        output.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output.stdout
 }
 
 impl Server {
@@ -62,7 +89,12 @@ impl Server {
             admin_listen: "127.0.0.1:0".into(),
             env,
             child: None,
+            postgres: postgres_backend(),
         };
+        if let Some((url, schema)) = &server.postgres {
+            server.env.push(("FUMI_DATABASE".into(), url.clone()));
+            server.env.push(("FUMI_DATABASE_SCHEMA".into(), schema.clone()));
+        }
         server.spawn();
         server
     }
@@ -164,14 +196,29 @@ impl Server {
         answer
     }
 
-    /// Every byte the server wrote: database files and its log.
+    /// Every byte the server wrote: its files (database, blobs, log) and, on PostgreSQL, every
+    /// row of its schema (bytea printed byte for byte where printable, so text would show).
     pub fn all_written_bytes(&self) -> Vec<(PathBuf, Vec<u8>)> {
         let mut files = Vec::new();
         collect_files(self.dir.path(), &mut files);
-        files
+        let mut written: Vec<(PathBuf, Vec<u8>)> = files
             .into_iter()
             .map(|path| (path.clone(), std::fs::read(&path).expect("read")))
-            .collect()
+            .collect();
+        if let Some((url, schema)) = &self.postgres {
+            let tables = psql(
+                url,
+                &format!("SELECT tablename FROM pg_tables WHERE schemaname = '{schema}' ORDER BY 1"),
+            );
+            for table in String::from_utf8(tables).expect("utf-8").lines() {
+                let rows = psql(
+                    url,
+                    &format!("SET bytea_output = 'escape'; COPY \"{schema}\".\"{table}\" TO STDOUT"),
+                );
+                written.push((PathBuf::from(format!("postgres:{schema}.{table}")), rows));
+            }
+        }
+        written
     }
 }
 
@@ -261,6 +308,17 @@ impl Drop for Server {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if let Some((url, schema)) = &self.postgres {
+            let _ = Command::new("psql")
+                .args([
+                    url.as_str(),
+                    "-X",
+                    "-q",
+                    "-c",
+                    &format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"),
+                ])
+                .output();
         }
     }
 }

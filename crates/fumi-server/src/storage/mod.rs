@@ -4,8 +4,10 @@
 //! Every value a user could read is typed [`Ciphertext`]: the storage layer moves opaque bytes
 //! and has no way to open them.
 
+mod postgres;
 mod sqlite;
 
+pub use postgres::PostgresStorage;
 pub use sqlite::SqliteStorage;
 
 use async_trait::async_trait;
