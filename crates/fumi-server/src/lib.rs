@@ -31,7 +31,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::blobs::BlobStore;
-use crate::fanout::{Fanout, InProcessFanout};
+use crate::fanout::{Fanout, InProcessFanout, NatsFanout};
 use crate::metrics::Metrics;
 use crate::rate_limit::RateLimiter;
 use crate::storage::{PostgresStorage, SqliteStorage, Storage};
@@ -51,6 +51,11 @@ pub struct Config {
     pub database: String,
     /// The PostgreSQL schema holding Fumi's tables (created if missing).
     pub database_schema: String,
+    /// Empty: a single node. `nats://host:4222`: the NATS server that carries delivery events
+    /// between the nodes of a cluster.
+    pub nats_url: String,
+    /// Subject prefix of this cluster's events on NATS.
+    pub nats_subject_prefix: String,
     /// Largest MLS message (plus Welcome) accepted, in bytes. A Welcome carries the ratchet tree,
     /// about 320 bytes per member device: 1 MiB lets a group grow to its 1000-device limit.
     pub max_message_bytes: usize,
@@ -94,6 +99,8 @@ impl Default for Config {
             data: PathBuf::from("fumi-data"),
             database: String::new(),
             database_schema: "fumi".into(),
+            nats_url: String::new(),
+            nats_subject_prefix: "fumi".into(),
             max_message_bytes: 1024 * 1024,
             max_recipients: 1000,
             message_ttl_secs: 30 * 24 * 60 * 60,
@@ -242,10 +249,19 @@ pub async fn run(
     let blobs = BlobStore::open(&config)?;
     blobs.check().await?;
     tracing::info!(store = %blobs.description, "blob store");
+    let fanout: Arc<dyn Fanout> = if config.nats_url.is_empty() {
+        Arc::new(InProcessFanout::default())
+    } else {
+        let fanout = NatsFanout::connect(&config.nats_url, &config.nats_subject_prefix)
+            .await
+            .map_err(ServerError::Config)?;
+        tracing::info!(prefix = %config.nats_subject_prefix, "cluster mode: delivery events over NATS");
+        Arc::new(fanout)
+    };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let state = Arc::new(AppState {
         storage,
-        fanout: Arc::new(InProcessFanout::default()),
+        fanout,
         device_limiter: RateLimiter::new(config.device_requests_per_minute),
         address_limiter: RateLimiter::new(config.registrations_per_minute),
         config,

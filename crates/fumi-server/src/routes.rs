@@ -216,10 +216,15 @@ async fn health() -> impl IntoResponse {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiError> {
     let stats = state.storage.stats().await?;
-    Ok((
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(stats),
-    ))
+    let mut text = state.metrics.render(stats);
+    if let Some(connected) = state.fanout.bus_connected() {
+        text.push_str(&format!(
+            "# HELP fumi_cluster_bus_connected 1 while NATS carries delivery events between nodes; 0 while this node falls back to re-reading mailboxes.\n\
+             # TYPE fumi_cluster_bus_connected gauge\nfumi_cluster_bus_connected {}\n",
+            u8::from(connected)
+        ));
+    }
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
 }
 
 async fn register(

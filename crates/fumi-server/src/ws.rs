@@ -20,9 +20,8 @@ const MAX_CLIENT_FRAME_BYTES: usize = 64 * 1024;
 const MAX_ACK_SEQS: usize = 1000;
 /// Envelopes fetched from storage per round.
 const BATCH: u32 = 100;
-/// How often an idle connection re-reads its mailbox even without an event (a safety net if an
-/// event is ever lost) and pings the client.
-const IDLE_POLL: Duration = Duration::from_secs(30);
+/// How often an idle connection pings the client.
+const PING_INTERVAL: Duration = Duration::from_secs(30);
 /// A client that sends nothing, not even a Pong, for this long is gone: close its connection.
 const SILENCE_LIMIT: Duration = Duration::from_secs(95);
 
@@ -64,6 +63,7 @@ async fn deliver(socket: WebSocket, device: AuthDevice, state: &AppState) -> Res
     let mut last_sent = 0u64;
     let mut drained_sent = false;
     let mut last_heard = tokio::time::Instant::now();
+    let mut last_ping = tokio::time::Instant::now();
     loop {
         if *shutdown.borrow() {
             return close(&mut sink, close_code::AWAY, "server shutting down").await;
@@ -117,11 +117,16 @@ async fn deliver(socket: WebSocket, device: AuthDevice, state: &AppState) -> Res
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => channel_posts = None,
             },
-            _ = tokio::time::sleep(IDLE_POLL) => {
+            // Re-read the mailbox now and then (a lost event delays, never loses, a message),
+            // and ping the client.
+            _ = tokio::time::sleep(state.fanout.poll_interval()) => {
                 if last_heard.elapsed() > SILENCE_LIMIT {
                     return close(&mut sink, close_code::AWAY, "no answer to pings").await;
                 }
-                sink.send(Message::Ping(Default::default())).await.map_err(|e| e.to_string())?;
+                if last_ping.elapsed() >= PING_INTERVAL {
+                    last_ping = tokio::time::Instant::now();
+                    sink.send(Message::Ping(Default::default())).await.map_err(|e| e.to_string())?;
+                }
             }
             incoming = stream.next() => { last_heard = tokio::time::Instant::now(); match incoming {
                 None | Some(Ok(Message::Close(_))) => return Ok(()),

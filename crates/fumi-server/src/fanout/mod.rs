@@ -1,8 +1,13 @@
-//! Telling a device's delivery connection that its mailbox changed. In-process by default; the
-//! trait lets a multi-node deployment carry the same events over a message bus.
+//! Telling a device's delivery connection that its mailbox changed. In-process by default; a
+//! cluster carries the same events between nodes over NATS ([`nats`]).
+
+mod nats;
+
+pub use nats::NatsFanout;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use fumi_proto::{ChannelId, DeviceId};
@@ -27,7 +32,19 @@ pub trait Fanout: Send + Sync + 'static {
     fn publish_channel_post(&self, post: ChannelPush);
     /// Channel posts as they are published (each connection keeps those of its subscriptions).
     fn channel_posts(&self) -> broadcast::Receiver<ChannelPush>;
+    /// Whether the bus between nodes is up; `None` for a single node.
+    fn bus_connected(&self) -> Option<bool> {
+        None
+    }
+    /// How often an idle delivery connection re-reads its mailbox without an event: rarely
+    /// while events arrive, often while the bus between nodes is down.
+    fn poll_interval(&self) -> Duration {
+        IDLE_POLL
+    }
 }
+
+/// The re-read of an idle connection's mailbox, a safety net for a lost event.
+pub const IDLE_POLL: Duration = Duration::from_secs(30);
 
 /// A delivery connection's view of its device's events.
 #[derive(Debug)]
