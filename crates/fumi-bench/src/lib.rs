@@ -36,9 +36,12 @@ struct Pairs {
     _listeners: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// `server` may list several nodes of a cluster, comma-separated: senders then use the first
+/// and recipients listen on the last, so every message crosses nodes.
 async fn pairs(http: &reqwest::Client, server: &str, count: usize, arrivals: &Arrivals) -> Result<Pairs> {
-    let senders = register_many(http, server, count, 0).await?;
-    let recipients = register_many(http, server, count, 1).await?;
+    let nodes: Vec<&str> = server.split(',').map(str::trim).collect();
+    let senders = register_many(http, nodes[0], count, 0).await?;
+    let recipients = register_many(http, nodes[nodes.len() - 1], count, 1).await?;
     let groups = try_join_all(
         senders
             .iter()

@@ -17,7 +17,8 @@ use serde_json::Value;
 #[derive(Parser)]
 #[command(version, about = "Load generator for a running Fumi server (127.0.0.1 only)")]
 struct Cli {
-    /// The server's URL; must be on 127.0.0.1 or localhost.
+    /// The server's URL; must be on 127.0.0.1 or localhost. For a cluster, several URLs,
+    /// comma-separated: throughput and latency send through the first and receive on the last.
     #[arg(long, default_value = "http://127.0.0.1:8080", global = true)]
     server: String,
     /// Print one JSON object instead of the summary.
@@ -99,13 +100,15 @@ enum Scenario {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    let host = reqwest::Url::parse(&cli.server)
-        .context("--server must be a URL")?
-        .host_str()
-        .unwrap_or_default()
-        .to_owned();
-    if !matches!(host.as_str(), "127.0.0.1" | "localhost" | "[::1]") {
-        bail!("fumi-bench drives only a server on this machine (127.0.0.1), not {host}");
+    for server in cli.server.split(',') {
+        let host = reqwest::Url::parse(server.trim())
+            .context("--server must be a URL (or several, comma-separated, for a cluster)")?
+            .host_str()
+            .unwrap_or_default()
+            .to_owned();
+        if !matches!(host.as_str(), "127.0.0.1" | "localhost" | "[::1]") {
+            bail!("fumi-bench drives only a server on this machine (127.0.0.1), not {host}");
+        }
     }
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(256)

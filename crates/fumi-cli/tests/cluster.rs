@@ -223,6 +223,17 @@ fn clients_on_different_nodes_get_direct_and_group_messages_pushed_across_nodes(
     for node in [one, two] {
         assert!(node.metrics().contains("fumi_cluster_bus_connected 1"));
     }
+
+    // A third node with a transparency log key of its own would fork the shared log: refused.
+    let stranger = tempfile::tempdir().unwrap();
+    let refused = common::server_command(stranger.path())
+        .env("FUMI_DATABASE", &cluster.database)
+        .env("FUMI_DATABASE_SCHEMA", &cluster.schema)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("is not the key that signed the log"), "{stderr}");
 }
 
 #[test]

@@ -76,7 +76,20 @@ impl AuditLog {
             root_hash: merkle::root(&[]),
         }
         .sign(&self.key);
-        storage.init_audit_head(&to_json(&head)).await
+        storage.init_audit_head(&to_json(&head)).await?;
+        // Nodes of a cluster share one log: each must sign with the key that signed it so far.
+        let latest = storage.audit_head().await?.unwrap_or_default();
+        let signer = serde_json::from_str::<SignedTreeHead>(&latest)
+            .map_err(|_| StorageError::Database("the stored transparency log head is not JSON".into()))?
+            .log_key;
+        if signer != self.public_key() {
+            return Err(StorageError::Database(format!(
+                "this node's transparency log key ({}) is not the key that signed the log ({signer}): \
+                 copy audit-log.key from the node that created the log into this node's data directory",
+                self.public_key()
+            )));
+        }
+        Ok(())
     }
 
     /// Appends an entry and the signed head of the log it ends; returns the entry's index.

@@ -244,7 +244,10 @@ pub async fn run(
         ));
     }
     let audit = audit::AuditLog::open(&audit_key_path(&config))?;
-    audit.init(storage.as_ref()).await?;
+    audit
+        .init(storage.as_ref())
+        .await
+        .map_err(|e| ServerError::Config(e.to_string()))?;
     tracing::info!(log_key = %audit.public_key(), "transparency log");
     let blobs = BlobStore::open(&config)?;
     blobs.check().await?;
