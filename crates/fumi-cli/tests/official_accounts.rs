@@ -177,27 +177,28 @@ async fn a_verified_channel_reaches_its_subscribers_and_refuses_forged_and_repla
         },
         &mut rand::rng(),
     );
-    {
-        let db = rusqlite::Connection::open(server.database()).unwrap();
-        db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
-        let channel = parsed.channel.as_bytes().to_vec();
-        let first: Vec<u8> = db
-            .query_row(
-                "SELECT sealed_post FROM channel_posts WHERE channel_id = ? AND seq = 1",
-                [&channel],
-                |r| r.get(0),
-            )
-            .unwrap();
-        for (seq, sealed) in [(2, forged), (3, first)] {
-            db.execute(
-                "INSERT INTO channel_posts (channel_id, seq, sealed_post, posted_at) VALUES (?, ?, ?, 0)",
-                rusqlite::params![&channel, seq, sealed],
-            )
-            .unwrap();
-        }
-        db.execute("UPDATE channels SET latest_seq = 4 WHERE id = ?", [&channel])
-            .unwrap();
-    }
+    let page: Value = http
+        .get(format!(
+            "{}/v1/channels/{}/posts?after=0&limit=1",
+            server.url, parsed.channel
+        ))
+        .header("authorization", &subscriber_auth)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let first = STANDARD
+        .decode(page["posts"][0]["sealed_post"].as_str().unwrap())
+        .unwrap();
+    let channel = parsed.channel.as_bytes().to_vec();
+    server.execute(
+        "INSERT INTO channel_posts (channel_id, seq, sealed_post, posted_at) VALUES ({0}, 2, {1}, 0);
+         INSERT INTO channel_posts (channel_id, seq, sealed_post, posted_at) VALUES ({0}, 3, {2}, 0);
+         UPDATE channels SET latest_seq = 4 WHERE id = {0};",
+        &[&channel, &forged, &first],
+    );
     org.ok(&[
         "channel",
         "post",

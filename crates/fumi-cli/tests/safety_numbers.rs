@@ -48,18 +48,18 @@ fn safety_numbers_match_and_a_substituted_key_is_refused_loudly() {
     assert_eq!(bob_contact["verified"], true);
 
     // The server now names another identity key for Bob.
-    let db = rusqlite::Connection::open(server.database()).unwrap();
     let bob_id = common::hex_decode(&account_of(&bob));
-    let real_key: Vec<u8> = db
-        .query_row("SELECT identity_key FROM accounts WHERE id = ?", [&bob_id], |r| {
-            r.get(0)
-        })
-        .unwrap();
-    db.execute(
-        "UPDATE accounts SET identity_key = ? WHERE id = ?",
-        rusqlite::params![[9u8; 32].as_slice(), &bob_id],
-    )
-    .unwrap();
+    let real_key: Vec<u8> = {
+        let db = rusqlite::Connection::open(bob.home.path().join("fumi.db")).unwrap();
+        let secret: Vec<u8> = db
+            .query_row("SELECT identity_secret FROM account", [], |r| r.get(0))
+            .unwrap();
+        fumi_core::AccountIdentity::from_secret(&secret.try_into().unwrap())
+            .public_key()
+            .to_vec()
+    };
+    let set_key = |key: &[u8]| server.execute("UPDATE accounts SET identity_key = {0} WHERE id = {1}", &[key, &bob_id]);
+    set_key(&[9u8; 32]);
     let (code, changed, _) = verify(&alice, &bob.username, &[]);
     assert_eq!(code, 3, "a changed key must not look like success");
     assert_eq!(changed["changed"], true);
@@ -76,11 +76,7 @@ fn safety_numbers_match_and_a_substituted_key_is_refused_loudly() {
     assert!(stderr.contains("VERIFIED CONTACT"), "{stderr}");
 
     // The real key back: the pin and the verification still hold.
-    db.execute(
-        "UPDATE accounts SET identity_key = ? WHERE id = ?",
-        rusqlite::params![real_key, &bob_id],
-    )
-    .unwrap();
+    set_key(&real_key);
     let (code, restored, _) = verify(&alice, &bob.username, &[]);
     assert_eq!(code, 0);
     assert_eq!(restored["number"], number);

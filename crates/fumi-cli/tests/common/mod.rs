@@ -183,10 +183,15 @@ impl Server {
 
     /// The `/metrics` page (a plain HTTP/1.0 GET, so that sync and async tests can both use it).
     pub fn metrics(&self) -> String {
+        self.get("/metrics")
+    }
+
+    /// A public GET (no credentials) that must answer 200; returns the whole answer.
+    pub fn get(&self, path: &str) -> String {
         use std::io::{Read, Write};
         let address = self.url.trim_start_matches("http://");
         let mut stream = std::net::TcpStream::connect(address).expect("connect");
-        write!(stream, "GET /metrics HTTP/1.0\r\nHost: {address}\r\n\r\n").expect("request");
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").expect("request");
         let mut answer = String::new();
         stream.read_to_string(&mut answer).expect("answer");
         assert!(
@@ -194,6 +199,13 @@ impl Server {
             "{answer}"
         );
         answer
+    }
+
+    /// A public GET answered with JSON.
+    pub fn get_json(&self, path: &str) -> serde_json::Value {
+        let answer = self.get(path);
+        let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
     }
 
     /// Every byte the server wrote: its files (database, blobs, log) and, on PostgreSQL, every
@@ -236,8 +248,80 @@ impl Server {
     }
 }
 
-/// Every row of every table of the server's database, as text.
+impl Server {
+    /// Runs SQL statements on the server's database, whichever the backend (as a malicious
+    /// operator or a broken disk would). `{0}`, `{1}`, … stand for these byte strings, written as
+    /// blob literals; write booleans as TRUE/FALSE.
+    pub fn execute(&self, sql: &str, bytes: &[&[u8]]) {
+        let mut statement = sql.to_owned();
+        for (i, value) in bytes.iter().enumerate() {
+            let literal = match self.postgres {
+                Some(_) => format!("'\\x{}'::bytea", hex_encode(value)),
+                None => format!("X'{}'", hex_encode(value)),
+            };
+            statement = statement.replace(&format!("{{{i}}}"), &literal);
+        }
+        match &self.postgres {
+            Some((url, schema)) => {
+                psql(url, &format!("SET search_path TO \"{schema}\"; {statement}"));
+            }
+            None => {
+                let db = rusqlite::Connection::open(self.database()).unwrap();
+                db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+                db.execute_batch(&statement).unwrap();
+            }
+        }
+    }
+}
+
+/// Every row of every table of the server's database, as text (on PostgreSQL, each table's rows
+/// sorted, since an update may move a row without changing it).
 pub fn snapshot(server: &Server) -> String {
+    if let Some((url, schema)) = &server.postgres {
+        // One psql for the whole schema: a snapshot is taken around every refused request.
+        let tables = psql(
+            url,
+            &format!("SELECT tablename FROM pg_tables WHERE schemaname = '{schema}' ORDER BY 1"),
+        );
+        let tables: Vec<String> = String::from_utf8(tables)
+            .expect("utf-8")
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        let script: String = tables
+            .iter()
+            .map(|t| format!("\\echo ==table {t}\nCOPY \"{schema}\".\"{t}\" TO STDOUT;\n"))
+            .collect();
+        let mut child = Command::new("psql")
+            .args([url.as_str(), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run psql");
+        std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), script.as_bytes()).expect("script");
+        let output = child.wait_with_output().expect("psql");
+        assert!(output.status.success());
+        let mut out = String::new();
+        let mut table = String::new();
+        let mut rows: Vec<String> = Vec::new();
+        let flush = |table: &str, rows: &mut Vec<String>, out: &mut String| {
+            rows.sort();
+            for row in rows.drain(..) {
+                out.push_str(&format!("{table}: {row}\n"));
+            }
+        };
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            match line.strip_prefix("==table ") {
+                Some(name) => {
+                    flush(&table, &mut rows, &mut out);
+                    table = name.to_owned();
+                }
+                None => rows.push(line.to_owned()),
+            }
+        }
+        flush(&table, &mut rows, &mut out);
+        return out;
+    }
     let db =
         rusqlite::Connection::open_with_flags(server.database(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
     let tables: Vec<String> = db
