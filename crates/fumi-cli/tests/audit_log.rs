@@ -111,14 +111,26 @@ fn admin_ok(server: &Server, operators: &Operators, operator: &str, args: &[&str
     String::from_utf8(output.stdout).unwrap()
 }
 
+/// The stored log entries as the public endpoint serves them (the stored bytes, as text).
+fn stored_texts(server: &Server) -> Vec<String> {
+    let size = server.get_json("/v1/audit/head")["tree_size"].as_u64().unwrap();
+    if size == 0 {
+        return vec![];
+    }
+    let page = server.get_json(&format!("/v1/audit/entries?start=0&end={size}"));
+    page["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap().to_owned())
+        .collect()
+}
+
 /// The stored log entries, parsed.
 fn stored_entries(server: &Server) -> Vec<Value> {
-    let db = rusqlite::Connection::open(server.database()).unwrap();
-    let mut statement = db.prepare("SELECT entry FROM audit_log ORDER BY idx").unwrap();
-    statement
-        .query_map([], |row| row.get::<_, Vec<u8>>(0))
-        .unwrap()
-        .map(|bytes| serde_json::from_slice(&bytes.unwrap()).unwrap())
+    stored_texts(server)
+        .iter()
+        .map(|text| serde_json::from_str(text).unwrap())
         .collect()
 }
 
@@ -216,18 +228,27 @@ fn every_admin_route_writes_exactly_one_entry_before_acting() {
     alice.ok(&["receive"]);
 
     // Write-ahead: when the log cannot be appended to, the operation fails and changes nothing.
-    let db = rusqlite::Connection::open(server.database()).unwrap();
-    db.execute_batch(
-        "CREATE TRIGGER block_audit BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
-    )
-    .unwrap();
+    let (block, unblock) = if server.is_postgres() {
+        (
+            "CREATE FUNCTION block_audit() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'disk full'; END $$ \
+             LANGUAGE plpgsql; CREATE TRIGGER block_audit BEFORE INSERT ON audit_log FOR EACH ROW \
+             EXECUTE FUNCTION block_audit();",
+            "DROP TRIGGER block_audit ON audit_log; DROP FUNCTION block_audit();",
+        )
+    } else {
+        (
+            "CREATE TRIGGER block_audit BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
+            "DROP TRIGGER block_audit;",
+        )
+    };
+    server.execute(block, &[]);
     let output = admin(&server, &operators, "tanaka", &["suspend", &alice_account]);
     assert!(!output.status.success(), "an unlogged suspension went through");
     alice.ok(&["receive"]);
     let refused_read = admin(&server, &operators, "tanaka", &["accounts"]);
     assert!(!refused_read.status.success(), "an unlogged read returned data");
     assert!(refused_read.stdout.is_empty());
-    db.execute_batch("DROP TRIGGER block_audit;").unwrap();
+    server.execute(unblock, &[]);
 
     let state = tempfile::tempdir().unwrap();
     let totals = verify_ok(&server, &state.path().join("state.json"));
@@ -412,22 +433,15 @@ fn rewritten_truncated_reordered_or_forked_logs_fail_verification() {
     assert_eq!(second["totals"]["by_operator"]["tanaka"], 5, "totals accumulate");
     let good_state = std::fs::read(&state).unwrap();
 
-    let db = rusqlite::Connection::open(server.database()).unwrap();
-    let original: Vec<(i64, Vec<u8>, Vec<u8>)> = db
-        .prepare("SELECT idx, entry, leaf_hash FROM audit_log ORDER BY idx")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    let restore = |db: &rusqlite::Connection| {
-        db.execute("DELETE FROM audit_log", []).unwrap();
-        for (idx, entry, leaf) in &original {
-            db.execute(
-                "INSERT INTO audit_log (idx, entry, leaf_hash) VALUES (?1, ?2, ?3)",
-                rusqlite::params![idx, entry, leaf],
-            )
-            .unwrap();
+    let original = stored_texts(&server);
+    let restore = |server: &Server| {
+        server.execute("DELETE FROM audit_log", &[]);
+        for (idx, entry) in original.iter().enumerate() {
+            let leaf = fumi_audit::merkle::leaf_hash(entry.as_bytes());
+            server.execute(
+                &format!("INSERT INTO audit_log (idx, entry, leaf_hash) VALUES ({idx}, {{0}}, {{1}})"),
+                &[entry.as_bytes(), &leaf],
+            );
         }
     };
     let fresh_state = || {
@@ -436,41 +450,40 @@ fn rewritten_truncated_reordered_or_forked_logs_fail_verification() {
     let no_state = state_dir.path().join("none.json");
 
     // An entry altered: the operator's name replaced.
-    db.execute(
-        "UPDATE audit_log SET entry = CAST(replace(CAST(entry AS TEXT), 'tanaka', 'nobody') AS BLOB) WHERE idx = 3",
-        [],
-    )
-    .unwrap();
+    let altered = original[3].replace("tanaka", "nobody");
+    server.execute("UPDATE audit_log SET entry = {0} WHERE idx = 3", &[altered.as_bytes()]);
     verify_fails(&server, &no_state, "entry 3 is not in the signed log");
     let _ = std::fs::remove_file(&no_state);
-    restore(&db);
+    restore(&server);
 
     // Two entries swapped, hashes and all.
-    db.execute_batch(
+    server.execute(
         "UPDATE audit_log SET idx = -1 WHERE idx = 1; UPDATE audit_log SET idx = 1 WHERE idx = 0;
          UPDATE audit_log SET idx = 0 WHERE idx = -1;",
-    )
-    .unwrap();
+        &[],
+    );
     verify_fails(&server, &no_state, "entry 0 is not in the signed log");
     let _ = std::fs::remove_file(&no_state);
-    restore(&db);
+    restore(&server);
 
     // An entry deleted: the signed head still counts it; the server cannot prove the log.
-    db.execute("DELETE FROM audit_log WHERE idx = 4", []).unwrap();
+    server.execute("DELETE FROM audit_log WHERE idx = 4", &[]);
     verify_fails(&server, &no_state, "cannot prove entry");
     let _ = std::fs::remove_file(&no_state);
-    restore(&db);
+    restore(&server);
 
     // The log cut back to an older head: the verifier remembers it was bigger.
-    db.execute_batch("DELETE FROM audit_log WHERE idx >= 3; DELETE FROM audit_heads WHERE tree_size > 3;")
-        .unwrap();
+    server.execute(
+        "DELETE FROM audit_log WHERE idx >= 3; DELETE FROM audit_heads WHERE tree_size > 3;",
+        &[],
+    );
     fresh_state();
     verify_fails(&server, &state, "truncated: it had 5 entries, it now claims 3");
-    restore(&db);
+    restore(&server);
 
     // History rewritten and regrown, all correctly signed (the operator holds the key): the new
     // head is not consistent with the one the verifier saw.
-    db.execute_batch("DELETE FROM audit_log WHERE idx >= 3;").unwrap();
+    server.execute("DELETE FROM audit_log WHERE idx >= 3;", &[]);
     for _ in 0..3 {
         admin_ok(&server, &operators, "tanaka", &["metrics"]);
     }
@@ -521,9 +534,10 @@ fn an_account_holder_finds_the_accesses_to_their_account() {
 
     // The server knows who asks, so it could show Alice an older or rewritten log; her device
     // remembers the head it verified and refuses one that does not extend it.
-    let db = rusqlite::Connection::open(server.database()).unwrap();
-    db.execute_batch("DELETE FROM audit_log WHERE idx >= 2; DELETE FROM audit_heads WHERE tree_size > 2;")
-        .unwrap();
+    server.execute(
+        "DELETE FROM audit_log WHERE idx >= 2; DELETE FROM audit_heads WHERE tree_size > 2;",
+        &[],
+    );
     let output = alice.run(&["audit", "mine"]);
     assert!(!output.status.success(), "a truncated log was accepted");
     assert!(String::from_utf8_lossy(&output.stderr).contains("LOG VERIFICATION FAILED"));

@@ -249,6 +249,11 @@ impl Server {
 }
 
 impl Server {
+    /// Whether this server keeps its state in PostgreSQL (`FUMI_TEST_BACKEND=postgres`).
+    pub fn is_postgres(&self) -> bool {
+        self.postgres.is_some()
+    }
+
     /// Runs SQL statements on the server's database, whichever the backend (as a malicious
     /// operator or a broken disk would). `{0}`, `{1}`, … stand for these byte strings, written as
     /// blob literals; write booleans as TRUE/FALSE.

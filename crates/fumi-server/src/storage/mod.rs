@@ -194,8 +194,9 @@ pub struct Submission {
     pub now: u64,
     /// When undelivered copies expire, ms since the Unix epoch.
     pub expires_at: u64,
-    /// A mailbox holding this many envelopes takes no more application messages or Welcomes
-    /// (commits still go through, so a group can always remove an absent device).
+    /// A mailbox holding this many envelopes takes no more application messages (commits and
+    /// the Welcomes that travel with them still go through, so a group can always remove an
+    /// absent device).
     pub max_queued: u64,
 }
 
