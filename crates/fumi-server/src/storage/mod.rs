@@ -527,3 +527,249 @@ pub trait Storage: Send + Sync + 'static {
     /// The channels an account subscribes to.
     async fn subscriptions(&self, account: AccountId) -> Result<Vec<ChannelId>, StorageError>;
 }
+
+/// The storage contract, checked on every backend: SQLite always, PostgreSQL when
+/// `FUMI_TEST_POSTGRES_URL` names a database (`.ci/run` sets it), each in a schema of its own.
+#[cfg(test)]
+mod contract {
+    use std::sync::Arc;
+
+    use super::*;
+
+    struct Backend {
+        storage: Arc<dyn Storage>,
+        device: DeviceId,
+        _cleanup: Cleanup,
+    }
+
+    enum Cleanup {
+        Dir(#[allow(dead_code)] tempfile::TempDir),
+        Schema { url: String, schema: String },
+    }
+
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            if let Cleanup::Schema { url, schema } = self {
+                let _ = std::process::Command::new("psql")
+                    .args([
+                        url.as_str(),
+                        "-X",
+                        "-q",
+                        "-c",
+                        &format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"),
+                    ])
+                    .output();
+            }
+        }
+    }
+
+    impl Backend {
+        /// Closes the storage (its connections finish their work) before the cleanup runs.
+        async fn finish(self) {
+            let Backend { storage, _cleanup, .. } = self;
+            drop(storage);
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            drop(_cleanup);
+        }
+    }
+
+    async fn backends() -> Vec<Backend> {
+        let device = DeviceId::from_bytes([2; 16]);
+        let dir = tempfile::tempdir().unwrap();
+        let mut backends = vec![Backend {
+            storage: Arc::new(SqliteStorage::open(&dir.path().join("fumi.db")).await.unwrap()),
+            device,
+            _cleanup: Cleanup::Dir(dir),
+        }];
+        if let Ok(url) = std::env::var("FUMI_TEST_POSTGRES_URL") {
+            let schema = format!("unit_{}", hex::encode(rand::random::<[u8; 8]>()));
+            backends.push(Backend {
+                storage: Arc::new(PostgresStorage::connect_in_schema(&url, &schema).await.unwrap()),
+                device,
+                _cleanup: Cleanup::Schema { url, schema },
+            });
+        }
+        for backend in &backends {
+            backend
+                .storage
+                .create_account(AccountId::from_bytes([1; 16]), &[0; 32], device, &[0; 32], 0)
+                .await
+                .unwrap();
+        }
+        backends
+    }
+
+    fn submission(device: DeviceId, id: u8, epoch: Option<u64>, expires_at: u64) -> Submission {
+        Submission {
+            sender: DeviceId::from_bytes([9; 16]),
+            message_id: MessageId::from_bytes([id; 16]),
+            digest: [id; 32],
+            group: GroupId::from_bytes([3; 16]),
+            commit_epoch: epoch,
+            deliveries: vec![Delivery {
+                body: Ciphertext(vec![id]),
+                recipients: vec![device],
+            }],
+            removed: vec![],
+            now: 0,
+            expires_at,
+            max_queued: 10_000,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_submissions_are_committed_together_and_refusals_change_nothing_on_every_backend() {
+        for backend in backends().await {
+            concurrent_submissions_are_committed_together_and_refusals_change_nothing(
+                backend.storage.clone(),
+                backend.device,
+            )
+            .await;
+            backend.finish().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn channel_limits_hold_and_the_subscriber_count_follows_subscriptions_on_every_backend() {
+        for backend in backends().await {
+            channel_limits_hold_and_the_subscriber_count_follows_subscriptions(backend.storage.clone(), backend.device)
+                .await;
+            backend.finish().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_channel_file_stays_until_it_expires_and_its_owner_can_be_purged_on_every_backend() {
+        for backend in backends().await {
+            a_channel_file_stays_until_it_expires_and_its_owner_can_be_purged(backend.storage.clone(), backend.device)
+                .await;
+            backend.finish().await;
+        }
+    }
+
+    async fn concurrent_submissions_are_committed_together_and_refusals_change_nothing(
+        storage: Arc<dyn Storage>,
+        device: DeviceId,
+    ) {
+        storage
+            .submit(submission(device, 1, Some(0), u64::MAX / 2))
+            .await
+            .unwrap();
+        // Sent at once, these land in shared transactions: application messages (even ids) are
+        // accepted, commits for a stale epoch (odd ids) refused, each on its own.
+        let mut tasks = tokio::task::JoinSet::new();
+        for id in 10..110u8 {
+            let storage = storage.clone();
+            let epoch = (id % 2 == 1).then_some(7);
+            tasks.spawn(async move { (id, storage.submit(submission(device, id, epoch, u64::MAX / 2)).await) });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            let (id, outcome) = joined.unwrap();
+            match outcome {
+                Ok(SubmitOutcome::Accepted { .. }) => assert_eq!(id % 2, 0, "message {id}"),
+                Err(StorageError::EpochConflict { current: 1 }) => assert_eq!(id % 2, 1, "message {id}"),
+                other => panic!("message {id}: {other:?}"),
+            }
+        }
+        let bodies: Vec<u8> = storage
+            .fetch(device, 0, 100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.body.0[0])
+            .collect();
+        let expected: Vec<u8> = std::iter::once(1).chain((10..110).filter(|id| id % 2 == 0)).collect();
+        let mut sorted = bodies.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, expected);
+        // A retry of an accepted message is a duplicate, in a batch as alone.
+        assert!(matches!(
+            storage.submit(submission(device, 10, None, u64::MAX / 2)).await,
+            Ok(SubmitOutcome::Duplicate { .. })
+        ));
+    }
+
+    async fn channel_limits_hold_and_the_subscriber_count_follows_subscriptions(
+        storage: Arc<dyn Storage>,
+        _device: DeviceId,
+    ) {
+        let account = AccountId::from_bytes([1; 16]);
+        let limits = ChannelLimits {
+            owned: 1,
+            subscriptions: 1,
+        };
+        let (first, second) = (ChannelId::from_bytes([5; 16]), ChannelId::from_bytes([6; 16]));
+        let info = || Ciphertext(vec![0; 40]);
+        storage.create_channel(first, account, info(), 0, limits).await.unwrap();
+        assert!(matches!(
+            storage
+                .create_channel(first, account, info(), 0, ChannelLimits { owned: 2, ..limits })
+                .await,
+            Err(StorageError::ChannelExists)
+        ));
+        assert!(matches!(
+            storage.create_channel(second, account, info(), 0, limits).await,
+            Err(StorageError::TooMany {
+                what: "channels",
+                limit: 1
+            })
+        ));
+        let roomy = ChannelLimits { owned: 2, ..limits };
+        storage.create_channel(second, account, info(), 0, roomy).await.unwrap();
+        // Subscribing twice is one subscription; a second channel is over the limit.
+        for _ in 0..2 {
+            storage.set_subscription(first, account, true, 0, limits).await.unwrap();
+        }
+        assert_eq!(storage.channel(first).await.unwrap().unwrap().subscribers, 1);
+        assert!(matches!(
+            storage.set_subscription(second, account, true, 0, limits).await,
+            Err(StorageError::TooMany {
+                what: "channel subscriptions",
+                limit: 1
+            })
+        ));
+        assert_eq!(storage.channel(second).await.unwrap().unwrap().subscribers, 0);
+        for _ in 0..2 {
+            storage
+                .set_subscription(first, account, false, 0, limits)
+                .await
+                .unwrap();
+        }
+        assert_eq!(storage.channel(first).await.unwrap().unwrap().subscribers, 0);
+        assert!(storage.subscriptions(account).await.unwrap().is_empty());
+    }
+
+    async fn a_channel_file_stays_until_it_expires_and_its_owner_can_be_purged(
+        storage: Arc<dyn Storage>,
+        device: DeviceId,
+    ) {
+        let account = AccountId::from_bytes([1; 16]);
+        let channel = ChannelId::from_bytes([5; 16]);
+        let limits = ChannelLimits {
+            owned: 1,
+            subscriptions: 1,
+        };
+        storage
+            .create_channel(channel, account, Ciphertext(vec![0; 40]), 0, limits)
+            .await
+            .unwrap();
+        let file = BlobRecord {
+            id: BlobId::from_bytes([6; 16]),
+            owner_account: account,
+            owner_device: device,
+            size: 10,
+            complete: false,
+            pending: vec![],
+            expires_at: 1_000,
+            channel: Some(channel),
+        };
+        storage.create_blob(&file, u64::MAX, 0).await.unwrap();
+        storage.complete_blob(file.id).await.unwrap();
+        // Complete and without recipients, it is not collected: subscribers fetch it later.
+        assert!(storage.expired_blobs(999, 0).await.unwrap().is_empty());
+        assert_eq!(storage.expired_blobs(1_000, 0).await.unwrap(), vec![file.id]);
+        // Purging the organisation removes its channel; the file is left for the caller.
+        assert_eq!(storage.purge_account(account).await.unwrap(), vec![file.id]);
+        assert!(storage.channel(channel).await.unwrap().is_none());
+    }
+}

@@ -293,14 +293,30 @@ impl SealedTable {
     }
 }
 
+/// Pool settings shared by both constructors; `session` is run on every new connection.
+///
+/// A transaction dropped on an early return only queues its ROLLBACK on the connection, and an
+/// idle pooled connection would hold its row locks meanwhile (another node's write to the same
+/// group or account would wait for it). The submission path rolls back explicitly; as a safety
+/// net for every other path, the database ends a transaction left idle for a second (the pool
+/// then discards that connection).
+fn pool_options(session: String) -> PgPoolOptions {
+    let session: Arc<str> = Arc::from(format!("{session}SET idle_in_transaction_session_timeout = 1000;"));
+    PgPoolOptions::new()
+        .max_connections(MAX_CONNECTIONS)
+        .after_connect(move |conn, _meta| {
+            let session = Arc::clone(&session);
+            Box::pin(async move {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(session)).execute(&mut *conn).await?;
+                Ok(())
+            })
+        })
+}
+
 impl PostgresStorage {
     /// Connects to the database at `url` (a `postgres://` URL) and applies migrations.
     pub async fn connect(url: &str) -> Result<Self, StorageError> {
-        let pool = PgPoolOptions::new()
-            .max_connections(MAX_CONNECTIONS)
-            .connect(url)
-            .await
-            .map_err(db)?;
+        let pool = pool_options(String::new()).connect(url).await.map_err(db)?;
         migrate(&pool, None).await?;
         Ok(Self { pool })
     }
@@ -320,16 +336,7 @@ impl PostgresStorage {
             )));
         }
         // Validated above, so quoting cannot be escaped.
-        let set_path: Arc<str> = Arc::from(format!("SET search_path TO \"{schema}\""));
-        let pool = PgPoolOptions::new()
-            .max_connections(MAX_CONNECTIONS)
-            .after_connect(move |conn, _meta| {
-                let set_path = Arc::clone(&set_path);
-                Box::pin(async move {
-                    sqlx::raw_sql(sqlx::AssertSqlSafe(set_path)).execute(&mut *conn).await?;
-                    Ok(())
-                })
-            })
+        let pool = pool_options(format!("SET search_path TO \"{schema}\"; "))
             .connect(url)
             .await
             .map_err(db)?;
@@ -522,9 +529,29 @@ impl PostgresStorage {
     }
 
     async fn submit_once(&self, submission: &Submission) -> Result<SubmitOutcome, TxError> {
+        let mut tx = self.begin().await?;
+        // Rolled back at once on a refusal: a dropped transaction would only queue its
+        // ROLLBACK, and its pooled connection would hold the group's row lock meanwhile.
+        match self.submit_in(&mut tx, submission).await {
+            Ok(outcome) => {
+                tx.commit().await?;
+                Ok(outcome)
+            }
+            Err(error) => {
+                let _ = tx.rollback().await;
+                Err(error)
+            }
+        }
+    }
+
+    /// The body of a submission, inside `tx`: every refusal returns before anything is written.
+    async fn submit_in(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        submission: &Submission,
+    ) -> Result<SubmitOutcome, TxError> {
         let sender = submission.sender.as_bytes().as_slice();
         let group = submission.group.as_bytes().as_slice();
-        let mut tx = self.begin().await?;
 
         // The idempotency record goes in first: a concurrent submission with the same id waits
         // on its key until ours commits or rolls back, then finds it (or takes the id itself).
@@ -537,7 +564,7 @@ impl PostgresStorage {
         .bind(submission.digest.as_slice())
         .bind(to_i64(submission.now))
         .bind(to_i64(submission.expires_at))
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?
         .rows_affected();
         if recorded == 0 {
@@ -545,7 +572,7 @@ impl PostgresStorage {
                 sqlx::query("SELECT digest, accepted_at FROM submissions WHERE sender_device = $1 AND message_id = $2")
                     .bind(sender)
                     .bind(submission.message_id.as_bytes().as_slice())
-                    .fetch_optional(&mut *tx)
+                    .fetch_optional(&mut **tx)
                     .await?;
             // Purged between the two statements: start over.
             let Some(previous) = previous else {
@@ -572,19 +599,19 @@ impl PostgresStorage {
             )
             .bind(group)
             .bind(to_i64(submission.now))
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?
             .rows_affected();
             let epoch: i64 = sqlx::query_scalar("SELECT epoch FROM groups WHERE id = $1 FOR UPDATE")
                 .bind(group)
-                .fetch_one(&mut *tx)
+                .fetch_one(&mut **tx)
                 .await?;
             // A row we just created stands for "no commit seen yet".
             (created == 0).then_some(to_u64(epoch))
         } else {
             let epoch: Option<i64> = sqlx::query_scalar("SELECT epoch FROM groups WHERE id = $1 FOR UPDATE")
                 .bind(group)
-                .fetch_optional(&mut *tx)
+                .fetch_optional(&mut **tx)
                 .await?;
             epoch.map(to_u64)
         };
@@ -599,14 +626,14 @@ impl PostgresStorage {
             .flat_map(|d| d.recipients.iter().copied())
             .collect();
         involved.push(submission.sender);
-        let devices = lock_devices(&mut tx, &involved, true).await?;
+        let devices = lock_devices(tx, &involved, true).await?;
 
         if group_epoch.is_some() {
             let member: Option<i32> =
                 sqlx::query_scalar("SELECT 1 FROM group_members WHERE group_id = $1 AND device_id = $2")
                     .bind(group)
                     .bind(sender)
-                    .fetch_optional(&mut *tx)
+                    .fetch_optional(&mut **tx)
                     .await?;
             if member.is_none() {
                 return Err(StorageError::NotMember.into());
@@ -622,9 +649,9 @@ impl PostgresStorage {
                     .bind(group)
                     .bind(to_i64(epoch.saturating_add(1)))
                     .bind(to_i64(submission.now))
-                    .execute(&mut *tx)
+                    .execute(&mut **tx)
                     .await?;
-                replace_roster(&mut tx, submission).await?;
+                replace_roster(tx, submission).await?;
             }
             (None, None) => return Err(StorageError::UnknownGroup.into()),
             (None, Some(_)) => {}
@@ -651,7 +678,7 @@ impl PostgresStorage {
                     )
                     .bind(recipient.as_bytes().as_slice())
                     .bind(to_i64(submission.max_queued))
-                    .fetch_one(&mut *tx)
+                    .fetch_one(&mut **tx)
                     .await?;
                     if to_u64(queued) >= submission.max_queued {
                         return Err(StorageError::MailboxFull {
@@ -667,11 +694,10 @@ impl PostgresStorage {
             .bind(delivery.body.0.as_slice())
             .bind(to_i64(submission.now))
             .bind(to_i64(submission.expires_at))
-            .fetch_one(&mut *tx)
+            .fetch_one(&mut **tx)
             .await?;
-            queue_envelopes(&mut tx, &live, message_id).await?;
+            queue_envelopes(tx, &live, message_id).await?;
         }
-        tx.commit().await?;
         Ok(SubmitOutcome::Accepted {
             accepted_at: submission.now,
         })
