@@ -531,7 +531,7 @@ pub trait Storage: Send + Sync + 'static {
 /// The storage contract, checked on every backend: SQLite always, PostgreSQL when
 /// `FUMI_TEST_POSTGRES_URL` names a database (`.ci/run` sets it), each in a schema of its own.
 #[cfg(test)]
-mod contract {
+pub(crate) mod contract {
     use std::sync::Arc;
 
     use super::*;
@@ -599,7 +599,8 @@ mod contract {
         backends
     }
 
-    fn submission(device: DeviceId, id: u8, epoch: Option<u64>, expires_at: u64) -> Submission {
+    /// A one-recipient submission to group `[3; 16]` from device `[9; 16]`.
+    pub(crate) fn submission(device: DeviceId, id: u8, epoch: Option<u64>, expires_at: u64) -> Submission {
         Submission {
             sender: DeviceId::from_bytes([9; 16]),
             message_id: MessageId::from_bytes([id; 16]),

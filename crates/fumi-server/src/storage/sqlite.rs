@@ -1883,7 +1883,6 @@ fn replace_roster(conn: &rusqlite::Connection, submission: &Submission) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fumi_proto::{GroupId, MessageId};
 
     async fn storage_with_device() -> (tempfile::TempDir, SqliteStorage, DeviceId) {
         let dir = tempfile::tempdir().unwrap();
@@ -1896,23 +1895,7 @@ mod tests {
         (dir, storage, device)
     }
 
-    fn submission(device: DeviceId, id: u8, epoch: Option<u64>, expires_at: u64) -> Submission {
-        Submission {
-            sender: DeviceId::from_bytes([9; 16]),
-            message_id: MessageId::from_bytes([id; 16]),
-            digest: [id; 32],
-            group: GroupId::from_bytes([3; 16]),
-            commit_epoch: epoch,
-            deliveries: vec![Delivery {
-                body: Ciphertext(vec![id]),
-                recipients: vec![device],
-            }],
-            removed: vec![],
-            now: 0,
-            expires_at,
-            max_queued: 10_000,
-        }
-    }
+    use crate::storage::contract::submission;
 
     #[tokio::test]
     async fn blobs_left_without_a_live_recipient_or_uploader_are_collected() {
