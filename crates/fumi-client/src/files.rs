@@ -331,21 +331,9 @@ impl FumiClient {
             if lock.try_lock().is_err() || !self.store.is_download_pending(attachment.blob)? {
                 continue;
             }
-            let mut view = FileView {
-                name: attachment.name.clone(),
-                size: attachment.size,
-                media_type: attachment.media_type.clone(),
-                path: None,
-                error: None,
+            let Some(view) = self.fetch_file(&attachment).await else {
+                continue;
             };
-            match self.download(&attachment).await {
-                Ok(path) => view.path = Some(path.display().to_string()),
-                Err(DownloadFailure::Refused(reason)) => view.error = Some(reason),
-                Err(DownloadFailure::Retry(e) | DownloadFailure::StartOver(e)) => {
-                    tracing::warn!(error = %e, "a file could not be downloaded now; it will be tried again");
-                    continue;
-                }
-            }
             self.store.transaction(|| {
                 self.store.set_file_view(local_id, &view)?;
                 self.store.remove_download(attachment.blob)
@@ -359,6 +347,21 @@ impl FumiClient {
             drop(lock);
         }
         Ok(())
+    }
+
+    /// Downloads a file: where it was saved, or why it was refused for good; `None` if it is
+    /// worth trying again later.
+    pub(crate) async fn fetch_file(&self, attachment: &Attachment) -> Option<FileView> {
+        let mut view = FileView::pending(attachment);
+        match self.download(attachment).await {
+            Ok(path) => view.path = Some(path.display().to_string()),
+            Err(DownloadFailure::Refused(reason)) => view.error = Some(reason),
+            Err(DownloadFailure::Retry(e) | DownloadFailure::StartOver(e)) => {
+                tracing::warn!(error = %e, "a file could not be downloaded now; it will be tried again");
+                return None;
+            }
+        }
+        Some(view)
     }
 
     pub(crate) async fn download(&self, attachment: &Attachment) -> Result<PathBuf, DownloadFailure> {

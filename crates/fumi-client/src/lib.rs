@@ -492,6 +492,8 @@ impl FumiClient {
         }
         delivery.close().await;
         self.after_sync().await?;
+        // Channels are fetched here, not in every sync: sending needs none of their posts.
+        self.sync_channels().await?;
         let unseen = self.store.unseen()?;
         let ids: Vec<i64> = unseen.iter().map(|m| m.local_id).collect();
         let shown = unseen.iter().map(|m| self.display(m)).collect::<Result<Vec<_>, _>>()?;
@@ -1036,13 +1038,7 @@ impl FumiClient {
                         keep_evidence(local_id)?;
                     }
                     Body::File { attachment, caption } => {
-                        let view = FileView {
-                            name: files::sanitize_file_name(&attachment.name),
-                            size: attachment.size,
-                            media_type: attachment.media_type.clone(),
-                            path: None,
-                            error: None,
-                        };
+                        let view = FileView::pending(&attachment);
                         let message = received(caption.unwrap_or_default(), false, Some(view));
                         let local_id = self.store.insert_message(&message, false, now_ms())?;
                         if let Some(local_id) = local_id {
@@ -1165,7 +1161,6 @@ impl FumiClient {
         }
         self.download_pending().await?;
         self.send_form_receipts().await?;
-        self.sync_channels().await?;
         if let Err(e) = self.receive_history().await {
             tracing::warn!(error = %e, "the message history from your other device could not be fetched yet");
         }

@@ -28,9 +28,9 @@ use reqwest::Method;
 use serde::Serialize;
 
 use crate::devices::{encode_server, parse_code};
-use crate::files::{DownloadFailure, check_caption};
-use crate::store::FileView;
+use crate::files::check_caption;
 use crate::store::official::{ChannelRow, SubmissionRecord, Submissions};
+use crate::store::{FileView, write_private};
 use crate::{ClientError, FumiClient, now_ms, random_bytes};
 
 const CHANNEL_PREFIX: &str = "fumi://channel/";
@@ -717,16 +717,9 @@ impl FumiClient {
             if self.store.channel_file(post.channel, post.seq)?.is_some() {
                 continue;
             }
-            let mut view = pending_file_view(attachment);
-            match self.download(attachment).await {
-                Ok(path) => view.path = Some(path.display().to_string()),
-                Err(DownloadFailure::Refused(reason)) => view.error = Some(reason),
-                Err(DownloadFailure::Retry(e) | DownloadFailure::StartOver(e)) => {
-                    tracing::warn!(error = %e, "a channel file could not be downloaded now; it will be tried again");
-                    continue;
-                }
+            if let Some(view) = self.fetch_file(attachment).await {
+                self.store.set_channel_file(post.channel, post.seq, &view)?;
             }
-            self.store.set_channel_file(post.channel, post.seq, &view)?;
         }
         Ok(())
     }
@@ -747,7 +740,7 @@ impl FumiClient {
                 Some(
                     self.store
                         .channel_file(post.channel, post.seq)?
-                        .unwrap_or_else(|| pending_file_view(attachment)),
+                        .unwrap_or_else(|| FileView::pending(attachment)),
                 ),
             ),
             PostBody::Form { form_id, form } => (None, Some(self.form_summary(row, form_id, form)?), None),
@@ -1066,36 +1059,4 @@ impl FumiClient {
             })
         })
     }
-}
-
-/// What a channel file shows before it is downloaded.
-fn pending_file_view(attachment: &fumi_core::Attachment) -> FileView {
-    FileView {
-        name: crate::files::sanitize_file_name(&attachment.name),
-        size: attachment.size,
-        media_type: attachment.media_type.clone(),
-        path: None,
-        error: None,
-    }
-}
-
-/// Writes a file only its owner can read (submissions are personal data), also when it
-/// replaces an existing file.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    }
-    file.write_all(bytes)?;
-    file.sync_all()
 }

@@ -368,6 +368,19 @@ pub struct FileView {
     pub error: Option<String>,
 }
 
+impl FileView {
+    /// A received file not downloaded yet (its name sanitised again).
+    pub(crate) fn pending(attachment: &fumi_core::Attachment) -> Self {
+        Self {
+            name: crate::files::sanitize_file_name(&attachment.name),
+            size: attachment.size,
+            media_type: attachment.media_type.clone(),
+            path: None,
+            error: None,
+        }
+    }
+}
+
 /// A queued outgoing request.
 #[derive(Debug, Clone)]
 pub struct OutboxEntry {
@@ -1244,10 +1257,15 @@ pub(crate) fn open_private(path: &Path, append: bool) -> std::io::Result<std::fs
     options.open(path)
 }
 
-/// Writes a whole file readable only by the user.
+/// Writes a whole file readable only by the user, also when it replaces an existing file (whose
+/// mode `open` would keep), and syncs it.
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    open_private(path, false)?.write_all(bytes)
+    let mut file = open_private(path, false)?;
+    #[cfg(unix)]
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    file.write_all(bytes)?;
+    file.sync_all()
 }
 
 fn create_private_file(path: &Path) -> Result<(), ClientError> {

@@ -186,6 +186,19 @@ impl Server {
         self.get("/metrics")
     }
 
+    /// Asserts that none of `markers` appears in anything the server wrote (files, log, rows).
+    pub fn assert_never_wrote(&self, markers: &[&str]) {
+        for (path, bytes) in self.all_written_bytes() {
+            for marker in markers {
+                assert!(
+                    !bytes.windows(marker.len()).any(|w| w == marker.as_bytes()),
+                    "{marker} found in {}",
+                    path.display()
+                );
+            }
+        }
+    }
+
     /// A public GET (no credentials) that must answer 200; returns the whole answer.
     pub fn get(&self, path: &str) -> String {
         use std::io::{Read, Write};

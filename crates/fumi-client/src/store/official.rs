@@ -461,13 +461,16 @@ impl Store {
 
     /// Submissions, oldest first; listing the unseen ones marks them shown.
     pub(crate) fn submissions(&self, which: Submissions<'_>) -> Result<Vec<SubmissionRecord>, ClientError> {
-        let (filter, channel, form_id) = match which {
+        use rusqlite::types::Value;
+        let (filter, arguments) = match which {
             Submissions::Form(channel, form_id) => (
-                "channel_id = ?1 AND form_id = ?2",
-                Some(channel.as_bytes().to_vec()),
-                Some(form_id.to_owned()),
+                "channel_id = ? AND form_id = ?",
+                vec![
+                    Value::Blob(channel.as_bytes().to_vec()),
+                    Value::Text(form_id.to_owned()),
+                ],
             ),
-            Submissions::Unseen => ("seen = 0 AND ?1 IS NULL AND ?2 IS NULL", None, None),
+            Submissions::Unseen => ("seen = 0", vec![]),
         };
         let query = format!(
             "SELECT submission_id, channel_id, form_id, group_id, submitter, answers, sent_at, outgoing, receipt_at
@@ -475,7 +478,7 @@ impl Store {
         );
         let mut statement = self.conn.prepare(&query).map_err(sql)?;
         let rows = statement
-            .query_map(params![channel, form_id], |r| {
+            .query_map(rusqlite::params_from_iter(arguments), |r| {
                 Ok((
                     id16(r.get(0)?, MessageId::from_slice)?,
                     channel_id(r.get(1)?)?,

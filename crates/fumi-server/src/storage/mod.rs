@@ -14,6 +14,33 @@ use async_trait::async_trait;
 use fumi_proto::{AccountId, BlobId, ChannelId, DeviceId, GroupId, MessageId};
 use thiserror::Error;
 
+/// The backend failed: our problem, not the client's.
+pub(crate) fn db(error: sqlx::Error) -> StorageError {
+    StorageError::Database(error.to_string())
+}
+
+/// Database integers are signed: a count or time beyond `i64` saturates.
+pub(crate) fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// A negative stored count or time (never written) reads as 0.
+pub(crate) fn to_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+pub(crate) fn account_id(bytes: &[u8]) -> Result<AccountId, StorageError> {
+    AccountId::from_slice(bytes).map_err(|_| StorageError::Database("corrupt account id".into()))
+}
+
+pub(crate) fn device_id(bytes: &[u8]) -> Result<DeviceId, StorageError> {
+    DeviceId::from_slice(bytes).map_err(|_| StorageError::Database("corrupt device id".into()))
+}
+
+pub(crate) fn blob_id(bytes: &[u8]) -> Result<BlobId, StorageError> {
+    BlobId::from_slice(bytes).map_err(|_| StorageError::Database("corrupt blob id".into()))
+}
+
 /// Bytes the server stores and forwards but cannot read: MLS messages, KeyPackages, sealed
 /// profiles. `Debug` prints only the length.
 #[derive(Clone, PartialEq, Eq)]

@@ -1455,10 +1455,6 @@ fn migration_lock_key(schema: &str) -> i64 {
     MIGRATION_LOCK ^ (hash as i64)
 }
 
-fn db(error: sqlx::Error) -> StorageError {
-    StorageError::Database(error.to_string())
-}
-
 fn sqlstate(error: &sqlx::Error) -> Option<String> {
     match error {
         sqlx::Error::Database(d) => d.code().map(|code| code.into_owned()),
@@ -1477,26 +1473,6 @@ fn unique_or(error: sqlx::Error, instead: StorageError) -> TxError {
         sqlx::Error::Database(d) if d.is_unique_violation() => TxError::Storage(instead),
         other => TxError::from(other),
     }
-}
-
-fn to_i64(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-fn to_u64(value: i64) -> u64 {
-    u64::try_from(value).unwrap_or(0)
-}
-
-fn account_id(bytes: &[u8]) -> Result<AccountId, StorageError> {
-    AccountId::from_slice(bytes).map_err(|_| StorageError::Database("corrupt account id".into()))
-}
-
-fn device_id(bytes: &[u8]) -> Result<DeviceId, StorageError> {
-    DeviceId::from_slice(bytes).map_err(|_| StorageError::Database("corrupt device id".into()))
-}
-
-fn blob_id(bytes: &[u8]) -> Result<BlobId, StorageError> {
-    BlobId::from_slice(bytes).map_err(|_| StorageError::Database("corrupt blob id".into()))
 }
 
 fn channel_id(bytes: &[u8]) -> Result<ChannelId, StorageError> {

@@ -347,18 +347,6 @@ impl SqliteStorage {
     }
 }
 
-fn db(error: sqlx::Error) -> StorageError {
-    StorageError::Database(error.to_string())
-}
-
-fn to_i64(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-fn to_u64(value: i64) -> u64 {
-    u64::try_from(value).unwrap_or(0)
-}
-
 #[async_trait]
 impl Storage for SqliteStorage {
     async fn create_account(
@@ -1054,9 +1042,7 @@ impl Storage for SqliteStorage {
         .fetch_all(&self.pool)
         .await
         .map_err(db)?;
-        ids.iter()
-            .map(|id| BlobId::from_slice(id).map_err(|_| StorageError::Database("corrupt blob id".into())))
-            .collect()
+        ids.iter().map(|id| blob_id(id)).collect()
     }
 
     async fn put_avatar(&self, account: AccountId, sealed: Ciphertext, now: u64) -> Result<(), StorageError> {
@@ -1284,10 +1270,7 @@ impl Storage for SqliteStorage {
             .await
             .map_err(db)?;
         tx.commit().await.map_err(db)?;
-        blobs
-            .iter()
-            .map(|blob| BlobId::from_slice(blob).map_err(|_| StorageError::Database("corrupt blob id".into())))
-            .collect()
+        blobs.iter().map(|blob| blob_id(blob)).collect()
     }
 
     async fn create_report(&self, sealed: Ciphertext, now: u64) -> Result<u64, StorageError> {
@@ -1574,14 +1557,6 @@ async fn channel_owned_by(
         return Err(StorageError::NotChannelOwner);
     }
     Ok(to_u64(row.get(1)))
-}
-
-fn account_id(bytes: &[u8]) -> Result<AccountId, StorageError> {
-    AccountId::from_slice(bytes).map_err(|_| StorageError::Database("corrupt account id".into()))
-}
-
-fn device_id(bytes: &[u8]) -> Result<DeviceId, StorageError> {
-    DeviceId::from_slice(bytes).map_err(|_| StorageError::Database("corrupt device id".into()))
 }
 
 // --- The hot write path -------------------------------------------------------------------
