@@ -63,7 +63,7 @@ pub fn server_request(data: &[u8]) {
 pub fn mls_framing(data: &[u8]) {
     let _ = crate::framing::inspect_group_message(data);
     let _ = crate::framing::check_welcome(data);
-    let _ = crate::framing::check_key_package(data);
+    let _ = crate::framing::key_package_signature_key(data);
 }
 
 /// Everything the client decodes from server answers and frames, and its own stored records

@@ -13,6 +13,7 @@
 
 #![warn(missing_docs)]
 
+pub mod keys;
 pub mod merkle;
 pub mod verify;
 

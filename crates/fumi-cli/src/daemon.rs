@@ -66,7 +66,7 @@ pub async fn run(home: &Path, socket: Option<PathBuf>, poll: Duration) -> Result
                 }
             },
             _ = poll_timer.tick(), if sessions.values().any(|s| s.subscribed) => {
-                match receive(&mut client).await {
+                match receive(&mut client, &sessions).await {
                     Ok((messages, events)) => {
                         notify(&sessions, &messages);
                         notify_official(&sessions, &events);
@@ -79,11 +79,16 @@ pub async fn run(home: &Path, socket: Option<PathBuf>, poll: Duration) -> Result
     Ok(())
 }
 
-/// Messages and official-account events that arrived.
+/// Messages and official-account events that arrived; key directory warnings go to every
+/// subscribed session as `keyWarning` notifications.
 async fn receive(
     client: &mut FumiClient,
+    sessions: &HashMap<u64, Session>,
 ) -> Result<(Vec<fumi_client::DisplayMessage>, OfficialEvents), fumi_client::ClientError> {
     let messages = client.receive(Duration::ZERO).await?;
+    for warning in client.take_key_warnings() {
+        broadcast(sessions, "keyWarning", json!({"message": warning}));
+    }
     Ok((messages, client.take_official_events()?))
 }
 
@@ -232,7 +237,7 @@ async fn call(
             json!({"id": id.to_string()})
         }
         "receive" => {
-            let (messages, events) = receive(client).await?;
+            let (messages, events) = receive(client, sessions).await?;
             notify(sessions, &messages);
             notify_official(sessions, &events);
             json!({"messages": messages, "channel_posts": events.posts, "form_submissions": events.submissions,

@@ -36,6 +36,9 @@ enum Command {
     /// Check a server's public log of operator accesses.
     #[command(subcommand)]
     Audit(operator::AuditCommand),
+    /// Key transparency: check your account in the server's key directory, or audit the directory.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Operator tools: keys, and the signed admin API (every call is written to the public log).
     Admin(operator::AdminArgs),
     /// Create an account on a server; prints your full username (name.NN).
@@ -173,6 +176,28 @@ enum Command {
         conversation: String,
         /// How long messages live after they arrive (30s, 10m, 1h, 7d, 4w), or `off`.
         duration: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Check every version the key directory ever published of your account: your identity key
+    /// and only devices you linked. Exits non-zero with a warning otherwise. `fumi receive`
+    /// runs this check whenever the directory changed.
+    Check,
+    /// Check, as anyone can, that the server's key directory only ever appended: each epoch
+    /// extends the one before. With --state, continue from the epoch audited last time (kept in
+    /// that file) and fail if its history was rewritten since.
+    Audit {
+        /// Server URL, e.g. http://127.0.0.1:8080.
+        #[arg(long, env = "FUMI_SERVER")]
+        server: String,
+        /// File remembering the last audited epoch (created on the first run).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -323,6 +348,59 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
         match command {
             Command::Server(_) | Command::Admin(_) => unreachable!("handled in main"),
             Command::Audit(command) => operator::run_audit(&home, command).await?,
+            Command::Keys(KeysCommand::Check) => {
+                let mut client = FumiClient::open(&home)?;
+                client.sync().await?;
+                let warnings = client.check_own_keys(true).await?;
+                if !warnings.is_empty() {
+                    for warning in &warnings {
+                        eprintln!("{warning}");
+                    }
+                    anyhow::bail!("your account's key directory entry lists keys you did not add");
+                }
+                println!("key directory checked: your account lists your identity key and only devices you linked");
+            }
+            Command::Keys(KeysCommand::Audit { server, state, json }) => {
+                let previous: Option<fumi_client::keys::AuditorState> = match &state {
+                    Some(path) if path.exists() => {
+                        let text = std::fs::read_to_string(path)
+                            .with_context(|| format!("cannot read {}", path.display()))?;
+                        Some(
+                            serde_json::from_str(&text)
+                                .with_context(|| format!("{} is not a key directory audit state file", path.display()))?,
+                        )
+                    }
+                    _ => None,
+                };
+                let report = fumi_client::keys::audit_directory(&server, previous.as_ref()).await?;
+                if let Some(path) = &state {
+                    let temporary = path.with_extension("tmp");
+                    std::fs::write(&temporary, serde_json::to_string_pretty(&report.state)?)
+                        .with_context(|| format!("cannot write {}", temporary.display()))?;
+                    std::fs::rename(&temporary, path).with_context(|| format!("cannot write {}", path.display()))?;
+                }
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "from_epoch": report.from_epoch,
+                            "epoch": report.state.epoch,
+                            "root_hash": report.state.root_hash,
+                            "log_key": report.state.log_key,
+                            "epochs_checked": report.epochs_checked,
+                        })
+                    );
+                } else {
+                    println!(
+                        "key directory audited: epochs {} to {} only appended ({} steps checked); root {} signed by log key {}",
+                        report.from_epoch,
+                        report.state.epoch,
+                        report.epochs_checked,
+                        report.state.root_hash,
+                        report.state.log_key
+                    );
+                }
+            }
             Command::Authority(command) => official::run_authority(&home, command).await?,
             Command::Org(command) => official::run_org(&home, command).await?,
             Command::Channel(command) => official::run_channel(&home, command).await?,
@@ -373,6 +451,13 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
                 client.set_progress(Box::new(progress::Bar::default()));
                 for message in client.receive(Duration::from_secs(timeout)).await? {
                     print_message(&message, json)?;
+                }
+                for warning in client.take_key_warnings() {
+                    if json {
+                        println!("{}", serde_json::json!({"type": "key_warning", "message": warning}));
+                    } else {
+                        println!("{warning}");
+                    }
                 }
                 official::print_events(&client.take_official_events()?, json)?;
             }

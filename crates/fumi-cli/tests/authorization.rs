@@ -146,6 +146,17 @@ async fn every_endpoint_refuses_the_wrong_caller_and_changes_nothing() {
             | ("GET", "/v1/audit/proof/consistency") => {
                 Entry::Public("the transparency log is public by design; it names no account")
             }
+            ("GET", "/v1/keys/head") | ("GET", "/v1/keys/heads") | ("GET", "/v1/keys/audit") => Entry::Public(
+                "the key directory's signed heads and append-only proofs are public for auditors; they name no account",
+            ),
+            ("GET", "/v1/keys/lookup/account/{account}") => {
+                device(format!("/v1/keys/lookup/account/{alice_account}"), None, vec![])
+            }
+            ("GET", "/v1/keys/lookup/username/{hash}") => {
+                device(format!("/v1/keys/lookup/username/{}", "ab".repeat(32)), None, vec![])
+            }
+            // Names no account: the caller's own entry is the only one it can read.
+            ("GET", "/v1/keys/history") => device("/v1/keys/history".into(), None, vec![]),
             ("GET", "/v1/audit/key") => device("/v1/audit/key".into(), None, vec![]),
             ("GET", "/v1/moderation/key") => device("/v1/moderation/key".into(), None, vec![]),
             ("POST", "/v1/reports") => device(

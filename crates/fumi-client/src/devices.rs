@@ -77,6 +77,10 @@ struct AccountBundle {
     /// Devices of the account that were removed: the new device never adds them back either.
     #[serde(default)]
     revoked: Vec<DeviceId>,
+    /// Devices of the account the linking device trusts (itself included): the new device
+    /// trusts them too, and reports any other device the key directory lists.
+    #[serde(default)]
+    known: Vec<DeviceId>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -155,6 +159,7 @@ impl FumiClient {
             display_name: self.account.display_name.clone(),
             contacts,
             revoked: self.store.revoked_devices()?,
+            known: self.trusted_own_devices()?.into_iter().collect(),
         };
         let plaintext = fumi_core::padding::pad(&serde_json::to_vec(&bundle).expect("bundle serialises"));
         let sealed = sealing::seal(
@@ -198,6 +203,8 @@ impl FumiClient {
                 other => other?,
             };
             if let Some(device) = status.device_id {
+                // This device made the link: the new device is ours.
+                self.store.know_device(device, crate::now_ms())?;
                 self.sync().await?;
                 // History is a courtesy: the link stands even if handing it over fails.
                 if let Err(e) = self.send_history(&link.token_hash, &link.key, device).await {
@@ -299,6 +306,10 @@ impl FumiClient {
         for device in &bundle.revoked {
             store.revoke_device(*device, crate::now_ms())?;
         }
+        store.know_device(device_id, crate::now_ms())?;
+        for device in &bundle.known {
+            store.know_device(*device, crate::now_ms())?;
+        }
         for contact in &bundle.contacts {
             let Ok(identity_key) = <[u8; 32]>::try_from(contact.identity_key.as_slice()) else {
                 continue;
@@ -353,6 +364,8 @@ impl FumiClient {
             device,
             account,
             joined: Vec::new(),
+            unchecked: Vec::new(),
+            key_warnings: Vec::new(),
         };
         client
             .store
@@ -449,13 +462,20 @@ impl FumiClient {
     /// conversation that cannot be changed now is logged and tried again at the next sync.
     pub(crate) async fn reconcile_own_devices(&mut self) -> Result<(), ClientError> {
         let revoked = self.store.revoked_devices()?;
-        let listed: Vec<DeviceId> = self
-            .own_account_info()
-            .await?
-            .devices
-            .into_iter()
-            .filter(|d| !revoked.contains(d))
-            .collect();
+        // Only devices one of ours linked are brought in: a device the server lists but none of
+        // ours linked is not added anywhere (and `fumi keys check` reports it).
+        let trusted = self.trusted_own_devices()?;
+        let mut listed = Vec::new();
+        for device in self.own_account_info().await?.devices {
+            if revoked.contains(&device) {
+                continue;
+            }
+            if trusted.contains(&device) {
+                listed.push(device);
+            } else {
+                tracing::warn!(%device, "the server lists a device of yours that none of your devices linked; not adding it");
+            }
+        }
         for conversation in self.store.conversations()? {
             let group = conversation.group_id;
             if !conversation.active || !self.device.is_member(group) {

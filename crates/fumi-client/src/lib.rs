@@ -6,6 +6,7 @@ pub mod audit;
 mod devices;
 mod files;
 mod history;
+pub mod keys;
 pub mod official;
 mod report;
 mod safety;
@@ -83,6 +84,9 @@ pub enum ClientError {
     /// The client store failed.
     #[error("client store: {0}")]
     Store(String),
+    /// The server's key directory contradicts what the server handed out, or its history changed.
+    #[error("SECURITY WARNING: {0}")]
+    KeyTransparency(String),
 }
 
 impl ClientError {
@@ -180,6 +184,20 @@ pub struct FumiClient {
     account: AccountRow,
     /// Groups joined during this sync: we introduce ourselves (profile key) to them after it.
     joined: Vec<GroupId>,
+    /// Devices that joined our groups (or that we joined) during this sync: checked against the
+    /// key directory after it.
+    unchecked: Vec<(GroupId, Vec<Member>)>,
+    /// Problems the last review of this account's key directory entry found.
+    key_warnings: Vec<String>,
+}
+
+/// Devices that came into a group through one received message.
+struct Arrival {
+    group: GroupId,
+    /// We joined the group (through a Welcome).
+    joined: bool,
+    /// The group's members (when we joined) or the devices added.
+    members: Vec<Member>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -233,6 +251,7 @@ impl FumiClient {
             profile_key_set_at: now_ms(),
         };
         store.save_account(&account)?;
+        store.know_device(registered.device_id, now_ms())?;
         let device = open_device(provider, &account)?;
         let fresh = device.key_packages(KEY_PACKAGE_STOCK, true)?;
         let upload = KeyPackageUpload {
@@ -254,6 +273,8 @@ impl FumiClient {
             device,
             account,
             joined: Vec::new(),
+            unchecked: Vec::new(),
+            key_warnings: Vec::new(),
         };
         client.publish_profile().await?;
         Ok(client)
@@ -277,6 +298,8 @@ impl FumiClient {
             device,
             account,
             joined: Vec::new(),
+            unchecked: Vec::new(),
+            key_warnings: Vec::new(),
         };
         client.purge_expired()?;
         Ok(client)
@@ -316,13 +339,17 @@ impl FumiClient {
         if Some(username.to_string()) == self.account.username {
             return Ok(self.account.account_id);
         }
-        let path = format!("/v1/usernames/{}", hex::encode(username.hash()));
+        // Argon2id, memory-hard: computed once.
+        let hash = username.hash();
+        let path = format!("/v1/usernames/{}", hex::encode(hash));
         let found: UsernameLookup = match self.transport.request::<(), _>(Method::GET, &path, None).await {
             Err(e) if e.is_code("unknown_username") => {
                 return Err(ClientError::Usage(format!("no one has the username {username}")));
             }
             other => other?,
         };
+        self.check_username_in_directory(&username.to_string(), &hash, found.account_id)
+            .await?;
         self.store
             .upsert_contact(found.account_id, Some(&username.to_string()), None)?;
         Ok(found.account_id)
@@ -494,6 +521,9 @@ impl FumiClient {
         self.after_sync().await?;
         // Channels are fetched here, not in every sync: sending needs none of their posts.
         self.sync_channels().await?;
+        // Whenever the key directory moved on, this account's entry is looked at again.
+        let warnings = self.check_own_keys(false).await?;
+        self.key_warnings.extend(warnings);
         let unseen = self.store.unseen()?;
         let ids: Vec<i64> = unseen.iter().map(|m| m.local_id).collect();
         let shown = unseen.iter().map(|m| self.display(m)).collect::<Result<Vec<_>, _>>()?;
@@ -649,27 +679,43 @@ impl FumiClient {
             }
             other => other?,
         };
-        // The identity key each account registered: a device must be certified by it, and it must
-        // match the key pinned when we first met the account.
+        let mut verified = Vec::new();
+        for entry in claimed.key_packages {
+            if !accounts.contains(&entry.account_id) {
+                return Err(ClientError::Protocol(
+                    "the server returned a key package for an account we did not ask for".into(),
+                ));
+            }
+            verified.push(self.device.verify_key_package(
+                entry.key_package.as_slice(),
+                entry.account_id,
+                entry.device_id,
+            )?);
+        }
+        // The identity key each account registered: a device must be certified by it.
         let mut registered = std::collections::HashMap::new();
         for account in accounts {
             registered.insert(*account, self.registered_identity_key(*account).await?);
         }
-        let mut verified = Vec::new();
-        for entry in claimed.key_packages {
-            let Some(expected_key) = registered.get(&entry.account_id) else {
-                return Err(ClientError::Protocol(
-                    "the server returned a key package for an account we did not ask for".into(),
-                ));
-            };
-            let (key_package, member) =
-                self.device
-                    .verify_key_package(entry.key_package.as_slice(), entry.account_id, entry.device_id)?;
-            if member.identity_key != *expected_key {
+        // A key that differs from one pinned earlier is refused first, with the louder warning
+        // for a contact verified in person.
+        for (_, member) in &verified {
+            if let Some(pinned) = self.store.pinned_identity_key(member.account)?
+                && (registered.get(&member.account) != Some(&pinned) || member.identity_key != pinned)
+            {
                 return Err(self.identity_changed(member.account)?);
             }
-            self.check_identity(&member)?;
-            verified.push((key_package, member));
+        }
+        // Every device must be in its account's key directory entry, with that identity key and
+        // signature key, before anything is pinned or encrypted to it.
+        let members: Vec<Member> = verified.iter().map(|(_, member)| *member).collect();
+        self.check_members_in_directory(&members).await?;
+        for (_, member) in &verified {
+            if registered.get(&member.account) != Some(&member.identity_key) {
+                return Err(self.identity_changed(member.account)?);
+            }
+            // Pins the key on first contact.
+            self.check_identity(member)?;
         }
         Ok(verified)
     }
@@ -922,11 +968,18 @@ impl FumiClient {
     async fn process_envelope(&mut self, delivery: &mut Delivery, seq: u64, bytes: &[u8]) -> Result<(), ClientError> {
         if !self.store.is_processed(seq)? {
             let result = self.store.transaction(|| {
-                let joined = self.handle_incoming(bytes)?;
+                let arrival = self.handle_incoming(bytes)?;
                 self.store.mark_processed(seq, now_ms())?;
-                Ok(joined)
+                Ok(arrival)
             });
-            let result = result.map(|joined| self.joined.extend(joined));
+            let result = result.map(|arrival| {
+                if let Some(arrival) = arrival {
+                    if arrival.joined {
+                        self.joined.push(arrival.group);
+                    }
+                    self.unchecked.push((arrival.group, arrival.members));
+                }
+            });
             if let Err(error) = result {
                 match error {
                     ClientError::Store(_) => return Err(error),
@@ -940,8 +993,9 @@ impl FumiClient {
         delivery.ack(vec![seq]).await
     }
 
-    /// Applies one received message to the store; returns the group if we just joined one.
-    fn handle_incoming(&self, bytes: &[u8]) -> Result<Option<GroupId>, ClientError> {
+    /// Applies one received message to the store; returns the devices that joined a group (or
+    /// whose group we joined), to be checked against the key directory.
+    fn handle_incoming(&self, bytes: &[u8]) -> Result<Option<Arrival>, ClientError> {
         let me = self.account.account_id;
         match self.device.handle_message(bytes)? {
             Incoming::Joined { group, by, members } => {
@@ -961,7 +1015,12 @@ impl FumiClient {
                 self.store.insert_conversation(&conversation, now_ms())?;
                 let text = format!("{} added you", mention(by.account));
                 self.store_event(group, by.account, &text, false)?;
-                Ok(Some(group))
+                self.learn_own_devices(&by, &members)?;
+                Ok(Some(Arrival {
+                    group,
+                    joined: true,
+                    members,
+                }))
             }
             Incoming::Application {
                 group,
@@ -1127,7 +1186,12 @@ impl FumiClient {
                     let text = format!("{} {change}", mention(by.account));
                     self.store_event(group, by.account, &text, false)?;
                 }
-                Ok(None)
+                self.learn_own_devices(&by, &added)?;
+                Ok((!added.is_empty()).then_some(Arrival {
+                    group,
+                    joined: false,
+                    members: added,
+                }))
             }
             Incoming::Other { .. } => Ok(None),
         }
@@ -1136,6 +1200,7 @@ impl FumiClient {
     /// Introduces us to groups just joined, fetches new profiles, brings our own devices into
     /// our conversations, tops up KeyPackages, downloads files and deletes expired messages.
     async fn after_sync(&mut self) -> Result<(), ClientError> {
+        self.check_arrivals().await?;
         self.follow_own_profile().await?;
         for group in std::mem::take(&mut self.joined) {
             if self.device.is_member(group) {
@@ -1178,6 +1243,48 @@ impl FumiClient {
             }
         }
         Ok(())
+    }
+
+    /// Devices of this account that a device we trust brought into a group are ours too.
+    fn learn_own_devices(&self, by: &Member, members: &[Member]) -> Result<(), ClientError> {
+        let me = self.account.account_id;
+        if by.account != me || !self.trusted_own_devices()?.contains(&by.device) {
+            return Ok(());
+        }
+        for member in members.iter().filter(|m| m.account == me) {
+            self.store.know_device(member.device, now_ms())?;
+        }
+        Ok(())
+    }
+
+    /// Checks the devices that joined our groups, or whose group we joined, against the key
+    /// directory. A conversation with a device the directory does not list is closed on this
+    /// device, with a warning in it.
+    async fn check_arrivals(&mut self) -> Result<(), ClientError> {
+        while let Some((group, members)) = self.unchecked.pop() {
+            match self.check_members_in_directory(&members).await {
+                Ok(()) => {}
+                Err(error @ ClientError::KeyTransparency(_)) => {
+                    self.store.transaction(|| {
+                        self.store_event(group, self.account.account_id, &error.to_string(), false)?;
+                        self.store.deactivate_conversation(group)
+                    })?;
+                    self.joined.retain(|g| *g != group);
+                    return Err(error);
+                }
+                Err(other) => {
+                    // Checked again at the next sync.
+                    self.unchecked.push((group, members));
+                    return Err(other);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Warnings from the last review of this account's key directory entry, once.
+    pub fn take_key_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.key_warnings)
     }
 
     /// Refuses a member whose identity key differs from the one pinned for its account.

@@ -17,6 +17,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::ClientError;
 
+pub(crate) mod keys;
 pub(crate) mod official;
 
 /// File name of the store inside the home directory.
@@ -199,6 +200,27 @@ INSERT INTO channel_forms (channel_id, form_id, definition, published_at)
 DROP TABLE forms;
 ALTER TABLE form_submissions ADD COLUMN channel_id BLOB;
 UPDATE form_submissions SET channel_id = (SELECT channel_id FROM channel_forms f WHERE f.form_id = form_submissions.form_id);
+"#,
+    r#"
+-- Key transparency: the server's log key (pinned on first use), the newest directory epoch seen
+-- (epochs never go back; one epoch has one root), and how far this account's own entry was
+-- reviewed.
+CREATE TABLE key_directory (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    log_key BLOB NOT NULL,
+    epoch INTEGER NOT NULL,
+    root_hash BLOB NOT NULL,
+    own_version INTEGER NOT NULL DEFAULT 0,
+    own_checked_epoch INTEGER NOT NULL DEFAULT 0,
+    -- The last review of the own entry found a problem: every sync looks again until it is gone.
+    own_alarm INTEGER NOT NULL DEFAULT 0
+);
+-- Devices of this account this device has reason to trust: itself, devices it linked, and
+-- devices that a trusted device of ours linked or added (learned through signed MLS commits).
+CREATE TABLE known_devices (
+    device_id BLOB PRIMARY KEY,
+    learned_at INTEGER NOT NULL
+);
 "#,
 ];
 

@@ -36,6 +36,8 @@ pub struct Member {
     /// key certified it; the caller must check the key belongs to the account (pinning, key
     /// transparency).
     pub identity_key: [u8; 32],
+    /// The device's MLS signature key (Ed25519), which the key directory lists for the device.
+    pub signature_key: [u8; 32],
 }
 
 /// Errors of MLS operations.
@@ -182,6 +184,9 @@ impl<P: OpenMlsProvider> MlsDevice<P> {
             account,
             device,
             identity_key: identity.public_key(),
+            signature_key: signature_public_key
+                .try_into()
+                .map_err(|_| MlsError::Storage("the device signature key is not 32 bytes".into()))?,
         };
         let signer = SignatureKeyPair::read(
             provider.storage(),
@@ -546,6 +551,7 @@ fn member_of(credential: &Credential, signature_key: &[u8]) -> Result<Member, Ml
         identity_key: device.identity_key,
         account: device.account,
         device: device.device,
+        signature_key: signature_key.try_into().map_err(|_| CredentialError::Malformed)?,
     })
 }
 

@@ -63,6 +63,11 @@ impl AuditLog {
         })
     }
 
+    /// The log key, which also signs the key directory's epochs.
+    pub fn signing_key(&self) -> &SigningKey {
+        &self.key
+    }
+
     /// The log's public key, hex.
     pub fn public_key(&self) -> String {
         hex::encode(self.key.verifying_key().to_bytes())

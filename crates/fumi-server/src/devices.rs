@@ -170,8 +170,15 @@ pub(crate) async fn link_device(
                 "a key package is at most {MAX_KEY_PACKAGE_BYTES} bytes"
             )));
         }
-        framing::check_key_package(key_package.as_slice()).map_err(ApiError::bad_request)?;
     }
+    let signature_key = framing::device_signature_key(
+        request
+            .key_packages
+            .iter()
+            .chain(request.last_resort.iter())
+            .map(|kp| kp.as_slice()),
+    )
+    .map_err(ApiError::bad_request)?;
     let now = now_ms();
     // The slot names the account; its registered identity key must have signed this device.
     let (account, _) = state.storage.open_link(&hash, now).await?;
@@ -221,6 +228,9 @@ pub(crate) async fn link_device(
             now,
         )
         .await?;
+    if let Some(key) = signature_key {
+        state.storage.set_signature_key(request.device_id, &key).await?;
+    }
     Ok(StatusCode::CREATED)
 }
 

@@ -44,14 +44,36 @@ pub fn check_welcome(bytes: &[u8]) -> Result<(), String> {
     }
 }
 
-/// Checks that bytes are an MLS KeyPackage message.
-pub fn check_key_package(bytes: &[u8]) -> Result<(), String> {
+/// Checks that bytes are an MLS KeyPackage message; returns the MLS signature key its leaf
+/// carries (unverified: clients verify the signature, the server only publishes the key).
+pub fn key_package_signature_key(bytes: &[u8]) -> Result<Vec<u8>, String> {
     let message = MlsMessageIn::tls_deserialize_exact(bytes)
         .map_err(|_| "key package is not a well-formed MLS message".to_owned())?;
     match message.extract() {
-        MlsMessageBodyIn::KeyPackage(_) => Ok(()),
+        MlsMessageBodyIn::KeyPackage(key_package) => {
+            Ok(key_package.unverified_credential().signature_key.as_slice().to_vec())
+        }
         _ => Err("key package must be an MLS KeyPackage".to_owned()),
     }
+}
+
+/// Checks a batch of KeyPackages of one device: each well-formed, all with the same signature
+/// key (a device has one; the key directory lists it). Returns that key.
+pub fn device_signature_key<'a>(key_packages: impl IntoIterator<Item = &'a [u8]>) -> Result<Option<Vec<u8>>, String> {
+    let mut found: Option<Vec<u8>> = None;
+    for bytes in key_packages {
+        let key = key_package_signature_key(bytes)?;
+        if key.is_empty() || key.len() > fumi_audit::keys::MAX_SIGNATURE_KEY_BYTES {
+            return Err("a key package's signature key has an unusable length".to_owned());
+        }
+        match &found {
+            Some(first) if *first != key => {
+                return Err("all key packages of a device must carry its one signature key".to_owned());
+            }
+            _ => found = Some(key),
+        }
+    }
+    Ok(found)
 }
 
 #[cfg(test)]
@@ -65,7 +87,7 @@ mod tests {
         fn parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
             let _ = inspect_group_message(&bytes);
             let _ = check_welcome(&bytes);
-            let _ = check_key_package(&bytes);
+            let _ = key_package_signature_key(&bytes);
         }
 
         /// Mutations of a valid-looking MLS header (version 1, PrivateMessage) are handled too.

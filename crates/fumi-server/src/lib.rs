@@ -11,10 +11,13 @@ mod devices;
 pub mod error;
 pub mod fanout;
 pub mod framing;
+pub mod key_directory;
 pub mod metrics;
 pub mod rate_limit;
 pub mod routes;
 pub mod storage;
+#[cfg(feature = "test-hooks")]
+pub mod test_hooks;
 pub mod ws;
 
 use std::net::{IpAddr, SocketAddr};
@@ -90,6 +93,9 @@ pub struct Config {
     /// HPKE (X25519) public key, 64 hex digits, that abuse reports are sealed to; empty: the
     /// server takes no reports.
     pub moderation_public_key: String,
+    /// How often changes to accounts, devices and usernames are published as a new key
+    /// directory epoch, in ms. Clients meeting a brand-new device wait up to this long.
+    pub key_directory_epoch_ms: u64,
 }
 
 impl Default for Config {
@@ -117,6 +123,7 @@ impl Default for Config {
             operators: Vec::new(),
             admin_jurisdictions: Vec::new(),
             moderation_public_key: String::new(),
+            key_directory_epoch_ms: 60_000,
         }
     }
 }
@@ -173,6 +180,11 @@ pub struct AppState {
     pub audit: audit::AuditLog,
     /// Who may use the admin API, from where.
     pub admin: admin::AdminPolicy,
+    /// The key directory.
+    pub keys: key_directory::KeyDirectory,
+    /// Test-only ways to make the server lie (compiled only for the test suite).
+    #[cfg(feature = "test-hooks")]
+    pub test_hooks: test_hooks::TestHooks,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -249,6 +261,11 @@ pub async fn run(
         .await
         .map_err(|e| ServerError::Config(e.to_string()))?;
     tracing::info!(log_key = %audit.public_key(), "transparency log");
+    let keys = key_directory::KeyDirectory::open(storage.clone(), audit.signing_key())
+        .await
+        .map_err(|e| ServerError::Config(e.to_string()))?;
+    #[cfg(feature = "test-hooks")]
+    tracing::warn!("TEST HOOKS ARE COMPILED IN: this server can be told to lie; never run it for users");
     let blobs = BlobStore::open(&config)?;
     blobs.check().await?;
     tracing::info!(store = %blobs.description, "blob store");
@@ -274,9 +291,13 @@ pub async fn run(
         uploads_in_progress: Default::default(),
         audit,
         admin,
+        keys,
+        #[cfg(feature = "test-hooks")]
+        test_hooks: Default::default(),
     });
 
     let expiry = tokio::spawn(expire_messages(state.clone()));
+    let publisher = tokio::spawn(key_directory::publish_epochs(state.clone()));
     let log = || axum::middleware::from_fn_with_state(state.clone(), log_request);
     let app = routes::router(state.clone()).layer(log());
     let admin_app = admin::router(state.clone()).layer(log());
@@ -294,6 +315,9 @@ pub async fn run(
     serve(listener, app, header_timeout, shutdown).await;
     let _ = admin_loop.await;
     expiry.abort();
+    // The publisher stops at the shutdown signal and gives up its lease; an epoch being
+    // published is finished (it is one transaction either way).
+    let _ = tokio::time::timeout(Duration::from_secs(5), publisher).await;
     Ok(())
 }
 

@@ -20,7 +20,7 @@ use crate::error::ApiError;
 use crate::framing;
 use crate::metrics::Metrics;
 use crate::storage::{Ciphertext, Delivery, Submission, SubmitOutcome};
-use crate::{AppState, attachments, audit, auth::AuthDevice, channels, devices, now_ms, ws};
+use crate::{AppState, attachments, audit, auth::AuthDevice, channels, devices, key_directory, now_ms, ws};
 
 /// Largest sealed profile accepted.
 const MAX_PROFILE_BYTES: usize = 8 * 1024;
@@ -119,6 +119,20 @@ fn api() -> Api {
             routing::get(attachments::upload_status),
         )
         .route("POST", "/v1/blobs/{blob}/ack", routing::post(attachments::acknowledge))
+        .route("GET", "/v1/keys/head", routing::get(key_directory::head))
+        .route("GET", "/v1/keys/heads", routing::get(key_directory::heads))
+        .route("GET", "/v1/keys/audit", routing::get(key_directory::audit))
+        .route(
+            "GET",
+            "/v1/keys/lookup/account/{account}",
+            routing::get(key_directory::lookup_account),
+        )
+        .route(
+            "GET",
+            "/v1/keys/lookup/username/{hash}",
+            routing::get(key_directory::lookup_username),
+        )
+        .route("GET", "/v1/keys/history", routing::get(key_directory::own_history))
         .route("POST", "/v1/channels", routing::post(channels::create))
         .route("GET", "/v1/channels/{channel}", routing::get(channels::get))
         .route("PUT", "/v1/channels/{channel}", routing::put(channels::update))
@@ -144,8 +158,16 @@ pub fn endpoints() -> Vec<Endpoint> {
 /// Every route of the public API.
 pub fn router(state: Arc<AppState>) -> Router {
     let body_limit = axum::extract::DefaultBodyLimit::max(max_body_bytes(&state.config));
-    api()
-        .router
+    let router = api().router;
+    #[cfg(feature = "test-hooks")]
+    let router = router
+        .route("/v1/test/impersonate", routing::post(crate::test_hooks::impersonate))
+        .route(
+            "/v1/test/phantom-device",
+            routing::post(crate::test_hooks::phantom_device),
+        )
+        .route("/v1/test/keys/publish", routing::post(crate::test_hooks::publish));
+    router
         .fallback(|| async { ApiError::not_found("not_found", "no such endpoint; see docs/PROTOCOL.md") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -271,6 +293,20 @@ async fn account_info(
         .account(account_id)
         .await?
         .ok_or_else(|| ApiError::not_found("unknown_account", "no such account"))?;
+    #[cfg(feature = "test-hooks")]
+    let record = {
+        let mut record = record;
+        if let Some(fake) = state
+            .test_hooks
+            .impersonated
+            .lock()
+            .expect("hooks lock")
+            .get(&account_id)
+        {
+            record.identity_key = fake.identity_key.as_slice().to_vec();
+        }
+        record
+    };
     Ok(Json(AccountInfo {
         account_id,
         identity_key: Base64Bytes(record.identity_key),
@@ -358,7 +394,23 @@ async fn upload_key_packages(
                 "a key package is at most {MAX_KEY_PACKAGE_BYTES} bytes"
             )));
         }
-        framing::check_key_package(key_package.as_slice()).map_err(ApiError::bad_request)?;
+    }
+    let signature_key = framing::device_signature_key(
+        upload
+            .key_packages
+            .iter()
+            .chain(upload.last_resort.iter())
+            .map(|kp| kp.as_slice()),
+    )
+    .map_err(ApiError::bad_request)?;
+    if let Some(key) = signature_key {
+        // The first KeyPackages fix the device's key in the key directory; later ones must match.
+        let recorded = state.storage.set_signature_key(device.device, &key).await?;
+        if recorded != key {
+            return Err(ApiError::bad_request(
+                "these key packages carry another signature key than this device's earlier ones",
+            ));
+        }
     }
     let stock = state.storage.key_package_count(device.device).await?;
     if stock + upload.key_packages.len() as u64 > state.config.max_key_packages_per_device {
@@ -409,6 +461,22 @@ async fn claim_key_packages(
         return Err(ApiError::bad_request("too many devices in one claim"));
     }
     let claimed = state.storage.claim_key_packages(&accounts, &claim.devices).await?;
+    #[cfg(feature = "test-hooks")]
+    let claimed: Vec<_> = {
+        let fakes = state.test_hooks.impersonated.lock().expect("hooks lock");
+        claimed
+            .into_iter()
+            .map(|(account, device, kp)| {
+                let fake = fakes
+                    .get(&account)
+                    .and_then(|f| f.key_packages.iter().find(|(d, _)| *d == device));
+                match fake {
+                    Some((_, fake)) => (account, device, crate::storage::Ciphertext(fake.as_slice().to_vec())),
+                    None => (account, device, kp),
+                }
+            })
+            .collect()
+    };
     Ok(Json(ClaimedKeyPackages {
         key_packages: claimed
             .into_iter()

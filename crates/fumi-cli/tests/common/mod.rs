@@ -129,6 +129,9 @@ impl Server {
             ])
             .arg(self.data_dir())
             .env("FUMI_LOG", "debug")
+            // Key directory epochs every 100 ms instead of every minute: clients meeting a new
+            // account or device wait for its epoch.
+            .env("FUMI_KEY_DIRECTORY_EPOCH_MS", "100")
             .stdout(Stdio::piped())
             .stderr(log);
         for (key, value) in &self.env {
@@ -214,6 +217,29 @@ impl Server {
         answer
     }
 
+    /// A POST of JSON without credentials (the test hooks); returns the status and the body.
+    pub fn post_json(&self, path: &str, body: &serde_json::Value) -> (u16, String) {
+        use std::io::{Read, Write};
+        let address = self.url.trim_start_matches("http://");
+        let mut stream = std::net::TcpStream::connect(address).expect("connect");
+        let body = body.to_string();
+        write!(
+            stream,
+            "POST {path} HTTP/1.0\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("request");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).expect("answer");
+        let status = answer
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("no status: {answer}"));
+        let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body).to_owned();
+        (status, body)
+    }
+
     /// A public GET answered with JSON.
     pub fn get_json(&self, path: &str) -> serde_json::Value {
         let answer = self.get(path);
@@ -271,14 +297,7 @@ impl Server {
     /// operator or a broken disk would). `{0}`, `{1}`, … stand for these byte strings, written as
     /// blob literals; write booleans as TRUE/FALSE.
     pub fn execute(&self, sql: &str, bytes: &[&[u8]]) {
-        let mut statement = sql.to_owned();
-        for (i, value) in bytes.iter().enumerate() {
-            let literal = match self.postgres {
-                Some(_) => format!("'\\x{}'::bytea", hex_encode(value)),
-                None => format!("X'{}'", hex_encode(value)),
-            };
-            statement = statement.replace(&format!("{{{i}}}"), &literal);
-        }
+        let statement = self.with_literals(sql, bytes);
         match &self.postgres {
             Some((url, schema)) => {
                 psql(url, &format!("SET search_path TO \"{schema}\"; {statement}"));
@@ -290,16 +309,48 @@ impl Server {
             }
         }
     }
+
+    /// The number a `SELECT COUNT(*) …` gives on the server's database (placeholders as in
+    /// [`Self::execute`]).
+    pub fn count(&self, sql: &str, bytes: &[&[u8]]) -> u64 {
+        let statement = self.with_literals(sql, bytes);
+        match &self.postgres {
+            Some((url, schema)) => {
+                let out = psql(url, &format!("SET search_path TO \"{schema}\"; {statement}"));
+                String::from_utf8(out).unwrap().trim().parse().unwrap()
+            }
+            None => {
+                let db = rusqlite::Connection::open(self.database()).unwrap();
+                db.query_row(&statement, [], |r| r.get::<_, i64>(0)).unwrap() as u64
+            }
+        }
+    }
+
+    fn with_literals(&self, sql: &str, bytes: &[&[u8]]) -> String {
+        let mut statement = sql.to_owned();
+        for (i, value) in bytes.iter().enumerate() {
+            let literal = match self.postgres {
+                Some(_) => format!("'\\x{}'::bytea", hex_encode(value)),
+                None => format!("X'{}'", hex_encode(value)),
+            };
+            statement = statement.replace(&format!("{{{i}}}"), &literal);
+        }
+        statement
+    }
 }
 
 /// Every row of every table of the server's database, as text (on PostgreSQL, each table's rows
-/// sorted, since an update may move a row without changing it).
+/// sorted, since an update may move a row without changing it). The key directory's tables
+/// (`kt_*`) are left out: the epoch publisher derives them from accounts, devices and usernames
+/// on its own clock, so they change between two snapshots whenever an earlier change is published.
 pub fn snapshot(server: &Server) -> String {
     if let Some((url, schema)) = &server.postgres {
         // One psql for the whole schema: a snapshot is taken around every refused request.
         let tables = psql(
             url,
-            &format!("SELECT tablename FROM pg_tables WHERE schemaname = '{schema}' ORDER BY 1"),
+            &format!(
+                "SELECT tablename FROM pg_tables WHERE schemaname = '{schema}' AND tablename NOT LIKE 'kt\\_%' ORDER BY 1"
+            ),
         );
         let tables: Vec<String> = String::from_utf8(tables)
             .expect("utf-8")
@@ -343,7 +394,9 @@ pub fn snapshot(server: &Server) -> String {
     let db =
         rusqlite::Connection::open_with_flags(server.database(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
     let tables: Vec<String> = db
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        .prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'kt\\_%' ESCAPE '\\' ORDER BY name",
+        )
         .unwrap()
         .query_map([], |r| r.get(0))
         .unwrap()

@@ -331,6 +331,51 @@ pub struct ChannelLimits {
     pub subscriptions: u64,
 }
 
+/// One stored value state of the key directory: akd's record for a label at an epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyDirectoryState {
+    /// The directory label (`account:…`, `username:…`).
+    pub label: Vec<u8>,
+    /// The epoch the value was published in.
+    pub epoch: u64,
+    /// The value's version for this label.
+    pub version: u64,
+    /// akd's record, encoded by the key directory module.
+    pub record: Vec<u8>,
+}
+
+/// What a key directory entry is about: an account or a username hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyDirectoryKind {
+    /// An account's identity key and devices.
+    Account = 0,
+    /// A username hash's holder.
+    Username = 1,
+}
+
+/// An account or username whose directory value may have changed since the last epoch.
+/// `generation` grows with every change, so a change made while an epoch is being published
+/// is not forgotten when that epoch clears the mark.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyDirectoryPending {
+    /// What changed.
+    pub kind: KeyDirectoryKind,
+    /// The account id or username hash.
+    pub id: Vec<u8>,
+    /// The change counter read with the mark.
+    pub generation: u64,
+}
+
+impl KeyDirectoryKind {
+    pub(crate) fn from_db(value: i64) -> Result<Self, StorageError> {
+        match value {
+            0 => Ok(Self::Account),
+            1 => Ok(Self::Username),
+            _ => Err(StorageError::Database("corrupt key directory mark".into())),
+        }
+    }
+}
+
 /// The server's durable state. Implementations must make every method atomic and durable
 /// before returning `Ok`.
 #[async_trait]
@@ -553,6 +598,44 @@ pub trait Storage: Send + Sync + 'static {
     ) -> Result<(), StorageError>;
     /// The channels an account subscribes to.
     async fn subscriptions(&self, account: AccountId) -> Result<Vec<ChannelId>, StorageError>;
+
+    // --- key directory ------------------------------------------------------------------------
+
+    /// Stores the records of one key directory operation (tree nodes by key, value states),
+    /// atomically: an epoch is published whole or not at all.
+    async fn kt_write(
+        &self,
+        nodes: Vec<(Vec<u8>, Vec<u8>)>,
+        states: Vec<KeyDirectoryState>,
+    ) -> Result<(), StorageError>;
+    /// Stored tree records (the azks and tree nodes) among `keys`; missing ones are left out.
+    async fn kt_nodes(&self, keys: &[Vec<u8>]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError>;
+    /// Every stored value state of these labels.
+    async fn kt_states(&self, labels: &[Vec<u8>]) -> Result<Vec<KeyDirectoryState>, StorageError>;
+    /// Up to `limit` accounts and usernames changed since they were last published. Database
+    /// triggers set the marks in the same transaction as the change.
+    async fn kt_pending(&self, limit: u32) -> Result<Vec<KeyDirectoryPending>, StorageError>;
+    /// Clears marks that were published, unless they changed again since they were read.
+    async fn kt_clear_pending(&self, published: &[KeyDirectoryPending]) -> Result<(), StorageError>;
+    /// An account's identity key and its devices that have a signature key and are not removed.
+    async fn device_keys(
+        &self,
+        account: AccountId,
+    ) -> Result<Option<(Vec<u8>, Vec<(DeviceId, Vec<u8>)>)>, StorageError>;
+    /// Records the MLS signature key of a device's KeyPackages if it has none; returns the key
+    /// the device has now (an earlier one, if it differs).
+    async fn set_signature_key(&self, device: DeviceId, key: &[u8]) -> Result<Vec<u8>, StorageError>;
+    /// Takes or renews the right to publish epochs for `ttl_ms` (one publisher per database):
+    /// true if this node holds it now.
+    async fn kt_lease(&self, node: &[u8; 16], now: u64, ttl_ms: u64) -> Result<bool, StorageError>;
+    /// Gives the publisher lease up (at shutdown), so that a restarted node publishes at once.
+    async fn kt_release_lease(&self, node: &[u8; 16]) -> Result<(), StorageError>;
+    /// Stores the signed head of a published epoch.
+    async fn kt_put_head(&self, epoch: u64, head: &str) -> Result<(), StorageError>;
+    /// Signed heads of epochs `from` onwards, in order, at most `limit`.
+    async fn kt_heads(&self, from: u64, limit: u32) -> Result<Vec<String>, StorageError>;
+    /// The newest epoch with a stored head, and that head.
+    async fn kt_latest_head(&self) -> Result<Option<(u64, String)>, StorageError>;
 }
 
 /// The storage contract, checked on every backend: SQLite always, PostgreSQL when

@@ -49,7 +49,8 @@ use super::*;
 ///   AUTOINCREMENT, and the mailbox's key is `(device_id, seq)`; see [`queue_envelopes`].
 /// - A few indexes SQLite lacks (rosters, blob recipients and idempotency records by device or
 ///   expiry): deletions by those columns would otherwise scan whole tables under row locks.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE accounts (
     id BYTEA PRIMARY KEY,
     identity_key BYTEA NOT NULL,
@@ -202,7 +203,73 @@ CREATE TABLE admin_nonces (
     nonce TEXT PRIMARY KEY,
     forget_at BIGINT NOT NULL
 );
-"#];
+"#,
+    r#"
+-- Key directory (akd): tree records by key, value states by label and epoch, signed epoch heads.
+CREATE TABLE kt_nodes (
+    key BYTEA PRIMARY KEY,
+    record BYTEA NOT NULL
+);
+CREATE TABLE kt_states (
+    label BYTEA NOT NULL,
+    epoch BIGINT NOT NULL,
+    version BIGINT NOT NULL,
+    record BYTEA NOT NULL,
+    PRIMARY KEY (label, epoch)
+);
+CREATE TABLE kt_heads (
+    epoch BIGINT PRIMARY KEY,
+    head TEXT NOT NULL
+);
+-- The node allowed to publish epochs, until its lease expires.
+CREATE TABLE kt_lease (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    node BYTEA NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+-- The MLS signature key of a device's KeyPackages, published in the directory.
+ALTER TABLE devices ADD COLUMN signature_key BYTEA;
+-- Accounts (kind 0) and username hashes (kind 1) changed since the last epoch, marked by
+-- triggers in the changing transaction so that no change can miss the directory.
+CREATE TABLE kt_pending (
+    kind SMALLINT NOT NULL,
+    id BYTEA NOT NULL,
+    generation BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (kind, id)
+);
+CREATE FUNCTION kt_mark(mark_kind SMALLINT, mark_id BYTEA) RETURNS void AS $$
+    INSERT INTO kt_pending (kind, id) VALUES (mark_kind, mark_id)
+    ON CONFLICT (kind, id) DO UPDATE SET generation = kt_pending.generation + 1;
+$$ LANGUAGE sql;
+CREATE FUNCTION kt_accounts_changed() RETURNS trigger AS $$
+BEGIN
+    IF TG_OP <> 'INSERT' THEN PERFORM kt_mark(0::SMALLINT, OLD.id); END IF;
+    IF TG_OP <> 'DELETE' THEN PERFORM kt_mark(0::SMALLINT, NEW.id); END IF;
+    RETURN NULL;
+END $$ LANGUAGE plpgsql;
+CREATE FUNCTION kt_devices_changed() RETURNS trigger AS $$
+BEGIN
+    IF TG_OP <> 'INSERT' THEN PERFORM kt_mark(0::SMALLINT, OLD.account_id); END IF;
+    IF TG_OP <> 'DELETE' THEN PERFORM kt_mark(0::SMALLINT, NEW.account_id); END IF;
+    RETURN NULL;
+END $$ LANGUAGE plpgsql;
+CREATE FUNCTION kt_usernames_changed() RETURNS trigger AS $$
+BEGIN
+    IF TG_OP <> 'INSERT' THEN PERFORM kt_mark(1::SMALLINT, OLD.hash); END IF;
+    IF TG_OP <> 'DELETE' THEN PERFORM kt_mark(1::SMALLINT, NEW.hash); END IF;
+    RETURN NULL;
+END $$ LANGUAGE plpgsql;
+CREATE TRIGGER kt_accounts AFTER INSERT OR DELETE OR UPDATE OF identity_key ON accounts
+    FOR EACH ROW EXECUTE FUNCTION kt_accounts_changed();
+CREATE TRIGGER kt_devices AFTER INSERT OR DELETE OR UPDATE OF removed_at, signature_key, account_id ON devices
+    FOR EACH ROW EXECUTE FUNCTION kt_devices_changed();
+CREATE TRIGGER kt_usernames AFTER INSERT OR DELETE OR UPDATE ON usernames
+    FOR EACH ROW EXECUTE FUNCTION kt_usernames_changed();
+-- Everything that existed before the directory goes into its first epoch.
+INSERT INTO kt_pending (kind, id) SELECT 0, id FROM accounts;
+INSERT INTO kt_pending (kind, id) SELECT 1, hash FROM usernames;
+"#,
+];
 
 /// Connections per node.
 const MAX_CONNECTIONS: u32 = 16;
@@ -347,6 +414,33 @@ impl PostgresStorage {
     /// A READ COMMITTED transaction, whatever the server's default (see the module docs).
     async fn begin(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
         self.pool.begin_with("BEGIN ISOLATION LEVEL READ COMMITTED").await
+    }
+
+    async fn kt_write_once(&self, nodes: &[(Vec<u8>, Vec<u8>)], states: &[KeyDirectoryState]) -> Result<(), TxError> {
+        let mut tx = self.begin().await?;
+        for (key, record) in nodes {
+            sqlx::query(
+                "INSERT INTO kt_nodes (key, record) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET record = excluded.record",
+            )
+            .bind(key.as_slice())
+            .bind(record.as_slice())
+            .execute(&mut *tx)
+            .await?;
+        }
+        for state in states {
+            sqlx::query(
+                "INSERT INTO kt_states (label, epoch, version, record) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (label, epoch) DO UPDATE SET version = excluded.version, record = excluded.record",
+            )
+            .bind(state.label.as_slice())
+            .bind(to_i64(state.epoch))
+            .bind(to_i64(state.version))
+            .bind(state.record.as_slice())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn put_sealed_once(
@@ -2249,5 +2343,164 @@ impl Storage for PostgresStorage {
         .await
         .map_err(db)?;
         rows.iter().map(|id| channel_id(id)).collect()
+    }
+
+    // --- key directory ------------------------------------------------------------------------
+
+    async fn kt_write(
+        &self,
+        nodes: Vec<(Vec<u8>, Vec<u8>)>,
+        states: Vec<KeyDirectoryState>,
+    ) -> Result<(), StorageError> {
+        retrying!(self.kt_write_once(&nodes, &states))
+    }
+
+    async fn kt_nodes(&self, keys: &[Vec<u8>]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+        sqlx::query_as("SELECT key, record FROM kt_nodes WHERE key = ANY($1)")
+            .bind(keys)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)
+    }
+
+    async fn kt_states(&self, labels: &[Vec<u8>]) -> Result<Vec<KeyDirectoryState>, StorageError> {
+        let rows: Vec<(Vec<u8>, i64, i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT label, epoch, version, record FROM kt_states WHERE label = ANY($1) ORDER BY label, epoch",
+        )
+        .bind(labels)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(rows
+            .into_iter()
+            .map(|(label, epoch, version, record)| KeyDirectoryState {
+                label,
+                epoch: to_u64(epoch),
+                version: to_u64(version),
+                record,
+            })
+            .collect())
+    }
+
+    async fn kt_pending(&self, limit: u32) -> Result<Vec<KeyDirectoryPending>, StorageError> {
+        let rows: Vec<(i16, Vec<u8>, i64)> =
+            sqlx::query_as("SELECT kind, id, generation FROM kt_pending ORDER BY kind, id LIMIT $1")
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+        rows.into_iter()
+            .map(|(kind, id, generation)| {
+                Ok(KeyDirectoryPending {
+                    kind: KeyDirectoryKind::from_db(i64::from(kind))?,
+                    id,
+                    generation: to_u64(generation),
+                })
+            })
+            .collect()
+    }
+
+    async fn kt_clear_pending(&self, published: &[KeyDirectoryPending]) -> Result<(), StorageError> {
+        for mark in published {
+            sqlx::query("DELETE FROM kt_pending WHERE kind = $1 AND id = $2 AND generation = $3")
+                .bind(mark.kind as i16)
+                .bind(mark.id.as_slice())
+                .bind(to_i64(mark.generation))
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+        }
+        Ok(())
+    }
+
+    async fn device_keys(
+        &self,
+        account: AccountId,
+    ) -> Result<Option<(Vec<u8>, Vec<(DeviceId, Vec<u8>)>)>, StorageError> {
+        let identity: Option<Vec<u8>> = sqlx::query_scalar("SELECT identity_key FROM accounts WHERE id = $1")
+            .bind(account.as_bytes().as_slice())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        let Some(identity_key) = identity else { return Ok(None) };
+        let rows: Vec<(Vec<u8>, Vec<u8>)> = sqlx::query_as(
+            "SELECT id, signature_key FROM devices \
+             WHERE account_id = $1 AND removed_at IS NULL AND signature_key IS NOT NULL ORDER BY id",
+        )
+        .bind(account.as_bytes().as_slice())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        let devices = rows
+            .into_iter()
+            .map(|(id, key)| Ok((device_id(&id)?, key)))
+            .collect::<Result<_, StorageError>>()?;
+        Ok(Some((identity_key, devices)))
+    }
+
+    async fn set_signature_key(&self, device: DeviceId, key: &[u8]) -> Result<Vec<u8>, StorageError> {
+        sqlx::query("UPDATE devices SET signature_key = $1 WHERE id = $2 AND signature_key IS NULL")
+            .bind(key)
+            .bind(device.as_bytes().as_slice())
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        let stored: Option<Option<Vec<u8>>> = sqlx::query_scalar("SELECT signature_key FROM devices WHERE id = $1")
+            .bind(device.as_bytes().as_slice())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        stored.flatten().ok_or(StorageError::UnknownDevice)
+    }
+
+    async fn kt_lease(&self, node: &[u8; 16], now: u64, ttl_ms: u64) -> Result<bool, StorageError> {
+        let holder: Option<Vec<u8>> = sqlx::query_scalar(
+            "INSERT INTO kt_lease (id, node, expires_at) VALUES (1, $1, $2) \
+             ON CONFLICT (id) DO UPDATE SET node = $1, expires_at = $2 \
+             WHERE kt_lease.node = $1 OR kt_lease.expires_at < $3 RETURNING node",
+        )
+        .bind(node.as_slice())
+        .bind(to_i64(now.saturating_add(ttl_ms)))
+        .bind(to_i64(now))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(holder.is_some())
+    }
+
+    async fn kt_release_lease(&self, node: &[u8; 16]) -> Result<(), StorageError> {
+        sqlx::query("DELETE FROM kt_lease WHERE node = $1")
+            .bind(node.as_slice())
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn kt_put_head(&self, epoch: u64, head: &str) -> Result<(), StorageError> {
+        sqlx::query("INSERT INTO kt_heads (epoch, head) VALUES ($1, $2) ON CONFLICT (epoch) DO NOTHING")
+            .bind(to_i64(epoch))
+            .bind(head)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn kt_heads(&self, from: u64, limit: u32) -> Result<Vec<String>, StorageError> {
+        sqlx::query_scalar("SELECT head FROM kt_heads WHERE epoch >= $1 ORDER BY epoch LIMIT $2")
+            .bind(to_i64(from))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)
+    }
+
+    async fn kt_latest_head(&self) -> Result<Option<(u64, String)>, StorageError> {
+        let row: Option<(i64, String)> = sqlx::query_as("SELECT epoch, head FROM kt_heads ORDER BY epoch DESC LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(row.map(|(epoch, head)| (to_u64(epoch), head)))
     }
 }

@@ -178,6 +178,66 @@ ALTER TABLE blobs ADD COLUMN channel_id BLOB REFERENCES channels(id);
 ALTER TABLE channels ADD COLUMN subscribers INTEGER NOT NULL DEFAULT 0;
 UPDATE channels SET subscribers = (SELECT COUNT(*) FROM channel_subscriptions WHERE channel_id = channels.id);
 "#,
+    r#"
+-- Key directory (akd): tree records by key, value states by label and epoch, signed epoch heads.
+CREATE TABLE kt_nodes (
+    key BLOB PRIMARY KEY,
+    record BLOB NOT NULL
+);
+CREATE TABLE kt_states (
+    label BLOB NOT NULL,
+    epoch INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    record BLOB NOT NULL,
+    PRIMARY KEY (label, epoch)
+);
+CREATE TABLE kt_heads (
+    epoch INTEGER PRIMARY KEY,
+    head TEXT NOT NULL
+);
+-- The MLS signature key of a device's KeyPackages, published in the directory.
+ALTER TABLE devices ADD COLUMN signature_key BLOB;
+-- Accounts (kind 0) and username hashes (kind 1) changed since the last epoch, marked by
+-- triggers in the changing transaction so that no change can miss the directory.
+CREATE TABLE kt_pending (
+    kind INTEGER NOT NULL,
+    id BLOB NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (kind, id)
+);
+CREATE TRIGGER kt_account_insert AFTER INSERT ON accounts BEGIN
+    INSERT INTO kt_pending (kind, id) VALUES (0, NEW.id) ON CONFLICT (kind, id) DO UPDATE SET generation = generation + 1;
+END;
+CREATE TRIGGER kt_account_update AFTER UPDATE OF identity_key ON accounts BEGIN
+    INSERT INTO kt_pending (kind, id) VALUES (0, NEW.id) ON CONFLICT (kind, id) DO UPDATE SET generation = generation + 1;
+END;
+CREATE TRIGGER kt_account_delete AFTER DELETE ON accounts BEGIN
+    INSERT INTO kt_pending (kind, id) VALUES (0, OLD.id) ON CONFLICT (kind, id) DO UPDATE SET generation = generation + 1;
+END;
+CREATE TRIGGER kt_device_insert AFTER INSERT ON devices BEGIN
+    INSERT INTO kt_pending (kind, id) VALUES (0, NEW.account_id) ON CONFLICT (kind, id) DO UPDATE SET generation = generation + 1;
+END;
+CREATE TRIGGER kt_device_update AFTER UPDATE OF removed_at, signature_key, account_id ON devices BEGIN
+    INSERT INTO kt_pending (kind, id) VALUES (0, OLD.account_id) ON CONFLICT (kind, id) DO UPDATE SET generation = generation + 1;
+    INSERT INTO kt_pending (kind, id) VALUES (0, NEW.account_id) ON CONFLICT (kind, id) DO UPDATE SET generation = generation + 1;
+END;
+CREATE TRIGGER kt_device_delete AFTER DELETE ON devices BEGIN
+    INSERT INTO kt_pending (kind, id) VALUES (0, OLD.account_id) ON CONFLICT (kind, id) DO UPDATE SET generation = generation + 1;
+END;
+CREATE TRIGGER kt_username_insert AFTER INSERT ON usernames BEGIN
+    INSERT INTO kt_pending (kind, id) VALUES (1, NEW.hash) ON CONFLICT (kind, id) DO UPDATE SET generation = generation + 1;
+END;
+CREATE TRIGGER kt_username_update AFTER UPDATE ON usernames BEGIN
+    INSERT INTO kt_pending (kind, id) VALUES (1, OLD.hash) ON CONFLICT (kind, id) DO UPDATE SET generation = generation + 1;
+    INSERT INTO kt_pending (kind, id) VALUES (1, NEW.hash) ON CONFLICT (kind, id) DO UPDATE SET generation = generation + 1;
+END;
+CREATE TRIGGER kt_username_delete AFTER DELETE ON usernames BEGIN
+    INSERT INTO kt_pending (kind, id) VALUES (1, OLD.hash) ON CONFLICT (kind, id) DO UPDATE SET generation = generation + 1;
+END;
+-- Everything that existed before the directory goes into its first epoch.
+INSERT INTO kt_pending (kind, id) SELECT 0, id FROM accounts;
+INSERT INTO kt_pending (kind, id) SELECT 1, hash FROM usernames;
+"#,
 ];
 
 /// Connections for the two reads on the hot path (authenticating a device, reading a mailbox).
@@ -1525,6 +1585,196 @@ impl Storage for SqliteStorage {
             .map(|id| ChannelId::from_slice(id).map_err(|_| StorageError::Database("corrupt channel id".into())))
             .collect()
     }
+
+    // --- key directory ------------------------------------------------------------------------
+
+    async fn kt_write(
+        &self,
+        nodes: Vec<(Vec<u8>, Vec<u8>)>,
+        states: Vec<KeyDirectoryState>,
+    ) -> Result<(), StorageError> {
+        let mut tx = self.write().await?;
+        for (key, record) in &nodes {
+            sqlx::query("INSERT INTO kt_nodes (key, record) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET record = excluded.record")
+                .bind(key.as_slice())
+                .bind(record.as_slice())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        for state in &states {
+            sqlx::query(
+                "INSERT INTO kt_states (label, epoch, version, record) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (label, epoch) DO UPDATE SET version = excluded.version, record = excluded.record",
+            )
+            .bind(state.label.as_slice())
+            .bind(to_i64(state.epoch))
+            .bind(to_i64(state.version))
+            .bind(state.record.as_slice())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn kt_nodes(&self, keys: &[Vec<u8>]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+        let mut found = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(IN_LIST_CHUNK) {
+            let sql = format!(
+                "SELECT key, record FROM kt_nodes WHERE key IN ({})",
+                placeholders(chunk.len())
+            );
+            let mut query = sqlx::query_as::<_, (Vec<u8>, Vec<u8>)>(sqlx::AssertSqlSafe(sql));
+            for key in chunk {
+                query = query.bind(key.as_slice());
+            }
+            found.extend(query.fetch_all(&self.pool).await.map_err(db)?);
+        }
+        Ok(found)
+    }
+
+    async fn kt_states(&self, labels: &[Vec<u8>]) -> Result<Vec<KeyDirectoryState>, StorageError> {
+        let mut found = Vec::new();
+        for chunk in labels.chunks(IN_LIST_CHUNK) {
+            let sql = format!(
+                "SELECT label, epoch, version, record FROM kt_states WHERE label IN ({}) ORDER BY label, epoch",
+                placeholders(chunk.len())
+            );
+            let mut query = sqlx::query_as::<_, (Vec<u8>, i64, i64, Vec<u8>)>(sqlx::AssertSqlSafe(sql));
+            for label in chunk {
+                query = query.bind(label.as_slice());
+            }
+            for (label, epoch, version, record) in query.fetch_all(&self.pool).await.map_err(db)? {
+                found.push(KeyDirectoryState {
+                    label,
+                    epoch: to_u64(epoch),
+                    version: to_u64(version),
+                    record,
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    async fn kt_pending(&self, limit: u32) -> Result<Vec<KeyDirectoryPending>, StorageError> {
+        let rows: Vec<(i64, Vec<u8>, i64)> =
+            sqlx::query_as("SELECT kind, id, generation FROM kt_pending ORDER BY kind, id LIMIT ?")
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+        rows.into_iter()
+            .map(|(kind, id, generation)| {
+                Ok(KeyDirectoryPending {
+                    kind: KeyDirectoryKind::from_db(kind)?,
+                    id,
+                    generation: to_u64(generation),
+                })
+            })
+            .collect()
+    }
+
+    async fn kt_clear_pending(&self, published: &[KeyDirectoryPending]) -> Result<(), StorageError> {
+        let mut tx = self.write().await?;
+        for mark in published {
+            sqlx::query("DELETE FROM kt_pending WHERE kind = ? AND id = ? AND generation = ?")
+                .bind(mark.kind as i64)
+                .bind(mark.id.as_slice())
+                .bind(to_i64(mark.generation))
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn device_keys(
+        &self,
+        account: AccountId,
+    ) -> Result<Option<(Vec<u8>, Vec<(DeviceId, Vec<u8>)>)>, StorageError> {
+        let identity: Option<Vec<u8>> = sqlx::query_scalar("SELECT identity_key FROM accounts WHERE id = ?")
+            .bind(account.as_bytes().as_slice())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        let Some(identity_key) = identity else { return Ok(None) };
+        let rows: Vec<(Vec<u8>, Vec<u8>)> = sqlx::query_as(
+            "SELECT id, signature_key FROM devices \
+             WHERE account_id = ? AND removed_at IS NULL AND signature_key IS NOT NULL ORDER BY id",
+        )
+        .bind(account.as_bytes().as_slice())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        let devices = rows
+            .into_iter()
+            .map(|(id, key)| Ok((device_id(&id)?, key)))
+            .collect::<Result<_, StorageError>>()?;
+        Ok(Some((identity_key, devices)))
+    }
+
+    async fn set_signature_key(&self, device: DeviceId, key: &[u8]) -> Result<Vec<u8>, StorageError> {
+        let mut tx = self.write().await?;
+        sqlx::query("UPDATE devices SET signature_key = ? WHERE id = ? AND signature_key IS NULL")
+            .bind(key)
+            .bind(device.as_bytes().as_slice())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        let stored: Option<Option<Vec<u8>>> = sqlx::query_scalar("SELECT signature_key FROM devices WHERE id = ?")
+            .bind(device.as_bytes().as_slice())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        stored.flatten().ok_or(StorageError::UnknownDevice)
+    }
+
+    async fn kt_lease(&self, _node: &[u8; 16], _now: u64, _ttl_ms: u64) -> Result<bool, StorageError> {
+        // One process owns a SQLite file.
+        Ok(true)
+    }
+
+    async fn kt_release_lease(&self, _node: &[u8; 16]) -> Result<(), StorageError> {
+        Ok(())
+    }
+
+    async fn kt_put_head(&self, epoch: u64, head: &str) -> Result<(), StorageError> {
+        let mut tx = self.write().await?;
+        sqlx::query("INSERT INTO kt_heads (epoch, head) VALUES (?, ?) ON CONFLICT (epoch) DO NOTHING")
+            .bind(to_i64(epoch))
+            .bind(head)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn kt_heads(&self, from: u64, limit: u32) -> Result<Vec<String>, StorageError> {
+        sqlx::query_scalar("SELECT head FROM kt_heads WHERE epoch >= ? ORDER BY epoch LIMIT ?")
+            .bind(to_i64(from))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)
+    }
+
+    async fn kt_latest_head(&self) -> Result<Option<(u64, String)>, StorageError> {
+        let row: Option<(i64, String)> = sqlx::query_as("SELECT epoch, head FROM kt_heads ORDER BY epoch DESC LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(row.map(|(epoch, head)| (to_u64(epoch), head)))
+    }
+}
+
+/// Keys per `IN (…)` list: far below SQLite's limit on bound parameters.
+const IN_LIST_CHUNK: usize = 500;
+
+/// `?, ?, …` for an `IN` list.
+fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(", ")
 }
 
 async fn adjust_subscribers(

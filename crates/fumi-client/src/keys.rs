@@ -1,0 +1,488 @@
+//! Key transparency in the client: every key the server hands out is checked against the
+//! server's key directory, this account's own entry is watched, and anyone can audit the
+//! directory's history.
+//!
+//! - Before encrypting to a device (a claimed KeyPackage, a member of a group joined or changed),
+//!   the client looks the device's account up in the directory and checks the proof against an
+//!   epoch head signed by the server's log key. The account's identity key, the device and its
+//!   signature key must all be listed; a change gets one epoch to be published, then a mismatch
+//!   stops the action with a security warning.
+//! - A username's account is checked the same way.
+//! - Epochs never go back and one epoch has one root, for this device: a server showing an older
+//!   or a second directory is caught.
+//! - [`FumiClient::check_own_keys`] reviews every version the directory ever published of this
+//!   account and reports devices none of this account's devices linked.
+//! - [`audit_directory`] checks, as a third party would, that each epoch only appended to the one
+//!   before.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use fumi_audit::keys::{
+    self, AccountEntry, AuditAnswer, EpochHead, HistoryAnswer, KeyDirectoryError, LookupAnswer, SignedEpochHead,
+    UsernameEntry, Verified,
+};
+use fumi_core::Member;
+use fumi_proto::{AccountId, DeviceId};
+use reqwest::Method;
+use serde::{Deserialize, Serialize};
+
+use crate::store::keys::DirectoryState;
+use crate::transport::Transport;
+use crate::{ClientError, FumiClient, now_ms};
+
+/// The longest a client waits for a change to reach the directory before calling it a mismatch.
+const MAX_PUBLICATION_WAIT_MS: u64 = 180_000;
+
+/// Answer to `GET /v1/keys/head`.
+#[derive(Debug, Deserialize)]
+struct HeadAnswer {
+    head: SignedEpochHead,
+    epoch_interval_ms: u64,
+}
+
+fn security(message: String) -> ClientError {
+    ClientError::KeyTransparency(message)
+}
+
+fn proof_failure(what: &str, error: KeyDirectoryError) -> ClientError {
+    security(format!(
+        "the server's key directory proof for {what} does not verify ({error}); the server may be showing \
+         you keys it does not show everyone"
+    ))
+}
+
+/// Checks a signed head against the key pinned for the server and the newest epoch seen, given
+/// what was seen before (`None` on first use: the head's key is pinned).
+fn check_head(previous: Option<&DirectoryState>, signed: &SignedEpochHead) -> Result<EpochHead, ClientError> {
+    let log_key = match previous {
+        Some(state) => state.log_key,
+        None => signed
+            .named_log_key()
+            .map_err(|e| ClientError::Protocol(format!("key directory head: {e}")))?,
+    };
+    let head = signed.verify(&log_key).map_err(|e| {
+        security(format!(
+            "the server's key directory head is not signed by the log key this device pinned ({e})"
+        ))
+    })?;
+    if let Some(state) = previous {
+        if head.epoch < state.epoch {
+            return Err(security(format!(
+                "the server showed key directory epoch {} after showing epoch {}: it went back in time, \
+                 which an honest directory never does",
+                head.epoch, state.epoch
+            )));
+        }
+        if head.epoch == state.epoch && head.root_hash != state.root_hash {
+            return Err(security(format!(
+                "the server showed two different key directories as epoch {}: its history was rewritten, or \
+                 it shows different people different keys",
+                head.epoch
+            )));
+        }
+    }
+    Ok(head)
+}
+
+/// Why `member` does not match its account's directory entry, if it does not.
+fn mismatch(entry: &AccountEntry, member: &Member) -> Option<String> {
+    if entry.identity_key != member.identity_key {
+        return Some("its identity key is not the one in the directory".into());
+    }
+    match entry.signature_key_of(member.device.as_bytes()) {
+        None => Some(format!(
+            "device {} is not one of the account's devices in the directory",
+            member.device
+        )),
+        Some(key) if key != member.signature_key => Some(format!(
+            "device {} carries another signing key than the directory lists",
+            member.device
+        )),
+        Some(_) => None,
+    }
+}
+
+impl FumiClient {
+    /// Accepts a head (see [`check_head`]) and remembers it if it is newer.
+    fn accept_head(&self, signed: &SignedEpochHead) -> Result<EpochHead, ClientError> {
+        let previous = self.store.directory_state()?;
+        let head = check_head(previous.as_ref(), signed)?;
+        if previous.as_ref().is_none_or(|state| head.epoch > state.epoch) {
+            let mut state = previous.unwrap_or(DirectoryState {
+                log_key: [0; 32],
+                epoch: 0,
+                root_hash: [0; 32],
+                own_version: 0,
+                own_checked_epoch: 0,
+                own_alarm: false,
+            });
+            if state.log_key == [0; 32] {
+                state.log_key = signed
+                    .named_log_key()
+                    .map_err(|e| ClientError::Protocol(format!("key directory head: {e}")))?;
+            }
+            state.epoch = head.epoch;
+            state.root_hash = head.root_hash;
+            self.store.save_directory_state(&state)?;
+        }
+        Ok(head)
+    }
+
+    /// The newest head, checked, and how often epochs are published.
+    async fn directory_head(&self) -> Result<(EpochHead, u64), ClientError> {
+        let answer: HeadAnswer = self
+            .transport
+            .request::<(), _>(Method::GET, "/v1/keys/head", None)
+            .await?;
+        Ok((self.accept_head(&answer.head)?, answer.epoch_interval_ms))
+    }
+
+    /// Looks a label up; `None` if the directory does not have it (yet).
+    async fn directory_lookup(
+        &self,
+        path: &str,
+        label: &keys::AkdLabel,
+        what: &str,
+    ) -> Result<Option<(EpochHead, Verified)>, ClientError> {
+        let answer: LookupAnswer = match self.transport.request::<(), _>(Method::GET, path, None).await {
+            Err(e) if e.is_code("not_in_key_directory") => return Ok(None),
+            other => other?,
+        };
+        let head = self.accept_head(&answer.head)?;
+        let verified = keys::verify_lookup(&head, label, &answer.proof).map_err(|e| proof_failure(what, e))?;
+        Ok(Some((head, verified)))
+    }
+
+    /// The directory's entry for `account`, verified; `None` if it is not published (yet).
+    pub(crate) async fn directory_account(
+        &self,
+        account: AccountId,
+    ) -> Result<Option<(EpochHead, AccountEntry)>, ClientError> {
+        let label = keys::account_label(account.as_bytes());
+        let path = format!("/v1/keys/lookup/account/{account}");
+        let Some((head, verified)) = self.directory_lookup(&path, &label, "an account").await? else {
+            return Ok(None);
+        };
+        let entry = AccountEntry::decode(&verified.value).map_err(|e| proof_failure("an account", e))?;
+        Ok(Some((head, entry)))
+    }
+
+    /// Waits (bounded) for the directory to publish an epoch after `epoch`: true if one came.
+    async fn wait_for_epoch_after(&self, epoch: u64) -> Result<bool, ClientError> {
+        let (head, interval) = self.directory_head().await?;
+        if head.epoch > epoch {
+            return Ok(true);
+        }
+        let deadline = now_ms()
+            + interval
+                .saturating_mul(2)
+                .saturating_add(2000)
+                .min(MAX_PUBLICATION_WAIT_MS);
+        tracing::info!(
+            seconds = interval.div_ceil(1000),
+            "waiting for the server's key directory to publish a change"
+        );
+        while now_ms() < deadline {
+            tokio::time::sleep(Duration::from_millis((interval / 5).clamp(50, 1000))).await;
+            if self.directory_head().await?.0.epoch > epoch {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Checks that every member is listed, with its identity key and signature key, in its
+    /// account's directory entry. A change is given one epoch to be published; after that a
+    /// member the directory does not list is refused with a security warning.
+    pub(crate) async fn check_members_in_directory(&self, members: &[Member]) -> Result<(), ClientError> {
+        let mut by_account: BTreeMap<AccountId, Vec<Member>> = BTreeMap::new();
+        for member in members {
+            by_account.entry(member.account).or_default().push(*member);
+        }
+        for (account, members) in by_account {
+            let mut waited = false;
+            loop {
+                let found = self.directory_account(account).await?;
+                let problem = match &found {
+                    None => Some("the account is not in the directory".to_owned()),
+                    Some((_, entry)) => members.iter().find_map(|m| mismatch(entry, m)),
+                };
+                let Some(problem) = problem else { break };
+                let epoch = match &found {
+                    Some((head, _)) => head.epoch,
+                    None => self.directory_head().await?.0.epoch,
+                };
+                if waited || !self.wait_for_epoch_after(epoch).await? {
+                    let name = self.display_account(account)?;
+                    return Err(security(format!(
+                        "the server handed out keys for {name} that its own key directory does not list: {problem}. \
+                         Someone with access to the server may be trying to read your messages; nothing was \
+                         encrypted to these keys."
+                    )));
+                }
+                waited = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that the directory gives `username_hash` to `account` (waiting one epoch for a
+    /// fresh claim).
+    pub(crate) async fn check_username_in_directory(
+        &self,
+        username: &str,
+        username_hash: &[u8; 32],
+        account: AccountId,
+    ) -> Result<(), ClientError> {
+        let label = keys::username_label(username_hash);
+        let path = format!("/v1/keys/lookup/username/{}", hex::encode(username_hash));
+        let mut waited = false;
+        loop {
+            let found = self.directory_lookup(&path, &label, "a username").await?;
+            let listed = match &found {
+                Some((_, verified)) => {
+                    UsernameEntry::decode(&verified.value)
+                        .map_err(|e| proof_failure("a username", e))?
+                        .account
+                }
+                None => None,
+            };
+            if listed == Some(*account.as_bytes()) {
+                return Ok(());
+            }
+            let epoch = match &found {
+                Some((head, _)) => head.epoch,
+                None => self.directory_head().await?.0.epoch,
+            };
+            if waited || !self.wait_for_epoch_after(epoch).await? {
+                return Err(security(format!(
+                    "the server says {username} belongs to an account its own key directory does not give it to; \
+                     someone with access to the server may be impersonating {username}. Nothing was sent."
+                )));
+            }
+            waited = true;
+        }
+    }
+
+    /// Devices of this account that this device trusts: itself, devices it linked, devices its
+    /// trusted devices linked or added, and devices since removed. A store from before key
+    /// transparency starts from the devices of this account in its conversations.
+    pub(crate) fn trusted_own_devices(&self) -> Result<HashSet<DeviceId>, ClientError> {
+        let mut known = self.store.known_devices()?;
+        if known.is_empty() {
+            let now = now_ms();
+            self.store.know_device(self.account.device_id, now)?;
+            for conversation in self.store.conversations()? {
+                if !self.device.is_member(conversation.group_id) {
+                    continue;
+                }
+                for member in self.device.members(conversation.group_id)? {
+                    if member.account == self.account.account_id {
+                        self.store.know_device(member.device, now)?;
+                    }
+                }
+            }
+            known = self.store.known_devices()?;
+        }
+        known.extend(self.store.revoked_devices()?);
+        Ok(known)
+    }
+
+    /// Reviews this account's entry in the key directory: every version ever published must
+    /// carry this account's identity key and only devices this device trusts. Returns a warning
+    /// per problem (empty when all is well). Without `force`, does nothing unless the directory
+    /// published a new epoch since the last review, and reads the history only if the entry
+    /// changed.
+    pub async fn check_own_keys(&mut self, force: bool) -> Result<Vec<String>, ClientError> {
+        let (head, _) = self.directory_head().await?;
+        let state = self.store.directory_state()?.expect("a head was just stored");
+        if !force && !state.own_alarm && head.epoch <= state.own_checked_epoch {
+            return Ok(vec![]);
+        }
+        let me = self.account.account_id;
+        let label = keys::account_label(me.as_bytes());
+        let answer: HistoryAnswer = match self
+            .transport
+            .request::<(), _>(Method::GET, "/v1/keys/history", None)
+            .await
+        {
+            // Not published yet: a new account waits for its first epoch.
+            Err(e) if e.is_code("not_in_key_directory") => return Ok(vec![]),
+            other => other?,
+        };
+        let history_head = self.accept_head(&answer.head)?;
+        let versions =
+            keys::verify_history(&history_head, &label, &answer.proof).map_err(|e| proof_failure("your account", e))?;
+        let newest = versions.iter().map(|v| v.version).max().unwrap_or(0);
+        if !force && !state.own_alarm && newest <= state.own_version {
+            let mut state = self.store.directory_state()?.expect("stored");
+            state.own_checked_epoch = history_head.epoch;
+            self.store.save_directory_state(&state)?;
+            return Ok(vec![]);
+        }
+        let own_key = fumi_core::AccountIdentity::from_secret(&self.account.identity_secret).public_key();
+        let trusted = self.trusted_own_devices()?;
+        let mut warnings = Vec::new();
+        let mut reported = HashSet::new();
+        for version in versions.iter().rev() {
+            let entry = AccountEntry::decode(&version.value).map_err(|e| proof_failure("your account", e))?;
+            if entry != AccountEntry::deleted() && entry.identity_key != own_key && reported.insert(None) {
+                warnings.push(format!(
+                    "SECURITY WARNING: from key directory epoch {} the server published another identity key for \
+                     your account: someone with access to the server may be impersonating you",
+                    version.epoch
+                ));
+            }
+            for device in &entry.devices {
+                let id = DeviceId::from_bytes(device.device);
+                if !trusted.contains(&id) && reported.insert(Some(id)) {
+                    warnings.push(format!(
+                        "SECURITY WARNING: from key directory epoch {} your account lists device {id}, which none \
+                         of your devices linked. If you did not link it, someone may be reading your messages: \
+                         remove it with `fumi device remove {id}` and tell your contacts.",
+                        version.epoch
+                    ));
+                }
+            }
+        }
+        let mut state = self.store.directory_state()?.expect("stored");
+        state.own_checked_epoch = history_head.epoch;
+        // A problem is reported at every sync until it is resolved.
+        state.own_alarm = !warnings.is_empty();
+        if warnings.is_empty() {
+            state.own_version = newest;
+        }
+        self.store.save_directory_state(&state)?;
+        Ok(warnings)
+    }
+}
+
+/// What an auditor remembers between runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditorState {
+    /// The server's log key, hex (pinned on the first run).
+    pub log_key: String,
+    /// The newest epoch audited.
+    pub epoch: u64,
+    /// Its root hash, hex.
+    pub root_hash: String,
+}
+
+/// What an audit run checked.
+#[derive(Debug, Clone)]
+pub struct AuditReport {
+    /// What to remember for the next run.
+    pub state: AuditorState,
+    /// The first epoch of this run.
+    pub from_epoch: u64,
+    /// Epoch transitions proven append-only in this run.
+    pub epochs_checked: u64,
+}
+
+/// Checks, as any third party can, that the server's key directory only ever appended: every
+/// epoch since the last audit (or since the first) extends the one before it, and the epoch
+/// audited last time still has the root it had.
+pub async fn audit_directory(server: &str, previous: Option<&AuditorState>) -> Result<AuditReport, ClientError> {
+    let transport = Transport::new(server)?;
+    let answer: HeadAnswer = transport.request::<(), _>(Method::GET, "/v1/keys/head", None).await?;
+    let previous_state = previous
+        .map(|state| -> Result<DirectoryState, ClientError> {
+            let decode = |text: &str| {
+                fumi_audit::decode_hash(text)
+                    .ok_or_else(|| ClientError::Usage("the audit state file is damaged".into()))
+            };
+            Ok(DirectoryState {
+                log_key: decode(&state.log_key)?,
+                epoch: state.epoch,
+                root_hash: decode(&state.root_hash)?,
+                own_version: 0,
+                own_checked_epoch: 0,
+                own_alarm: false,
+            })
+        })
+        .transpose()?;
+    let latest = check_head(previous_state.as_ref(), &answer.head)?;
+    let log_key = match &previous_state {
+        Some(state) => state.log_key,
+        None => answer
+            .head
+            .named_log_key()
+            .map_err(|e| ClientError::Protocol(e.to_string()))?,
+    };
+    let from = previous_state.as_ref().map_or(0, |state| state.epoch);
+    let mut heads: Vec<EpochHead> = Vec::new();
+    while heads.last().is_none_or(|head| head.epoch < latest.epoch) {
+        let next = heads.last().map_or(from, |head| head.epoch + 1);
+        let page: Vec<SignedEpochHead> = transport
+            .request::<(), _>(Method::GET, &format!("/v1/keys/heads?from={next}"), None)
+            .await?;
+        if page.is_empty() {
+            return Err(security(format!(
+                "the server cannot show the signed head of key directory epoch {next}; its history was truncated"
+            )));
+        }
+        for signed in page {
+            let head = signed
+                .verify(&log_key)
+                .map_err(|e| security(format!("key directory epoch {}: {e}", signed.epoch)))?;
+            let expected = heads.last().map_or(from, |h| h.epoch + 1);
+            if head.epoch != expected {
+                return Err(security(format!(
+                    "the server skipped key directory epoch {expected}; its history was rewritten"
+                )));
+            }
+            heads.push(head);
+            if heads.last().is_some_and(|h| h.epoch == latest.epoch) {
+                break;
+            }
+        }
+    }
+    if let Some(state) = &previous_state
+        && heads[0].root_hash != state.root_hash
+    {
+        return Err(security(format!(
+            "KEY DIRECTORY HISTORY REWRITTEN: epoch {} had root {} when last audited, and now has root {}",
+            state.epoch,
+            hex::encode(state.root_hash),
+            hex::encode(heads[0].root_hash)
+        )));
+    }
+    if heads.last().map(|h| h.root_hash) != Some(latest.root_hash) {
+        return Err(security(format!(
+            "the server shows two different roots for key directory epoch {}",
+            latest.epoch
+        )));
+    }
+    // Each request proves up to AUDIT_EPOCHS_PER_REQUEST consecutive steps.
+    for start in (0..heads.len() - 1).step_by(AUDIT_EPOCHS_PER_REQUEST as usize) {
+        let end = (start + AUDIT_EPOCHS_PER_REQUEST as usize).min(heads.len() - 1);
+        let slice = &heads[start..=end];
+        let path = format!(
+            "/v1/keys/audit?from={}&to={}",
+            slice[0].epoch,
+            slice[slice.len() - 1].epoch
+        );
+        let proof: AuditAnswer = transport.request::<(), _>(Method::GET, &path, None).await?;
+        keys::verify_append_only(slice, &proof.proof).await.map_err(|e| {
+            security(format!(
+                "KEY DIRECTORY HISTORY REWRITTEN: epochs {} to {} are not an append-only extension ({e})",
+                slice[0].epoch,
+                slice[slice.len() - 1].epoch
+            ))
+        })?;
+    }
+    let newest = heads.last().expect("at least the latest head");
+    Ok(AuditReport {
+        state: AuditorState {
+            log_key: hex::encode(log_key),
+            epoch: newest.epoch,
+            root_hash: hex::encode(newest.root_hash),
+        },
+        from_epoch: from,
+        epochs_checked: newest.epoch - from,
+    })
+}
+
+/// Epochs proven per audit request (the server allows 100).
+pub const AUDIT_EPOCHS_PER_REQUEST: u64 = 100;
