@@ -21,6 +21,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("mls_incoming", mls_incoming),
     ("accountability", accountability),
     ("official", official),
+    ("key_directory", key_directory),
 ];
 
 fn json<T: serde::de::DeserializeOwned>(bytes: &[u8]) {
@@ -241,5 +242,73 @@ pub fn official(data: &[u8]) {
         9 => json::<ChannelPosts>(body),
         10 => json::<Post>(body),
         _ => json::<ChannelInfo>(body),
+    }
+}
+
+/// What a client parses from the key directory: account and username entries, signed epoch
+/// heads, and lookup, history and append-only proofs (protobuf) checked against a head.
+pub fn key_directory(data: &[u8]) {
+    use fumi_audit::keys::{self, AccountEntry, EpochHead, SignedEpochHead, UsernameEntry};
+    let Some((&selector, body)) = data.split_first() else {
+        return;
+    };
+    // Proof inputs: root hash (32) ‖ VRF public key (32) ‖ the protobuf proof, so that seeds made
+    // by a real directory (`cargo run -p fumi-server --example key_directory_fuzz_seeds`) reach
+    // the deep checks.
+    let (root_hash, vrf_public_key, proof) = if body.len() < 64 {
+        ([0; 32], [0; 32], body)
+    } else {
+        (
+            body[..32].try_into().expect("32 bytes"),
+            body[32..64].try_into().expect("32 bytes"),
+            &body[64..],
+        )
+    };
+    let hex: String = proof.iter().map(|b| format!("{b:02x}")).collect();
+    let head = EpochHead {
+        epoch: 3,
+        root_hash,
+        vrf_public_key,
+        published_at: 0,
+    };
+    let label = keys::account_label(&[1; 16]);
+    match selector % 6 {
+        0 => {
+            if let Ok(entry) = AccountEntry::decode(body) {
+                assert_eq!(
+                    AccountEntry::decode(&entry.encode().0),
+                    Ok(entry),
+                    "one encoding per entry"
+                );
+            }
+        }
+        1 => {
+            let _ = UsernameEntry::decode(body);
+        }
+        2 => {
+            if let Ok(head) = serde_json::from_slice::<SignedEpochHead>(body) {
+                let _ = head.named_log_key();
+                let _ = head.verify(&[0; 32]);
+            }
+        }
+        3 => {
+            let _ = keys::verify_lookup(&head, &label, &hex);
+        }
+        4 => {
+            let _ = keys::verify_history(&head, &label, &hex);
+        }
+        _ => {
+            let next = EpochHead {
+                epoch: 4,
+                ..head.clone()
+            };
+            // The check awaits nothing; one poll runs it to the end.
+            let heads = [head, next];
+            let check = keys::verify_append_only(&heads, &hex);
+            let mut check = std::pin::pin!(check);
+            let _ = check
+                .as_mut()
+                .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+        }
     }
 }

@@ -463,12 +463,14 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
             }
             Command::Group(GroupCommand::Create { name, members }) => {
                 let mut client = FumiClient::open(&home)?;
+                client.set_progress(Box::new(progress::Bar::default()));
                 client.sync().await?;
                 client.create_group(&name, &members).await?;
                 println!("created group {name:?} with {}", members.join(", "));
             }
             Command::Group(GroupCommand::Add(args)) => {
                 let mut client = FumiClient::open(&home)?;
+                client.set_progress(Box::new(progress::Bar::default()));
                 client.sync().await?;
                 client.add_to_group(&args.name, &args.members).await?;
                 println!("added {} to {:?}", args.members.join(", "), args.name);
@@ -538,6 +540,7 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
                 }
                 (None, Some(from)) => {
                     let mut existing = FumiClient::open(&from)?;
+                    existing.set_progress(Box::new(progress::Bar::default()));
                     let link = existing.create_device_link().await?;
                     let client = FumiClient::link(&home, &link.code).await?;
                     existing.wait_for_link(&link, Duration::from_secs(wait)).await?;
@@ -550,6 +553,7 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
                 }
                 (None, None) => {
                     let mut client = FumiClient::open(&home)?;
+                    client.set_progress(Box::new(progress::Bar::default()));
                     let link = client.create_device_link().await?;
                     println!("On the new device, run:\n\n  fumi --home NEW-HOME device link '{}'\n", link.code);
                     println!("or scan:\n{}", qr(&link.code)?);

@@ -271,3 +271,22 @@ fn a_rewritten_directory_history_is_detected() {
         stderr(&refused)
     );
 }
+
+#[test]
+fn devices_from_before_the_key_directory_are_published_with_their_stored_key() {
+    let mut server = Server::start();
+    let alice = User::register(&server, "alice", "Alice");
+    let bob = User::register(&server, "bob", "Bob");
+    // A database from before the directory: the device's signature key was never recorded (the
+    // migration marks every account for the first epoch).
+    server.stop();
+    server.execute("UPDATE devices SET signature_key = NULL", &[]);
+    server.restart();
+    alice.ok(&["send", &bob.username, "still reachable"]);
+    assert_eq!(bob.receive_texts(), ["still reachable"]);
+    assert!(bob.ok(&["keys", "check"]).contains("only devices you linked"));
+    assert_eq!(
+        server.count("SELECT COUNT(*) FROM devices WHERE signature_key IS NULL", &[]),
+        0
+    );
+}

@@ -179,10 +179,11 @@ impl FumiClient {
                 .saturating_mul(2)
                 .saturating_add(2000)
                 .min(MAX_PUBLICATION_WAIT_MS);
-        tracing::info!(
-            seconds = interval.div_ceil(1000),
-            "waiting for the server's key directory to publish a change"
-        );
+        self.progress.note(&format!(
+            "waiting up to {} s for the server's key directory to publish a new epoch (a new account or device \
+             is trusted once it is listed there)",
+            (deadline - now_ms()).div_ceil(1000)
+        ));
         while now_ms() < deadline {
             tokio::time::sleep(Duration::from_millis((interval / 5).clamp(50, 1000))).await;
             if self.directory_head().await?.0.epoch > epoch {
@@ -201,30 +202,55 @@ impl FumiClient {
             by_account.entry(member.account).or_default().push(*member);
         }
         for (account, members) in by_account {
-            let mut waited = false;
-            loop {
-                let found = self.directory_account(account).await?;
-                let problem = match &found {
-                    None => Some("the account is not in the directory".to_owned()),
-                    Some((_, entry)) => members.iter().find_map(|m| mismatch(entry, m)),
-                };
-                let Some(problem) = problem else { break };
-                let epoch = match &found {
-                    Some((head, _)) => head.epoch,
-                    None => self.directory_head().await?.0.epoch,
-                };
-                if waited || !self.wait_for_epoch_after(epoch).await? {
-                    let name = self.display_account(account)?;
-                    return Err(security(format!(
-                        "the server handed out keys for {name} that its own key directory does not list: {problem}. \
-                         Someone with access to the server may be trying to read your messages; nothing was \
-                         encrypted to these keys."
-                    )));
-                }
-                waited = true;
-            }
+            self.check_account_entry(account, |entry| members.iter().find_map(|m| mismatch(entry, m)))
+                .await?;
         }
         Ok(())
+    }
+
+    /// Checks that the directory lists `identity_key` as `account`'s.
+    pub(crate) async fn check_identity_in_directory(
+        &self,
+        account: AccountId,
+        identity_key: &[u8; 32],
+    ) -> Result<(), ClientError> {
+        self.check_account_entry(account, |entry| {
+            (entry.identity_key != *identity_key).then(|| "its identity key is not the one in the directory".to_owned())
+        })
+        .await
+    }
+
+    /// Looks `account` up until `problem` finds nothing wrong with its entry, waiting for one
+    /// newer epoch at most; then refuses with a security warning.
+    async fn check_account_entry(
+        &self,
+        account: AccountId,
+        problem: impl Fn(&AccountEntry) -> Option<String>,
+    ) -> Result<(), ClientError> {
+        let mut waited = false;
+        loop {
+            let found = self.directory_account(account).await?;
+            let found_problem = match &found {
+                None => Some("the account is not in the directory".to_owned()),
+                Some((_, entry)) => problem(entry),
+            };
+            let Some(found_problem) = found_problem else {
+                return Ok(());
+            };
+            let epoch = match &found {
+                Some((head, _)) => head.epoch,
+                None => self.directory_head().await?.0.epoch,
+            };
+            if waited || !self.wait_for_epoch_after(epoch).await? {
+                let name = self.display_account(account)?;
+                return Err(security(format!(
+                    "the server handed out keys for {name} that its own key directory does not list: {found_problem}. \
+                     Someone with access to the server may be trying to read your messages; nothing was \
+                     encrypted to these keys."
+                )));
+            }
+            waited = true;
+        }
     }
 
     /// Checks that the directory gives `username_hash` to `account` (waiting one epoch for a
@@ -302,6 +328,18 @@ impl FumiClient {
         }
         let me = self.account.account_id;
         let label = keys::account_label(me.as_bytes());
+        // A lookup (one version) tells whether the entry changed since the last clean review.
+        let path = format!("/v1/keys/lookup/account/{me}");
+        let Some((lookup_head, current)) = self.directory_lookup(&path, &label, "your account").await? else {
+            // Not published yet: a new account waits for its first epoch.
+            return Ok(vec![]);
+        };
+        if !force && !state.own_alarm && current.version <= state.own_version {
+            let mut state = self.store.directory_state()?.expect("stored");
+            state.own_checked_epoch = lookup_head.epoch;
+            self.store.save_directory_state(&state)?;
+            return Ok(vec![]);
+        }
         let answer: HistoryAnswer = match self
             .transport
             .request::<(), _>(Method::GET, "/v1/keys/history", None)
@@ -315,12 +353,6 @@ impl FumiClient {
         let versions =
             keys::verify_history(&history_head, &label, &answer.proof).map_err(|e| proof_failure("your account", e))?;
         let newest = versions.iter().map(|v| v.version).max().unwrap_or(0);
-        if !force && !state.own_alarm && newest <= state.own_version {
-            let mut state = self.store.directory_state()?.expect("stored");
-            state.own_checked_epoch = history_head.epoch;
-            self.store.save_directory_state(&state)?;
-            return Ok(vec![]);
-        }
         let own_key = fumi_core::AccountIdentity::from_secret(&self.account.identity_secret).public_key();
         let trusted = self.trusted_own_devices()?;
         let mut warnings = Vec::new();

@@ -47,14 +47,16 @@ impl FumiClient {
         })
     }
 
-    /// The account, the identity key the server names for it, and whether that differs from
-    /// the pinned one (pinning it if none was).
+    /// The account, the identity key the server names for it (and the key directory lists), and
+    /// whether that differs from the pinned one (pinning it if none was).
     async fn current_identity_key(&self, username: &str) -> Result<(AccountId, [u8; 32], bool), ClientError> {
         let account = self.lookup(username).await?;
         if account == self.account.account_id {
             return Err(ClientError::Usage("that is your own account".into()));
         }
         let key = self.registered_identity_key(account).await?;
+        // The number is only worth comparing if it is the key everyone is shown.
+        self.check_identity_in_directory(account, &key).await?;
         let changed = !self.store.check_identity_key(account, &key)?;
         Ok((account, key, changed))
     }

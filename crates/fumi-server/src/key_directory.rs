@@ -86,7 +86,22 @@ impl KeyDirectory {
             hidden: Default::default(),
         };
         this.sign_current_epoch().await?;
+        this.record_old_signature_keys().await?;
         Ok(this)
+    }
+
+    /// Devices registered before the key directory existed get their signature key from a
+    /// KeyPackage they stored (the key must be listed for anyone to encrypt to them).
+    async fn record_old_signature_keys(&self) -> Result<(), StorageError> {
+        for (device, key_package) in self.storage.devices_without_signature_key().await? {
+            match crate::framing::key_package_signature_key(&key_package.0) {
+                Ok(key) => {
+                    self.storage.set_signature_key(device, &key).await?;
+                }
+                Err(e) => tracing::warn!(%device, error = %e, "a stored key package is unreadable"),
+            }
+        }
+        Ok(())
     }
 
     /// Signs and stores the head of the directory's newest epoch if it has none (the first
@@ -642,21 +657,22 @@ fn not_published(what: &str, interval_ms: u64) -> ApiError {
     )
 }
 
-/// Looks up `label` and pairs the proof with its epoch's signed head.
-async fn lookup(state: &AppState, label: AkdLabel, what: &str) -> Result<Json<LookupAnswer>, ApiError> {
-    let (proof, akd::EpochHash(epoch, _)) = match state.keys.directory.lookup(label).await {
-        Ok(found) => found,
-        Err(akd::errors::AkdError::Storage(AkdStorageError::NotFound(_)))
-        | Err(akd::errors::AkdError::Directory(_)) => {
-            return Err(not_published(what, state.config.key_directory_epoch_ms));
-        }
-        Err(e) => return Err(akd_error(e).into()),
-    };
-    let head = state.keys.head_of(epoch).await?.ok_or_else(retry_later)?;
-    Ok(Json(LookupAnswer {
-        head,
-        proof: fumi_audit::keys::encode_lookup_proof(&proof),
-    }))
+impl KeyDirectory {
+    /// Looks `label` up and pairs the proof with its epoch's signed head; `what` names the
+    /// entry in the error when it is not published (yet).
+    pub async fn lookup(&self, label: AkdLabel, what: &str, interval_ms: u64) -> Result<LookupAnswer, ApiError> {
+        let (proof, akd::EpochHash(epoch, _)) = match self.directory.lookup(label).await {
+            Ok(found) => found,
+            Err(akd::errors::AkdError::Storage(AkdStorageError::NotFound(_)))
+            | Err(akd::errors::AkdError::Directory(_)) => return Err(not_published(what, interval_ms)),
+            Err(e) => return Err(akd_error(e).into()),
+        };
+        let head = self.head_of(epoch).await?.ok_or_else(retry_later)?;
+        Ok(LookupAnswer {
+            head,
+            proof: fumi_audit::keys::encode_lookup_proof(&proof),
+        })
+    }
 }
 
 fn retry_later() -> ApiError {
@@ -676,7 +692,15 @@ pub async fn lookup_account(
     let account: AccountId = account
         .parse()
         .map_err(|_| ApiError::bad_request("the account id is 32 hex digits"))?;
-    lookup(&state, account_label(account.as_bytes()), "this account").await
+    let answer = state
+        .keys
+        .lookup(
+            account_label(account.as_bytes()),
+            "this account",
+            state.config.key_directory_epoch_ms,
+        )
+        .await?;
+    Ok(Json(answer))
 }
 
 /// `GET /v1/keys/lookup/username/{hash}`: the account holding a username hash, with proof.
@@ -689,7 +713,15 @@ pub async fn lookup_username(
         .ok()
         .and_then(|bytes| bytes.try_into().ok())
         .ok_or_else(|| ApiError::bad_request("the username hash is 64 hex digits"))?;
-    lookup(&state, username_label(&hash), "this username").await
+    let answer = state
+        .keys
+        .lookup(
+            username_label(&hash),
+            "this username",
+            state.config.key_directory_epoch_ms,
+        )
+        .await?;
+    Ok(Json(answer))
 }
 
 /// `GET /v1/keys/history`: the caller's own account entry, every version, with proof. Only the

@@ -37,6 +37,20 @@ pub(crate) fn device_id(bytes: &[u8]) -> Result<DeviceId, StorageError> {
     DeviceId::from_slice(bytes).map_err(|_| StorageError::Database("corrupt device id".into()))
 }
 
+/// Devices (not removed) without a signature key, each with its oldest stored KeyPackage; the
+/// same SQL on both backends.
+pub(crate) const DEVICES_WITHOUT_SIGNATURE_KEY: &str = "SELECT d.id, k.key_package FROM devices d \
+     JOIN key_packages k ON k.id = (SELECT MIN(id) FROM key_packages WHERE device_id = d.id) \
+     WHERE d.signature_key IS NULL AND d.removed_at IS NULL";
+
+pub(crate) fn devices_with_key_packages(
+    rows: Vec<(Vec<u8>, Vec<u8>)>,
+) -> Result<Vec<(DeviceId, Ciphertext)>, StorageError> {
+    rows.into_iter()
+        .map(|(id, key_package)| Ok((device_id(&id)?, Ciphertext(key_package))))
+        .collect()
+}
+
 pub(crate) fn blob_id(bytes: &[u8]) -> Result<BlobId, StorageError> {
     BlobId::from_slice(bytes).map_err(|_| StorageError::Database("corrupt blob id".into()))
 }
@@ -630,6 +644,9 @@ pub trait Storage: Send + Sync + 'static {
     async fn kt_lease(&self, node: &[u8; 16], now: u64, ttl_ms: u64) -> Result<bool, StorageError>;
     /// Gives the publisher lease up (at shutdown), so that a restarted node publishes at once.
     async fn kt_release_lease(&self, node: &[u8; 16]) -> Result<(), StorageError>;
+    /// Devices (not removed) without a recorded signature key, each with one of its stored
+    /// KeyPackages: devices from before the key directory, whose key is read from those.
+    async fn devices_without_signature_key(&self) -> Result<Vec<(DeviceId, Ciphertext)>, StorageError>;
     /// Stores the signed head of a published epoch.
     async fn kt_put_head(&self, epoch: u64, head: &str) -> Result<(), StorageError>;
     /// Signed heads of epochs `from` onwards, in order, at most `limit`.
@@ -738,6 +755,99 @@ pub(crate) mod contract {
             .await;
             backend.finish().await;
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn key_directory_rows_and_change_marks_on_every_backend() {
+        for backend in backends().await {
+            let postgres = matches!(backend._cleanup, Cleanup::Schema { .. });
+            key_directory_rows_and_change_marks(backend.storage.clone(), backend.device, postgres).await;
+            backend.finish().await;
+        }
+    }
+
+    async fn key_directory_rows_and_change_marks(storage: Arc<dyn Storage>, device: DeviceId, postgres: bool) {
+        let account = AccountId::from_bytes([1; 16]);
+        let marked =
+            |marks: &[KeyDirectoryPending], kind, id: &[u8]| marks.iter().any(|m| m.kind == kind && m.id == id);
+        // Creating the account marked it, in the same transaction.
+        let marks = storage.kt_pending(100).await.unwrap();
+        assert!(
+            marked(&marks, KeyDirectoryKind::Account, account.as_bytes()),
+            "{marks:?}"
+        );
+        // A device's signature key is set once; a different one later does not replace it.
+        assert_eq!(storage.set_signature_key(device, &[5; 32]).await.unwrap(), vec![5; 32]);
+        assert_eq!(storage.set_signature_key(device, &[6; 32]).await.unwrap(), vec![5; 32]);
+        let (identity, devices) = storage.device_keys(account).await.unwrap().unwrap();
+        assert_eq!((identity, devices), (vec![0; 32], vec![(device, vec![5; 32])]));
+        assert!(
+            storage
+                .device_keys(AccountId::from_bytes([7; 16]))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        storage.claim_username(account, &[7; 32]).await.unwrap();
+        let read = storage.kt_pending(100).await.unwrap();
+        assert!(marked(&read, KeyDirectoryKind::Username, &[7; 32]), "{read:?}");
+        // A change made after the marks were read survives their clearing: releasing [7; 32]
+        // bumps its generation, and the new username is marked.
+        storage.claim_username(account, &[8; 32]).await.unwrap();
+        storage.kt_clear_pending(&read).await.unwrap();
+        let left = storage.kt_pending(100).await.unwrap();
+        assert!(
+            !marked(&left, KeyDirectoryKind::Account, account.as_bytes()),
+            "{left:?}"
+        );
+        assert!(marked(&left, KeyDirectoryKind::Username, &[7; 32]), "{left:?}");
+        assert!(marked(&left, KeyDirectoryKind::Username, &[8; 32]), "{left:?}");
+
+        // akd's records: nodes by key (replaced on write), value states by label and epoch.
+        let state = |epoch, version| KeyDirectoryState {
+            label: b"account:x".to_vec(),
+            epoch,
+            version,
+            record: vec![epoch as u8; 3],
+        };
+        storage
+            .kt_write(
+                vec![(vec![1], vec![10]), (vec![2], vec![20])],
+                vec![state(2, 1), state(5, 2)],
+            )
+            .await
+            .unwrap();
+        storage.kt_write(vec![(vec![1], vec![11])], vec![]).await.unwrap();
+        let mut nodes = storage.kt_nodes(&[vec![1], vec![2], vec![3]]).await.unwrap();
+        nodes.sort();
+        assert_eq!(nodes, vec![(vec![1], vec![11]), (vec![2], vec![20])]);
+        let states = storage
+            .kt_states(&[b"account:x".to_vec(), b"other".to_vec()])
+            .await
+            .unwrap();
+        assert_eq!(states, vec![state(2, 1), state(5, 2)]);
+
+        // Heads: one per epoch, never replaced.
+        for epoch in 0..3 {
+            storage.kt_put_head(epoch, &format!("head {epoch}")).await.unwrap();
+        }
+        storage.kt_put_head(1, "another head 1").await.unwrap();
+        assert_eq!(storage.kt_heads(1, 10).await.unwrap(), vec!["head 1", "head 2"]);
+        assert_eq!(storage.kt_latest_head().await.unwrap(), Some((2, "head 2".to_owned())));
+
+        // One publisher at a time on a shared database; a released lease passes on at once.
+        assert!(storage.kt_lease(&[1; 16], 1_000, 10_000).await.unwrap());
+        assert!(storage.kt_lease(&[1; 16], 2_000, 10_000).await.unwrap());
+        if postgres {
+            assert!(!storage.kt_lease(&[2; 16], 3_000, 10_000).await.unwrap());
+            assert!(
+                storage.kt_lease(&[2; 16], 12_001, 10_000).await.unwrap(),
+                "an expired lease passes on"
+            );
+            storage.kt_release_lease(&[2; 16]).await.unwrap();
+        }
+        storage.kt_release_lease(&[1; 16]).await.unwrap();
+        assert!(storage.kt_lease(&[3; 16], 13_000, 10_000).await.unwrap());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2477,6 +2477,14 @@ impl Storage for PostgresStorage {
         Ok(())
     }
 
+    async fn devices_without_signature_key(&self) -> Result<Vec<(DeviceId, Ciphertext)>, StorageError> {
+        let rows = sqlx::query_as(DEVICES_WITHOUT_SIGNATURE_KEY)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        devices_with_key_packages(rows)
+    }
+
     async fn kt_put_head(&self, epoch: u64, head: &str) -> Result<(), StorageError> {
         sqlx::query("INSERT INTO kt_heads (epoch, head) VALUES ($1, $2) ON CONFLICT (epoch) DO NOTHING")
             .bind(to_i64(epoch))
