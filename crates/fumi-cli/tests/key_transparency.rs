@@ -290,3 +290,57 @@ fn devices_from_before_the_key_directory_are_published_with_their_stored_key() {
         0
     );
 }
+
+#[test]
+fn the_owner_notices_a_removed_device_put_back_and_a_swapped_signing_key() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice", "Alice");
+    let laptop = tempfile::tempdir().unwrap();
+    let alice_home = alice.home.path().to_str().unwrap().to_owned();
+    fumi_ok(laptop.path(), &["device", "link", "--from", &alice_home]);
+    let laptop_device = credentials(&User {
+        home: laptop,
+        username: String::new(),
+    })
+    .0;
+    alice.ok(&["device", "remove", &laptop_device.to_string()]);
+    // The removal is published within an epoch or two (100 ms here); a device listed after that
+    // grace (two epochs and 2 s) was put back.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert!(alice.ok(&["keys", "check"]).contains("only devices you linked"));
+
+    // The operator lists the removed laptop again (it still holds the identity secret).
+    server.execute(
+        "UPDATE devices SET removed_at = NULL WHERE id = {0}",
+        &[laptop_device.as_bytes()],
+    );
+    hook(&server, "/v1/test/keys/publish", json!({}));
+    let check = alice.run(&["keys", "check"]);
+    assert!(!check.status.success());
+    let warning = stderr(&check);
+    assert!(
+        warning.contains(&format!("lists device {laptop_device} again")),
+        "{warning}"
+    );
+    server.execute(
+        "UPDATE devices SET removed_at = 1 WHERE id = {0}",
+        &[laptop_device.as_bytes()],
+    );
+
+    // The operator (with a stolen identity secret) swaps the signing key of Alice's own device.
+    let (phone, _) = credentials(&alice);
+    server.execute(
+        "UPDATE devices SET signature_key = {0} WHERE id = {1}",
+        &[&[7u8; 32], phone.as_bytes()],
+    );
+    hook(&server, "/v1/test/keys/publish", json!({}));
+    let check = alice.run(&["keys", "check"]);
+    assert!(!check.status.success());
+    let warning = stderr(&check);
+    assert!(
+        warning.contains(&format!(
+            "your device {phone} is listed with a signing key that is not its own"
+        )),
+        "{warning}"
+    );
+}

@@ -81,6 +81,17 @@ struct AccountBundle {
     /// trusts them too, and reports any other device the key directory lists.
     #[serde(default)]
     known: Vec<DeviceId>,
+    /// The key directory as the linking device saw it (log key, epoch, root): the new device
+    /// starts from there instead of trusting the server on first use.
+    #[serde(default)]
+    directory: Option<BundledDirectory>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct BundledDirectory {
+    log_key: Base64Bytes,
+    epoch: u64,
+    root_hash: Base64Bytes,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -159,7 +170,12 @@ impl FumiClient {
             display_name: self.account.display_name.clone(),
             contacts,
             revoked: self.store.revoked_devices()?,
-            known: self.trusted_own_devices()?.into_iter().collect(),
+            known: self.trusted_own_devices()?.into_keys().collect(),
+            directory: self.store.directory_state()?.map(|state| BundledDirectory {
+                log_key: Base64Bytes(state.log_key.to_vec()),
+                epoch: state.epoch,
+                root_hash: Base64Bytes(state.root_hash.to_vec()),
+            }),
         };
         let plaintext = fumi_core::padding::pad(&serde_json::to_vec(&bundle).expect("bundle serialises"));
         let sealed = sealing::seal(
@@ -203,8 +219,22 @@ impl FumiClient {
                 other => other?,
             };
             if let Some(device) = status.device_id {
-                // This device made the link: the new device is ours.
-                self.store.know_device(device, crate::now_ms())?;
+                // The new device is ours only if it proves it holds the link code: the server
+                // cannot name a device of its own as the one that used the link.
+                let signature_key: [u8; 32] = status
+                    .signature_key
+                    .as_ref()
+                    .and_then(|key| key.as_slice().try_into().ok())
+                    .ok_or_else(|| ClientError::Protocol("the link status lacks the new device's key".into()))?;
+                let expected = fumi_core::identity::link_proof(&link.key, device, &signature_key);
+                if status.link_proof.as_ref().map(|proof| proof.as_slice()) != Some(expected.as_slice()) {
+                    return Err(ClientError::KeyTransparency(format!(
+                        "the server says device {device} used your link, but that device cannot prove it held the \
+                         link code; it was not added. Someone with access to the server may be trying to join your \
+                         account."
+                    )));
+                }
+                self.store.know_device(device, Some(&signature_key), crate::now_ms())?;
                 self.sync().await?;
                 // History is a courtesy: the link stands even if handing it over fails.
                 if let Err(e) = self.send_history(&link.token_hash, &link.key, device).await {
@@ -306,9 +336,23 @@ impl FumiClient {
         for device in &bundle.revoked {
             store.revoke_device(*device, crate::now_ms())?;
         }
-        store.know_device(device_id, crate::now_ms())?;
         for device in &bundle.known {
-            store.know_device(*device, crate::now_ms())?;
+            store.know_device(*device, None, crate::now_ms())?;
+        }
+        if let Some(directory) = &bundle.directory
+            && let (Ok(log_key), Ok(root_hash)) = (
+                <[u8; 32]>::try_from(directory.log_key.as_slice()),
+                <[u8; 32]>::try_from(directory.root_hash.as_slice()),
+            )
+        {
+            store.save_directory_state(&crate::store::keys::DirectoryState {
+                log_key,
+                epoch: directory.epoch,
+                root_hash,
+                own_version: 0,
+                own_checked_epoch: 0,
+                own_alarm: false,
+            })?;
         }
         for contact in &bundle.contacts {
             let Ok(identity_key) = <[u8; 32]>::try_from(contact.identity_key.as_slice()) else {
@@ -329,6 +373,7 @@ impl FumiClient {
             }
         }
         let device = open_device(provider, &account)?;
+        store.know_device(device_id, Some(&device.me().signature_key), crate::now_ms())?;
         let fresh = device.key_packages(KEY_PACKAGE_STOCK, true)?;
         let token_hash = sha256(token);
         let secret_hash = sha256(&device_secret);
@@ -343,6 +388,9 @@ impl FumiClient {
             ),
             key_packages: fresh.one_time.into_iter().map(Base64Bytes).collect(),
             last_resort: fresh.last_resort.map(Base64Bytes),
+            link_proof: Some(Base64Bytes(
+                fumi_core::identity::link_proof(key_for_history, device_id, &device.me().signature_key).to_vec(),
+            )),
         };
         match transport
             .request::<_, ()>(Method::POST, "/v1/devices", Some(&request))
@@ -364,7 +412,6 @@ impl FumiClient {
             device,
             account,
             joined: Vec::new(),
-            unchecked: Vec::new(),
             key_warnings: Vec::new(),
         };
         client
@@ -462,16 +509,18 @@ impl FumiClient {
     /// conversation that cannot be changed now is logged and tried again at the next sync.
     pub(crate) async fn reconcile_own_devices(&mut self) -> Result<(), ClientError> {
         let revoked = self.store.revoked_devices()?;
-        // Only devices one of ours linked are brought in: a device the server lists but none of
-        // ours linked is not added anywhere (and `fumi keys check` reports it).
         let trusted = self.trusted_own_devices()?;
+        // Devices the server still lists stay; only trusted ones are brought in: a device the
+        // server lists but none of ours linked is added nowhere (and `fumi keys check` reports it).
         let mut listed = Vec::new();
+        let mut to_add = Vec::new();
         for device in self.own_account_info().await?.devices {
             if revoked.contains(&device) {
                 continue;
             }
-            if trusted.contains(&device) {
-                listed.push(device);
+            listed.push(device);
+            if trusted.contains_key(&device) {
+                to_add.push(device);
             } else {
                 tracing::warn!(%device, "the server lists a device of yours that none of your devices linked; not adding it");
             }
@@ -481,7 +530,7 @@ impl FumiClient {
             if !conversation.active || !self.device.is_member(group) {
                 continue;
             }
-            match self.reconcile_conversation(group, &listed).await {
+            match self.reconcile_conversation(group, &listed, &to_add).await {
                 Ok(()) => {}
                 Err(e @ ClientError::Store(_)) => return Err(e),
                 Err(e) => tracing::warn!(error = %e, "could not bring a conversation up to date with your devices yet"),
@@ -490,7 +539,14 @@ impl FumiClient {
         Ok(())
     }
 
-    async fn reconcile_conversation(&mut self, group: GroupId, listed: &[DeviceId]) -> Result<(), ClientError> {
+    /// Removes own devices the server no longer lists (`listed`) and adds the trusted ones
+    /// (`to_add`) missing from the conversation.
+    async fn reconcile_conversation(
+        &mut self,
+        group: GroupId,
+        listed: &[DeviceId],
+        to_add: &[DeviceId],
+    ) -> Result<(), ClientError> {
         let me = self.account.account_id;
         let own: Vec<fumi_core::Member> = self
             .device
@@ -518,7 +574,7 @@ impl FumiClient {
                 self.store.revoke_device(*device, crate::now_ms())?;
             }
         }
-        let missing: Vec<DeviceId> = listed
+        let missing: Vec<DeviceId> = to_add
             .iter()
             .copied()
             .filter(|d| !own.iter().any(|m| m.device == *d))

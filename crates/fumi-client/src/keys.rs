@@ -15,7 +15,7 @@
 //! - [`audit_directory`] checks, as a third party would, that each epoch only appended to the one
 //!   before.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use fumi_audit::keys::{
@@ -138,6 +138,20 @@ impl FumiClient {
         Ok((self.accept_head(&answer.head)?, answer.epoch_interval_ms))
     }
 
+    /// A directory GET, asked again while the server is signing an epoch (an instant).
+    async fn directory_get<R: serde::de::DeserializeOwned>(&self, path: &str) -> Result<R, ClientError> {
+        let mut attempts = 0;
+        loop {
+            match self.transport.request::<(), R>(Method::GET, path, None).await {
+                Err(e) if e.is_code("key_directory_publishing") && attempts < 10 => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Looks a label up; `None` if the directory does not have it (yet).
     async fn directory_lookup(
         &self,
@@ -145,7 +159,7 @@ impl FumiClient {
         label: &keys::AkdLabel,
         what: &str,
     ) -> Result<Option<(EpochHead, Verified)>, ClientError> {
-        let answer: LookupAnswer = match self.transport.request::<(), _>(Method::GET, path, None).await {
+        let answer: LookupAnswer = match self.directory_get(path).await {
             Err(e) if e.is_code("not_in_key_directory") => return Ok(None),
             other => other?,
         };
@@ -291,28 +305,52 @@ impl FumiClient {
         }
     }
 
-    /// Devices of this account that this device trusts: itself, devices it linked, devices its
-    /// trusted devices linked or added, and devices since removed. A store from before key
-    /// transparency starts from the devices of this account in its conversations.
-    pub(crate) fn trusted_own_devices(&self) -> Result<HashSet<DeviceId>, ClientError> {
-        let mut known = self.store.known_devices()?;
-        if known.is_empty() {
-            let now = now_ms();
-            self.store.know_device(self.account.device_id, now)?;
-            for conversation in self.store.conversations()? {
-                if !self.device.is_member(conversation.group_id) {
-                    continue;
-                }
-                for member in self.device.members(conversation.group_id)? {
-                    if member.account == self.account.account_id {
-                        self.store.know_device(member.device, now)?;
-                    }
+    /// Devices of this account that this device trusts, with their signature keys where known:
+    /// itself, devices it linked, devices its trusted devices linked or added. A store from
+    /// before key transparency starts from the devices of this account in its conversations.
+    pub(crate) fn trusted_own_devices(&self) -> Result<HashMap<DeviceId, Option<[u8; 32]>>, ClientError> {
+        let known = self.store.known_devices()?;
+        if !known.is_empty() {
+            return Ok(known);
+        }
+        let now = now_ms();
+        self.store
+            .know_device(self.account.device_id, Some(&self.device.me().signature_key), now)?;
+        for conversation in self.store.conversations()? {
+            if !self.device.is_member(conversation.group_id) {
+                continue;
+            }
+            for member in self.device.members(conversation.group_id)? {
+                if member.account == self.account.account_id {
+                    self.store
+                        .know_device(member.device, Some(&member.signature_key), now)?;
                 }
             }
-            known = self.store.known_devices()?;
         }
-        known.extend(self.store.revoked_devices()?);
-        Ok(known)
+        self.store.known_devices()
+    }
+
+    /// The server shows no entry for this account: normal before its first epoch, an alarm once
+    /// a review has seen it published.
+    fn own_entry_missing(&self, force: bool, state: &DirectoryState) -> Result<Vec<String>, ClientError> {
+        if state.own_version > 0 {
+            let mut state = state.clone();
+            state.own_alarm = true;
+            self.store.save_directory_state(&state)?;
+            return Ok(vec![
+                "SECURITY WARNING: the server no longer shows your account in its key directory, which listed \
+                 it before: it may be showing your contacts an entry of its own making"
+                    .to_owned(),
+            ]);
+        }
+        if force {
+            return Err(ClientError::Usage(
+                "your account is not in the server's key directory yet (a new account is published with the \
+                 next epoch); try again in a minute"
+                    .into(),
+            ));
+        }
+        Ok(vec![])
     }
 
     /// Reviews this account's entry in the key directory: every version ever published must
@@ -321,7 +359,7 @@ impl FumiClient {
     /// published a new epoch since the last review, and reads the history only if the entry
     /// changed.
     pub async fn check_own_keys(&mut self, force: bool) -> Result<Vec<String>, ClientError> {
-        let (head, _) = self.directory_head().await?;
+        let (head, interval_ms) = self.directory_head().await?;
         let state = self.store.directory_state()?.expect("a head was just stored");
         if !force && !state.own_alarm && head.epoch <= state.own_checked_epoch {
             return Ok(vec![]);
@@ -331,8 +369,7 @@ impl FumiClient {
         // A lookup (one version) tells whether the entry changed since the last clean review.
         let path = format!("/v1/keys/lookup/account/{me}");
         let Some((lookup_head, current)) = self.directory_lookup(&path, &label, "your account").await? else {
-            // Not published yet: a new account waits for its first epoch.
-            return Ok(vec![]);
+            return self.own_entry_missing(force, &state);
         };
         if !force && !state.own_alarm && current.version <= state.own_version {
             let mut state = self.store.directory_state()?.expect("stored");
@@ -340,44 +377,74 @@ impl FumiClient {
             self.store.save_directory_state(&state)?;
             return Ok(vec![]);
         }
-        let answer: HistoryAnswer = match self
-            .transport
-            .request::<(), _>(Method::GET, "/v1/keys/history", None)
-            .await
-        {
-            // Not published yet: a new account waits for its first epoch.
-            Err(e) if e.is_code("not_in_key_directory") => return Ok(vec![]),
+        let answer: HistoryAnswer = match self.directory_get("/v1/keys/history").await {
+            Err(e) if e.is_code("not_in_key_directory") => return self.own_entry_missing(force, &state),
             other => other?,
         };
         let history_head = self.accept_head(&answer.head)?;
         let versions =
             keys::verify_history(&history_head, &label, &answer.proof).map_err(|e| proof_failure("your account", e))?;
-        let newest = versions.iter().map(|v| v.version).max().unwrap_or(0);
         let own_key = fumi_core::AccountIdentity::from_secret(&self.account.identity_secret).public_key();
         let trusted = self.trusted_own_devices()?;
+        let revoked = self.store.revoked_devices_at()?;
+        // A removal reaches the directory within an epoch or two; until then the newest version
+        // may still list the device.
+        let removal_published_by = now_ms().saturating_sub(interval_ms.saturating_mul(2).saturating_add(2000));
+        let newest_version = versions.iter().map(|v| v.version).max().unwrap_or(0);
         let mut warnings = Vec::new();
         let mut reported = HashSet::new();
         for version in versions.iter().rev() {
             let entry = AccountEntry::decode(&version.value).map_err(|e| proof_failure("your account", e))?;
-            if entry != AccountEntry::deleted() && entry.identity_key != own_key && reported.insert(None) {
+            if entry.identity_key != own_key && reported.insert((None, "identity")) {
                 warnings.push(format!(
                     "SECURITY WARNING: from key directory epoch {} the server published another identity key for \
-                     your account: someone with access to the server may be impersonating you",
-                    version.epoch
+                     your account{}: someone with access to the server may be impersonating you",
+                    version.epoch,
+                    if entry == AccountEntry::deleted() {
+                        " (none: a deleted account)"
+                    } else {
+                        ""
+                    }
                 ));
             }
             for device in &entry.devices {
                 let id = DeviceId::from_bytes(device.device);
-                if !trusted.contains(&id) && reported.insert(Some(id)) {
-                    warnings.push(format!(
+                let problem = if let Some(revoked_at) = revoked.get(&id) {
+                    // Listed before its removal is history; listed now, long after, it was put back.
+                    (version.version == newest_version && *revoked_at < removal_published_by).then_some("removed")
+                } else {
+                    match trusted.get(&id) {
+                        None => Some("unknown"),
+                        Some(Some(key)) if key.as_slice() != device.signature_key.as_slice() => Some("rekeyed"),
+                        Some(_) => None,
+                    }
+                };
+                let Some(problem) = problem else { continue };
+                if !reported.insert((Some(id), problem)) {
+                    continue;
+                }
+                warnings.push(match problem {
+                    "removed" => format!(
+                        "SECURITY WARNING: your account lists device {id} again (epoch {}), which you removed. \
+                         Someone with access to the server may be reading your messages; remove it again with \
+                         `fumi device remove {id}`.",
+                        version.epoch
+                    ),
+                    "rekeyed" => format!(
+                        "SECURITY WARNING: from key directory epoch {} your device {id} is listed with a signing key \
+                         that is not its own: someone holding your account's identity secret may be posing as it.",
+                        version.epoch
+                    ),
+                    _ => format!(
                         "SECURITY WARNING: from key directory epoch {} your account lists device {id}, which none \
                          of your devices linked. If you did not link it, someone may be reading your messages: \
                          remove it with `fumi device remove {id}` and tell your contacts.",
                         version.epoch
-                    ));
-                }
+                    ),
+                });
             }
         }
+        let newest = newest_version;
         let mut state = self.store.directory_state()?.expect("stored");
         state.own_checked_epoch = history_head.epoch;
         // A problem is reported at every sync until it is resolved.

@@ -184,9 +184,6 @@ pub struct FumiClient {
     account: AccountRow,
     /// Groups joined during this sync: we introduce ourselves (profile key) to them after it.
     joined: Vec<GroupId>,
-    /// Devices that joined our groups (or that we joined) during this sync: checked against the
-    /// key directory after it.
-    unchecked: Vec<(GroupId, Vec<Member>)>,
     /// Problems the last review of this account's key directory entry found.
     key_warnings: Vec<String>,
 }
@@ -251,8 +248,8 @@ impl FumiClient {
             profile_key_set_at: now_ms(),
         };
         store.save_account(&account)?;
-        store.know_device(registered.device_id, now_ms())?;
         let device = open_device(provider, &account)?;
+        store.know_device(registered.device_id, Some(&device.me().signature_key), now_ms())?;
         let fresh = device.key_packages(KEY_PACKAGE_STOCK, true)?;
         let upload = KeyPackageUpload {
             key_packages: fresh.one_time.into_iter().map(Base64Bytes).collect(),
@@ -273,7 +270,6 @@ impl FumiClient {
             device,
             account,
             joined: Vec::new(),
-            unchecked: Vec::new(),
             key_warnings: Vec::new(),
         };
         client.publish_profile().await?;
@@ -298,7 +294,6 @@ impl FumiClient {
             device,
             account,
             joined: Vec::new(),
-            unchecked: Vec::new(),
             key_warnings: Vec::new(),
         };
         client.purge_expired()?;
@@ -739,6 +734,7 @@ impl FumiClient {
         group: GroupId,
         make: impl Fn(&MlsDevice<Provider>) -> Result<Commit, MlsError>,
     ) -> Result<(), ClientError> {
+        self.refuse_unchecked(group)?;
         for _ in 0..COMMIT_ATTEMPTS {
             let entry = self.store.transaction(|| {
                 let commit = make(&self.device)?;
@@ -839,6 +835,7 @@ impl FumiClient {
         body: Body,
         file: Option<FileView>,
     ) -> Result<MessageId, ClientError> {
+        self.refuse_unchecked(group)?;
         let sent_at = now_ms();
         let expire_after_ms = self
             .store
@@ -969,15 +966,16 @@ impl FumiClient {
         if !self.store.is_processed(seq)? {
             let result = self.store.transaction(|| {
                 let arrival = self.handle_incoming(bytes)?;
+                if let Some(arrival) = &arrival {
+                    // Kept with the message: no crash can skip the key directory check.
+                    self.store.add_pending_arrival(arrival.group, &arrival.members)?;
+                }
                 self.store.mark_processed(seq, now_ms())?;
                 Ok(arrival)
             });
             let result = result.map(|arrival| {
-                if let Some(arrival) = arrival {
-                    if arrival.joined {
-                        self.joined.push(arrival.group);
-                    }
-                    self.unchecked.push((arrival.group, arrival.members));
+                if let Some(arrival) = arrival.filter(|a| a.joined) {
+                    self.joined.push(arrival.group);
                 }
             });
             if let Err(error) = result {
@@ -1000,7 +998,7 @@ impl FumiClient {
         match self.device.handle_message(bytes)? {
             Incoming::Joined { group, by, members } => {
                 for member in members.iter().chain([&by]) {
-                    self.check_identity(member)?;
+                    self.check_pin(member)?;
                 }
                 let distinct: Vec<AccountId> = distinct_accounts(&members).into_iter().filter(|a| *a != me).collect();
                 let direct = distinct.len() == 1;
@@ -1015,7 +1013,6 @@ impl FumiClient {
                 self.store.insert_conversation(&conversation, now_ms())?;
                 let text = format!("{} added you", mention(by.account));
                 self.store_event(group, by.account, &text, false)?;
-                self.learn_own_devices(&by, &members)?;
                 Ok(Some(Arrival {
                     group,
                     joined: true,
@@ -1030,7 +1027,7 @@ impl FumiClient {
                 sender_credential,
             } => {
                 // The sender's leaf must still be certified by its account's pinned key.
-                self.check_identity(&sender)?;
+                self.check_pin(&sender)?;
                 let content = Content::decode(&plaintext).map_err(|e| ClientError::Protocol(e.to_string()))?;
                 // A text or file message must be reportable: its franking proof must open.
                 let evidence = match ReportedContent::of(&content.body) {
@@ -1163,7 +1160,7 @@ impl FumiClient {
                 removed,
                 self_removed,
             } => {
-                self.check_identity(&by)?;
+                self.check_pin(&by)?;
                 if self_removed {
                     self.store.deactivate_conversation(group)?;
                     let text = format!(
@@ -1176,7 +1173,7 @@ impl FumiClient {
                 // Every device added, including another of the adder's own, must be certified by
                 // its account's pinned identity key.
                 for member in &added {
-                    self.check_identity(member)?;
+                    self.check_pin(member)?;
                 }
                 // A device of ours removed anywhere is never added back by this device.
                 for member in removed.iter().filter(|m| m.account == me) {
@@ -1245,39 +1242,56 @@ impl FumiClient {
         Ok(())
     }
 
-    /// Devices of this account that a device we trust brought into a group are ours too.
-    fn learn_own_devices(&self, by: &Member, members: &[Member]) -> Result<(), ClientError> {
+    /// Devices of this account that a device we trust added to a group are ours too (with the
+    /// signature key the signed commit shows).
+    fn learn_own_devices(&self, by: &Member, added: &[Member]) -> Result<(), ClientError> {
         let me = self.account.account_id;
-        if by.account != me || !self.trusted_own_devices()?.contains(&by.device) {
+        if by.account != me || !self.trusted_own_devices()?.contains_key(&by.device) {
             return Ok(());
         }
-        for member in members.iter().filter(|m| m.account == me) {
-            self.store.know_device(member.device, now_ms())?;
+        for member in added.iter().filter(|m| m.account == me) {
+            self.store
+                .know_device(member.device, Some(&member.signature_key), now_ms())?;
         }
         Ok(())
     }
 
     /// Checks the devices that joined our groups, or whose group we joined, against the key
-    /// directory. A conversation with a device the directory does not list is closed on this
-    /// device, with a warning in it.
+    /// directory, then pins their accounts' keys. A conversation with a device the directory
+    /// does not list is closed on this device, with a warning in it. Unchecked arrivals stay in
+    /// the store until checked.
     async fn check_arrivals(&mut self) -> Result<(), ClientError> {
-        while let Some((group, members)) = self.unchecked.pop() {
+        for (id, group, members) in self.store.pending_arrivals()? {
             match self.check_members_in_directory(&members).await {
-                Ok(()) => {}
+                Ok(()) => self.store.transaction(|| {
+                    for member in &members {
+                        self.check_identity(member)?;
+                    }
+                    self.store.remove_pending_arrival(id)
+                })?,
                 Err(error @ ClientError::KeyTransparency(_)) => {
                     self.store.transaction(|| {
                         self.store_event(group, self.account.account_id, &error.to_string(), false)?;
-                        self.store.deactivate_conversation(group)
+                        self.store.deactivate_conversation(group)?;
+                        self.store.remove_pending_arrival(id)
                     })?;
                     self.joined.retain(|g| *g != group);
                     return Err(error);
                 }
-                Err(other) => {
-                    // Checked again at the next sync.
-                    self.unchecked.push((group, members));
-                    return Err(other);
-                }
+                Err(other) => return Err(other),
             }
+        }
+        Ok(())
+    }
+
+    /// Nothing is encrypted to a group with devices not yet checked against the key directory.
+    fn refuse_unchecked(&self, group: GroupId) -> Result<(), ClientError> {
+        if self.store.has_pending_arrivals(group)? {
+            return Err(ClientError::Usage(
+                "new members of this conversation are not checked against the key directory yet; run `fumi \
+                 receive` and try again"
+                    .into(),
+            ));
         }
         Ok(())
     }
@@ -1287,7 +1301,20 @@ impl FumiClient {
         std::mem::take(&mut self.key_warnings)
     }
 
-    /// Refuses a member whose identity key differs from the one pinned for its account.
+    /// Refuses a member whose identity key differs from the one pinned for its account, without
+    /// pinning a key never seen (that waits for the key directory check).
+    fn check_pin(&self, member: &Member) -> Result<(), ClientError> {
+        if member.account == self.account.account_id {
+            return self.check_identity(member);
+        }
+        match self.store.pinned_identity_key(member.account)? {
+            Some(pinned) if pinned != member.identity_key => Err(self.identity_changed(member.account)?),
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses a member whose identity key differs from the one pinned for its account; pins it
+    /// on first sight (call only once the key directory confirmed the key).
     fn check_identity(&self, member: &Member) -> Result<(), ClientError> {
         if member.account == self.account.account_id {
             let own = AccountIdentity::from_secret(&self.account.identity_secret).public_key();

@@ -219,7 +219,16 @@ CREATE TABLE key_directory (
 -- devices that a trusted device of ours linked or added (learned through signed MLS commits).
 CREATE TABLE known_devices (
     device_id BLOB PRIMARY KEY,
-    learned_at INTEGER NOT NULL
+    learned_at INTEGER NOT NULL,
+    -- Its MLS signature key, once seen in a signed commit or Welcome (NULL until then).
+    signature_key BLOB
+);
+-- Devices that joined a group, or whose group this device joined, not yet checked against the
+-- key directory: written with the message that brought them, so a crash cannot skip the check.
+CREATE TABLE pending_arrivals (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    group_id BLOB NOT NULL,
+    members BLOB NOT NULL
 );
 "#,
 ];

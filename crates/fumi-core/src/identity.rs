@@ -156,6 +156,19 @@ impl DeviceCredential {
     }
 }
 
+/// The proof a newly linked device gives that it holds the link code: HMAC-SHA256 under the link
+/// key (which never reaches the server) of `"fumi link proof v1" ‖ device id ‖ MLS signature key`.
+/// The linking device trusts the new device as its account's only if the proof verifies, so the
+/// server cannot name another device as the one that used the link.
+pub fn link_proof(link_key: &[u8; 32], device: DeviceId, mls_signature_key: &[u8]) -> [u8; 32] {
+    use hmac::{Hmac, Mac};
+    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(link_key).expect("HMAC takes any key length");
+    mac.update(b"fumi link proof v1");
+    mac.update(device.as_bytes());
+    mac.update(mls_signature_key);
+    mac.finalize().into_bytes().into()
+}
+
 fn certificate_message(account: AccountId, device: DeviceId, mls_signature_key: &[u8]) -> Vec<u8> {
     [
         b"fumi device certificate v1".as_slice(),

@@ -223,6 +223,11 @@ pub struct LinkDevice {
     pub key_packages: Vec<Base64Bytes>,
     /// Its last-resort KeyPackage.
     pub last_resort: Option<Base64Bytes>,
+    /// HMAC-SHA256 under the link key of `"fumi link proof v1" ‖ device id ‖ MLS signature key`
+    /// (see `fumi_core::identity::link_proof`): shows the linking device that this device, with
+    /// this key, holds the link code. The server keeps it for `GET /v1/links/{hash}`.
+    #[serde(default)]
+    pub link_proof: Option<Base64Bytes>,
 }
 
 /// The bytes an account identity key signs to add a device: a domain label, the account, the
@@ -281,6 +286,12 @@ pub fn admin_request_message(
 pub struct LinkStatus {
     /// The device that joined through the link, once one has.
     pub device_id: Option<DeviceId>,
+    /// Its MLS signature key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature_key: Option<Base64Bytes>,
+    /// The link proof it sent ([`LinkDevice::link_proof`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_proof: Option<Base64Bytes>,
 }
 
 /// `PUT /v1/links/{token-hash}/history` body, and the answer to `POST /v1/links/history`: a

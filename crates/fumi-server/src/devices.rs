@@ -102,7 +102,23 @@ pub(crate) async fn link_status(
 ) -> Result<Json<LinkStatus>, ApiError> {
     let bytes = path_token_hash(&hash)?;
     let device_id = state.storage.link_status(&bytes, device.account).await?;
-    Ok(Json(LinkStatus { device_id }))
+    let (signature_key, link_proof) = match device_id {
+        None => (None, None),
+        Some(linked) => {
+            let key = state
+                .storage
+                .device_keys(device.account)
+                .await?
+                .and_then(|(_, devices)| devices.into_iter().find(|(d, _)| *d == linked).map(|(_, key)| key));
+            let proof = state.storage.link_proof(&bytes, device.account).await?;
+            (key.map(Base64Bytes), proof.map(Base64Bytes))
+        }
+    };
+    Ok(Json(LinkStatus {
+        device_id,
+        signature_key,
+        link_proof,
+    }))
 }
 
 /// How long a device has to fetch its history after the old device attached it.
@@ -159,6 +175,13 @@ pub(crate) async fn link_device(
         .as_slice()
         .try_into()
         .map_err(|_| ApiError::bad_request("signature must be 64 bytes"))?;
+    if request
+        .link_proof
+        .as_ref()
+        .is_some_and(|proof| proof.as_slice().len() != 32)
+    {
+        return Err(ApiError::bad_request("link_proof must be 32 bytes"));
+    }
     if request.key_packages.is_empty() || request.key_packages.len() > MAX_KEY_PACKAGES_PER_UPLOAD {
         return Err(ApiError::bad_request(format!(
             "a new device brings 1 to {MAX_KEY_PACKAGES_PER_UPLOAD} key packages"
@@ -230,6 +253,9 @@ pub(crate) async fn link_device(
         .await?;
     if let Some(key) = signature_key {
         state.storage.set_signature_key(request.device_id, &key).await?;
+    }
+    if let Some(proof) = &request.link_proof {
+        state.storage.set_link_proof(&hash, proof.as_slice()).await?;
     }
     Ok(StatusCode::CREATED)
 }

@@ -70,17 +70,33 @@ impl KeyDirectory {
             .await
             .map_err(|e| StorageError::Database(format!("key directory VRF key: {e}")))?
             .to_bytes();
+        let node: [u8; 16] = rand::random();
         // No cache: nodes of a cluster read each other's epochs straight from the database.
-        let manager = StorageManager::new_no_cache(DirectoryStore(storage.clone()));
-        let directory = Directory::new(manager, vrf, AzksParallelismConfig::disabled())
-            .await
-            .map_err(akd_error)?;
+        let manager = StorageManager::new_no_cache(DirectoryStore {
+            storage: storage.clone(),
+            node,
+        });
+        // Creating the directory writes its first record: a publisher's right. Two nodes starting
+        // on a fresh database take turns; the second finds the record made.
+        let mut attempts = 0;
+        let directory = loop {
+            storage.kt_lease(&node, now_ms(), PUBLISHER_LEASE_MIN_MS).await?;
+            match Directory::new(manager.clone(), vrf.clone(), AzksParallelismConfig::disabled()).await {
+                Ok(directory) => break directory,
+                Err(e) if attempts < 60 => {
+                    attempts += 1;
+                    tracing::info!(error = %e, "waiting for another node to create the key directory");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(akd_error(e)),
+            }
+        };
         let this = Self {
             directory,
             storage,
             signing_key: log_key.clone(),
             vrf_public_key,
-            node: rand::random(),
+            node,
             publishing: tokio::sync::Mutex::new(()),
             #[cfg(feature = "test-hooks")]
             hidden: Default::default(),
@@ -94,11 +110,12 @@ impl KeyDirectory {
     /// KeyPackage they stored (the key must be listed for anyone to encrypt to them).
     async fn record_old_signature_keys(&self) -> Result<(), StorageError> {
         for (device, key_package) in self.storage.devices_without_signature_key().await? {
-            match crate::framing::key_package_signature_key(&key_package.0) {
-                Ok(key) => {
+            match crate::framing::device_signature_key([key_package.0.as_slice()]) {
+                Ok(Some(key)) => {
                     self.storage.set_signature_key(device, &key).await?;
                 }
-                Err(e) => tracing::warn!(%device, error = %e, "a stored key package is unreadable"),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(%device, error = %e, "a stored key package is unusable"),
             }
         }
         Ok(())
@@ -263,7 +280,11 @@ impl akd::ecvrf::VRFKeyStorage for DirectoryVrf {
 /// akd's storage interface over the server's [`Storage`]: tree records in `kt_nodes` by akd's
 /// binary key, value states in `kt_states` by label and epoch.
 #[derive(Clone)]
-struct DirectoryStore(Arc<dyn Storage>);
+struct DirectoryStore {
+    storage: Arc<dyn Storage>,
+    /// Writes carry the node's id: only the lease holder's are accepted.
+    node: [u8; 16],
+}
 
 type AkdStorageError = akd::errors::StorageError;
 
@@ -301,7 +322,10 @@ impl Database for DirectoryStore {
                 DbRecord::TreeNode(node) => nodes.push((record.get_full_binary_id(), encode_tree_node(node))),
             }
         }
-        self.0.kt_write(nodes, states).await.map_err(storage_error)
+        self.storage
+            .kt_write(&self.node, nodes, states)
+            .await
+            .map_err(storage_error)
     }
 
     async fn get<St: Storable>(&self, id: &St::StorageKey) -> Result<DbRecord, AkdStorageError> {
@@ -321,7 +345,7 @@ impl Database for DirectoryStore {
             }
             let labels: Vec<Vec<u8>> = wanted.keys().cloned().collect();
             let mut found = Vec::new();
-            for state in self.0.kt_states(&labels).await.map_err(storage_error)? {
+            for state in self.storage.kt_states(&labels).await.map_err(storage_error)? {
                 if wanted
                     .get(&state.label)
                     .is_some_and(|epochs| epochs.contains(&state.epoch))
@@ -334,7 +358,7 @@ impl Database for DirectoryStore {
             return Ok(found);
         }
         let mut found = Vec::with_capacity(keys.len());
-        for (_, record) in self.0.kt_nodes(&keys).await.map_err(storage_error)? {
+        for (_, record) in self.storage.kt_nodes(&keys).await.map_err(storage_error)? {
             found.push(decode_node_record(&record)?);
         }
         Ok(found)
@@ -343,7 +367,7 @@ impl Database for DirectoryStore {
     async fn get_user_data(&self, label: &AkdLabel) -> Result<KeyData, AkdStorageError> {
         let mut states = Vec::new();
         for state in self
-            .0
+            .storage
             .kt_states(std::slice::from_ref(&label.0))
             .await
             .map_err(storage_error)?
@@ -372,7 +396,7 @@ impl Database for DirectoryStore {
     ) -> Result<HashMap<AkdLabel, (u64, AkdValue)>, AkdStorageError> {
         let raw: Vec<Vec<u8>> = labels.iter().map(|l| l.0.clone()).collect();
         let mut by_label: HashMap<Vec<u8>, Vec<ValueState>> = HashMap::new();
-        for state in self.0.kt_states(&raw).await.map_err(storage_error)? {
+        for state in self.storage.kt_states(&raw).await.map_err(storage_error)? {
             by_label
                 .entry(state.label.clone())
                 .or_default()
@@ -601,11 +625,14 @@ pub async fn publish_epochs(state: Arc<AppState>) {
 }
 
 /// How long the publisher lease lasts: renewed every interval, so two intervals, but at least
-/// long enough for a large epoch and at most a minute (a crashed publisher's successor waits
-/// that long).
+/// half a minute and at most a minute (a crashed publisher's successor waits that long). A
+/// publish that outlasts its lease is safe: the write is fenced on the lease (`kt_write`).
 fn publisher_lease_ms(interval_ms: u64) -> u64 {
-    interval_ms.saturating_mul(2).clamp(10_000, 60_000)
+    interval_ms.saturating_mul(2).clamp(PUBLISHER_LEASE_MIN_MS, 60_000)
 }
+
+/// The shortest publisher lease.
+const PUBLISHER_LEASE_MIN_MS: u64 = 30_000;
 
 // --- endpoints ------------------------------------------------------------------------------------
 

@@ -265,7 +265,9 @@ pub async fn run(
         .await
         .map_err(|e| ServerError::Config(e.to_string()))?;
     #[cfg(feature = "test-hooks")]
-    tracing::warn!("TEST HOOKS ARE COMPILED IN: this server can be told to lie; never run it for users");
+    if test_hooks::enabled() {
+        tracing::warn!("TEST HOOKS ARE ON (FUMI_TEST_HOOKS=1): this server can be told to lie; never run it for users");
+    }
     let blobs = BlobStore::open(&config)?;
     blobs.check().await?;
     tracing::info!(store = %blobs.description, "blob store");

@@ -160,13 +160,17 @@ pub fn router(state: Arc<AppState>) -> Router {
     let body_limit = axum::extract::DefaultBodyLimit::max(max_body_bytes(&state.config));
     let router = api().router;
     #[cfg(feature = "test-hooks")]
-    let router = router
-        .route("/v1/test/impersonate", routing::post(crate::test_hooks::impersonate))
-        .route(
-            "/v1/test/phantom-device",
-            routing::post(crate::test_hooks::phantom_device),
-        )
-        .route("/v1/test/keys/publish", routing::post(crate::test_hooks::publish));
+    let router = if crate::test_hooks::enabled() {
+        router
+            .route("/v1/test/impersonate", routing::post(crate::test_hooks::impersonate))
+            .route(
+                "/v1/test/phantom-device",
+                routing::post(crate::test_hooks::phantom_device),
+            )
+            .route("/v1/test/keys/publish", routing::post(crate::test_hooks::publish))
+    } else {
+        router
+    };
     router
         .fallback(|| async { ApiError::not_found("not_found", "no such endpoint; see docs/PROTOCOL.md") })
         .method_not_allowed_fallback(|| async {

@@ -1,6 +1,8 @@
 //! Test-only ways to make the server behave as a malicious operator would, so the test suite can
 //! show that clients notice. Compiled only with the `test-hooks` feature, which only the test
-//! suite enables (`fumi-cli`'s dev-dependencies): a release build has none of this.
+//! suite enables (`fumi-cli`'s dev-dependencies): a release build has none of this. Even a
+//! binary built with it serves the hooks only when started with `FUMI_TEST_HOOKS=1` (the
+//! `fumi` binary `cargo test` leaves in the target directory must not lie by accident).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -13,6 +15,11 @@ use serde::{Deserialize, Serialize};
 use crate::error::ApiError;
 use crate::storage::Ciphertext;
 use crate::{AppState, now_ms};
+
+/// Whether this process serves the hooks (`FUMI_TEST_HOOKS=1`).
+pub fn enabled() -> bool {
+    std::env::var("FUMI_TEST_HOOKS").as_deref() == Ok("1")
+}
 
 /// What the server has been told to lie about.
 #[derive(Default)]

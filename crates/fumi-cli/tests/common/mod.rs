@@ -132,6 +132,8 @@ impl Server {
             // Key directory epochs every 100 ms instead of every minute: clients meeting a new
             // account or device wait for its epoch.
             .env("FUMI_KEY_DIRECTORY_EPOCH_MS", "100")
+            // The lying-server hooks of tests/key_transparency.rs (test builds only).
+            .env("FUMI_TEST_HOOKS", "1")
             .stdout(Stdio::piped())
             .stderr(log);
         for (key, value) in &self.env {

@@ -1,9 +1,10 @@
 //! The client store's key-transparency state: the pinned log key, the newest directory epoch
 //! seen, how far the own entry was reviewed, and the devices of this account it trusts.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
-use fumi_proto::DeviceId;
+use fumi_core::Member;
+use fumi_proto::{AccountId, DeviceId, GroupId};
 use rusqlite::{OptionalExtension, params};
 
 use super::{Store, id16, key32, sql};
@@ -66,23 +67,132 @@ impl Store {
         Ok(())
     }
 
-    /// Remembers a device of this account as one of ours.
-    pub(crate) fn know_device(&self, device: DeviceId, now: u64) -> Result<(), ClientError> {
+    /// Remembers a device of this account as one of ours, with its signature key if known (a
+    /// key, once recorded, is not replaced).
+    pub(crate) fn know_device(
+        &self,
+        device: DeviceId,
+        signature_key: Option<&[u8; 32]>,
+        now: u64,
+    ) -> Result<(), ClientError> {
         self.conn
             .execute(
-                "INSERT OR IGNORE INTO known_devices (device_id, learned_at) VALUES (?, ?)",
-                params![device.as_bytes().as_slice(), now as i64],
+                "INSERT INTO known_devices (device_id, learned_at, signature_key) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (device_id) DO UPDATE SET signature_key = COALESCE(signature_key, ?3)",
+                params![
+                    device.as_bytes().as_slice(),
+                    now as i64,
+                    signature_key.map(|k| k.as_slice())
+                ],
             )
             .map_err(sql)?;
         Ok(())
     }
 
-    /// Devices of this account known to be ours.
-    pub(crate) fn known_devices(&self) -> Result<HashSet<DeviceId>, ClientError> {
-        let mut stmt = self.conn.prepare("SELECT device_id FROM known_devices").map_err(sql)?;
+    /// Devices of this account known to be ours, with their signature keys where known.
+    pub(crate) fn known_devices(&self) -> Result<HashMap<DeviceId, Option<[u8; 32]>>, ClientError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT device_id, signature_key FROM known_devices")
+            .map_err(sql)?;
         let rows = stmt
-            .query_map([], |r| id16(r.get(0)?, DeviceId::from_slice))
+            .query_map([], |r| {
+                let key: Option<Vec<u8>> = r.get(1)?;
+                Ok((id16(r.get(0)?, DeviceId::from_slice)?, key.map(key32).transpose()?))
+            })
             .map_err(sql)?;
         rows.collect::<Result<_, _>>().map_err(sql)
     }
+
+    /// Devices of this account that were removed, with when (ms since the Unix epoch).
+    pub(crate) fn revoked_devices_at(&self) -> Result<HashMap<DeviceId, u64>, ClientError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT device_id, revoked_at FROM revoked_devices")
+            .map_err(sql)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((id16(r.get(0)?, DeviceId::from_slice)?, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(sql)?;
+        rows.collect::<Result<_, _>>().map_err(sql)
+    }
+
+    /// Records devices to check against the key directory (in the transaction that processes
+    /// the message bringing them).
+    pub(crate) fn add_pending_arrival(&self, group: GroupId, members: &[Member]) -> Result<(), ClientError> {
+        let encoded: Vec<u8> = members
+            .iter()
+            .flat_map(|m| {
+                [
+                    m.account.as_bytes().as_slice(),
+                    m.device.as_bytes(),
+                    &m.identity_key,
+                    &m.signature_key,
+                ]
+                .concat()
+            })
+            .collect();
+        self.conn
+            .execute(
+                "INSERT INTO pending_arrivals (group_id, members) VALUES (?, ?)",
+                params![group.as_bytes().as_slice(), encoded],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// Arrivals not yet checked, oldest first.
+    pub(crate) fn pending_arrivals(&self) -> Result<Vec<(i64, GroupId, Vec<Member>)>, ClientError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, group_id, members FROM pending_arrivals ORDER BY id")
+            .map_err(sql)?;
+        let rows = stmt
+            .query_map([], |r| {
+                let members: Vec<u8> = r.get(2)?;
+                Ok((r.get::<_, i64>(0)?, id16(r.get(1)?, GroupId::from_slice)?, members))
+            })
+            .map_err(sql)?;
+        let mut arrivals = Vec::new();
+        for row in rows {
+            let (id, group, bytes) = row.map_err(sql)?;
+            let members = bytes
+                .chunks(MEMBER_BYTES)
+                .map(|m| {
+                    (m.len() == MEMBER_BYTES)
+                        .then(|| Member {
+                            account: AccountId::from_slice(&m[..16]).expect("16 bytes"),
+                            device: DeviceId::from_slice(&m[16..32]).expect("16 bytes"),
+                            identity_key: m[32..64].try_into().expect("32 bytes"),
+                            signature_key: m[64..96].try_into().expect("32 bytes"),
+                        })
+                        .ok_or_else(|| ClientError::Store("a pending arrival is damaged".into()))
+                })
+                .collect::<Result<_, _>>()?;
+            arrivals.push((id, group, members));
+        }
+        Ok(arrivals)
+    }
+
+    pub(crate) fn remove_pending_arrival(&self, id: i64) -> Result<(), ClientError> {
+        self.conn
+            .execute("DELETE FROM pending_arrivals WHERE id = ?", [id])
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// Whether a group has devices not yet checked against the key directory.
+    pub(crate) fn has_pending_arrivals(&self, group: GroupId) -> Result<bool, ClientError> {
+        self.conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM pending_arrivals WHERE group_id = ?)",
+                [group.as_bytes().as_slice()],
+                |r| r.get(0),
+            )
+            .map_err(sql)
+    }
 }
+
+/// An encoded member: account (16) ‖ device (16) ‖ identity key (32) ‖ signature key (32).
+const MEMBER_BYTES: usize = 96;

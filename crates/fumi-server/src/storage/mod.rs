@@ -616,9 +616,12 @@ pub trait Storage: Send + Sync + 'static {
     // --- key directory ------------------------------------------------------------------------
 
     /// Stores the records of one key directory operation (tree nodes by key, value states),
-    /// atomically: an epoch is published whole or not at all.
+    /// atomically: an epoch is published whole or not at all. On a shared database the write is
+    /// refused unless `node` still holds the publisher lease (checked under the lease row's
+    /// lock), so two publishers can never both write an epoch.
     async fn kt_write(
         &self,
+        node: &[u8; 16],
         nodes: Vec<(Vec<u8>, Vec<u8>)>,
         states: Vec<KeyDirectoryState>,
     ) -> Result<(), StorageError>;
@@ -644,6 +647,10 @@ pub trait Storage: Send + Sync + 'static {
     async fn kt_lease(&self, node: &[u8; 16], now: u64, ttl_ms: u64) -> Result<bool, StorageError>;
     /// Gives the publisher lease up (at shutdown), so that a restarted node publishes at once.
     async fn kt_release_lease(&self, node: &[u8; 16]) -> Result<(), StorageError>;
+    /// Keeps the link proof the device that used a link slot gave (once).
+    async fn set_link_proof(&self, token_hash: &[u8; 32], proof: &[u8]) -> Result<(), StorageError>;
+    /// The link proof kept for a link slot of `account`.
+    async fn link_proof(&self, token_hash: &[u8; 32], account: AccountId) -> Result<Option<Vec<u8>>, StorageError>;
     /// Devices (not removed) without a recorded signature key, each with one of its stored
     /// KeyPackages: devices from before the key directory, whose key is read from those.
     async fn devices_without_signature_key(&self) -> Result<Vec<(DeviceId, Ciphertext)>, StorageError>;
@@ -803,7 +810,10 @@ pub(crate) mod contract {
         assert!(marked(&left, KeyDirectoryKind::Username, &[7; 32]), "{left:?}");
         assert!(marked(&left, KeyDirectoryKind::Username, &[8; 32]), "{left:?}");
 
-        // akd's records: nodes by key (replaced on write), value states by label and epoch.
+        // akd's records: nodes by key (replaced on write), value states by label and epoch,
+        // written only by the lease holder.
+        const PUBLISHER: [u8; 16] = [1; 16];
+        assert!(storage.kt_lease(&PUBLISHER, 0, 1_000).await.unwrap());
         let state = |epoch, version| KeyDirectoryState {
             label: b"account:x".to_vec(),
             epoch,
@@ -812,12 +822,16 @@ pub(crate) mod contract {
         };
         storage
             .kt_write(
+                &PUBLISHER,
                 vec![(vec![1], vec![10]), (vec![2], vec![20])],
                 vec![state(2, 1), state(5, 2)],
             )
             .await
             .unwrap();
-        storage.kt_write(vec![(vec![1], vec![11])], vec![]).await.unwrap();
+        storage
+            .kt_write(&PUBLISHER, vec![(vec![1], vec![11])], vec![])
+            .await
+            .unwrap();
         let mut nodes = storage.kt_nodes(&[vec![1], vec![2], vec![3]]).await.unwrap();
         nodes.sort();
         assert_eq!(nodes, vec![(vec![1], vec![11]), (vec![2], vec![20])]);
@@ -840,6 +854,11 @@ pub(crate) mod contract {
         assert!(storage.kt_lease(&[1; 16], 2_000, 10_000).await.unwrap());
         if postgres {
             assert!(!storage.kt_lease(&[2; 16], 3_000, 10_000).await.unwrap());
+            // A node without the lease cannot write, even if it started publishing while it
+            // held one.
+            let refused = storage.kt_write(&[2; 16], vec![(vec![9], vec![9])], vec![]).await;
+            assert!(refused.is_err());
+            assert!(storage.kt_nodes(&[vec![9]]).await.unwrap().is_empty());
             assert!(
                 storage.kt_lease(&[2; 16], 12_001, 10_000).await.unwrap(),
                 "an expired lease passes on"

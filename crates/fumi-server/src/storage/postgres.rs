@@ -229,6 +229,8 @@ CREATE TABLE kt_lease (
 );
 -- The MLS signature key of a device's KeyPackages, published in the directory.
 ALTER TABLE devices ADD COLUMN signature_key BYTEA;
+-- The proof a linked device gave that it holds the link code, for the linking device.
+ALTER TABLE links ADD COLUMN link_proof BYTEA;
 -- Accounts (kind 0) and username hashes (kind 1) changed since the last epoch, marked by
 -- triggers in the changing transaction so that no change can miss the directory.
 CREATE TABLE kt_pending (
@@ -416,8 +418,25 @@ impl PostgresStorage {
         self.pool.begin_with("BEGIN ISOLATION LEVEL READ COMMITTED").await
     }
 
-    async fn kt_write_once(&self, nodes: &[(Vec<u8>, Vec<u8>)], states: &[KeyDirectoryState]) -> Result<(), TxError> {
+    async fn kt_write_once(
+        &self,
+        node: &[u8; 16],
+        nodes: &[(Vec<u8>, Vec<u8>)],
+        states: &[KeyDirectoryState],
+    ) -> Result<(), TxError> {
         let mut tx = self.begin().await?;
+        // The fence: taking the lease locks this row too, so no other node can have become the
+        // publisher between this check and the commit.
+        let holder: Option<Vec<u8>> = sqlx::query_scalar("SELECT node FROM kt_lease WHERE id = 1 FOR UPDATE")
+            .fetch_optional(&mut *tx)
+            .await?;
+        if holder.as_deref() != Some(node.as_slice()) {
+            tx.rollback().await?;
+            return Err(StorageError::Database(
+                "this node no longer holds the key directory publisher lease; the epoch was not written".into(),
+            )
+            .into());
+        }
         for (key, record) in nodes {
             sqlx::query(
                 "INSERT INTO kt_nodes (key, record) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET record = excluded.record",
@@ -2349,10 +2368,11 @@ impl Storage for PostgresStorage {
 
     async fn kt_write(
         &self,
+        node: &[u8; 16],
         nodes: Vec<(Vec<u8>, Vec<u8>)>,
         states: Vec<KeyDirectoryState>,
     ) -> Result<(), StorageError> {
-        retrying!(self.kt_write_once(&nodes, &states))
+        retrying!(self.kt_write_once(node, &nodes, &states))
     }
 
     async fn kt_nodes(&self, keys: &[Vec<u8>]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
@@ -2475,6 +2495,27 @@ impl Storage for PostgresStorage {
             .await
             .map_err(db)?;
         Ok(())
+    }
+
+    async fn set_link_proof(&self, token_hash: &[u8; 32], proof: &[u8]) -> Result<(), StorageError> {
+        sqlx::query("UPDATE links SET link_proof = $1 WHERE token_hash = $2 AND link_proof IS NULL")
+            .bind(proof)
+            .bind(token_hash.as_slice())
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn link_proof(&self, token_hash: &[u8; 32], account: AccountId) -> Result<Option<Vec<u8>>, StorageError> {
+        let proof: Option<Option<Vec<u8>>> =
+            sqlx::query_scalar("SELECT link_proof FROM links WHERE token_hash = $1 AND account_id = $2")
+                .bind(token_hash.as_slice())
+                .bind(account.as_bytes().as_slice())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+        Ok(proof.flatten())
     }
 
     async fn devices_without_signature_key(&self) -> Result<Vec<(DeviceId, Ciphertext)>, StorageError> {

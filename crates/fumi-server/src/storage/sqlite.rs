@@ -197,6 +197,8 @@ CREATE TABLE kt_heads (
 );
 -- The MLS signature key of a device's KeyPackages, published in the directory.
 ALTER TABLE devices ADD COLUMN signature_key BLOB;
+-- The proof a linked device gave that it holds the link code, for the linking device.
+ALTER TABLE links ADD COLUMN link_proof BLOB;
 -- Accounts (kind 0) and username hashes (kind 1) changed since the last epoch, marked by
 -- triggers in the changing transaction so that no change can miss the directory.
 CREATE TABLE kt_pending (
@@ -1590,9 +1592,11 @@ impl Storage for SqliteStorage {
 
     async fn kt_write(
         &self,
+        _node: &[u8; 16],
         nodes: Vec<(Vec<u8>, Vec<u8>)>,
         states: Vec<KeyDirectoryState>,
     ) -> Result<(), StorageError> {
+        // One process owns a SQLite file, and its publisher runs one epoch at a time.
         let mut tx = self.write().await?;
         for (key, record) in &nodes {
             sqlx::query("INSERT INTO kt_nodes (key, record) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET record = excluded.record")
@@ -1738,6 +1742,27 @@ impl Storage for SqliteStorage {
 
     async fn kt_release_lease(&self, _node: &[u8; 16]) -> Result<(), StorageError> {
         Ok(())
+    }
+
+    async fn set_link_proof(&self, token_hash: &[u8; 32], proof: &[u8]) -> Result<(), StorageError> {
+        sqlx::query("UPDATE links SET link_proof = ? WHERE token_hash = ? AND link_proof IS NULL")
+            .bind(proof)
+            .bind(token_hash.as_slice())
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn link_proof(&self, token_hash: &[u8; 32], account: AccountId) -> Result<Option<Vec<u8>>, StorageError> {
+        let proof: Option<Option<Vec<u8>>> =
+            sqlx::query_scalar("SELECT link_proof FROM links WHERE token_hash = ? AND account_id = ?")
+                .bind(token_hash.as_slice())
+                .bind(account.as_bytes().as_slice())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+        Ok(proof.flatten())
     }
 
     async fn devices_without_signature_key(&self) -> Result<Vec<(DeviceId, Ciphertext)>, StorageError> {
