@@ -344,3 +344,36 @@ fn the_owner_notices_a_removed_device_put_back_and_a_swapped_signing_key() {
         "{warning}"
     );
 }
+
+#[test]
+fn a_server_naming_its_own_device_as_the_linked_one_is_refused() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice", "Alice");
+    // The operator (holding a stolen identity secret) has a device of its own on Alice's account,
+    // and names it as the device that used Alice's next link.
+    let phantom = add_phantom_device(&server, &alice, false);
+    hook(&server, "/v1/test/keys/publish", json!({}));
+    hook(
+        &server,
+        "/v1/test/link-status",
+        json!({"device_id": phantom.to_string()}),
+    );
+    let laptop = tempfile::tempdir().unwrap();
+    let alice_home = alice.home.path().to_str().unwrap().to_owned();
+    let linked = common::fumi(laptop.path(), &["device", "link", "--from", &alice_home]);
+    assert!(
+        !linked.status.success(),
+        "the phantom device was trusted as the linked one"
+    );
+    let message = stderr(&linked);
+    assert!(message.contains("cannot prove it held the link code"), "{message}");
+    // Alice's device did not come to trust it: her check reports it.
+    let check = alice.run(&["keys", "check"]);
+    assert!(
+        !check.status.success(),
+        "{} {}",
+        String::from_utf8_lossy(&check.stdout),
+        stderr(&check)
+    );
+    assert!(stderr(&check).contains(&phantom.to_string()), "{}", stderr(&check));
+}

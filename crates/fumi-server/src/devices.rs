@@ -102,6 +102,10 @@ pub(crate) async fn link_status(
 ) -> Result<Json<LinkStatus>, ApiError> {
     let bytes = path_token_hash(&hash)?;
     let device_id = state.storage.link_status(&bytes, device.account).await?;
+    #[cfg(feature = "test-hooks")]
+    let device_id = device_id
+        .and(*state.test_hooks.linked_device.lock().expect("hooks lock"))
+        .or(device_id);
     let (signature_key, link_proof) = match device_id {
         None => (None, None),
         Some(linked) => {

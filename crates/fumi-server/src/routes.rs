@@ -168,6 +168,7 @@ pub fn router(state: Arc<AppState>) -> Router {
                 routing::post(crate::test_hooks::phantom_device),
             )
             .route("/v1/test/keys/publish", routing::post(crate::test_hooks::publish))
+            .route("/v1/test/link-status", routing::post(crate::test_hooks::link_status))
     } else {
         router
     };

@@ -26,6 +26,20 @@ pub fn enabled() -> bool {
 pub struct TestHooks {
     /// Accounts whose identity key and KeyPackages are swapped for the operator's.
     pub impersonated: Mutex<HashMap<AccountId, Impersonation>>,
+    /// A device to name as the one that used any link slot.
+    pub linked_device: Mutex<Option<DeviceId>>,
+}
+
+/// `POST /v1/test/link-status`.
+#[derive(Debug, Deserialize)]
+pub struct LinkStatusOverride {
+    device_id: DeviceId,
+}
+
+/// `POST /v1/test/link-status`: from now on, name this device as the one that used a link.
+pub async fn link_status(State(state): State<Arc<AppState>>, Json(request): Json<LinkStatusOverride>) -> Json<()> {
+    *state.test_hooks.linked_device.lock().expect("hooks lock") = Some(request.device_id);
+    Json(())
 }
 
 /// An operator's stand-in for an account.
