@@ -22,6 +22,8 @@ const MAX_ACK_SEQS: usize = 1000;
 const BATCH: u32 = 100;
 /// How often an idle connection pings the client.
 const PING_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a closing connection waits for the client's Close.
+const CLOSE_HANDSHAKE_WAIT: Duration = Duration::from_secs(1);
 /// A client that sends nothing, not even a Pong, for this long is gone: close its connection.
 const SILENCE_LIMIT: Duration = Duration::from_secs(95);
 
@@ -66,11 +68,12 @@ async fn deliver(socket: WebSocket, device: AuthDevice, state: &AppState) -> Res
     let mut last_ping = tokio::time::Instant::now();
     loop {
         if *shutdown.borrow() {
-            return close(&mut sink, close_code::AWAY, "server shutting down").await;
+            return close(&mut sink, &mut stream, close_code::AWAY, "server shutting down").await;
         }
         if subscription.is_replaced() {
             return close(
                 &mut sink,
+                &mut stream,
                 close_code::POLICY,
                 "another connection of this device replaced this one",
             )
@@ -121,7 +124,7 @@ async fn deliver(socket: WebSocket, device: AuthDevice, state: &AppState) -> Res
             // and ping the client.
             _ = tokio::time::sleep(state.fanout.poll_interval()) => {
                 if last_heard.elapsed() > SILENCE_LIMIT {
-                    return close(&mut sink, close_code::AWAY, "no answer to pings").await;
+                    return close(&mut sink, &mut stream, close_code::AWAY, "no answer to pings").await;
                 }
                 if last_ping.elapsed() >= PING_INTERVAL {
                     last_ping = tokio::time::Instant::now();
@@ -137,12 +140,12 @@ async fn deliver(socket: WebSocket, device: AuthDevice, state: &AppState) -> Res
                         state.metrics.envelopes_acknowledged.fetch_add(deleted, std::sync::atomic::Ordering::Relaxed);
                     }
                     Ok(ClientFrame::Ack { .. }) => {
-                        return close(&mut sink, close_code::POLICY, "an ack carries at most 1000 sequence numbers").await;
+                        return close(&mut sink, &mut stream, close_code::POLICY, "an ack carries at most 1000 sequence numbers").await;
                     }
-                    Err(_) => return close(&mut sink, close_code::INVALID, "frames must be JSON objects as in docs/PROTOCOL.md").await,
+                    Err(_) => return close(&mut sink, &mut stream, close_code::INVALID, "frames must be JSON objects as in docs/PROTOCOL.md").await,
                 },
                 Some(Ok(Message::Binary(_))) => {
-                    return close(&mut sink, close_code::UNSUPPORTED, "binary frames are not accepted; send JSON text frames").await;
+                    return close(&mut sink, &mut stream, close_code::UNSUPPORTED, "binary frames are not accepted; send JSON text frames").await;
                 }
                 Some(Ok(_)) => {} // ping/pong handled by the library
             }},
@@ -168,13 +171,29 @@ where
     sink.send(Message::Text(text.into())).await.map_err(|e| e.to_string())
 }
 
-async fn close<S: SinkExt<Message> + Unpin>(sink: &mut S, code: u16, reason: &'static str) -> Result<(), String>
+/// Sends a Close frame, then reads (and drops) what the client still sends until its Close,
+/// for at most a second: dropping a socket with unread bytes makes the kernel reset the
+/// connection, and the client would see a reset instead of the reason.
+async fn close<S, R>(sink: &mut S, stream: &mut R, code: u16, reason: &'static str) -> Result<(), String>
 where
+    S: SinkExt<Message> + Unpin,
     S::Error: std::fmt::Display,
+    R: futures_util::Stream<Item = Result<Message, axum::Error>> + Unpin,
 {
     let frame = CloseFrame {
         code,
         reason: reason.into(),
     };
-    sink.send(Message::Close(Some(frame))).await.map_err(|e| e.to_string())
+    sink.send(Message::Close(Some(frame)))
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = tokio::time::timeout(CLOSE_HANDSHAKE_WAIT, async {
+        while let Some(Ok(message)) = stream.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+    Ok(())
 }
