@@ -361,45 +361,7 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
                 println!("key directory checked: your account lists your identity key and only devices you linked");
             }
             Command::Keys(KeysCommand::Audit { server, state, json }) => {
-                let previous: Option<fumi_client::keys::AuditorState> = match &state {
-                    Some(path) if path.exists() => {
-                        let text = std::fs::read_to_string(path)
-                            .with_context(|| format!("cannot read {}", path.display()))?;
-                        Some(
-                            serde_json::from_str(&text)
-                                .with_context(|| format!("{} is not a key directory audit state file", path.display()))?,
-                        )
-                    }
-                    _ => None,
-                };
-                let report = fumi_client::keys::audit_directory(&server, previous.as_ref()).await?;
-                if let Some(path) = &state {
-                    let temporary = path.with_extension("tmp");
-                    std::fs::write(&temporary, serde_json::to_string_pretty(&report.state)?)
-                        .with_context(|| format!("cannot write {}", temporary.display()))?;
-                    std::fs::rename(&temporary, path).with_context(|| format!("cannot write {}", path.display()))?;
-                }
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::json!({
-                            "from_epoch": report.from_epoch,
-                            "epoch": report.state.epoch,
-                            "root_hash": report.state.root_hash,
-                            "log_key": report.state.log_key,
-                            "epochs_checked": report.epochs_checked,
-                        })
-                    );
-                } else {
-                    println!(
-                        "key directory audited: epochs {} to {} only appended ({} steps checked); root {} signed by log key {}",
-                        report.from_epoch,
-                        report.state.epoch,
-                        report.epochs_checked,
-                        report.state.root_hash,
-                        report.state.log_key
-                    );
-                }
+                operator::run_keys_audit(&server, state.as_deref(), json).await?
             }
             Command::Authority(command) => official::run_authority(&home, command).await?,
             Command::Org(command) => official::run_org(&home, command).await?,

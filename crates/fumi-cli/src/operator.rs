@@ -119,24 +119,9 @@ enum AdminCommand {
 pub async fn run_audit(home: &Path, command: AuditCommand) -> Result<()> {
     match command {
         AuditCommand::Verify { server, state, json } => {
-            let previous: Option<VerifierState> = match &state {
-                Some(path) if path.exists() => {
-                    let text =
-                        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-                    Some(
-                        serde_json::from_str(&text)
-                            .with_context(|| format!("{} is not a verifier state file", path.display()))?,
-                    )
-                }
-                _ => None,
-            };
+            let previous: Option<VerifierState> = read_state(state.as_deref(), "verifier state")?;
             let verified = verify_log(&server, previous.as_ref()).await?;
-            if let Some(path) = &state {
-                let text = serde_json::to_string_pretty(&verified.state)?;
-                let temporary = path.with_extension("tmp");
-                std::fs::write(&temporary, text).with_context(|| format!("cannot write {}", temporary.display()))?;
-                std::fs::rename(&temporary, path).with_context(|| format!("cannot write {}", path.display()))?;
-            }
+            write_state(state.as_deref(), &verified.state)?;
             let head = &verified.state.head;
             if json {
                 println!(
@@ -179,6 +164,50 @@ pub async fn run_audit(home: &Path, command: AuditCommand) -> Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// An auditor's state from `path` (none on the first run, or without --state).
+fn read_state<T: serde::de::DeserializeOwned>(path: Option<&Path>, what: &str) -> Result<Option<T>> {
+    let Some(path) = path.filter(|p| p.exists()) else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let state = serde_json::from_str(&text).with_context(|| format!("{} is not a {what} file", path.display()))?;
+    Ok(Some(state))
+}
+
+/// Replaces the state file at `path` (if given) in one rename.
+fn write_state<T: serde::Serialize>(path: Option<&Path>, state: &T) -> Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, serde_json::to_string_pretty(state)?)
+        .with_context(|| format!("cannot write {}", temporary.display()))?;
+    std::fs::rename(&temporary, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// `fumi keys audit`: the key directory's append-only proofs since the last run.
+pub async fn run_keys_audit(server: &str, state: Option<&Path>, json: bool) -> Result<()> {
+    let previous: Option<fumi_client::keys::AuditorState> = read_state(state, "key directory audit state")?;
+    let report = fumi_client::keys::audit_directory(server, previous.as_ref()).await?;
+    write_state(state, &report.state)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "from_epoch": report.from_epoch,
+                "epoch": report.state.epoch,
+                "root_hash": report.state.root_hash,
+                "log_key": report.state.log_key,
+                "epochs_checked": report.epochs_checked,
+            })
+        );
+    } else {
+        println!(
+            "key directory audited: epochs {} to {} only appended ({} steps checked); root {} signed by log key {}",
+            report.from_epoch, report.state.epoch, report.epochs_checked, report.state.root_hash, report.state.log_key
+        );
     }
     Ok(())
 }

@@ -307,6 +307,7 @@ fn the_owner_notices_a_removed_device_put_back_and_a_swapped_signing_key() {
     // The removal is published within an epoch or two (100 ms here); a device listed after that
     // grace (two epochs and 2 s) was put back.
     std::thread::sleep(std::time::Duration::from_millis(2500));
+    hook(&server, "/v1/test/keys/publish", json!({}));
     assert!(alice.ok(&["keys", "check"]).contains("only devices you linked"));
 
     // The operator lists the removed laptop again (it still holds the identity secret).

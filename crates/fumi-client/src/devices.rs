@@ -345,14 +345,11 @@ impl FumiClient {
                 <[u8; 32]>::try_from(directory.root_hash.as_slice()),
             )
         {
-            store.save_directory_state(&crate::store::keys::DirectoryState {
+            store.save_directory_state(&crate::store::keys::DirectoryState::pinned(
                 log_key,
-                epoch: directory.epoch,
+                directory.epoch,
                 root_hash,
-                own_version: 0,
-                own_checked_epoch: 0,
-                own_alarm: false,
-            })?;
+            ))?;
         }
         for contact in &bundle.contacts {
             let Ok(identity_key) = <[u8; 32]>::try_from(contact.identity_key.as_slice()) else {

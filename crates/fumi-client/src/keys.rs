@@ -108,22 +108,21 @@ impl FumiClient {
     fn accept_head(&self, signed: &SignedEpochHead) -> Result<EpochHead, ClientError> {
         let previous = self.store.directory_state()?;
         let head = check_head(previous.as_ref(), signed)?;
-        if previous.as_ref().is_none_or(|state| head.epoch > state.epoch) {
-            let mut state = previous.unwrap_or(DirectoryState {
-                log_key: [0; 32],
-                epoch: 0,
-                root_hash: [0; 32],
-                own_version: 0,
-                own_checked_epoch: 0,
-                own_alarm: false,
-            });
-            if state.log_key == [0; 32] {
-                state.log_key = signed
+        let state = match previous {
+            None => {
+                let log_key = signed
                     .named_log_key()
                     .map_err(|e| ClientError::Protocol(format!("key directory head: {e}")))?;
+                Some(DirectoryState::pinned(log_key, head.epoch, head.root_hash))
             }
-            state.epoch = head.epoch;
-            state.root_hash = head.root_hash;
+            Some(state) if head.epoch > state.epoch => Some(DirectoryState {
+                epoch: head.epoch,
+                root_hash: head.root_hash,
+                ..state
+            }),
+            Some(_) => None,
+        };
+        if let Some(state) = state {
             self.store.save_directory_state(&state)?;
         }
         Ok(head)
@@ -191,7 +190,7 @@ impl FumiClient {
         let deadline = now_ms()
             + interval
                 .saturating_mul(2)
-                .saturating_add(2000)
+                .saturating_add(5000)
                 .min(MAX_PUBLICATION_WAIT_MS);
         self.progress.note(&format!(
             "waiting up to {} s for the server's key directory to publish a new epoch (a new account or device \
@@ -334,9 +333,7 @@ impl FumiClient {
     /// a review has seen it published.
     fn own_entry_missing(&self, force: bool, state: &DirectoryState) -> Result<Vec<String>, ClientError> {
         if state.own_version > 0 {
-            let mut state = state.clone();
-            state.own_alarm = true;
-            self.store.save_directory_state(&state)?;
+            self.store.record_own_review(state.own_checked_epoch, None, true)?;
             return Ok(vec![
                 "SECURITY WARNING: the server no longer shows your account in its key directory, which listed \
                  it before: it may be showing your contacts an entry of its own making"
@@ -372,9 +369,7 @@ impl FumiClient {
             return self.own_entry_missing(force, &state);
         };
         if !force && !state.own_alarm && current.version <= state.own_version {
-            let mut state = self.store.directory_state()?.expect("stored");
-            state.own_checked_epoch = lookup_head.epoch;
-            self.store.save_directory_state(&state)?;
+            self.store.record_own_review(lookup_head.epoch, None, false)?;
             return Ok(vec![]);
         }
         let answer: HistoryAnswer = match self.directory_get("/v1/keys/history").await {
@@ -444,15 +439,10 @@ impl FumiClient {
                 });
             }
         }
-        let newest = newest_version;
-        let mut state = self.store.directory_state()?.expect("stored");
-        state.own_checked_epoch = history_head.epoch;
         // A problem is reported at every sync until it is resolved.
-        state.own_alarm = !warnings.is_empty();
-        if warnings.is_empty() {
-            state.own_version = newest;
-        }
-        self.store.save_directory_state(&state)?;
+        let clean = warnings.is_empty();
+        self.store
+            .record_own_review(history_head.epoch, clean.then_some(newest_version), !clean)?;
         Ok(warnings)
     }
 }
@@ -491,14 +481,11 @@ pub async fn audit_directory(server: &str, previous: Option<&AuditorState>) -> R
                 fumi_audit::decode_hash(text)
                     .ok_or_else(|| ClientError::Usage("the audit state file is damaged".into()))
             };
-            Ok(DirectoryState {
-                log_key: decode(&state.log_key)?,
-                epoch: state.epoch,
-                root_hash: decode(&state.root_hash)?,
-                own_version: 0,
-                own_checked_epoch: 0,
-                own_alarm: false,
-            })
+            Ok(DirectoryState::pinned(
+                decode(&state.log_key)?,
+                state.epoch,
+                decode(&state.root_hash)?,
+            ))
         })
         .transpose()?;
     let latest = check_head(previous_state.as_ref(), &answer.head)?;

@@ -27,6 +27,21 @@ pub(crate) struct DirectoryState {
     pub own_alarm: bool,
 }
 
+impl DirectoryState {
+    /// The state of a device that has seen `epoch` with `root_hash`, under `log_key`, and not
+    /// yet reviewed its own entry.
+    pub(crate) fn pinned(log_key: [u8; 32], epoch: u64, root_hash: [u8; 32]) -> Self {
+        Self {
+            log_key,
+            epoch,
+            root_hash,
+            own_version: 0,
+            own_checked_epoch: 0,
+            own_alarm: false,
+        }
+    }
+}
+
 impl Store {
     pub(crate) fn directory_state(&self) -> Result<Option<DirectoryState>, ClientError> {
         self.conn
@@ -62,6 +77,25 @@ impl Store {
                     state.own_checked_epoch as i64,
                     state.own_alarm
                 ],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// Records a review of the own entry at `checked_epoch`: `clean_version` is the newest
+    /// version found without problems (None: keep the previous one), `alarm` whether one stands.
+    /// Leaves the pinned key and the newest epoch seen alone.
+    pub(crate) fn record_own_review(
+        &self,
+        checked_epoch: u64,
+        clean_version: Option<u64>,
+        alarm: bool,
+    ) -> Result<(), ClientError> {
+        self.conn
+            .execute(
+                "UPDATE key_directory SET own_checked_epoch = MAX(own_checked_epoch, ?1), \
+                 own_version = COALESCE(?2, own_version), own_alarm = ?3 WHERE id = 1",
+                params![checked_epoch as i64, clean_version.map(|v| v as i64), alarm],
             )
             .map_err(sql)?;
         Ok(())
