@@ -49,6 +49,7 @@ impl SimDevice {
         let request = RegisterRequest {
             identity_key: Base64Bytes(identity.public_key().to_vec()),
             device_secret_hash: Base64Bytes(Sha256::digest(secret).to_vec()),
+            region: None,
         };
         let registered: RegisterResponse = post(http, base, "/v1/accounts", None, &request).await?;
         let provider = OpenMlsRustCrypto::default();

@@ -52,6 +52,10 @@ enum Command {
         /// The name part of your username; the client adds a number (alice -> alice.42).
         #[arg(long)]
         username: String,
+        /// The region your messages, keys, profile and files are kept in (one the server
+        /// offers; default: the server's).
+        #[arg(long)]
+        region: Option<String>,
     },
     /// Show this device's account.
     Whoami {
@@ -367,8 +371,13 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
             Command::Org(command) => official::run_org(&home, command).await?,
             Command::Channel(command) => official::run_channel(&home, command).await?,
             Command::Form(command) => official::run_form(&home, command).await?,
-            Command::Register { server, name, username } => {
-                let client = FumiClient::register(&home, &server, &name, &username).await?;
+            Command::Register {
+                server,
+                name,
+                username,
+                region,
+            } => {
+                let client = FumiClient::register_in(&home, &server, &name, &username, region.as_deref()).await?;
                 let me = client.whoami();
                 println!("registered {}", me.username.unwrap_or_default());
             }

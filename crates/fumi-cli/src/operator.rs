@@ -114,6 +114,16 @@ enum AdminCommand {
     },
     /// Show the server's metrics.
     Metrics,
+    /// Move an account's stored data (queued messages, key packages, profile, avatar, files) to
+    /// another region: copied, verified by SHA-256, then deleted at the source. Interrupted,
+    /// run it again to finish.
+    Relocate {
+        /// Account id.
+        account: String,
+        /// The target region, as named in the server's configuration.
+        #[arg(long)]
+        to: String,
+    },
 }
 
 pub async fn run_audit(home: &Path, command: AuditCommand) -> Result<()> {
@@ -327,6 +337,41 @@ pub async fn run_admin(args: AdminArgs) -> Result<()> {
             println!("blob {blob} deleted");
         }
         AdminCommand::Metrics => print!("{}", admin.text(Method::GET, "/admin/v1/metrics").await?),
+        AdminCommand::Relocate { account, to } => {
+            let mut outcome = None;
+            admin
+                .json_lines(
+                    Method::POST,
+                    &format!("/admin/v1/accounts/{account}/relocate"),
+                    Some(&serde_json::json!({ "to": to })),
+                    |line| {
+                        if let Some(step) = line["step"].as_str() {
+                            eprintln!("{step}: {}/{}", line["done"], line["total"]);
+                        } else {
+                            outcome = Some(line);
+                        }
+                    },
+                )
+                .await?;
+            match outcome {
+                Some(line) if line.get("done").is_some() => {
+                    let done = &line["done"];
+                    if done["already_there"] == true {
+                        println!("account {account} already lives in region {to}");
+                    } else {
+                        println!("account {account} relocated to region {to}");
+                        println!("{}", serde_json::to_string_pretty(done)?);
+                    }
+                }
+                Some(line) => bail!(
+                    "relocation stopped: {}; run the same command again to resume it",
+                    line["error"].as_str().unwrap_or("unknown error")
+                ),
+                None => {
+                    bail!("the connection ended before the relocation did; run the same command again to finish it")
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -195,6 +195,8 @@ fn every_admin_route_writes_exactly_one_entry_before_acting() {
             "/admin/v1/accounts/{account}" => endpoint.path.replace("{account}", &bob_account),
             "/admin/v1/reports/{report}" => endpoint.path.replace("{report}", "1"),
             "/admin/v1/blobs/{blob}" => endpoint.path.replace("{blob}", &"ab".repeat(16)),
+            // Without a body: refused as malformed (400), and logged.
+            "/admin/v1/accounts/{account}/relocate" => endpoint.path.replace("{account}", &"cd".repeat(16)),
             other => panic!("admin route {other} is not covered by this test: add it"),
         };
         let before = stored_entries(&server).len();
@@ -202,7 +204,16 @@ fn every_admin_route_writes_exactly_one_entry_before_acting() {
         let result = runtime.block_on(client.text(method, &path));
         if let Err(error) = &result {
             // Routes naming something that does not exist answer 404, and still log the call.
-            assert!(error.to_string().contains("404"), "{} {path}: {error}", endpoint.method);
+            let expected = if endpoint.action == "relocate_account" {
+                "400"
+            } else {
+                "404"
+            };
+            assert!(
+                error.to_string().contains(expected),
+                "{} {path}: {error}",
+                endpoint.method
+            );
         }
         let entries = stored_entries(&server);
         assert_eq!(

@@ -104,6 +104,37 @@ impl AdminClient {
         decode(self.send(method, path, body).await?).await
     }
 
+    /// A signed request whose answer is a stream of JSON lines (a relocation's progress):
+    /// `on_line` sees each as it arrives.
+    pub async fn json_lines(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        mut on_line: impl FnMut(serde_json::Value),
+    ) -> Result<(), ClientError> {
+        let mut response = self.send(method, path, body).await?;
+        if !response.status().is_success() {
+            return decode::<()>(response).await;
+        }
+        let mut pending = Vec::new();
+        loop {
+            let chunk = response
+                .chunk()
+                .await
+                .map_err(|e| ClientError::Network(format!("the answer broke off: {e}")))?;
+            let Some(chunk) = chunk else { break };
+            pending.extend_from_slice(&chunk);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let value = serde_json::from_slice(&line)
+                    .map_err(|e| ClientError::Protocol(format!("a progress line is not JSON: {e}")))?;
+                on_line(value);
+            }
+        }
+        Ok(())
+    }
+
     /// A signed request with a text answer.
     pub async fn text(&self, method: Method, path: &str) -> Result<String, ClientError> {
         let response = self.send(method, path, None).await?;

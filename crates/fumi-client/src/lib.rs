@@ -214,6 +214,18 @@ impl FumiClient {
     /// Creates an account on `server` with a username `nickname.NN` (the client picks NN) and the
     /// display name `name`, storing everything in `home`.
     pub async fn register(home: &Path, server: &str, name: &str, nickname: &str) -> Result<Self, ClientError> {
+        Self::register_in(home, server, name, nickname, None).await
+    }
+
+    /// As [`FumiClient::register`], keeping the account's data in `region` (one of the server's;
+    /// `None`: the server's default).
+    pub async fn register_in(
+        home: &Path,
+        server: &str,
+        name: &str,
+        nickname: &str,
+        region: Option<&str>,
+    ) -> Result<Self, ClientError> {
         if Store::exists(home) && Store::open(home)?.0.account()?.is_some() {
             return Err(ClientError::Usage(format!(
                 "{} already holds an account; use another --home",
@@ -228,6 +240,7 @@ impl FumiClient {
         let request = RegisterRequest {
             identity_key: Base64Bytes(identity.public_key().to_vec()),
             device_secret_hash: Base64Bytes(sha256(&device_secret).to_vec()),
+            region: region.map(str::to_owned),
         };
         let registered: RegisterResponse = transport.request(Method::POST, "/v1/accounts", Some(&request)).await?;
         transport.authenticate(registered.device_id, &device_secret);

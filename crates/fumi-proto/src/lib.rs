@@ -30,6 +30,10 @@ pub struct RegisterRequest {
     pub identity_key: Base64Bytes,
     /// SHA-256 of the first device's secret (32 bytes).
     pub device_secret_hash: Base64Bytes,
+    /// The region the account's mailboxes, KeyPackages, profile and files are kept in (one of
+    /// the server's; absent: the server's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 /// Answer to [`RegisterRequest`].

@@ -172,7 +172,7 @@ async fn through_sqlite(size: u64) {
     for i in 0..size {
         let device = DeviceId::from_bytes(account(i + size));
         storage
-            .create_account(AccountId::from_bytes(account(i)), &[1; 32], device, &[2; 32], 0)
+            .create_account(AccountId::from_bytes(account(i)), &[1; 32], device, &[2; 32], None, 0)
             .await
             .unwrap();
         storage.set_signature_key(device, &[3; 32]).await.unwrap();

@@ -158,6 +158,10 @@ fn routes() -> Vec<(AdminEndpoint, routing::MethodRouter<Arc<AppState>>)> {
             e("GET", "/admin/v1/metrics", "view_metrics"),
             routing::get(view_metrics),
         ),
+        (
+            e("POST", "/admin/v1/accounts/{account}/relocate", "relocate_account"),
+            routing::post(relocate_account),
+        ),
     ]
 }
 
@@ -473,7 +477,25 @@ async fn list_accounts(
     Extension(context): Extension<AdminContext>,
 ) -> Result<impl IntoResponse, ApiError> {
     context.record(&state, &[], BTreeMap::new()).await?;
-    Ok(Json(state.storage.account_summaries().await?))
+    let mut accounts = state.storage.account_summaries().await?;
+    for summary in &mut accounts {
+        summary.region = crate::regions::region_names(&state.regions, &summary.region);
+        // An account living elsewhere has its mailboxes and KeyPackages in its region.
+        if let Some(index) = state.regions.by_name(&summary.region).filter(|i| *i != 0) {
+            let devices = state
+                .storage
+                .account(summary.account)
+                .await?
+                .map(|a| a.devices)
+                .unwrap_or_default();
+            let (envelopes, bytes, key_packages) =
+                crate::regions::resident_counts(state.regions.get(index), &devices).await?;
+            summary.queued_envelopes += envelopes;
+            summary.queued_bytes += bytes;
+            summary.key_packages += key_packages;
+        }
+    }
+    Ok(Json(accounts))
 }
 
 /// An account's public keys: its identity key and devices (what a moderator checks a report's
@@ -529,7 +551,32 @@ async fn purge_account(
     Path(account): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let account = context.record_account(&state, &account).await?;
+    // What lives in the account's region is found through the main database's rows: read them
+    // first. A relocation under way is purged from both of its regions.
+    let residency = state.storage.residency(account).await?.unwrap_or_default();
+    let devices = state
+        .storage
+        .account(account)
+        .await?
+        .map(|a| a.devices)
+        .unwrap_or_default();
+    let mut regions = vec![residency.region.clone()];
+    match &residency.relocation {
+        Some(crate::storage::Relocation::Copying { to }) => regions.push(to.clone()),
+        Some(crate::storage::Relocation::Cleaning { from }) => regions.push(from.clone()),
+        None => {}
+    }
     let blobs = state.storage.purge_account(account).await?;
+    for region in regions {
+        let index = state.regions.index(region.as_deref())?;
+        let region = state.regions.get(index);
+        if index != 0 || residency.relocation.is_some() {
+            crate::regions::delete_resident(region, Some(account), &devices).await?;
+        }
+        for blob in &blobs {
+            region.blobs.delete(*blob).await.map_err(ApiError::from)?;
+        }
+    }
     for blob in &blobs {
         crate::delete_blob(&state, *blob).await.map_err(ApiError::internal)?;
     }
@@ -592,9 +639,115 @@ async fn view_metrics(
     Extension(context): Extension<AdminContext>,
 ) -> Result<impl IntoResponse, ApiError> {
     context.record(&state, &[], BTreeMap::new()).await?;
-    let stats = state.storage.stats().await?;
+    let stats = crate::regions::stats(&state).await?;
     Ok((
         [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(stats),
     ))
+}
+
+/// `POST /admin/v1/accounts/{account}/relocate` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RelocateRequest {
+    /// The target region's name.
+    to: String,
+}
+
+/// Moves an account's data to another region (or finishes an interrupted move). The log entry,
+/// written before anything moves, names both regions and holds the counts and SHA-256 digests
+/// of what moves; the answer is a stream of JSON lines: progress, then `{"done": ...}` or
+/// `{"error": ...}`. The move goes on if the operator disconnects; running it again finishes it.
+async fn relocate_account(
+    State(state): State<Arc<AppState>>,
+    Extension(context): Extension<AdminContext>,
+    Path(account): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let Ok(account) = AccountId::parse(&account) else {
+        context
+            .record(&state, &[], details([("malformed_id", true.into())]))
+            .await?;
+        return Err(ApiError::bad_request("the account id is not 32 hex digits"));
+    };
+    let target = [Target::Account(account)];
+    let request: RelocateRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(error) => {
+            context
+                .record(&state, &target, details([("malformed_body", true.into())]))
+                .await?;
+            return Err(ApiError::bad_request(format!(
+                "the body must be {{\"to\": \"REGION\"}}: {error}"
+            )));
+        }
+    };
+    let plan = match crate::regions::prepare(&state, account, &request.to).await {
+        Ok(Some(plan)) => plan,
+        Ok(None) => {
+            context
+                .record(
+                    &state,
+                    &target,
+                    details([("to", request.to.clone().into()), ("already_there", true.into())]),
+                )
+                .await?;
+            let line = serde_json::json!({ "done": { "to": request.to, "already_there": true } });
+            return Ok(ndjson(vec![line]));
+        }
+        Err(error) => {
+            context
+                .record(
+                    &state,
+                    &target,
+                    details([("to", request.to.clone().into()), ("refused", error.to_string().into())]),
+                )
+                .await?;
+            return Err(match error {
+                crate::regions::RelocateError::UnknownAccount => {
+                    ApiError::not_found("unknown_account", "no such account")
+                }
+                crate::regions::RelocateError::Refused(message) => {
+                    ApiError::new(StatusCode::CONFLICT, "relocation_refused", message)
+                }
+                other => ApiError::internal(other),
+            });
+        }
+    };
+    let details = plan.details(&state.regions);
+    if let Err(error) = context.record(&state, &target, details.clone()).await {
+        plan.abandon(&state).await;
+        return Err(error);
+    }
+    let (progress, lines) = tokio::sync::mpsc::channel::<serde_json::Value>(64);
+    let worker = state.clone();
+    tokio::spawn(async move {
+        let result = crate::regions::run(&worker, plan, &progress).await;
+        let last = match result {
+            Ok(()) => {
+                tracing::info!("relocation finished");
+                serde_json::json!({ "done": details })
+            }
+            Err(error) => {
+                tracing::error!(%error, "relocation stopped; running it again resumes it");
+                serde_json::json!({ "error": error.to_string() })
+            }
+        };
+        let _ = progress.send(last).await;
+    });
+    let stream = futures_util::stream::unfold(lines, |mut lines| async move {
+        let line = lines.recv().await?;
+        Some((Ok::<_, std::convert::Infallible>(format!("{line}\n")), lines))
+    });
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// A response of JSON lines.
+fn ndjson(lines: Vec<serde_json::Value>) -> Response {
+    let text: String = lines.iter().map(|line| format!("{line}\n")).collect();
+    ([(axum::http::header::CONTENT_TYPE, "application/x-ndjson")], text).into_response()
 }

@@ -39,9 +39,12 @@ pub(crate) async fn put_avatar(
         ));
     }
     state
+        .regions
+        .get(device.region)
         .storage
         .put_avatar(device.account, Ciphertext(avatar.sealed.into_vec()), now_ms())
         .await?;
+    crate::regions::confirm(&state, device.account, device.region).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -51,7 +54,8 @@ pub(crate) async fn get_avatar(
     Path(account): Path<String>,
 ) -> Result<Json<SealedAvatar>, ApiError> {
     let account: AccountId = parse_path_id(&account, "account id")?;
-    let sealed = state
+    let sealed = crate::regions::readable(&state, account)
+        .await?
         .storage
         .avatar(account)
         .await?
@@ -172,11 +176,12 @@ pub(crate) async fn upload_status(
     Path(blob): Path<String>,
 ) -> Result<Json<BlobUploadStatus>, ApiError> {
     let record = owned_blob(&state, &device, &blob).await?;
-    let complete = record.complete || finish_interrupted(&state, &record).await?;
+    let blobs = &state.regions.get(device.region).blobs;
+    let complete = record.complete || finish_interrupted(&state, blobs, &record).await?;
     let received = if complete {
         record.size
     } else {
-        state.blobs.received(record.id).await?
+        blobs.received(record.id).await?
     };
     Ok(Json(BlobUploadStatus {
         size: record.size,
@@ -187,8 +192,12 @@ pub(crate) async fn upload_status(
 
 /// An upload whose bytes reached the blob store but whose completion was not recorded (the
 /// server stopped in between) is completed now, so the uploader is not stuck at offset 0.
-async fn finish_interrupted(state: &AppState, record: &BlobRecord) -> Result<bool, ApiError> {
-    if record.complete || state.blobs.received(record.id).await? != 0 || !state.blobs.stored(record.id).await? {
+async fn finish_interrupted(
+    state: &AppState,
+    blobs: &crate::blobs::BlobStore,
+    record: &BlobRecord,
+) -> Result<bool, ApiError> {
+    if record.complete || blobs.received(record.id).await? != 0 || !blobs.stored(record.id).await? {
         return Ok(false);
     }
     state.storage.complete_blob(record.id).await?;
@@ -209,22 +218,23 @@ pub(crate) async fn upload(
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| ApiError::bad_request(format!("the {UPLOAD_OFFSET_HEADER} header must give the byte offset")))?;
     let _guard = UploadGuard::take(&state, record.id)?;
-    if record.complete || finish_interrupted(&state, &record).await? {
+    let blobs = &state.regions.get(device.region).blobs;
+    if record.complete || finish_interrupted(&state, blobs, &record).await? {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "upload_complete",
             "this upload is already complete",
         ));
     }
-    let received = state.blobs.append(record.id, offset, record.size, body).await?;
+    let received = blobs.append(record.id, offset, record.size, body).await?;
     Metrics::add(&state.metrics.blob_bytes_received, received - offset);
     let complete = received == record.size;
     if complete {
-        state.blobs.finish(record.id).await?;
+        blobs.finish(record.id).await?;
         if let Err(e) = state.storage.complete_blob(record.id).await {
             // Deleted meanwhile (expired): drop the bytes too, or nothing ever would.
             if matches!(e, crate::storage::StorageError::UnknownBlob) {
-                let _ = state.blobs.delete(record.id).await;
+                let _ = blobs.delete(record.id).await;
             }
             return Err(e.into());
         }
@@ -276,7 +286,8 @@ pub(crate) async fn download(
             format!("the blob has {} bytes", record.size),
         ));
     }
-    let (stored_size, stream) = state.blobs.read(record.id, offset).await?;
+    let region = crate::regions::readable(&state, record.owner_account).await?;
+    let (stored_size, stream) = region.blobs.read(record.id, offset).await?;
     if stored_size != record.size {
         tracing::warn!(blob = %record.id, stored_size, announced = record.size, "a stored blob has the wrong size");
     }

@@ -24,6 +24,8 @@ pub struct AuthDevice {
     pub device: DeviceId,
     /// Its account.
     pub account: AccountId,
+    /// The region holding the account's data (see [`crate::regions::Regions::get`]).
+    pub region: usize,
 }
 
 impl FromRequestParts<Arc<AppState>> for AuthDevice {
@@ -60,6 +62,9 @@ impl FromRequestParts<Arc<AppState>> for AuthDevice {
                 "this account is suspended",
             ));
         }
+        // While its data moves, an account's devices wait (their mailbox, KeyPackages and
+        // profile are being copied); a minute at most for a usual account.
+        let region = state.regions.resident(&record.residency)?;
         if !state.device_limiter.check(&device, Instant::now()) {
             Metrics::inc(&state.metrics.rate_limited);
             return Err(ApiError::new(
@@ -71,6 +76,7 @@ impl FromRequestParts<Arc<AppState>> for AuthDevice {
         Ok(Self {
             device,
             account: record.account,
+            region,
         })
     }
 }

@@ -63,9 +63,23 @@ impl BlobStore {
     /// (`AWS_ENDPOINT`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
     /// `AWS_ALLOW_HTTP`, ...). Uploads are staged in `<data>/uploads` either way.
     pub fn open(config: &Config) -> Result<Self, BlobError> {
-        let staging = config.data.join("uploads");
+        Self::open_at(
+            &config.blob_store,
+            &config.data.join("blobs"),
+            &config.data.join("uploads"),
+        )
+    }
+
+    /// Opens the store at `location` (as `blob_store` in [`BlobStore::open`]; empty: the
+    /// directory `default_root`), staging uploads in `staging`.
+    pub fn open_at(
+        location: &str,
+        default_root: &std::path::Path,
+        staging: &std::path::Path,
+    ) -> Result<Self, BlobError> {
+        let staging = staging.to_path_buf();
         std::fs::create_dir_all(&staging).map_err(|e| BlobError::Store(format!("{}: {e}", staging.display())))?;
-        let location = config.blob_store.trim();
+        let location = location.trim();
         if let Some(rest) = location.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
@@ -90,7 +104,7 @@ impl BlobStore {
             });
         }
         let root = if location.is_empty() {
-            config.data.join("blobs")
+            default_root.to_path_buf()
         } else if location.contains("://") && !location.starts_with("file://") {
             return Err(BlobError::Store(format!(
                 "unsupported blob store {location:?}: use a directory, file://DIR or s3://BUCKET[/PREFIX]"
@@ -284,6 +298,61 @@ impl BlobStore {
                 .map(|chunk| chunk.map_err(std::io::Error::other))
                 .boxed(),
         ))
+    }
+
+    /// The size and SHA-256 of a finished blob's bytes, if the store holds them.
+    pub async fn digest(&self, id: BlobId) -> Result<Option<(u64, [u8; 32])>, BlobError> {
+        use sha2::Digest;
+        let (_, mut stream) = match self.read(id, 0).await {
+            Ok(read) => read,
+            Err(BlobError::Missing) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut hasher = sha2::Sha256::new();
+        let mut size = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| BlobError::Store(e.to_string()))?;
+            size += chunk.len() as u64;
+            hasher.update(&chunk);
+        }
+        Ok(Some((size, hasher.finalize().into())))
+    }
+
+    /// Copies a finished blob's bytes from `source` into this store (replacing any partial copy
+    /// a crash left), durably.
+    pub async fn copy_from(&self, source: &BlobStore, id: BlobId) -> Result<(), BlobError> {
+        let (_, mut stream) = source.read(id, 0).await?;
+        if let Some(target) = self.local_path(id) {
+            // Written beside and renamed into place, so a crash never leaves a short file there.
+            let parent = target.parent().expect("object paths have a directory").to_path_buf();
+            tokio::fs::create_dir_all(&parent)
+                .await
+                .map_err(|e| BlobError::Store(e.to_string()))?;
+            let partial = parent.join(format!("{id}.copying"));
+            let mut file = tokio::fs::File::create(&partial)
+                .await
+                .map_err(|e| BlobError::Store(e.to_string()))?;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| BlobError::Store(e.to_string()))?;
+                file.write_all(&chunk)
+                    .await
+                    .map_err(|e| BlobError::Store(e.to_string()))?;
+            }
+            file.sync_all().await.map_err(|e| BlobError::Store(e.to_string()))?;
+            return tokio::fs::rename(&partial, &target)
+                .await
+                .map_err(|e| BlobError::Store(e.to_string()));
+        }
+        // An object store makes an upload visible only once it is complete.
+        let mut writer = object_store::buffered::BufWriter::new(self.objects.clone(), Self::object_path(id));
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| BlobError::Store(e.to_string()))?;
+            writer
+                .write_all(&chunk)
+                .await
+                .map_err(|e| BlobError::Store(e.to_string()))?;
+        }
+        writer.shutdown().await.map_err(|e| BlobError::Store(e.to_string()))
     }
 
     /// Deletes a blob's bytes, finished or not. Missing bytes are not an error.

@@ -278,6 +278,10 @@ pub(crate) async fn remove_device(
     // Its mailbox goes and nothing is queued for it any more, so even a delivery connection it
     // still holds carries nothing new; its credentials stop working at once.
     state.storage.remove_device(device.account, target, now_ms()).await?;
+    if device.region != 0 {
+        // Its mailbox and KeyPackages in the account's region go too.
+        crate::regions::delete_resident(state.regions.get(device.region), None, &[target]).await?;
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -14,6 +14,7 @@ pub mod framing;
 pub mod key_directory;
 pub mod metrics;
 pub mod rate_limit;
+pub mod regions;
 pub mod routes;
 pub mod storage;
 #[cfg(feature = "test-hooks")]
@@ -96,6 +97,13 @@ pub struct Config {
     /// How often changes to accounts, devices and usernames are published as a new key
     /// directory epoch, in ms. Clients meeting a brand-new device wait up to this long.
     pub key_directory_epoch_ms: u64,
+    /// The name of the region this server's own database and blob store serve.
+    pub region: String,
+    /// Further regions, each with its own database and blob store, for accounts' mailboxes,
+    /// KeyPackages, profiles, avatars and blob bytes: `[[regions]]`.
+    pub regions: Vec<regions::RegionConfig>,
+    /// The region new accounts live in unless they choose one (empty: `region`).
+    pub default_region: String,
 }
 
 impl Default for Config {
@@ -124,6 +132,9 @@ impl Default for Config {
             admin_jurisdictions: Vec::new(),
             moderation_public_key: String::new(),
             key_directory_epoch_ms: 60_000,
+            region: "main".into(),
+            regions: Vec::new(),
+            default_region: String::new(),
         }
     }
 }
@@ -172,8 +183,10 @@ pub struct AppState {
     pub address_limiter: RateLimiter<IpAddr>,
     /// Becomes true when the server shuts down; delivery connections close.
     pub shutdown: watch::Receiver<bool>,
-    /// Attachment bytes.
-    pub blobs: BlobStore,
+    /// Attachment bytes of the main database's own region.
+    pub blobs: Arc<BlobStore>,
+    /// The regions accounts' data lives in (the first is the main database's own).
+    pub regions: regions::Regions,
     /// Blobs with an upload request running, so two requests never write one file at once.
     pub uploads_in_progress: std::sync::Mutex<std::collections::HashSet<fumi_proto::BlobId>>,
     /// The transparency log of operator accesses.
@@ -268,9 +281,10 @@ pub async fn run(
     if test_hooks::enabled() {
         tracing::warn!("TEST HOOKS ARE ON (FUMI_TEST_HOOKS=1): this server can be told to lie; never run it for users");
     }
-    let blobs = BlobStore::open(&config)?;
+    let blobs = Arc::new(BlobStore::open(&config)?);
     blobs.check().await?;
     tracing::info!(store = %blobs.description, "blob store");
+    let regions = regions::Regions::open(&config, storage.clone(), blobs.clone()).await?;
     let fanout: Arc<dyn Fanout> = if config.nats_url.is_empty() {
         Arc::new(InProcessFanout::default())
     } else {
@@ -290,6 +304,7 @@ pub async fn run(
         metrics: Metrics::default(),
         shutdown: shutdown_rx,
         blobs,
+        regions,
         uploads_in_progress: Default::default(),
         audit,
         admin,
@@ -300,6 +315,7 @@ pub async fn run(
 
     let expiry = tokio::spawn(expire_messages(state.clone()));
     let publisher = tokio::spawn(key_directory::publish_epochs(state.clone()));
+    let forwarder = tokio::spawn(regions::forward_forever(state.clone()));
     let log = || axum::middleware::from_fn_with_state(state.clone(), log_request);
     let app = routes::router(state.clone()).layer(log());
     let admin_app = admin::router(state.clone()).layer(log());
@@ -317,6 +333,7 @@ pub async fn run(
     serve(listener, app, header_timeout, shutdown).await;
     let _ = admin_loop.await;
     expiry.abort();
+    forwarder.abort();
     // The publisher stops at the shutdown signal and gives up its lease; an epoch being
     // published is finished (it is one transaction either way).
     let _ = tokio::time::timeout(Duration::from_secs(5), publisher).await;
@@ -400,10 +417,12 @@ async fn expire_messages(state: Arc<AppState>) {
     loop {
         interval.tick().await;
         let now = now_ms();
-        match state.storage.purge_expired(now).await {
-            Ok(0) => {}
-            Ok(count) => tracing::info!(count, "expired undelivered envelopes deleted"),
-            Err(error) => tracing::warn!(%error, "expiring messages failed"),
+        for region in state.regions.all() {
+            match region.storage.purge_expired(now).await {
+                Ok(0) => {}
+                Ok(count) => tracing::info!(count, region = %region.name, "expired undelivered envelopes deleted"),
+                Err(error) => tracing::warn!(%error, region = %region.name, "expiring messages failed"),
+            }
         }
         match state
             .storage
@@ -424,7 +443,20 @@ async fn expire_messages(state: Arc<AppState>) {
 
 /// Deletes a blob's bytes, then its record (so a failure leaves a record to retry from).
 pub async fn delete_blob(state: &AppState, id: fumi_proto::BlobId) -> Result<(), ServerError> {
-    state.blobs.delete(id).await?;
+    // The bytes are in the uploader's region; in every region if the record is gone.
+    match state.storage.blob(id).await? {
+        Some(record) => {
+            let region = regions::readable(state, record.owner_account).await.map_err(|_| {
+                ServerError::Config("the blob's uploader lives in a region this server is not configured for".into())
+            })?;
+            region.blobs.delete(id).await?;
+        }
+        None => {
+            for region in state.regions.all() {
+                region.blobs.delete(id).await?;
+            }
+        }
+    }
     state.storage.delete_blob(id).await?;
     Metrics::inc(&state.metrics.blobs_deleted);
     Ok(())

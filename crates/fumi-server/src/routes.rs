@@ -242,7 +242,7 @@ async fn health() -> impl IntoResponse {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiError> {
-    let stats = state.storage.stats().await?;
+    let stats = crate::regions::stats(&state).await?;
     let mut text = state.metrics.render(stats);
     if let Some(connected) = state.fanout.bus_connected() {
         text.push_str(&format!(
@@ -269,6 +269,13 @@ async fn register(
     }
     let identity_key = exact_32(&request.identity_key, "identity_key")?;
     let secret_hash = exact_32(&request.device_secret_hash, "device_secret_hash")?;
+    let region = match &request.region {
+        None => state.regions.default_index(),
+        Some(name) => state.regions.by_name(name).ok_or_else(|| {
+            let names: Vec<&str> = state.regions.all().iter().map(|r| r.name.as_str()).collect();
+            ApiError::bad_request(format!("unknown region {name:?}; this server has {}", names.join(", ")))
+        })?,
+    };
     let (account_id, device_id) = {
         // ThreadRng is not Send: keep it out of the await below.
         let mut rng = rand::rng();
@@ -281,7 +288,14 @@ async fn register(
     };
     state
         .storage
-        .create_account(account_id, &identity_key, device_id, &secret_hash, now_ms())
+        .create_account(
+            account_id,
+            &identity_key,
+            device_id,
+            &secret_hash,
+            state.regions.stored_name(region).as_deref(),
+            now_ms(),
+        )
         .await?;
     Metrics::inc(&state.metrics.registrations);
     Ok((StatusCode::CREATED, Json(RegisterResponse { account_id, device_id })))
@@ -325,7 +339,8 @@ async fn get_profile(
     Path(account): Path<String>,
 ) -> Result<Json<SealedProfile>, ApiError> {
     let account_id: AccountId = parse_path_id(&account, "account id")?;
-    let sealed = state
+    let sealed = crate::regions::readable(&state, account_id)
+        .await?
         .storage
         .profile(account_id)
         .await?
@@ -351,9 +366,12 @@ async fn put_profile(
         ));
     }
     state
+        .regions
+        .get(device.region)
         .storage
         .put_profile(device.account, Ciphertext(profile.sealed.into_vec()), now_ms())
         .await?;
+    crate::regions::confirm(&state, device.account, device.region).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -417,7 +435,8 @@ async fn upload_key_packages(
             ));
         }
     }
-    let stock = state.storage.key_package_count(device.device).await?;
+    let region = &state.regions.get(device.region).storage;
+    let stock = region.key_package_count(device.device).await?;
     if stock + upload.key_packages.len() as u64 > state.config.max_key_packages_per_device {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -434,10 +453,8 @@ async fn upload_key_packages(
         .map(|kp| Ciphertext(kp.into_vec()))
         .collect();
     let last_resort = upload.last_resort.map(|kp| Ciphertext(kp.into_vec()));
-    let count = state
-        .storage
-        .add_key_packages(device.device, one_time, last_resort)
-        .await?;
+    let count = region.add_key_packages(device.device, one_time, last_resort).await?;
+    crate::regions::confirm(&state, device.account, device.region).await?;
     Ok(Json(KeyPackageCount { count }))
 }
 
@@ -446,7 +463,12 @@ async fn key_package_count(
     State(state): State<Arc<AppState>>,
 ) -> Result<Json<KeyPackageCount>, ApiError> {
     Ok(Json(KeyPackageCount {
-        count: state.storage.key_package_count(device.device).await?,
+        count: state
+            .regions
+            .get(device.region)
+            .storage
+            .key_package_count(device.device)
+            .await?,
     }))
 }
 
@@ -465,7 +487,7 @@ async fn claim_key_packages(
     if claim.devices.len() > MAX_ACCOUNTS_PER_CLAIM * 10 {
         return Err(ApiError::bad_request("too many devices in one claim"));
     }
-    let claimed = state.storage.claim_key_packages(&accounts, &claim.devices).await?;
+    let claimed = crate::regions::claim_key_packages(&state, &accounts, &claim.devices).await?;
     #[cfg(feature = "test-hooks")]
     let claimed: Vec<_> = {
         let fakes = state.test_hooks.impersonated.lock().expect("hooks lock");
@@ -613,6 +635,7 @@ async fn submit_message(
         .iter()
         .flat_map(|d| d.recipients.iter().copied())
         .collect();
+    let several_regions = state.regions.several();
     let outcome = match state.storage.submit(submission).await {
         Err(error @ crate::storage::StorageError::EpochConflict { .. }) => {
             Metrics::inc(&state.metrics.commit_conflicts);
@@ -623,6 +646,13 @@ async fn submit_message(
     let accepted = match outcome {
         SubmitOutcome::Accepted { accepted_at } => {
             Metrics::inc(&state.metrics.messages_accepted);
+            if several_regions {
+                // Envelopes of devices living in other regions go there now (the forwarder
+                // retries what fails; the message is accepted either way).
+                if let Err(error) = crate::regions::forward(&state, Some(&recipients)).await {
+                    tracing::warn!(%error, "forwarding envelopes to their regions failed; retried within a second");
+                }
+            }
             for recipient in recipients {
                 state.fanout.notify(recipient);
             }

@@ -82,8 +82,18 @@ async fn deliver(socket: WebSocket, device: AuthDevice, state: &AppState) -> Res
         // Mark the mailbox state as seen before reading it, so an event that arrives during the
         // read wakes the next wait instead of being lost.
         subscription.mailbox.borrow_and_update();
-        let batch = state
-            .storage
+        if state.regions.several() && !still_resident(state, &device).await? {
+            // Code 1013, try again later: the client reconnects and reads the new region.
+            return close(
+                &mut sink,
+                &mut stream,
+                1013,
+                "this account's data is moving to another region; reconnect",
+            )
+            .await;
+        }
+        let mailbox = &state.regions.get(device.region).storage;
+        let batch = mailbox
             .fetch(device.device, last_sent, BATCH)
             .await
             .map_err(|e| e.to_string())?;
@@ -136,7 +146,7 @@ async fn deliver(socket: WebSocket, device: AuthDevice, state: &AppState) -> Res
                 Some(Err(e)) => return Err(e.to_string()),
                 Some(Ok(Message::Text(text))) => match serde_json::from_str::<ClientFrame>(&text) {
                     Ok(ClientFrame::Ack { seqs }) if seqs.len() <= MAX_ACK_SEQS => {
-                        let deleted = state.storage.acknowledge(device.device, &seqs).await.map_err(|e| e.to_string())?;
+                        let deleted = state.regions.get(device.region).storage.acknowledge(device.device, &seqs).await.map_err(|e| e.to_string())?;
                         state.metrics.envelopes_acknowledged.fetch_add(deleted, std::sync::atomic::Ordering::Relaxed);
                     }
                     Ok(ClientFrame::Ack { .. }) => {
@@ -151,6 +161,16 @@ async fn deliver(socket: WebSocket, device: AuthDevice, state: &AppState) -> Res
             }},
         }
     }
+}
+
+/// Whether the device's account still lives, unmoving, in the region this connection reads.
+async fn still_resident(state: &AppState, device: &AuthDevice) -> Result<bool, String> {
+    let record = state
+        .storage
+        .device_auth(device.device)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(record.is_some_and(|record| state.regions.resident(&record.residency).ok() == Some(device.region)))
 }
 
 /// The next channel push, or never if the connection has no subscriptions.

@@ -81,6 +81,20 @@ impl Server {
     }
 
     fn start_in(dir: tempfile::TempDir, env: Vec<(String, String)>) -> Self {
+        Self::start_on(dir, env, postgres_backend())
+    }
+
+    /// Starts a server with a TOML configuration, on this PostgreSQL schema if the suite runs
+    /// on PostgreSQL (from [`Server::postgres_backend`]).
+    pub fn start_configured_on(toml: &str, postgres: Option<(String, String)>) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("fumi.toml");
+        std::fs::write(&config, toml).expect("config file");
+        let env = vec![("FUMI_CONFIG".into(), config.to_str().expect("utf-8 path").into())];
+        Self::start_on(dir, env, postgres)
+    }
+
+    fn start_on(dir: tempfile::TempDir, env: Vec<(String, String)>, postgres: Option<(String, String)>) -> Self {
         let mut server = Server {
             dir,
             url: String::new(),
@@ -89,7 +103,7 @@ impl Server {
             admin_listen: "127.0.0.1:0".into(),
             env,
             child: None,
-            postgres: postgres_backend(),
+            postgres,
         };
         if let Some((url, schema)) = &server.postgres {
             server.env.push(("FUMI_DATABASE".into(), url.clone()));
@@ -184,6 +198,15 @@ impl Server {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop or kill the server first");
         self.spawn();
+    }
+
+    /// Starts the server again with extra environment variables for this run only.
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
+        assert!(self.child.is_none(), "stop or kill the server first");
+        let kept = self.env.len();
+        self.env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        self.spawn();
+        self.env.truncate(kept);
     }
 
     /// The `/metrics` page (a plain HTTP/1.0 GET, so that sync and async tests can both use it).
@@ -293,6 +316,12 @@ impl Server {
     /// Whether this server keeps its state in PostgreSQL (`FUMI_TEST_BACKEND=postgres`).
     pub fn is_postgres(&self) -> bool {
         self.postgres.is_some()
+    }
+
+    /// The PostgreSQL URL and schema a server started now would use, if the suite runs on
+    /// PostgreSQL (for settings that name further schemas, like regions: `<schema>_<name>`).
+    pub fn postgres_backend() -> Option<(String, String)> {
+        postgres_backend()
     }
 
     /// Runs SQL statements on the server's database, whichever the backend (as a malicious
@@ -467,14 +496,14 @@ impl Drop for Server {
             let _ = child.wait();
         }
         if let Some((url, schema)) = &self.postgres {
+            // Its own schema and those of its regions (named after it).
+            let drop = format!(
+                "DO $$ DECLARE s TEXT; BEGIN FOR s IN SELECT nspname FROM pg_namespace \
+                 WHERE nspname = '{schema}' OR nspname LIKE '{schema}\\_%' LOOP \
+                 EXECUTE format('DROP SCHEMA %I CASCADE', s); END LOOP; END $$"
+            );
             let _ = Command::new("psql")
-                .args([
-                    url.as_str(),
-                    "-X",
-                    "-q",
-                    "-c",
-                    &format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"),
-                ])
+                .args([url.as_str(), "-X", "-q", "-c", &drop])
                 .output();
         }
     }
@@ -489,19 +518,23 @@ pub struct User {
 impl User {
     /// Registers through the CLI and returns the user with its full username.
     pub fn register(server: &Server, nickname: &str, name: &str) -> Self {
+        Self::register_with(server, nickname, name, &[])
+    }
+
+    /// Registers with extra `fumi register` arguments (`--region jp`).
+    pub fn register_with(server: &Server, nickname: &str, name: &str, extra: &[&str]) -> Self {
         let home = tempfile::tempdir().expect("temp dir");
-        let out = fumi_ok(
-            home.path(),
-            &[
-                "register",
-                "--server",
-                &server.url,
-                "--name",
-                name,
-                "--username",
-                nickname,
-            ],
-        );
+        let mut args = vec![
+            "register",
+            "--server",
+            &server.url,
+            "--name",
+            name,
+            "--username",
+            nickname,
+        ];
+        args.extend_from_slice(extra);
+        let out = fumi_ok(home.path(), &args);
         let username = out
             .trim()
             .strip_prefix("registered ")

@@ -172,6 +172,8 @@ pub struct DeviceAuth {
     pub suspended: bool,
     /// Whether the device was removed from its account.
     pub removed: bool,
+    /// Where the account's data lives.
+    pub residency: Residency,
 }
 
 /// A blob's bookkeeping (its bytes live in the blob store).
@@ -299,6 +301,8 @@ pub struct AccountSummary {
     pub blobs: u64,
     /// Announced bytes of those blobs.
     pub blob_bytes: u64,
+    /// The region holding its data (empty here: the main database's own; the admin API names it).
+    pub region: String,
 }
 
 /// An abuse report as listed to moderators (its content is sealed to the moderation key).
@@ -401,6 +405,7 @@ pub trait Storage: Send + Sync + 'static {
         identity_key: &[u8],
         device: DeviceId,
         secret_hash: &[u8; 32],
+        region: Option<&str>,
         now: u64,
     ) -> Result<(), StorageError>;
     /// The authentication record of a device.
@@ -660,6 +665,149 @@ pub trait Storage: Send + Sync + 'static {
     async fn kt_heads(&self, from: u64, limit: u32) -> Result<Vec<String>, StorageError>;
     /// The newest epoch with a stored head, and that head.
     async fn kt_latest_head(&self) -> Result<Option<(u64, String)>, StorageError>;
+
+    // Data residency. The main database holds every account's residency; a region's database
+    // (same schema, foreign keys to accounts and devices dropped) holds the mailboxes,
+    // KeyPackages, profiles and avatars of the accounts living there. See `crate::regions`.
+
+    /// Where an account's own data lives, and any relocation under way.
+    async fn residency(&self, account: AccountId) -> Result<Option<Residency>, StorageError>;
+    /// Replaces an account's residency by `next` if it is still `expected`; false if not.
+    async fn set_residency(
+        &self,
+        account: AccountId,
+        expected: &Residency,
+        next: &Residency,
+    ) -> Result<bool, StorageError>;
+    /// Envelopes in this (main) database for devices whose account lives in another region and
+    /// is not being relocated, oldest first, at most `limit`; only for `devices` if given. Each
+    /// comes with the name of the region it goes to.
+    async fn in_transit(
+        &self,
+        devices: Option<&[DeviceId]>,
+        limit: u32,
+    ) -> Result<Vec<(String, StoredEnvelope)>, StorageError>;
+    /// Deletes forwarded envelopes, but only those whose account still lives in `region` and is
+    /// not being relocated (a relocation that started meanwhile may have missed the copy: such
+    /// envelopes stay, to be forwarded again); returns how many were deleted.
+    async fn settle_forwarded(&self, region: &str, envelopes: &[(DeviceId, u64)]) -> Result<u64, StorageError>;
+    /// A device's envelopes after `after_seq`, in order, at most `limit`, as stored.
+    async fn export_envelopes(
+        &self,
+        device: DeviceId,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredEnvelope>, StorageError>;
+    /// Stores envelopes under their own sequence numbers and message ids; one already present
+    /// (same device and number) is skipped. Returns how many were new.
+    async fn import_envelopes(&self, envelopes: &[StoredEnvelope]) -> Result<u64, StorageError>;
+    /// Deletes every envelope of `devices`; returns how many.
+    async fn delete_mailboxes(&self, devices: &[DeviceId]) -> Result<u64, StorageError>;
+    /// Every KeyPackage of `devices`, in order of upload.
+    async fn export_key_packages(&self, devices: &[DeviceId]) -> Result<Vec<StoredKeyPackage>, StorageError>;
+    /// Replaces every KeyPackage of `devices` by `packages` (empty: deletes them), in one
+    /// transaction.
+    async fn replace_key_packages(
+        &self,
+        devices: &[DeviceId],
+        packages: &[StoredKeyPackage],
+    ) -> Result<(), StorageError>;
+    /// Claims one KeyPackage of each of `devices` (whose account the caller checked): a
+    /// one-time one if any is left, else the last-resort one.
+    async fn claim_device_key_packages(
+        &self,
+        devices: &[DeviceId],
+    ) -> Result<Vec<(DeviceId, Ciphertext)>, StorageError>;
+    /// Deletes an account's profile and avatar.
+    async fn delete_sealed(&self, account: AccountId) -> Result<(), StorageError>;
+    /// Makes deleted rows unreadable in the database's files as far as the backend allows
+    /// (SQLite: resets the write-ahead log, which still holds older page versions).
+    async fn scrub(&self) -> Result<(), StorageError>;
+    /// The blobs an account uploaded that are still stored.
+    async fn blobs_owned(&self, account: AccountId) -> Result<Vec<BlobId>, StorageError>;
+}
+
+/// Where an account's mailboxes, KeyPackages, profile, avatar and blob bytes live.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Residency {
+    /// The region; `None`: the main database's own region.
+    pub region: Option<String>,
+    /// A relocation under way.
+    pub relocation: Option<Relocation>,
+}
+
+/// The two halves of a relocation, each safe to repeat after a crash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Relocation {
+    /// Copying to the region named (`None`: the main database's own); `region` is the source.
+    Copying {
+        /// The target region.
+        to: Option<String>,
+    },
+    /// Copied and verified; `region` is the target now, and the source's copies are being
+    /// deleted.
+    Cleaning {
+        /// The source region.
+        from: Option<String>,
+    },
+}
+
+impl Residency {
+    /// Encodes as the three columns `region`, `relocating_to`, `relocating_from` (a relocation
+    /// names the main region by the empty string, as NULL means "none").
+    pub(crate) fn columns(&self) -> (Option<String>, Option<String>, Option<String>) {
+        let name = |region: &Option<String>| region.clone().unwrap_or_default();
+        match &self.relocation {
+            None => (self.region.clone(), None, None),
+            Some(Relocation::Copying { to }) => (self.region.clone(), Some(name(to)), None),
+            Some(Relocation::Cleaning { from }) => (self.region.clone(), None, Some(name(from))),
+        }
+    }
+
+    /// Decodes the three columns.
+    pub(crate) fn from_columns(
+        region: Option<String>,
+        relocating_to: Option<String>,
+        relocating_from: Option<String>,
+    ) -> Self {
+        let region_of = |name: String| (!name.is_empty()).then_some(name);
+        let relocation = match (relocating_to, relocating_from) {
+            (Some(to), _) => Some(Relocation::Copying { to: region_of(to) }),
+            (None, Some(from)) => Some(Relocation::Cleaning { from: region_of(from) }),
+            (None, None) => None,
+        };
+        Self { region, relocation }
+    }
+}
+
+/// An envelope as stored, for forwarding and relocation: the sequence number and message id
+/// are the ones the main database gave it, kept wherever it goes, so a device never sees one
+/// envelope under two numbers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEnvelope {
+    /// The recipient device.
+    pub device: DeviceId,
+    /// Its number in the device's mailbox.
+    pub seq: u64,
+    /// The message's id in the main database.
+    pub message_id: u64,
+    /// The message.
+    pub body: Ciphertext,
+    /// Acceptance time.
+    pub received_at: u64,
+    /// Expiry time.
+    pub expires_at: u64,
+}
+
+/// A KeyPackage as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredKeyPackage {
+    /// Its device.
+    pub device: DeviceId,
+    /// The KeyPackage.
+    pub key_package: Ciphertext,
+    /// Whether it is the device's last-resort one.
+    pub last_resort: bool,
 }
 
 /// The storage contract, checked on every backend: SQLite always, PostgreSQL when
@@ -726,7 +874,7 @@ pub(crate) mod contract {
         for backend in &backends {
             backend
                 .storage
-                .create_account(AccountId::from_bytes([1; 16]), &[0; 32], device, &[0; 32], 0)
+                .create_account(AccountId::from_bytes([1; 16]), &[0; 32], device, &[0; 32], None, 0)
                 .await
                 .unwrap();
         }

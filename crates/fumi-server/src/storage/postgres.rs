@@ -271,6 +271,15 @@ CREATE TRIGGER kt_usernames AFTER INSERT OR DELETE OR UPDATE ON usernames
 INSERT INTO kt_pending (kind, id) SELECT 0, id FROM accounts;
 INSERT INTO kt_pending (kind, id) SELECT 1, hash FROM usernames;
 "#,
+    r#"
+-- Data residency: the region holding the account's mailboxes, KeyPackages, profile, avatar and
+-- blob bytes (NULL: this database's own), and a relocation under way (target while copying,
+-- source while cleaning up; '' names this database's own region).
+ALTER TABLE accounts ADD COLUMN region TEXT;
+ALTER TABLE accounts ADD COLUMN relocating_to TEXT;
+ALTER TABLE accounts ADD COLUMN relocating_from TEXT;
+CREATE INDEX accounts_by_region ON accounts (region) WHERE region IS NOT NULL;
+"#,
 ];
 
 /// Connections per node.
@@ -495,13 +504,15 @@ impl PostgresStorage {
         identity_key: &[u8],
         device: DeviceId,
         secret_hash: &[u8; 32],
+        region: Option<&str>,
         now: u64,
     ) -> Result<(), TxError> {
         let mut tx = self.begin().await?;
-        sqlx::query("INSERT INTO accounts (id, identity_key, created_at) VALUES ($1, $2, $3)")
+        sqlx::query("INSERT INTO accounts (id, identity_key, created_at, region) VALUES ($1, $2, $3, $4)")
             .bind(account.as_bytes().as_slice())
             .bind(identity_key)
             .bind(to_i64(now))
+            .bind(region)
             .execute(&mut *tx)
             .await?;
         sqlx::query("INSERT INTO devices (id, account_id, secret_hash, created_at) VALUES ($1, $2, $3, $4)")
@@ -1767,14 +1778,16 @@ impl Storage for PostgresStorage {
         identity_key: &[u8],
         device: DeviceId,
         secret_hash: &[u8; 32],
+        region: Option<&str>,
         now: u64,
     ) -> Result<(), StorageError> {
-        retrying!(self.create_account_once(account, identity_key, device, secret_hash, now))
+        retrying!(self.create_account_once(account, identity_key, device, secret_hash, region, now))
     }
 
     async fn device_auth(&self, device: DeviceId) -> Result<Option<DeviceAuth>, StorageError> {
         let row = sqlx::query(
-            "SELECT d.account_id, d.secret_hash, a.suspended, d.removed_at IS NOT NULL
+            "SELECT d.account_id, d.secret_hash, a.suspended, d.removed_at IS NOT NULL,
+                    a.region, a.relocating_to, a.relocating_from
              FROM devices d JOIN accounts a ON a.id = d.account_id WHERE d.id = $1",
         )
         .bind(device.as_bytes().as_slice())
@@ -1791,6 +1804,11 @@ impl Storage for PostgresStorage {
                 .map_err(|_| StorageError::Database("corrupt secret hash".into()))?,
             suspended: row.try_get(2).map_err(db)?,
             removed: row.try_get(3).map_err(db)?,
+            residency: Residency::from_columns(
+                row.try_get(4).map_err(db)?,
+                row.try_get(5).map_err(db)?,
+                row.try_get(6).map_err(db)?,
+            ),
         }))
     }
 
@@ -2182,7 +2200,8 @@ impl Storage for PostgresStorage {
                     JOIN messages g ON g.id = m.message_id WHERE d.account_id = a.id),
                 (SELECT COUNT(*) FROM key_packages k JOIN devices d ON d.id = k.device_id WHERE d.account_id = a.id),
                 (SELECT COUNT(*) FROM blobs b WHERE b.owner_account = a.id),
-                (SELECT CAST(COALESCE(SUM(b.size), 0) AS BIGINT) FROM blobs b WHERE b.owner_account = a.id)
+                (SELECT CAST(COALESCE(SUM(b.size), 0) AS BIGINT) FROM blobs b WHERE b.owner_account = a.id),
+                COALESCE(a.region, '')
              FROM accounts a ORDER BY a.created_at, a.id",
         )
         .fetch_all(&self.pool)
@@ -2205,6 +2224,7 @@ impl Storage for PostgresStorage {
                     key_packages: count(6)?,
                     blobs: count(7)?,
                     blob_bytes: count(8)?,
+                    region: row.try_get(9).map_err(db)?,
                 })
             })
             .collect()
@@ -2551,5 +2571,327 @@ impl Storage for PostgresStorage {
             .await
             .map_err(db)?;
         Ok(row.map(|(epoch, head)| (to_u64(epoch), head)))
+    }
+
+    async fn residency(&self, account: AccountId) -> Result<Option<Residency>, StorageError> {
+        let row: Option<(Option<String>, Option<String>, Option<String>)> =
+            sqlx::query_as("SELECT region, relocating_to, relocating_from FROM accounts WHERE id = $1")
+                .bind(account.as_bytes().as_slice())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+        Ok(row.map(|(region, to, from)| Residency::from_columns(region, to, from)))
+    }
+
+    async fn set_residency(
+        &self,
+        account: AccountId,
+        expected: &Residency,
+        next: &Residency,
+    ) -> Result<bool, StorageError> {
+        let (region, to, from) = next.columns();
+        let (was_region, was_to, was_from) = expected.columns();
+        // One statement: atomic on its own.
+        let updated = sqlx::query(
+            "UPDATE accounts SET region = $1, relocating_to = $2, relocating_from = $3
+             WHERE id = $4 AND region IS NOT DISTINCT FROM $5 AND relocating_to IS NOT DISTINCT FROM $6
+                 AND relocating_from IS NOT DISTINCT FROM $7",
+        )
+        .bind(region)
+        .bind(to)
+        .bind(from)
+        .bind(account.as_bytes().as_slice())
+        .bind(was_region)
+        .bind(was_to)
+        .bind(was_from)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        Ok(updated == 1)
+    }
+
+    async fn in_transit(
+        &self,
+        devices: Option<&[DeviceId]>,
+        limit: u32,
+    ) -> Result<Vec<(String, StoredEnvelope)>, StorageError> {
+        let ids: Option<Vec<Vec<u8>>> = devices.map(|devices| devices.iter().map(|d| d.as_bytes().to_vec()).collect());
+        let rows = sqlx::query(
+            "SELECT a.region, mb.device_id, mb.seq, m.id, m.body, m.received_at, m.expires_at
+             FROM accounts a JOIN devices d ON d.account_id = a.id JOIN mailbox mb ON mb.device_id = d.id
+             JOIN messages m ON m.id = mb.message_id
+             WHERE a.region IS NOT NULL AND a.relocating_to IS NULL AND a.relocating_from IS NULL
+                 AND ($1::BYTEA[] IS NULL OR d.id = ANY($1))
+             ORDER BY mb.device_id, mb.seq LIMIT $2",
+        )
+        .bind(ids)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|row| Ok((row.try_get::<String, _>(0).map_err(db)?, stored_envelope(row, 1)?)))
+            .collect()
+    }
+
+    async fn settle_forwarded(&self, region: &str, envelopes: &[(DeviceId, u64)]) -> Result<u64, StorageError> {
+        retrying!(self.settle_forwarded_once(region, envelopes))
+    }
+
+    async fn export_envelopes(
+        &self,
+        device: DeviceId,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredEnvelope>, StorageError> {
+        let rows = sqlx::query(
+            "SELECT mb.device_id, mb.seq, m.id, m.body, m.received_at, m.expires_at
+             FROM mailbox mb JOIN messages m ON m.id = mb.message_id
+             WHERE mb.device_id = $1 AND mb.seq > $2 ORDER BY mb.seq LIMIT $3",
+        )
+        .bind(device.as_bytes().as_slice())
+        .bind(to_i64(after_seq))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter().map(|row| stored_envelope(row, 0)).collect()
+    }
+
+    async fn import_envelopes(&self, envelopes: &[StoredEnvelope]) -> Result<u64, StorageError> {
+        retrying!(self.import_envelopes_once(envelopes))
+    }
+
+    async fn delete_mailboxes(&self, devices: &[DeviceId]) -> Result<u64, StorageError> {
+        retrying!(self.delete_mailboxes_once(devices))
+    }
+
+    async fn export_key_packages(&self, devices: &[DeviceId]) -> Result<Vec<StoredKeyPackage>, StorageError> {
+        let ids: Vec<Vec<u8>> = devices.iter().map(|d| d.as_bytes().to_vec()).collect();
+        let rows: Vec<(Vec<u8>, Vec<u8>, bool)> = sqlx::query_as(
+            "SELECT device_id, key_package, last_resort FROM key_packages WHERE device_id = ANY($1) ORDER BY id",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.into_iter()
+            .map(|(device, key_package, last_resort)| {
+                Ok(StoredKeyPackage {
+                    device: device_id(&device)?,
+                    key_package: Ciphertext(key_package),
+                    last_resort,
+                })
+            })
+            .collect()
+    }
+
+    async fn replace_key_packages(
+        &self,
+        devices: &[DeviceId],
+        packages: &[StoredKeyPackage],
+    ) -> Result<(), StorageError> {
+        retrying!(self.replace_key_packages_once(devices, packages))
+    }
+
+    async fn claim_device_key_packages(
+        &self,
+        devices: &[DeviceId],
+    ) -> Result<Vec<(DeviceId, Ciphertext)>, StorageError> {
+        retrying!(self.claim_device_key_packages_once(devices))
+    }
+
+    async fn delete_sealed(&self, account: AccountId) -> Result<(), StorageError> {
+        retrying!(self.delete_sealed_once(account))
+    }
+    async fn scrub(&self) -> Result<(), StorageError> {
+        // Deleted rows leave every query at once; their bytes leave the table files when
+        // autovacuum reuses the space (THREAT_MODEL.md: use encrypted storage).
+        Ok(())
+    }
+
+    async fn blobs_owned(&self, account: AccountId) -> Result<Vec<BlobId>, StorageError> {
+        let ids: Vec<Vec<u8>> = sqlx::query_scalar("SELECT id FROM blobs WHERE owner_account = $1 ORDER BY id")
+            .bind(account.as_bytes().as_slice())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        ids.iter().map(|id| blob_id(id)).collect()
+    }
+}
+
+/// A [`StoredEnvelope`] from columns device, seq, message id, body, received, expires (from
+/// column `first` on).
+fn stored_envelope(row: &sqlx::postgres::PgRow, first: usize) -> Result<StoredEnvelope, StorageError> {
+    let device: Vec<u8> = row.try_get(first).map_err(db)?;
+    let number = |index: usize| -> Result<u64, StorageError> { Ok(to_u64(row.try_get(index).map_err(db)?)) };
+    Ok(StoredEnvelope {
+        device: device_id(&device)?,
+        seq: number(first + 1)?,
+        message_id: number(first + 2)?,
+        body: Ciphertext(row.try_get(first + 3).map_err(db)?),
+        received_at: number(first + 4)?,
+        expires_at: number(first + 5)?,
+    })
+}
+
+impl PostgresStorage {
+    /// Connects to a region's database: the same schema, but its accounts and devices live in
+    /// the main database, so the references to them are dropped.
+    pub async fn connect_region(url: &str, schema: &str) -> Result<Self, StorageError> {
+        let storage = Self::connect_in_schema(url, schema).await?;
+        sqlx::raw_sql(
+            "ALTER TABLE profiles DROP CONSTRAINT IF EXISTS profiles_account_id_fkey;
+             ALTER TABLE avatars DROP CONSTRAINT IF EXISTS avatars_account_id_fkey;
+             ALTER TABLE key_packages DROP CONSTRAINT IF EXISTS key_packages_device_id_fkey;",
+        )
+        .execute(&storage.pool)
+        .await
+        .map_err(db)?;
+        Ok(storage)
+    }
+
+    async fn settle_forwarded_once(&self, region: &str, envelopes: &[(DeviceId, u64)]) -> Result<u64, TxError> {
+        let mut tx = self.begin().await?;
+        let mut message_ids = Vec::new();
+        for (device, seq) in envelopes {
+            let deleted: Option<i64> = sqlx::query_scalar(
+                "DELETE FROM mailbox WHERE device_id = $1 AND seq = $2 AND device_id IN (
+                     SELECT d.id FROM devices d JOIN accounts a ON a.id = d.account_id
+                     WHERE a.region = $3 AND a.relocating_to IS NULL AND a.relocating_from IS NULL)
+                 RETURNING message_id",
+            )
+            .bind(device.as_bytes().as_slice())
+            .bind(to_i64(*seq))
+            .bind(region)
+            .fetch_optional(&mut *tx)
+            .await?;
+            message_ids.extend(deleted);
+        }
+        let deleted = message_ids.len() as u64;
+        delete_unreferenced_messages(&mut tx, message_ids).await?;
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
+    async fn import_envelopes_once(&self, envelopes: &[StoredEnvelope]) -> Result<u64, TxError> {
+        let mut tx = self.begin().await?;
+        let mut imported = 0;
+        for envelope in envelopes {
+            sqlx::query(
+                "INSERT INTO messages (id, body, received_at, expires_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(to_i64(envelope.message_id))
+            .bind(envelope.body.0.as_slice())
+            .bind(to_i64(envelope.received_at))
+            .bind(to_i64(envelope.expires_at))
+            .execute(&mut *tx)
+            .await?;
+            imported += sqlx::query(
+                "INSERT INTO mailbox (device_id, seq, message_id) VALUES ($1, $2, $3)
+                 ON CONFLICT (device_id, seq) DO NOTHING",
+            )
+            .bind(envelope.device.as_bytes().as_slice())
+            .bind(to_i64(envelope.seq))
+            .bind(to_i64(envelope.message_id))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(imported)
+    }
+
+    async fn delete_mailboxes_once(&self, devices: &[DeviceId]) -> Result<u64, TxError> {
+        let ids: Vec<Vec<u8>> = devices.iter().map(|d| d.as_bytes().to_vec()).collect();
+        let mut tx = self.begin().await?;
+        let message_ids: Vec<i64> =
+            sqlx::query_scalar("DELETE FROM mailbox WHERE device_id = ANY($1) RETURNING message_id")
+                .bind(ids)
+                .fetch_all(&mut *tx)
+                .await?;
+        let deleted = message_ids.len() as u64;
+        delete_unreferenced_messages(&mut tx, message_ids).await?;
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
+    async fn replace_key_packages_once(
+        &self,
+        devices: &[DeviceId],
+        packages: &[StoredKeyPackage],
+    ) -> Result<(), TxError> {
+        let ids: Vec<Vec<u8>> = devices.iter().map(|d| d.as_bytes().to_vec()).collect();
+        let mut tx = self.begin().await?;
+        sqlx::query("DELETE FROM key_packages WHERE device_id = ANY($1)")
+            .bind(ids)
+            .execute(&mut *tx)
+            .await?;
+        for package in packages {
+            sqlx::query("INSERT INTO key_packages (device_id, key_package, last_resort) VALUES ($1, $2, $3)")
+                .bind(package.device.as_bytes().as_slice())
+                .bind(package.key_package.0.as_slice())
+                .bind(package.last_resort)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn claim_device_key_packages_once(
+        &self,
+        devices: &[DeviceId],
+    ) -> Result<Vec<(DeviceId, Ciphertext)>, TxError> {
+        let mut tx = self.begin().await?;
+        // A region has no device rows to lock: claims of one device queue on an advisory lock
+        // keyed by its id (taken in id order, so two claims cannot deadlock), so that no one-time
+        // package goes to two claimers.
+        let mut ordered = devices.to_vec();
+        ordered.sort_unstable();
+        ordered.dedup();
+        for device in &ordered {
+            sqlx::query("SELECT pg_advisory_xact_lock(('x' || encode(substr($1, 1, 8), 'hex'))::bit(64)::bigint)")
+                .bind(device.as_bytes().as_slice())
+                .execute(&mut *tx)
+                .await?;
+        }
+        let mut claimed = Vec::new();
+        for device in devices {
+            let (id, key_package, last_resort): (i64, Vec<u8>, bool) = sqlx::query_as(
+                "SELECT id, key_package, last_resort FROM key_packages WHERE device_id = $1
+                 ORDER BY last_resort, id LIMIT 1",
+            )
+            .bind(device.as_bytes().as_slice())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StorageError::NoKeyPackage)?;
+            if !last_resort {
+                sqlx::query("DELETE FROM key_packages WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            claimed.push((*device, Ciphertext(key_package)));
+        }
+        tx.commit().await?;
+        Ok(claimed)
+    }
+
+    async fn delete_sealed_once(&self, account: AccountId) -> Result<(), TxError> {
+        let mut tx = self.begin().await?;
+        for statement in [
+            "DELETE FROM profiles WHERE account_id = $1",
+            "DELETE FROM avatars WHERE account_id = $1",
+        ] {
+            sqlx::query(statement)
+                .bind(account.as_bytes().as_slice())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 }

@@ -240,6 +240,15 @@ END;
 INSERT INTO kt_pending (kind, id) SELECT 0, id FROM accounts;
 INSERT INTO kt_pending (kind, id) SELECT 1, hash FROM usernames;
 "#,
+    r#"
+-- Data residency: the region holding the account's mailboxes, KeyPackages, profile, avatar and
+-- blob bytes (NULL: this database's own), and a relocation under way (target while copying,
+-- source while cleaning up; '' names this database's own region).
+ALTER TABLE accounts ADD COLUMN region TEXT;
+ALTER TABLE accounts ADD COLUMN relocating_to TEXT;
+ALTER TABLE accounts ADD COLUMN relocating_from TEXT;
+CREATE INDEX accounts_by_region ON accounts (region) WHERE region IS NOT NULL;
+"#,
 ];
 
 /// Connections for the two reads on the hot path (authenticating a device, reading a mailbox).
@@ -320,13 +329,26 @@ impl SealedTable {
 impl SqliteStorage {
     /// Opens (creating if needed) the database file and applies migrations.
     pub async fn open(path: &Path) -> Result<Self, StorageError> {
+        Self::open_with(path, true).await
+    }
+
+    /// Opens a region's database: the same schema, but its accounts and devices live in the main
+    /// database, so the references to them are not enforced.
+    pub async fn open_region(path: &Path) -> Result<Self, StorageError> {
+        Self::open_with(path, false).await
+    }
+
+    async fn open_with(path: &Path, foreign_keys: bool) -> Result<Self, StorageError> {
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
+            .foreign_keys(foreign_keys)
+            // Deleted rows are overwritten, not left in free pages: what was acknowledged,
+            // purged or relocated away is gone from the file too.
+            .pragma("secure_delete", "ON");
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .connect_with(options)
@@ -417,13 +439,15 @@ impl Storage for SqliteStorage {
         identity_key: &[u8],
         device: DeviceId,
         secret_hash: &[u8; 32],
+        region: Option<&str>,
         now: u64,
     ) -> Result<(), StorageError> {
         let mut tx = self.write().await?;
-        sqlx::query("INSERT INTO accounts (id, identity_key, created_at) VALUES (?, ?, ?)")
+        sqlx::query("INSERT INTO accounts (id, identity_key, created_at, region) VALUES (?, ?, ?, ?)")
             .bind(account.as_bytes().as_slice())
             .bind(identity_key)
             .bind(to_i64(now))
+            .bind(region)
             .execute(&mut *tx)
             .await
             .map_err(db)?;
@@ -441,17 +465,35 @@ impl Storage for SqliteStorage {
     async fn device_auth(&self, device: DeviceId) -> Result<Option<DeviceAuth>, StorageError> {
         use rusqlite::OptionalExtension;
         // Every authenticated request asks this: read inline (see `Readers`).
-        let row: Option<(Vec<u8>, Vec<u8>, bool, bool)> = self.readers.with(|conn| {
+        type Row = (
+            Vec<u8>,
+            Vec<u8>,
+            bool,
+            bool,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        );
+        let row: Option<Row> = self.readers.with(|conn| {
             conn.prepare_cached(
-                "SELECT d.account_id, d.secret_hash, a.suspended, d.removed_at IS NOT NULL
+                "SELECT d.account_id, d.secret_hash, a.suspended, d.removed_at IS NOT NULL,
+                        a.region, a.relocating_to, a.relocating_from
                  FROM devices d JOIN accounts a ON a.id = d.account_id WHERE d.id = ?",
             )?
             .query_row([device.as_bytes().as_slice()], |row| {
-                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                    row.get(5)?,
+                    row.get(6)?,
+                ))
             })
             .optional()
         })?;
-        let Some((account, hash, suspended, removed)) = row else {
+        let Some((account, hash, suspended, removed, region, to, from)) = row else {
             return Ok(None);
         };
         Ok(Some(DeviceAuth {
@@ -462,6 +504,7 @@ impl Storage for SqliteStorage {
                 .map_err(|_| StorageError::Database("corrupt secret hash".into()))?,
             suspended,
             removed,
+            residency: Residency::from_columns(region, to, from),
         }))
     }
 
@@ -1247,7 +1290,8 @@ impl Storage for SqliteStorage {
                     JOIN messages g ON g.id = m.message_id WHERE d.account_id = a.id),
                 (SELECT COUNT(*) FROM key_packages k JOIN devices d ON d.id = k.device_id WHERE d.account_id = a.id),
                 (SELECT COUNT(*) FROM blobs b WHERE b.owner_account = a.id),
-                (SELECT COALESCE(SUM(b.size), 0) FROM blobs b WHERE b.owner_account = a.id)
+                (SELECT COALESCE(SUM(b.size), 0) FROM blobs b WHERE b.owner_account = a.id),
+                COALESCE(a.region, '')
              FROM accounts a ORDER BY a.created_at, a.id",
         )
         .fetch_all(&self.pool)
@@ -1265,6 +1309,7 @@ impl Storage for SqliteStorage {
                     key_packages: to_u64(row.get(6)),
                     blobs: to_u64(row.get(7)),
                     blob_bytes: to_u64(row.get(8)),
+                    region: row.get(9),
                 })
             })
             .collect()
@@ -1800,6 +1845,303 @@ impl Storage for SqliteStorage {
             .map_err(db)?;
         Ok(row.map(|(epoch, head)| (to_u64(epoch), head)))
     }
+
+    async fn residency(&self, account: AccountId) -> Result<Option<Residency>, StorageError> {
+        let row: Option<(Option<String>, Option<String>, Option<String>)> =
+            sqlx::query_as("SELECT region, relocating_to, relocating_from FROM accounts WHERE id = ?")
+                .bind(account.as_bytes().as_slice())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+        Ok(row.map(|(region, to, from)| Residency::from_columns(region, to, from)))
+    }
+
+    async fn set_residency(
+        &self,
+        account: AccountId,
+        expected: &Residency,
+        next: &Residency,
+    ) -> Result<bool, StorageError> {
+        let (region, to, from) = next.columns();
+        let (was_region, was_to, was_from) = expected.columns();
+        let mut tx = self.write().await?;
+        let updated = sqlx::query(
+            "UPDATE accounts SET region = ?, relocating_to = ?, relocating_from = ?
+             WHERE id = ? AND region IS ? AND relocating_to IS ? AND relocating_from IS ?",
+        )
+        .bind(region)
+        .bind(to)
+        .bind(from)
+        .bind(account.as_bytes().as_slice())
+        .bind(was_region)
+        .bind(was_to)
+        .bind(was_from)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        tx.commit().await.map_err(db)?;
+        Ok(updated == 1)
+    }
+
+    async fn in_transit(
+        &self,
+        devices: Option<&[DeviceId]>,
+        limit: u32,
+    ) -> Result<Vec<(String, StoredEnvelope)>, StorageError> {
+        const SELECT: &str = "SELECT a.region, mb.device_id, mb.seq, m.id, m.body, m.received_at, m.expires_at
+             FROM accounts a JOIN devices d ON d.account_id = a.id JOIN mailbox mb ON mb.device_id = d.id
+             JOIN messages m ON m.id = mb.message_id
+             WHERE a.region IS NOT NULL AND a.relocating_to IS NULL AND a.relocating_from IS NULL";
+        let rows = match devices {
+            None => sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT} ORDER BY mb.seq LIMIT ?")))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?,
+            Some(devices) => {
+                let mut rows = Vec::new();
+                for device in devices {
+                    rows.extend(
+                        sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "{SELECT} AND d.id = ? ORDER BY mb.seq LIMIT ?"
+                        )))
+                        .bind(device.as_bytes().as_slice())
+                        .bind(i64::from(limit))
+                        .fetch_all(&self.pool)
+                        .await
+                        .map_err(db)?,
+                    );
+                }
+                rows
+            }
+        };
+        rows.iter()
+            .map(|row| Ok((row.get::<String, _>(0), stored_envelope(row, 1)?)))
+            .collect()
+    }
+
+    async fn settle_forwarded(&self, region: &str, envelopes: &[(DeviceId, u64)]) -> Result<u64, StorageError> {
+        let mut tx = self.write().await?;
+        let mut message_ids = Vec::new();
+        for (device, seq) in envelopes {
+            let deleted: Option<i64> = sqlx::query_scalar(
+                "DELETE FROM mailbox WHERE device_id = ? AND seq = ? AND device_id IN (
+                     SELECT d.id FROM devices d JOIN accounts a ON a.id = d.account_id
+                     WHERE a.region = ? AND a.relocating_to IS NULL AND a.relocating_from IS NULL)
+                 RETURNING message_id",
+            )
+            .bind(device.as_bytes().as_slice())
+            .bind(to_i64(*seq))
+            .bind(region)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+            message_ids.extend(deleted);
+        }
+        let deleted = message_ids.len() as u64;
+        delete_unreferenced(&mut tx, &message_ids).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(deleted)
+    }
+
+    async fn export_envelopes(
+        &self,
+        device: DeviceId,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredEnvelope>, StorageError> {
+        let rows = sqlx::query(
+            "SELECT mb.device_id, mb.seq, m.id, m.body, m.received_at, m.expires_at
+             FROM mailbox mb JOIN messages m ON m.id = mb.message_id
+             WHERE mb.device_id = ? AND mb.seq > ? ORDER BY mb.seq LIMIT ?",
+        )
+        .bind(device.as_bytes().as_slice())
+        .bind(to_i64(after_seq))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter().map(|row| stored_envelope(row, 0)).collect()
+    }
+
+    async fn import_envelopes(&self, envelopes: &[StoredEnvelope]) -> Result<u64, StorageError> {
+        let mut tx = self.write().await?;
+        let mut imported = 0;
+        for envelope in envelopes {
+            sqlx::query(
+                "INSERT INTO messages (id, body, received_at, expires_at) VALUES (?, ?, ?, ?)
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(to_i64(envelope.message_id))
+            .bind(envelope.body.0.as_slice())
+            .bind(to_i64(envelope.received_at))
+            .bind(to_i64(envelope.expires_at))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+            // SQLite numbers envelopes by one global sequence, so the number alone is the key.
+            imported += sqlx::query(
+                "INSERT INTO mailbox (seq, device_id, message_id) VALUES (?, ?, ?) ON CONFLICT (seq) DO NOTHING",
+            )
+            .bind(to_i64(envelope.seq))
+            .bind(envelope.device.as_bytes().as_slice())
+            .bind(to_i64(envelope.message_id))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?
+            .rows_affected();
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(imported)
+    }
+
+    async fn delete_mailboxes(&self, devices: &[DeviceId]) -> Result<u64, StorageError> {
+        let mut tx = self.write().await?;
+        let mut message_ids = Vec::new();
+        for device in devices {
+            let ids: Vec<i64> = sqlx::query_scalar("DELETE FROM mailbox WHERE device_id = ? RETURNING message_id")
+                .bind(device.as_bytes().as_slice())
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db)?;
+            message_ids.extend(ids);
+        }
+        let deleted = message_ids.len() as u64;
+        delete_unreferenced(&mut tx, &message_ids).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(deleted)
+    }
+
+    async fn export_key_packages(&self, devices: &[DeviceId]) -> Result<Vec<StoredKeyPackage>, StorageError> {
+        let mut packages = Vec::new();
+        for device in devices {
+            let rows: Vec<(Vec<u8>, i64)> =
+                sqlx::query_as("SELECT key_package, last_resort FROM key_packages WHERE device_id = ? ORDER BY id")
+                    .bind(device.as_bytes().as_slice())
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db)?;
+            packages.extend(rows.into_iter().map(|(key_package, last_resort)| StoredKeyPackage {
+                device: *device,
+                key_package: Ciphertext(key_package),
+                last_resort: last_resort != 0,
+            }));
+        }
+        Ok(packages)
+    }
+
+    async fn replace_key_packages(
+        &self,
+        devices: &[DeviceId],
+        packages: &[StoredKeyPackage],
+    ) -> Result<(), StorageError> {
+        let mut tx = self.write().await?;
+        for device in devices {
+            sqlx::query("DELETE FROM key_packages WHERE device_id = ?")
+                .bind(device.as_bytes().as_slice())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        for package in packages {
+            sqlx::query("INSERT INTO key_packages (device_id, key_package, last_resort) VALUES (?, ?, ?)")
+                .bind(package.device.as_bytes().as_slice())
+                .bind(package.key_package.0.as_slice())
+                .bind(i64::from(package.last_resort))
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn claim_device_key_packages(
+        &self,
+        devices: &[DeviceId],
+    ) -> Result<Vec<(DeviceId, Ciphertext)>, StorageError> {
+        let mut tx = self.write().await?;
+        let mut claimed = Vec::new();
+        for device in devices {
+            let (id, key_package, last_resort): (i64, Vec<u8>, i64) = sqlx::query_as(
+                "SELECT id, key_package, last_resort FROM key_packages WHERE device_id = ? ORDER BY last_resort, id LIMIT 1",
+            )
+            .bind(device.as_bytes().as_slice())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?
+            .ok_or(StorageError::NoKeyPackage)?;
+            if last_resort == 0 {
+                sqlx::query("DELETE FROM key_packages WHERE id = ?")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            }
+            claimed.push((*device, Ciphertext(key_package)));
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(claimed)
+    }
+
+    async fn delete_sealed(&self, account: AccountId) -> Result<(), StorageError> {
+        let mut tx = self.write().await?;
+        for statement in [
+            "DELETE FROM profiles WHERE account_id = ?",
+            "DELETE FROM avatars WHERE account_id = ?",
+        ] {
+            sqlx::query(statement)
+                .bind(account.as_bytes().as_slice())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn scrub(&self) -> Result<(), StorageError> {
+        // Older page versions live on in the write-ahead log until it is checkpointed and reset.
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn blobs_owned(&self, account: AccountId) -> Result<Vec<BlobId>, StorageError> {
+        let ids: Vec<Vec<u8>> = sqlx::query_scalar("SELECT id FROM blobs WHERE owner_account = ? ORDER BY id")
+            .bind(account.as_bytes().as_slice())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        ids.iter().map(|id| blob_id(id)).collect()
+    }
+}
+
+/// A [`StoredEnvelope`] from columns device, seq, message id, body, received, expires (from
+/// column `first` on).
+fn stored_envelope(row: &sqlx::sqlite::SqliteRow, first: usize) -> Result<StoredEnvelope, StorageError> {
+    Ok(StoredEnvelope {
+        device: device_id(&row.get::<Vec<u8>, _>(first))?,
+        seq: to_u64(row.get(first + 1)),
+        message_id: to_u64(row.get(first + 2)),
+        body: Ciphertext(row.get(first + 3)),
+        received_at: to_u64(row.get(first + 4)),
+        expires_at: to_u64(row.get(first + 5)),
+    })
+}
+
+/// Deletes those of `message_ids` that no envelope refers to any more.
+async fn delete_unreferenced(tx: &mut Transaction<'static, Sqlite>, message_ids: &[i64]) -> Result<(), StorageError> {
+    for message_id in message_ids {
+        sqlx::query("DELETE FROM messages WHERE id = ? AND NOT EXISTS (SELECT 1 FROM mailbox WHERE message_id = ?)")
+            .bind(message_id)
+            .bind(message_id)
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
+    }
+    Ok(())
 }
 
 /// Keys per `IN (…)` list: far below SQLite's limit on bound parameters.
@@ -1879,6 +2221,7 @@ fn spawn_writer(path: &Path) -> Result<mpsc::Sender<Write>, StorageError> {
     conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
     conn.pragma_update(None, "synchronous", "FULL").map_err(sql)?;
     conn.pragma_update(None, "foreign_keys", true).map_err(sql)?;
+    conn.pragma_update(None, "secure_delete", true).map_err(sql)?;
     let (writes, queue) = mpsc::channel(4 * MAX_WRITES_PER_COMMIT);
     std::thread::Builder::new()
         .name("fumi-sqlite-writer".into())
@@ -2147,7 +2490,7 @@ mod tests {
         let storage = SqliteStorage::open(&dir.path().join("fumi.db")).await.unwrap();
         let device = DeviceId::from_bytes([2; 16]);
         storage
-            .create_account(AccountId::from_bytes([1; 16]), &[0; 32], device, &[0; 32], 0)
+            .create_account(AccountId::from_bytes([1; 16]), &[0; 32], device, &[0; 32], None, 0)
             .await
             .unwrap();
         (dir, storage, device)
@@ -2256,7 +2599,7 @@ mod tests {
         let (_dir, storage, device) = storage_with_device().await;
         let committer = DeviceId::from_bytes([9; 16]);
         storage
-            .create_account(AccountId::from_bytes([8; 16]), &[0; 32], committer, &[0; 32], 0)
+            .create_account(AccountId::from_bytes([8; 16]), &[0; 32], committer, &[0; 32], None, 0)
             .await
             .unwrap();
         storage
