@@ -45,9 +45,9 @@ impl Regions {
         Self { server, keys, postgres }
     }
 
-    fn relocate(&self, account: &str, to: &str) -> Output {
+    fn admin(&self, args: &[&str]) -> Output {
         let key = self.keys.path().join("tanaka.key");
-        run(&[
+        let mut full = vec![
             "admin",
             "--server",
             &self.server.admin_url,
@@ -57,11 +57,23 @@ impl Regions {
             key.to_str().unwrap(),
             "--reason",
             "RESIDENCY-1",
-            "relocate",
-            account,
-            "--to",
-            to,
-        ])
+        ];
+        full.extend_from_slice(args);
+        run(&full)
+    }
+
+    fn admin_ok(&self, args: &[&str]) -> String {
+        let output = self.admin(args);
+        assert!(
+            output.status.success(),
+            "admin {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    fn relocate(&self, account: &str, to: &str) -> Output {
+        self.admin(&["relocate", account, "--to", to])
     }
 
     fn relocate_ok(&self, account: &str, to: &str) -> String {
@@ -299,12 +311,38 @@ fn accounts_live_in_their_region_and_relocation_moves_everything_and_leaves_noth
     assert_eq!(entry["details"]["to"], "us");
     assert_eq!(entry["details"]["envelopes"], in_jp[0]);
     assert!(!entries.iter().any(|e| e.to_string().contains(&account)));
-    // Run again: nothing to do, said so.
+    // Run again: nothing to do, said so. An unknown region or account is refused, and changes
+    // nothing.
     assert!(
         regions
             .relocate_ok(&account, "us")
             .contains("already lives in region us")
     );
+    let refused = regions.relocate(&account, "mars");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("kr, jp, us"),
+        "{refused:?}"
+    );
+    let refused = regions.relocate(&"ab".repeat(16), "jp");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("no such account"),
+        "{refused:?}"
+    );
+    assert_eq!(regions.holdings("us", &alice), in_jp);
+    // The operator's account list names her region and counts what is queued there.
+    let listed = regions.admin_ok(&["accounts"]);
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let row = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["account"] == account.as_str())
+        .expect("listed");
+    assert_eq!(row["region"], "us");
+    assert_eq!(row["queued_envelopes"], in_jp[0]);
+    assert_eq!(row["key_packages"], in_jp[1]);
 
     // Everything arrives once, from the new region; Bob gets her file (stored in us).
     let texts = alice.receive_texts();

@@ -282,6 +282,9 @@ pub(crate) async fn remove_device(
         // Its mailbox and KeyPackages in the account's region go too.
         crate::regions::delete_resident(state.regions.get(device.region), None, &[target]).await?;
     }
+    // Files it uploaded, and files only it was still to fetch, go now rather than at the next
+    // minute's collection.
+    crate::collect_blobs(&state, now_ms()).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -424,20 +424,26 @@ async fn expire_messages(state: Arc<AppState>) {
                 Err(error) => tracing::warn!(%error, region = %region.name, "expiring messages failed"),
             }
         }
-        match state
-            .storage
-            .expired_blobs(now, now.saturating_sub(STALE_UPLOAD_MS))
-            .await
-        {
-            Ok(ids) => {
-                for id in ids {
-                    if let Err(error) = delete_blob(&state, id).await {
-                        tracing::warn!(%error, "deleting an expired blob failed");
-                    }
+        collect_blobs(&state, now).await;
+    }
+}
+
+/// Deletes blobs nobody will fetch any more: expired, abandoned uploads, fetched by every
+/// recipient, or from a removed device.
+pub async fn collect_blobs(state: &AppState, now: u64) {
+    match state
+        .storage
+        .expired_blobs(now, now.saturating_sub(STALE_UPLOAD_MS))
+        .await
+    {
+        Ok(ids) => {
+            for id in ids {
+                if let Err(error) = delete_blob(state, id).await {
+                    tracing::warn!(%error, "deleting an expired blob failed");
                 }
             }
-            Err(error) => tracing::warn!(%error, "listing expired blobs failed"),
         }
+        Err(error) => tracing::warn!(%error, "listing expired blobs failed"),
     }
 }
 

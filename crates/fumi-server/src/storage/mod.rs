@@ -913,6 +913,122 @@ pub(crate) mod contract {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn forwarded_envelopes_keep_their_numbers_and_wait_while_their_account_moves_on_every_backend() {
+        for backend in backends().await {
+            // A region of the same kind beside the main database.
+            let (region, cleanup): (Arc<dyn Storage>, Cleanup) = match &backend._cleanup {
+                Cleanup::Dir(_) => {
+                    let dir = tempfile::tempdir().unwrap();
+                    let region = SqliteStorage::open_region(&dir.path().join("region.db")).await.unwrap();
+                    (Arc::new(region), Cleanup::Dir(dir))
+                }
+                Cleanup::Schema { url, schema } => {
+                    let schema = format!("{schema}_jp");
+                    let region = PostgresStorage::connect_region(url, &schema).await.unwrap();
+                    (
+                        Arc::new(region),
+                        Cleanup::Schema {
+                            url: url.clone(),
+                            schema,
+                        },
+                    )
+                }
+            };
+            forwarded_envelopes_keep_their_numbers_and_wait_while_their_account_moves(backend.storage.clone(), region)
+                .await;
+            backend.finish().await;
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            drop(cleanup);
+        }
+    }
+
+    async fn forwarded_envelopes_keep_their_numbers_and_wait_while_their_account_moves(
+        main: Arc<dyn Storage>,
+        region: Arc<dyn Storage>,
+    ) {
+        let account = AccountId::from_bytes([4; 16]);
+        let device = DeviceId::from_bytes([5; 16]);
+        main.create_account(account, &[0; 32], device, &[0; 32], Some("jp"), 0)
+            .await
+            .unwrap();
+        let resident = main.residency(account).await.unwrap().unwrap();
+        assert_eq!(resident.region.as_deref(), Some("jp"));
+        assert_eq!(resident.relocation, None);
+        // The roster's first commit, to the account in jp: queued in the main database, in transit.
+        main.submit(submission(device, 1, Some(0), u64::MAX)).await.unwrap();
+        let moving = main.in_transit(Some(&[device]), 100).await.unwrap();
+        assert_eq!(moving.len(), 1);
+        let (name, envelope) = &moving[0];
+        assert_eq!(name, "jp");
+        assert_eq!(envelope.body, Ciphertext(vec![1]));
+        // Imported twice (a crash between import and settle): one envelope, same number.
+        assert_eq!(
+            region.import_envelopes(std::slice::from_ref(envelope)).await.unwrap(),
+            1
+        );
+        assert_eq!(
+            region.import_envelopes(std::slice::from_ref(envelope)).await.unwrap(),
+            0
+        );
+        let fetched = region.fetch(device, 0, 10).await.unwrap();
+        assert_eq!(fetched.len(), 1);
+        assert_eq!(fetched[0].seq, envelope.seq);
+        // While the account moves, the main database keeps its copy (the move may have missed
+        // the region's).
+        let frozen = Residency {
+            region: Some("jp".into()),
+            relocation: Some(Relocation::Copying { to: None }),
+        };
+        assert!(main.set_residency(account, &resident, &frozen).await.unwrap());
+        assert!(
+            !main.set_residency(account, &resident, &frozen).await.unwrap(),
+            "compare and set"
+        );
+        assert!(
+            main.in_transit(None, 100).await.unwrap().is_empty(),
+            "held while moving"
+        );
+        let key = [(device, envelope.seq)];
+        assert_eq!(main.settle_forwarded("jp", &key).await.unwrap(), 0);
+        assert!(main.set_residency(account, &frozen, &resident).await.unwrap());
+        assert_eq!(
+            main.settle_forwarded("us", &key).await.unwrap(),
+            0,
+            "only for its region"
+        );
+        assert_eq!(main.settle_forwarded("jp", &key).await.unwrap(), 1);
+        assert!(main.in_transit(None, 100).await.unwrap().is_empty());
+        // KeyPackages: replaced as a whole, claimed one-time first, the last-resort one kept.
+        let package = |byte: u8, last_resort| StoredKeyPackage {
+            device,
+            key_package: Ciphertext(vec![byte]),
+            last_resort,
+        };
+        let packages = [package(1, false), package(2, true)];
+        region.replace_key_packages(&[device], &packages).await.unwrap();
+        region.replace_key_packages(&[device], &packages).await.unwrap();
+        assert_eq!(region.export_key_packages(&[device]).await.unwrap(), packages);
+        let first = region.claim_device_key_packages(&[device]).await.unwrap();
+        assert_eq!(first, vec![(device, Ciphertext(vec![1]))]);
+        for _ in 0..2 {
+            let last = region.claim_device_key_packages(&[device]).await.unwrap();
+            assert_eq!(last, vec![(device, Ciphertext(vec![2]))]);
+        }
+        region.replace_key_packages(&[device], &[]).await.unwrap();
+        assert!(matches!(
+            region.claim_device_key_packages(&[device]).await,
+            Err(StorageError::NoKeyPackage)
+        ));
+        // Profile in the region (no account row there), and the cleanup of a moved account.
+        region.put_profile(account, Ciphertext(vec![7; 40]), 0).await.unwrap();
+        assert_eq!(region.delete_mailboxes(&[device]).await.unwrap(), 1);
+        region.delete_sealed(account).await.unwrap();
+        assert_eq!(region.profile(account).await.unwrap(), None);
+        assert!(region.export_envelopes(device, 0, 10).await.unwrap().is_empty());
+        region.scrub().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn key_directory_rows_and_change_marks_on_every_backend() {
         for backend in backends().await {
             let postgres = matches!(backend._cleanup, Cleanup::Schema { .. });
