@@ -6,12 +6,8 @@ mod common;
 
 use std::process::Output;
 
-use common::{FUMI, Server, User, account_of};
+use common::{Server, User, account_of, run};
 use serde_json::Value;
-
-fn run(args: &[&str]) -> Output {
-    std::process::Command::new(FUMI).args(args).output().unwrap()
-}
 
 fn printed_key(output: &Output) -> String {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));

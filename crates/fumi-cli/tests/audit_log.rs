@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::{FUMI, Server, User, account_of, snapshot};
+use common::{Server, User, account_of, run, run_ok, snapshot};
 use fumi_client::admin::AdminClient;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
@@ -35,20 +35,6 @@ impl Operators {
     fn key(&self, name: &str) -> PathBuf {
         self.dir.path().join(format!("{name}.key"))
     }
-}
-
-fn run(args: &[&str]) -> Output {
-    std::process::Command::new(FUMI).args(args).output().unwrap()
-}
-
-fn run_ok(args: &[&str]) -> String {
-    let output = run(args);
-    assert!(
-        output.status.success(),
-        "fumi {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
 }
 
 /// A server with three operators: `tanaka` (jp, loopback), `contractor` (a jurisdiction the

@@ -8,8 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::{FUMI, Server, User, account_of, credentials, hex_decode, saved_path};
-use rand::RngCore;
+use common::{Server, User, account_of, credentials, hex_decode, random_file, run, run_ok, saved_path};
 
 /// The servers' three regions: `kr` (the main database's own), `jp` and `us`.
 struct Regions {
@@ -197,33 +196,21 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-fn run(args: &[&str]) -> Output {
-    std::process::Command::new(FUMI).args(args).output().unwrap()
-}
-
-fn run_ok(args: &[&str]) -> String {
-    let output = run(args);
-    assert!(
-        output.status.success(),
-        "fumi {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
-
-fn random_file(dir: &Path, name: &str, size: usize) -> (PathBuf, Vec<u8>) {
-    let mut bytes = vec![0u8; size];
-    rand::rng().fill_bytes(&mut bytes);
-    let path = dir.join(name);
-    std::fs::write(&path, &bytes).unwrap();
-    (path, bytes)
-}
-
 #[test]
 fn accounts_live_in_their_region_and_relocation_moves_everything_and_leaves_nothing() {
     let regions = Regions::start();
     let server = &regions.server;
     let alice = User::register_with(server, "alice", "Alice", &["--region", "jp"]);
+    // Her laptop, linked: its KeyPackages go to her region too.
+    let laptop_home = tempfile::tempdir().unwrap();
+    common::fumi_ok(
+        laptop_home.path(),
+        &["device", "link", "--from", alice.home.path().to_str().unwrap()],
+    );
+    let laptop = User {
+        home: laptop_home,
+        username: alice.username.clone(),
+    };
     let bob = User::register(server, "bob", "Bob");
     // An unknown region is refused with the list of regions.
     let home = tempfile::tempdir().unwrap();
@@ -267,15 +254,18 @@ fn accounts_live_in_their_region_and_relocation_moves_everything_and_leaves_noth
         "{in_jp:?}"
     );
     assert_eq!(regions.holdings("kr", &alice), [0, 0, 0, 0]);
-    let mut all = Vec::new();
-    collect(&server.data_dir(), &mut all);
-    assert_eq!(regions.blob_files("jp").len(), 1, "{all:?}");
-    let alice_blob = std::fs::read(&regions.blob_files("jp")[0]).unwrap();
+    let laptop_in_jp = regions.holdings("jp", &laptop);
+    assert!(laptop_in_jp[0] >= 3 && laptop_in_jp[1] > 0, "{laptop_in_jp:?}");
+    assert_eq!(regions.holdings("kr", &laptop), [0, 0, 0, 0]);
+    // Her files (the scan for Bob, her avatar for her laptop) are in jp's blob store.
+    let jp_blobs = regions.blob_files("jp");
+    assert!(!jp_blobs.is_empty());
+    let mut gone: Vec<Vec<u8>> = jp_blobs.iter().map(|f| std::fs::read(f).unwrap()).collect();
     assert!(regions.blob_files("kr").is_empty());
     // Bob's live in kr.
     assert!(regions.holdings("kr", &bob)[1] > 0);
     assert_eq!(regions.holdings("jp", &bob), [0, 0, 0, 0]);
-    let queued_bodies: Vec<Vec<u8>> = queued_bodies(&regions, "jp", &alice);
+    gone.extend(queued_bodies(&regions, "jp", &alice));
 
     // Relocate jp -> us: progress on stderr, counts and digests on stdout.
     let account = account_of(&alice);
@@ -287,20 +277,13 @@ fn accounts_live_in_their_region_and_relocation_moves_everything_and_leaves_noth
     assert!(stdout.contains("relocated to region us"), "{stdout}");
     let report: serde_json::Value = serde_json::from_str(stdout.split_once('\n').unwrap().1).unwrap();
     assert_eq!(report["from"], "jp");
-    assert_eq!(report["envelopes"], in_jp[0]);
-    assert_eq!(report["key_packages"], in_jp[1]);
-    assert_eq!(report["blobs"], 1);
+    assert_eq!(report["envelopes"], in_jp[0] + laptop_in_jp[0]);
+    assert_eq!(report["key_packages"], in_jp[1] + laptop_in_jp[1]);
+    assert_eq!(report["blobs"], jp_blobs.len());
     assert_eq!(report["digest_envelopes"].as_str().unwrap().len(), 64);
     assert_eq!(regions.holdings("us", &alice), in_jp);
-    regions.assert_region_clean(
-        "jp",
-        &alice,
-        &[alice_blob.clone()]
-            .into_iter()
-            .chain(queued_bodies)
-            .collect::<Vec<_>>(),
-    );
-    assert_eq!(regions.blob_files("us").len(), 1);
+    regions.assert_region_clean("jp", &alice, &gone);
+    assert_eq!(regions.blob_files("us").len(), jp_blobs.len());
 
     // The log names the relocation with what moved (and no account id).
     let entries = log_entries(server);
@@ -309,7 +292,7 @@ fn accounts_live_in_their_region_and_relocation_moves_everything_and_leaves_noth
         .find(|e| e["action"] == "relocate_account")
         .expect("relocation logged");
     assert_eq!(entry["details"]["to"], "us");
-    assert_eq!(entry["details"]["envelopes"], in_jp[0]);
+    assert_eq!(entry["details"]["envelopes"], in_jp[0] + laptop_in_jp[0]);
     assert!(!entries.iter().any(|e| e.to_string().contains(&account)));
     // Run again: nothing to do, said so. An unknown region or account is refused, and changes
     // nothing.
@@ -341,12 +324,15 @@ fn accounts_live_in_their_region_and_relocation_moves_everything_and_leaves_noth
         .find(|a| a["account"] == account.as_str())
         .expect("listed");
     assert_eq!(row["region"], "us");
-    assert_eq!(row["queued_envelopes"], in_jp[0]);
-    assert_eq!(row["key_packages"], in_jp[1]);
+    assert_eq!(row["queued_envelopes"], in_jp[0] + laptop_in_jp[0]);
+    assert_eq!(row["key_packages"], in_jp[1] + laptop_in_jp[1]);
 
     // Everything arrives once, from the new region; Bob gets her file (stored in us).
+    assert_eq!(regions.holdings("us", &laptop), laptop_in_jp);
+    regions.assert_region_clean("jp", &laptop, &[]);
     let texts = alice.receive_texts();
     assert_eq!(texts, vec!["kr to jp 0", "kr to jp 1", "kr to jp 2"]);
+    assert_eq!(laptop.receive_texts(), texts);
     let out = bob.ok(&["receive"]);
     assert_eq!(std::fs::read(saved_path(&out, "scan.pdf")).unwrap(), scan_bytes);
     // Her profile (moved with her) names the sender.

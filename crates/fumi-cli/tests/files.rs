@@ -8,16 +8,7 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use common::{Server, User, fumi_ok, saved_path};
-use rand::RngCore;
-
-fn random_file(dir: &std::path::Path, name: &str, size: usize) -> (std::path::PathBuf, Vec<u8>) {
-    let mut bytes = vec![0u8; size];
-    rand::rng().fill_bytes(&mut bytes);
-    let path = dir.join(name);
-    std::fs::write(&path, &bytes).unwrap();
-    (path, bytes)
-}
+use common::{Server, User, fumi_ok, random_file, saved_path};
 
 #[test]
 fn files_round_trip_and_altered_or_truncated_blobs_are_refused() {

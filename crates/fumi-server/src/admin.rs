@@ -482,12 +482,7 @@ async fn list_accounts(
         summary.region = crate::regions::region_names(&state.regions, &summary.region);
         // An account living elsewhere has its mailboxes and KeyPackages in its region.
         if let Some(index) = state.regions.by_name(&summary.region).filter(|i| *i != 0) {
-            let devices = state
-                .storage
-                .account(summary.account)
-                .await?
-                .map(|a| a.devices)
-                .unwrap_or_default();
+            let devices = crate::regions::live_devices(&state, summary.account).await?;
             let (envelopes, bytes, key_packages) =
                 crate::regions::resident_counts(state.regions.get(index), &devices).await?;
             summary.queued_envelopes += envelopes;
@@ -551,26 +546,20 @@ async fn purge_account(
     Path(account): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let account = context.record_account(&state, &account).await?;
-    // What lives in the account's region is found through the main database's rows: read them
-    // first. A relocation under way is purged from both of its regions.
-    let residency = state.storage.residency(account).await?.unwrap_or_default();
-    let devices = state
-        .storage
-        .account(account)
-        .await?
-        .map(|a| a.devices)
-        .unwrap_or_default();
-    let mut regions = vec![residency.region.clone()];
-    match &residency.relocation {
-        Some(crate::storage::Relocation::Copying { to }) => regions.push(to.clone()),
-        Some(crate::storage::Relocation::Cleaning { from }) => regions.push(from.clone()),
-        None => {}
+    if state.regions.is_running(account) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "relocation_running",
+            "this account's data is being moved; purge it when the move has ended",
+        ));
     }
+    // What lives in the account's region (both ends of an interrupted relocation) is found
+    // through the main database's rows: read them first.
+    let holding = crate::regions::holding(&state, account).await?;
+    let devices = crate::regions::live_devices(&state, account).await?;
     let blobs = state.storage.purge_account(account).await?;
-    for region in regions {
-        let index = state.regions.index(region.as_deref())?;
-        let region = state.regions.get(index);
-        if index != 0 || residency.relocation.is_some() {
+    for region in holding {
+        if !std::ptr::eq(region, state.regions.main()) {
             crate::regions::delete_resident(region, Some(account), &devices).await?;
         }
         for blob in &blobs {
@@ -682,6 +671,20 @@ async fn relocate_account(
             )));
         }
     };
+    let Some(run) = state.regions.start_run(account) else {
+        context
+            .record(
+                &state,
+                &target,
+                details([("to", request.to.clone().into()), ("refused", "running".into())]),
+            )
+            .await?;
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "relocation_running",
+            "a relocation of this account is running on this server; wait for it to end",
+        ));
+    };
     let plan = match crate::regions::prepare(&state, account, &request.to).await {
         Ok(Some(plan)) => plan,
         Ok(None) => {
@@ -723,6 +726,7 @@ async fn relocate_account(
     let worker = state.clone();
     tokio::spawn(async move {
         let result = crate::regions::run(&worker, plan, &progress).await;
+        drop(run);
         let last = match result {
             Ok(()) => {
                 tracing::info!("relocation finished");

@@ -44,7 +44,7 @@ pub(crate) async fn put_avatar(
         .storage
         .put_avatar(device.account, Ciphertext(avatar.sealed.into_vec()), now_ms())
         .await?;
-    crate::regions::confirm(&state, device.account, device.region).await?;
+    crate::regions::confirm(&state, device.account, device.device, device.region).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -231,6 +231,12 @@ pub(crate) async fn upload(
     let complete = received == record.size;
     if complete {
         blobs.finish(record.id).await?;
+        // A relocation that began during the upload may have missed these bytes: they go, and
+        // the uploader starts again (in the new region) once it ends.
+        if let Err(e) = crate::regions::confirm(&state, device.account, device.device, device.region).await {
+            blobs.delete(record.id).await?;
+            return Err(e);
+        }
         if let Err(e) = state.storage.complete_blob(record.id).await {
             // Deleted meanwhile (expired): drop the bytes too, or nothing ever would.
             if matches!(e, crate::storage::StorageError::UnknownBlob) {

@@ -239,22 +239,37 @@ pub(crate) async fn link_device(
                 "the device is not signed by the account's identity key",
             )
         })?;
+    // The device's KeyPackages go to the account's region (refused while it moves).
+    let region = match state.regions.several() {
+        false => 0,
+        true => state
+            .regions
+            .resident(&state.storage.residency(account).await?.unwrap_or_default())?,
+    };
+    let key_packages: Vec<Ciphertext> = request
+        .key_packages
+        .into_iter()
+        .map(|kp| Ciphertext(kp.into_vec()))
+        .collect();
+    let last_resort = request.last_resort.map(|kp| Ciphertext(kp.into_vec()));
+    let (here, there) = if region == 0 {
+        ((key_packages, last_resort), None)
+    } else {
+        ((Vec::new(), None), Some((key_packages, last_resort)))
+    };
     state
         .storage
-        .link_device(
-            &hash,
-            account,
-            request.device_id,
-            &secret_hash,
-            request
-                .key_packages
-                .into_iter()
-                .map(|kp| Ciphertext(kp.into_vec()))
-                .collect(),
-            request.last_resort.map(|kp| Ciphertext(kp.into_vec())),
-            now,
-        )
+        .link_device(&hash, account, request.device_id, &secret_hash, here.0, here.1, now)
         .await?;
+    if let Some((key_packages, last_resort)) = there {
+        state
+            .regions
+            .get(region)
+            .storage
+            .add_key_packages(request.device_id, key_packages, last_resort)
+            .await?;
+        crate::regions::confirm(&state, account, request.device_id, region).await?;
+    }
     if let Some(key) = signature_key {
         state.storage.set_signature_key(request.device_id, &key).await?;
     }

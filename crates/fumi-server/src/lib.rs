@@ -449,19 +449,16 @@ pub async fn collect_blobs(state: &AppState, now: u64) {
 
 /// Deletes a blob's bytes, then its record (so a failure leaves a record to retry from).
 pub async fn delete_blob(state: &AppState, id: fumi_proto::BlobId) -> Result<(), ServerError> {
-    // The bytes are in the uploader's region; in every region if the record is gone.
-    match state.storage.blob(id).await? {
-        Some(record) => {
-            let region = regions::readable(state, record.owner_account).await.map_err(|_| {
-                ServerError::Config("the blob's uploader lives in a region this server is not configured for".into())
-            })?;
-            region.blobs.delete(id).await?;
-        }
-        None => {
-            for region in state.regions.all() {
-                region.blobs.delete(id).await?;
-            }
-        }
+    // The bytes are in the uploader's region (both ends of a relocation under way); in every
+    // region if the record is gone.
+    let holding = match state.storage.blob(id).await? {
+        Some(record) => regions::holding(state, record.owner_account).await.map_err(|_| {
+            ServerError::Config("the blob's uploader lives in a region this server is not configured for".into())
+        })?,
+        None => state.regions.all().iter().collect(),
+    };
+    for region in holding {
+        region.blobs.delete(id).await?;
     }
     state.storage.delete_blob(id).await?;
     Metrics::inc(&state.metrics.blobs_deleted);

@@ -74,6 +74,22 @@ pub struct Region {
 pub struct Regions {
     list: Vec<Region>,
     default: usize,
+    /// Accounts with a relocation running in this process (at most one run per account).
+    running: Arc<std::sync::Mutex<std::collections::HashSet<AccountId>>>,
+}
+
+/// A relocation run of one account in this process; ends when dropped.
+pub struct RunGuard {
+    running: Arc<std::sync::Mutex<std::collections::HashSet<AccountId>>>,
+    account: AccountId,
+}
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        if let Ok(mut running) = self.running.lock() {
+            running.remove(&self.account);
+        }
+    }
 }
 
 /// A valid region name.
@@ -104,6 +120,10 @@ impl Regions {
             storage: main,
             blobs: main_blobs,
         }];
+        // Two regions on one database schema or one blob store would copy a relocation onto
+        // itself and then delete the only copy.
+        let mut databases = vec![(config.database.trim().to_owned(), config.database_schema.clone())];
+        let mut stores = vec![config.blob_store.trim().to_owned()];
         for region in &config.regions {
             if !valid_name(&region.name) {
                 return Err(invalid(format!(
@@ -136,12 +156,13 @@ impl Regions {
                 } else {
                     region.database_schema.clone()
                 };
-                if database == config.database.trim() && schema == config.database_schema {
+                if databases.contains(&(database.to_owned(), schema.clone())) {
                     return Err(invalid(format!(
-                        "region {:?} uses the main database's own schema; give it its own database or schema",
+                        "region {:?} uses another region's database schema; give it its own database or schema",
                         region.name
                     )));
                 }
+                databases.push((database.to_owned(), schema.clone()));
                 Arc::new(PostgresStorage::connect_region(database, &schema).await?)
             } else {
                 return Err(invalid(format!(
@@ -149,7 +170,15 @@ impl Regions {
                     region.name
                 )));
             };
-            let blobs = BlobStore::open_at(&region.blob_store, &root.join("blobs"), &root.join("uploads"))?;
+            let store = region.blob_store.trim();
+            if !store.is_empty() && stores.iter().any(|s| s == store) {
+                return Err(invalid(format!(
+                    "region {:?} uses another region's blob store; give it its own",
+                    region.name
+                )));
+            }
+            stores.push(store.to_owned());
+            let blobs = BlobStore::open_at(store, &root.join("blobs"), &root.join("uploads"))?;
             blobs.check().await?;
             tracing::info!(region = %region.name, store = %blobs.description, "region");
             list.push(Region {
@@ -170,7 +199,25 @@ impl Regions {
                     ))
                 })?
         };
-        Ok(Self { list, default })
+        Ok(Self {
+            list,
+            default,
+            running: Default::default(),
+        })
+    }
+
+    /// Starts the one relocation run of `account` this process may have; `None` if one runs.
+    pub fn start_run(&self, account: AccountId) -> Option<RunGuard> {
+        let mut running = self.running.lock().expect("relocation runs lock");
+        running.insert(account).then(|| RunGuard {
+            running: self.running.clone(),
+            account,
+        })
+    }
+
+    /// Whether a relocation of `account` runs in this process.
+    pub fn is_running(&self, account: AccountId) -> bool {
+        self.running.lock().expect("relocation runs lock").contains(&account)
     }
 
     /// Whether there is more than the main database's own region.
@@ -235,6 +282,16 @@ impl Regions {
     }
 }
 
+/// An account's devices that are not removed (none for an unknown account).
+pub async fn live_devices(state: &AppState, account: AccountId) -> Result<Vec<DeviceId>, StorageError> {
+    Ok(state
+        .storage
+        .account(account)
+        .await?
+        .map(|a| a.devices)
+        .unwrap_or_default())
+}
+
 /// The answer while an account's data is being moved.
 pub fn relocating() -> ApiError {
     ApiError::new(
@@ -268,53 +325,86 @@ pub async fn writable(state: &AppState, account: AccountId) -> Result<&Region, A
     }
 }
 
-/// After a write into region `index` for `account`: if a relocation began meanwhile, the write
-/// may have missed its copy, so the caller is told to retry (its write is repeated in the new
-/// region; the stray copy goes with the source's cleanup).
-pub async fn confirm(state: &AppState, account: AccountId, index: usize) -> Result<(), ApiError> {
+/// After a write into region `index` for `account` (by `device`): if a relocation began
+/// meanwhile, the write may have missed its copy, so the caller is told to retry, and its write is
+/// repeated in the new region. The stray copy goes with the source's cleanup, or now if the
+/// relocation already ended.
+pub async fn confirm(state: &AppState, account: AccountId, device: DeviceId, index: usize) -> Result<(), ApiError> {
     if !state.regions.several() {
         return Ok(());
     }
     let residency = state.storage.residency(account).await?.unwrap_or_default();
+    if residency.relocation.is_none() && state.regions.index(residency.region.as_deref())? != index {
+        delete_resident(state.regions.get(index), Some(account), &[device]).await?;
+    }
     if state.regions.resident(&residency)? != index {
         return Err(relocating());
     }
     Ok(())
 }
 
+/// The regions holding an account's data now: its own, and during a relocation the other end.
+pub async fn holding(state: &AppState, account: AccountId) -> Result<Vec<&Region>, ApiError> {
+    if !state.regions.several() {
+        return Ok(vec![state.regions.main()]);
+    }
+    let residency = state.storage.residency(account).await?.unwrap_or_default();
+    let mut names = vec![residency.region.clone()];
+    match residency.relocation {
+        Some(Relocation::Copying { to }) => names.push(to),
+        Some(Relocation::Cleaning { from }) => names.push(from),
+        None => {}
+    }
+    names
+        .iter()
+        .map(|name| {
+            state
+                .regions
+                .index(name.as_deref())
+                .map(|index| state.regions.get(index))
+        })
+        .collect()
+}
+
 /// Moves envelopes waiting in the main database for devices living in other regions (only for
 /// `devices` if given); returns how many were moved. Safe to run anywhere, at any time, at once.
 pub async fn forward(state: &AppState, devices: Option<&[DeviceId]>) -> Result<u64, StorageError> {
-    if !state.regions.several() {
-        return Ok(0);
-    }
     let mut moved = 0;
-    loop {
-        let batch = state.storage.in_transit(devices, FORWARD_BATCH).await?;
-        let full = batch.len() == FORWARD_BATCH as usize;
-        let mut by_region: BTreeMap<String, Vec<StoredEnvelope>> = BTreeMap::new();
-        for (region, envelope) in batch {
-            by_region.entry(region).or_default().push(envelope);
-        }
-        let mut settled_any = false;
-        for (name, envelopes) in by_region {
-            let Some(index) = state.regions.by_name(&name).filter(|i| *i != 0) else {
-                tracing::error!(region = %name, "envelopes wait for a region this server is not configured for");
-                continue;
-            };
-            state.regions.get(index).storage.import_envelopes(&envelopes).await?;
-            let keys: Vec<(DeviceId, u64)> = envelopes.iter().map(|e| (e.device, e.seq)).collect();
-            let settled = state.storage.settle_forwarded(&name, &keys).await?;
-            settled_any |= settled > 0;
-            moved += settled;
-            let mut woken: Vec<DeviceId> = keys.iter().map(|(device, _)| *device).collect();
-            woken.sort_unstable();
-            woken.dedup();
-            for device in woken {
-                state.fanout.notify(device);
+    let mut failure = None;
+    // Region by region, so that one that is down does not hold up the others.
+    for region in &state.regions.all()[1..] {
+        match forward_to(state, region, devices).await {
+            Ok(count) => moved += count,
+            Err(error) => {
+                tracing::warn!(%error, region = %region.name, "forwarding envelopes failed; retried within a second");
+                failure = Some(error);
             }
         }
-        if !full || !settled_any {
+    }
+    match failure {
+        Some(error) if moved == 0 => Err(error),
+        _ => Ok(moved),
+    }
+}
+
+async fn forward_to(state: &AppState, region: &Region, devices: Option<&[DeviceId]>) -> Result<u64, StorageError> {
+    let mut moved = 0;
+    loop {
+        let batch = state.storage.in_transit(&region.name, devices, FORWARD_BATCH).await?;
+        if batch.is_empty() {
+            return Ok(moved);
+        }
+        region.storage.import_envelopes(&batch).await?;
+        let keys: Vec<(DeviceId, u64)> = batch.iter().map(|e| (e.device, e.seq)).collect();
+        let settled = state.storage.settle_forwarded(&region.name, &keys).await?;
+        moved += settled;
+        let mut woken: Vec<DeviceId> = keys.iter().map(|(device, _)| *device).collect();
+        woken.sort_unstable();
+        woken.dedup();
+        for device in woken {
+            state.fanout.notify(device);
+        }
+        if batch.len() < FORWARD_BATCH as usize || settled == 0 {
             return Ok(moved);
         }
     }
@@ -344,7 +434,7 @@ pub struct Manifest {
     pub profile: Option<[u8; 32]>,
     /// Digest of the avatar, if any.
     pub avatar: Option<[u8; 32]>,
-    /// Digest of each KeyPackage, in order.
+    /// Digest of each KeyPackage, sorted.
     pub key_packages: Vec<[u8; 32]>,
     /// Each envelope by device and number, with its digest.
     pub envelopes: BTreeMap<(DeviceId, u64), [u8; 32]>,
@@ -445,6 +535,8 @@ async fn manifest(
             .collect(),
         ..Manifest::default()
     };
+    // Backends list packages in different orders (by device, or by upload across devices).
+    manifest.key_packages.sort_unstable();
     for device in devices {
         each_envelope_page(storage, *device, |page| {
             for envelope in page {
@@ -550,6 +642,17 @@ pub async fn prepare(state: &AppState, account: AccountId, to: &str) -> Result<O
     let (from, copying, froze) = match &residency.relocation {
         None if current == to => return Ok(None),
         None => {
+            // An upload running now would finish into the source after the copy.
+            let owned = state.storage.blobs_owned(account).await?;
+            let uploading = {
+                let running = state.uploads_in_progress.lock().expect("upload lock poisoned");
+                owned.iter().any(|blob| running.contains(blob))
+            };
+            if uploading {
+                return Err(RelocateError::Refused(
+                    "the account is uploading a file; try again when the upload has ended".into(),
+                ));
+            }
             let frozen = Residency {
                 region: residency.region.clone(),
                 relocation: Some(Relocation::Copying {
@@ -596,12 +699,7 @@ pub async fn prepare(state: &AppState, account: AccountId, to: &str) -> Result<O
     };
     // Devices (removed ones kept nothing) and blobs are listed in the main database; the account
     // is frozen, so the lists hold until the end.
-    let devices = state
-        .storage
-        .account(account)
-        .await?
-        .map(|a| a.devices)
-        .unwrap_or_default();
+    let devices = live_devices(state, account).await?;
     let blobs = state.storage.blobs_owned(account).await?;
     if froze {
         // Open delivery connections wake, see the relocation and close.
@@ -609,37 +707,29 @@ pub async fn prepare(state: &AppState, account: AccountId, to: &str) -> Result<O
             state.fanout.notify(*device);
         }
     }
-    // While copying, the manifest is the source's; while cleaning, what the verified target has.
-    let read_from = if copying { from } else { to };
-    let manifest = match manifest(regions.get(read_from), account, &devices, &blobs).await {
-        Ok(manifest) => manifest,
-        Err(error) => {
-            let plan = Plan {
-                account,
-                from,
-                to,
-                copying,
-                devices,
-                blobs,
-                manifest: Manifest::default(),
-                froze,
-                previous: residency,
-            };
-            plan.abandon(state).await;
-            return Err(error);
-        }
-    };
-    Ok(Some(Plan {
+    let mut plan = Plan {
         account,
         from,
         to,
         copying,
         devices,
         blobs,
-        manifest,
+        manifest: Manifest::default(),
         froze,
         previous: residency,
-    }))
+    };
+    // While copying, the manifest is the source's; while cleaning, what the verified target has.
+    let read_from = if copying { from } else { to };
+    match manifest(regions.get(read_from), account, &plan.devices, &plan.blobs).await {
+        Ok(manifest) => {
+            plan.manifest = manifest;
+            Ok(Some(plan))
+        }
+        Err(error) => {
+            plan.abandon(state).await;
+            Err(error)
+        }
+    }
 }
 
 /// Progress of a relocation, one line of the admin API's answer.
@@ -667,7 +757,33 @@ pub async fn run(
     let regions = &state.regions;
     let (source, target) = (regions.get(plan.from), regions.get(plan.to));
     let account = plan.account;
+    // Another server's run of this account may have moved it on meanwhile: each half starts
+    // only in the state it expects.
+    let frozen = Residency {
+        region: regions.stored_name(plan.from),
+        relocation: Some(Relocation::Copying {
+            to: regions.stored_name(plan.to),
+        }),
+    };
+    let cleaning = Residency {
+        region: regions.stored_name(plan.to),
+        relocation: Some(Relocation::Cleaning {
+            from: regions.stored_name(plan.from),
+        }),
+    };
+    let expect = |expected: &Residency| {
+        let expected = expected.clone();
+        async move {
+            match state.storage.residency(account).await? {
+                Some(now) if now == expected => Ok(()),
+                _ => Err(RelocateError::Refused(
+                    "the account's relocation state changed meanwhile (another run?); run it again".into(),
+                )),
+            }
+        }
+    };
     if plan.copying {
+        expect(&frozen).await?;
         crash_point("relocate:before-copy");
         // Profile and avatar (a copy left by an interrupted run is replaced).
         target.storage.delete_sealed(account).await?;
@@ -716,19 +832,7 @@ pub async fn run(
         compare(&plan.manifest, &copy)?;
         say("verified", 1, 1);
         crash_point("relocate:before-switch");
-        let frozen = Residency {
-            region: regions.stored_name(plan.from),
-            relocation: Some(Relocation::Copying {
-                to: regions.stored_name(plan.to),
-            }),
-        };
-        let switched = Residency {
-            region: regions.stored_name(plan.to),
-            relocation: Some(Relocation::Cleaning {
-                from: regions.stored_name(plan.from),
-            }),
-        };
-        if !state.storage.set_residency(account, &frozen, &switched).await? {
+        if !state.storage.set_residency(account, &frozen, &cleaning).await? {
             return Err(RelocateError::Refused(
                 "the account's relocation state changed meanwhile".into(),
             ));
@@ -737,6 +841,7 @@ pub async fn run(
     }
     // Cleanup: the source's copies go. Envelopes still in the main database that the target does
     // not have are not copies: they wait there for the forwarder.
+    expect(&cleaning).await?;
     let mut deleted = 0;
     if plan.from == 0 {
         for device in &plan.devices {
@@ -758,12 +863,6 @@ pub async fn run(
     }
     source.storage.scrub().await?;
     say("cleaned", 1, 1);
-    let cleaning = Residency {
-        region: regions.stored_name(plan.to),
-        relocation: Some(Relocation::Cleaning {
-            from: regions.stored_name(plan.from),
-        }),
-    };
     let done = Residency {
         region: regions.stored_name(plan.to),
         relocation: None,
@@ -774,7 +873,10 @@ pub async fn run(
         ));
     }
     // The envelopes held meanwhile go to their new home; the devices reconnect.
-    forward(state, Some(&plan.devices)).await?;
+    if let Err(error) = forward(state, Some(&plan.devices)).await {
+        // The move is done; the forwarder's next round delivers what waited.
+        tracing::warn!(%error, "forwarding after a relocation failed; retried within a second");
+    }
     for device in &plan.devices {
         state.fanout.notify(*device);
     }

@@ -371,7 +371,7 @@ async fn put_profile(
         .storage
         .put_profile(device.account, Ciphertext(profile.sealed.into_vec()), now_ms())
         .await?;
-    crate::regions::confirm(&state, device.account, device.region).await?;
+    crate::regions::confirm(&state, device.account, device.device, device.region).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -454,7 +454,7 @@ async fn upload_key_packages(
         .collect();
     let last_resort = upload.last_resort.map(|kp| Ciphertext(kp.into_vec()));
     let count = region.add_key_packages(device.device, one_time, last_resort).await?;
-    crate::regions::confirm(&state, device.account, device.region).await?;
+    crate::regions::confirm(&state, device.account, device.device, device.region).await?;
     Ok(Json(KeyPackageCount { count }))
 }
 

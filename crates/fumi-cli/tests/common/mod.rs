@@ -589,6 +589,31 @@ pub fn server_command(data: &Path) -> Command {
     command
 }
 
+/// `fumi` without a home (operator and auditor commands).
+pub fn run(args: &[&str]) -> Output {
+    Command::new(FUMI).args(args).output().expect("run fumi")
+}
+
+/// [`run`] that must succeed; returns stdout.
+pub fn run_ok(args: &[&str]) -> String {
+    let output = run(args);
+    assert!(
+        output.status.success(),
+        "fumi {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8")
+}
+
+/// A file of `size` random bytes named `name` in `dir`; returns its path and bytes.
+pub fn random_file(dir: &Path, name: &str, size: usize) -> (PathBuf, Vec<u8>) {
+    let mut bytes = vec![0u8; size];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+    let path = dir.join(name);
+    std::fs::write(&path, &bytes).expect("write file");
+    (path, bytes)
+}
+
 pub fn fumi(home: &Path, args: &[&str]) -> Output {
     Command::new(FUMI)
         .arg("--home")

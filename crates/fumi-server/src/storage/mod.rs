@@ -679,14 +679,14 @@ pub trait Storage: Send + Sync + 'static {
         expected: &Residency,
         next: &Residency,
     ) -> Result<bool, StorageError>;
-    /// Envelopes in this (main) database for devices whose account lives in another region and
-    /// is not being relocated, oldest first, at most `limit`; only for `devices` if given. Each
-    /// comes with the name of the region it goes to.
+    /// Envelopes in this (main) database for devices whose account lives in `region` and is not
+    /// being relocated, oldest first, at most `limit`; only for `devices` if given.
     async fn in_transit(
         &self,
+        region: &str,
         devices: Option<&[DeviceId]>,
         limit: u32,
-    ) -> Result<Vec<(String, StoredEnvelope)>, StorageError>;
+    ) -> Result<Vec<StoredEnvelope>, StorageError>;
     /// Deletes forwarded envelopes, but only those whose account still lives in `region` and is
     /// not being relocated (a relocation that started meanwhile may have missed the copy: such
     /// envelopes stay, to be forwarded again); returns how many were deleted.
@@ -956,10 +956,10 @@ pub(crate) mod contract {
         assert_eq!(resident.relocation, None);
         // The roster's first commit, to the account in jp: queued in the main database, in transit.
         main.submit(submission(device, 1, Some(0), u64::MAX)).await.unwrap();
-        let moving = main.in_transit(Some(&[device]), 100).await.unwrap();
+        assert!(main.in_transit("us", None, 100).await.unwrap().is_empty());
+        let moving = main.in_transit("jp", Some(&[device]), 100).await.unwrap();
         assert_eq!(moving.len(), 1);
-        let (name, envelope) = &moving[0];
-        assert_eq!(name, "jp");
+        let envelope = &moving[0];
         assert_eq!(envelope.body, Ciphertext(vec![1]));
         // Imported twice (a crash between import and settle): one envelope, same number.
         assert_eq!(
@@ -985,7 +985,7 @@ pub(crate) mod contract {
             "compare and set"
         );
         assert!(
-            main.in_transit(None, 100).await.unwrap().is_empty(),
+            main.in_transit("jp", None, 100).await.unwrap().is_empty(),
             "held while moving"
         );
         let key = [(device, envelope.seq)];
@@ -997,7 +997,7 @@ pub(crate) mod contract {
             "only for its region"
         );
         assert_eq!(main.settle_forwarded("jp", &key).await.unwrap(), 1);
-        assert!(main.in_transit(None, 100).await.unwrap().is_empty());
+        assert!(main.in_transit("jp", None, 100).await.unwrap().is_empty());
         // KeyPackages: replaced as a whole, claimed one-time first, the last-resort one kept.
         let package = |byte: u8, last_resort| StoredKeyPackage {
             device,

@@ -2613,26 +2613,26 @@ impl Storage for PostgresStorage {
 
     async fn in_transit(
         &self,
+        region: &str,
         devices: Option<&[DeviceId]>,
         limit: u32,
-    ) -> Result<Vec<(String, StoredEnvelope)>, StorageError> {
+    ) -> Result<Vec<StoredEnvelope>, StorageError> {
         let ids: Option<Vec<Vec<u8>>> = devices.map(|devices| devices.iter().map(|d| d.as_bytes().to_vec()).collect());
         let rows = sqlx::query(
-            "SELECT a.region, mb.device_id, mb.seq, m.id, m.body, m.received_at, m.expires_at
+            "SELECT mb.device_id, mb.seq, m.id, m.body, m.received_at, m.expires_at
              FROM accounts a JOIN devices d ON d.account_id = a.id JOIN mailbox mb ON mb.device_id = d.id
              JOIN messages m ON m.id = mb.message_id
-             WHERE a.region IS NOT NULL AND a.relocating_to IS NULL AND a.relocating_from IS NULL
-                 AND ($1::BYTEA[] IS NULL OR d.id = ANY($1))
-             ORDER BY mb.device_id, mb.seq LIMIT $2",
+             WHERE a.region = $1 AND a.relocating_to IS NULL AND a.relocating_from IS NULL
+                 AND ($2::BYTEA[] IS NULL OR d.id = ANY($2))
+             ORDER BY mb.device_id, mb.seq LIMIT $3",
         )
+        .bind(region)
         .bind(ids)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
         .map_err(db)?;
-        rows.iter()
-            .map(|row| Ok((row.try_get::<String, _>(0).map_err(db)?, stored_envelope(row, 1)?)))
-            .collect()
+        rows.iter().map(|row| stored_envelope(row, 0)).collect()
     }
 
     async fn settle_forwarded(&self, region: &str, envelopes: &[(DeviceId, u64)]) -> Result<u64, StorageError> {

@@ -1886,40 +1886,41 @@ impl Storage for SqliteStorage {
 
     async fn in_transit(
         &self,
+        region: &str,
         devices: Option<&[DeviceId]>,
         limit: u32,
-    ) -> Result<Vec<(String, StoredEnvelope)>, StorageError> {
-        const SELECT: &str = "SELECT a.region, mb.device_id, mb.seq, m.id, m.body, m.received_at, m.expires_at
+    ) -> Result<Vec<StoredEnvelope>, StorageError> {
+        const SELECT: &str = "SELECT mb.device_id, mb.seq, m.id, m.body, m.received_at, m.expires_at
              FROM accounts a JOIN devices d ON d.account_id = a.id JOIN mailbox mb ON mb.device_id = d.id
              JOIN messages m ON m.id = mb.message_id
-             WHERE a.region IS NOT NULL AND a.relocating_to IS NULL AND a.relocating_from IS NULL";
+             WHERE a.region = ? AND a.relocating_to IS NULL AND a.relocating_from IS NULL";
         let rows = match devices {
             None => sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT} ORDER BY mb.seq LIMIT ?")))
+                .bind(region)
                 .bind(i64::from(limit))
                 .fetch_all(&self.pool)
                 .await
                 .map_err(db)?,
             Some(devices) => {
-                // Only devices of accounts living elsewhere match; most submissions find none.
+                // Only devices of accounts living in `region` match; most submissions find none.
                 let mut rows = Vec::new();
                 for chunk in devices.chunks(IN_LIST_CHUNK) {
                     let mut query = sqlx::query(sqlx::AssertSqlSafe(format!(
                         "{SELECT} AND d.id IN ({}) ORDER BY mb.seq LIMIT ?",
                         placeholders(chunk.len())
-                    )));
+                    )))
+                    .bind(region);
                     for device in chunk {
                         query = query.bind(device.as_bytes().as_slice());
                     }
                     rows.extend(query.bind(i64::from(limit)).fetch_all(&self.pool).await.map_err(db)?);
                 }
-                rows.sort_by_key(|row| row.get::<i64, _>(2));
+                rows.sort_by_key(|row| row.get::<i64, _>(1));
                 rows.truncate(limit as usize);
                 rows
             }
         };
-        rows.iter()
-            .map(|row| Ok((row.get::<String, _>(0), stored_envelope(row, 1)?)))
-            .collect()
+        rows.iter().map(|row| stored_envelope(row, 0)).collect()
     }
 
     async fn settle_forwarded(&self, region: &str, envelopes: &[(DeviceId, u64)]) -> Result<u64, StorageError> {
