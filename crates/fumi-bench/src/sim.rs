@@ -49,7 +49,9 @@ impl SimDevice {
         let request = RegisterRequest {
             identity_key: Base64Bytes(identity.public_key().to_vec()),
             device_secret_hash: Base64Bytes(Sha256::digest(secret).to_vec()),
-            region: None,
+            // Accounts in another region than the server's own (messages to them are
+            // forwarded there): FUMI_BENCH_REGION=jp.
+            region: std::env::var("FUMI_BENCH_REGION").ok(),
         };
         let registered: RegisterResponse = post(http, base, "/v1/accounts", None, &request).await?;
         let provider = OpenMlsRustCrypto::default();

@@ -35,8 +35,8 @@ use crate::storage::{
 };
 use crate::{AppState, Config, ServerError};
 
-/// Envelopes moved per round of the forwarder.
-const FORWARD_BATCH: u32 = 200;
+/// Envelopes moved per round of the forwarder (each up to the largest message).
+const FORWARD_BATCH: u32 = 64;
 /// Envelopes read per page while relocating (each up to the largest message: keeps memory bounded).
 const RELOCATE_PAGE: u32 = 64;
 /// How often the forwarder looks for envelopes left behind (a crash, a relocation that ended).

@@ -635,7 +635,6 @@ async fn submit_message(
         .iter()
         .flat_map(|d| d.recipients.iter().copied())
         .collect();
-    let several_regions = state.regions.several();
     let outcome = match state.storage.submit(submission).await {
         Err(error @ crate::storage::StorageError::EpochConflict { .. }) => {
             Metrics::inc(&state.metrics.commit_conflicts);
@@ -644,11 +643,11 @@ async fn submit_message(
         other => other?,
     };
     let accepted = match outcome {
-        SubmitOutcome::Accepted { accepted_at } => {
+        SubmitOutcome::Accepted { accepted_at, elsewhere } => {
             Metrics::inc(&state.metrics.messages_accepted);
-            if several_regions {
-                // Envelopes of devices living in other regions go there now (the forwarder
-                // retries what fails; the message is accepted either way).
+            if elsewhere {
+                // Envelopes of devices living in other regions go there before the answer (the
+                // forwarder retries what fails; the message is accepted either way).
                 if let Err(error) = crate::regions::forward(&state, Some(&recipients)).await {
                     tracing::warn!(%error, "forwarding envelopes to their regions failed; retried within a second");
                 }

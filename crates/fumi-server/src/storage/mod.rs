@@ -250,6 +250,9 @@ pub enum SubmitOutcome {
     Accepted {
         /// Acceptance time.
         accepted_at: u64,
+        /// Whether a recipient's account lives in another region (its envelope is to be
+        /// forwarded there).
+        elsewhere: bool,
     },
     /// The same id and body were accepted before; nothing was stored again.
     Duplicate {

@@ -822,8 +822,21 @@ impl PostgresStorage {
             .await?;
             queue_envelopes(tx, &live, message_id).await?;
         }
+        let recipients: Vec<Vec<u8>> = submission
+            .deliveries
+            .iter()
+            .flat_map(|d| d.recipients.iter().map(|r| r.as_bytes().to_vec()))
+            .collect();
+        let elsewhere: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM devices d JOIN accounts a ON a.id = d.account_id
+                 WHERE d.id = ANY($1) AND d.removed_at IS NULL AND a.region IS NOT NULL)",
+        )
+        .bind(recipients)
+        .fetch_one(&mut **tx)
+        .await?;
         Ok(SubmitOutcome::Accepted {
             accepted_at: submission.now,
+            elsewhere,
         })
     }
 

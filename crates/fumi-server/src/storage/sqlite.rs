@@ -1890,37 +1890,82 @@ impl Storage for SqliteStorage {
         devices: Option<&[DeviceId]>,
         limit: u32,
     ) -> Result<Vec<StoredEnvelope>, StorageError> {
-        const SELECT: &str = "SELECT mb.device_id, mb.seq, m.id, m.body, m.received_at, m.expires_at
+        use rusqlite::types::Value;
+        // Asked after every submission while regions are configured: read inline (see
+        // `Readers`). Only devices of accounts living in `region` match; most submissions find
+        // none, through the partial index on accounts' regions.
+        // The region is written into the statement, not bound: this SQLite plans with index
+        // statistics (STAT4), and a statement whose plan may depend on a bound value is prepared
+        // again at every execution. Region names are a-z, 0-9, '-' and '_' (checked at start).
+        if !region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        {
+            return Err(StorageError::Database(format!("invalid region name {region:?}")));
+        }
+        let select = format!(
+            "SELECT mb.device_id, mb.seq, m.id, m.body, m.received_at, m.expires_at
              FROM accounts a JOIN devices d ON d.account_id = a.id JOIN mailbox mb ON mb.device_id = d.id
              JOIN messages m ON m.id = mb.message_id
-             WHERE a.region = ? AND a.relocating_to IS NULL AND a.relocating_from IS NULL";
-        let rows = match devices {
-            None => sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT} ORDER BY mb.seq LIMIT ?")))
-                .bind(region)
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db)?,
+             WHERE a.region = '{region}' AND a.relocating_to IS NULL AND a.relocating_from IS NULL"
+        );
+        let mut queries: Vec<(String, Vec<Value>)> = Vec::new();
+        match devices {
+            None => queries.push((
+                format!("{select} ORDER BY mb.seq LIMIT ?"),
+                vec![Value::Integer(i64::from(limit))],
+            )),
             Some(devices) => {
-                // Only devices of accounts living in `region` match; most submissions find none.
-                let mut rows = Vec::new();
                 for chunk in devices.chunks(IN_LIST_CHUNK) {
-                    let mut query = sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "{SELECT} AND d.id IN ({}) ORDER BY mb.seq LIMIT ?",
-                        placeholders(chunk.len())
-                    )))
-                    .bind(region);
-                    for device in chunk {
-                        query = query.bind(device.as_bytes().as_slice());
-                    }
-                    rows.extend(query.bind(i64::from(limit)).fetch_all(&self.pool).await.map_err(db)?);
+                    let mut params: Vec<Value> = chunk.iter().map(|d| Value::Blob(d.as_bytes().to_vec())).collect();
+                    params.push(Value::Integer(i64::from(limit)));
+                    queries.push((
+                        format!(
+                            "{select} AND d.id IN ({}) ORDER BY mb.seq LIMIT ?",
+                            placeholders(chunk.len())
+                        ),
+                        params,
+                    ));
                 }
-                rows.sort_by_key(|row| row.get::<i64, _>(1));
-                rows.truncate(limit as usize);
-                rows
             }
-        };
-        rows.iter().map(|row| stored_envelope(row, 0)).collect()
+        }
+        type Row = (Vec<u8>, i64, i64, Vec<u8>, i64, i64);
+        let rows: Vec<Row> = self.readers.with(|conn| {
+            let mut rows = Vec::new();
+            for (sql, params) in &queries {
+                let mut statement = conn.prepare_cached(sql)?;
+                let found = statement.query_map(rusqlite::params_from_iter(params.iter()), |row| {
+                    Ok((
+                        row.get(0)?,
+                        row.get(1)?,
+                        row.get(2)?,
+                        row.get(3)?,
+                        row.get(4)?,
+                        row.get(5)?,
+                    ))
+                })?;
+                for row in found {
+                    rows.push(row?);
+                }
+            }
+            Ok(rows)
+        })?;
+        let mut envelopes = rows
+            .into_iter()
+            .map(|(device, seq, message_id, body, received_at, expires_at)| {
+                Ok(StoredEnvelope {
+                    device: device_id(&device)?,
+                    seq: to_u64(seq),
+                    message_id: to_u64(message_id),
+                    body: Ciphertext(body),
+                    received_at: to_u64(received_at),
+                    expires_at: to_u64(expires_at),
+                })
+            })
+            .collect::<Result<Vec<_>, StorageError>>()?;
+        envelopes.sort_by_key(|e| e.seq);
+        envelopes.truncate(limit as usize);
+        Ok(envelopes)
     }
 
     async fn settle_forwarded(&self, region: &str, envelopes: &[(DeviceId, u64)]) -> Result<u64, StorageError> {
@@ -2365,21 +2410,28 @@ fn submit_in(conn: &rusqlite::Connection, submission: &Submission) -> Result<Sub
         (None, Some(_)) => {}
     }
 
+    let mut elsewhere = false;
     for delivery in &submission.deliveries {
         // A removed device is still a valid recipient (of the commits that remove it from
         // groups), but nothing is queued for it any more.
         let mut live = Vec::with_capacity(delivery.recipients.len());
         for recipient in &delivery.recipients {
-            let removed: Option<bool> = conn
-                .prepare_cached("SELECT removed_at IS NOT NULL FROM devices WHERE id = ?")
+            let found: Option<(bool, bool)> = conn
+                .prepare_cached(
+                    "SELECT d.removed_at IS NOT NULL, a.region IS NOT NULL
+                     FROM devices d JOIN accounts a ON a.id = d.account_id WHERE d.id = ?",
+                )
                 .map_err(sql)?
-                .query_row([recipient.as_bytes().as_slice()], |row| row.get(0))
+                .query_row([recipient.as_bytes().as_slice()], |row| Ok((row.get(0)?, row.get(1)?)))
                 .optional()
                 .map_err(sql)?;
-            match removed {
+            match found {
                 None => return Err(StorageError::UnknownDevice),
-                Some(false) => live.push(*recipient),
-                Some(true) => {}
+                Some((false, in_region)) => {
+                    live.push(*recipient);
+                    elsewhere |= in_region;
+                }
+                Some((true, _)) => {}
             }
         }
         if live.is_empty() {
@@ -2437,6 +2489,7 @@ fn submit_in(conn: &rusqlite::Connection, submission: &Submission) -> Result<Sub
     .map_err(sql)?;
     Ok(SubmitOutcome::Accepted {
         accepted_at: submission.now,
+        elsewhere,
     })
 }
 
