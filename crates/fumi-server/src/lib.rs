@@ -451,11 +451,15 @@ pub async fn collect_blobs(state: &AppState, now: u64) {
 pub async fn delete_blob(state: &AppState, id: fumi_proto::BlobId) -> Result<(), ServerError> {
     // The bytes are in the uploader's region (both ends of a relocation under way); in every
     // region if the record is gone.
-    let holding = match state.storage.blob(id).await? {
-        Some(record) => regions::holding(state, record.owner_account).await.map_err(|_| {
-            ServerError::Config("the blob's uploader lives in a region this server is not configured for".into())
-        })?,
-        None => state.regions.all().iter().collect(),
+    let holding = if !state.regions.several() {
+        vec![state.regions.main()]
+    } else {
+        match state.storage.blob(id).await? {
+            Some(record) => regions::holding(state, record.owner_account).await.map_err(|_| {
+                ServerError::Config("the blob's uploader lives in a region this server is not configured for".into())
+            })?,
+            None => state.regions.all().iter().collect(),
+        }
     };
     for region in holding {
         region.blobs.delete(id).await?;

@@ -314,17 +314,6 @@ pub async fn readable(state: &AppState, account: AccountId) -> Result<&Region, A
     }
 }
 
-/// The region of `account` for changing or consuming its data: refused while it is relocated.
-pub async fn writable(state: &AppState, account: AccountId) -> Result<&Region, ApiError> {
-    if !state.regions.several() {
-        return Ok(state.regions.main());
-    }
-    match state.storage.residency(account).await? {
-        None => Ok(state.regions.main()),
-        Some(residency) => Ok(state.regions.get(state.regions.resident(&residency)?)),
-    }
-}
-
 /// After a write into region `index` for `account` (by `device`): if a relocation began
 /// meanwhile, the write may have missed its copy, so the caller is told to retry, and its write is
 /// repeated in the new region. The stray copy goes with the source's cleanup, or now if the
@@ -606,17 +595,32 @@ impl Plan {
     /// Undoes the freeze of a relocation that will not run (its log entry could not be written).
     pub async fn abandon(self, state: &AppState) {
         if self.froze {
-            let frozen = Residency {
-                region: self.previous.region.clone(),
-                relocation: Some(Relocation::Copying {
-                    to: state.regions.stored_name(self.to),
-                }),
-            };
+            let [frozen, ..] = move_states(&state.regions, self.from, self.to);
             if let Err(error) = state.storage.set_residency(self.account, &frozen, &self.previous).await {
                 tracing::error!(%error, "thawing an account after a failed relocation start failed");
             }
         }
     }
+}
+
+/// An account's residency in the three states of a move from `from` to `to`: frozen while
+/// copying, switched while cleaning, and done.
+fn move_states(regions: &Regions, from: usize, to: usize) -> [Residency; 3] {
+    let (from, to) = (regions.stored_name(from), regions.stored_name(to));
+    [
+        Residency {
+            region: from.clone(),
+            relocation: Some(Relocation::Copying { to: to.clone() }),
+        },
+        Residency {
+            region: to.clone(),
+            relocation: Some(Relocation::Cleaning { from }),
+        },
+        Residency {
+            region: to,
+            relocation: None,
+        },
+    ]
 }
 
 /// Starts (or resumes) moving `account` to region `to`: freezes it and reads what moves.
@@ -653,12 +657,7 @@ pub async fn prepare(state: &AppState, account: AccountId, to: &str) -> Result<O
                     "the account is uploading a file; try again when the upload has ended".into(),
                 ));
             }
-            let frozen = Residency {
-                region: residency.region.clone(),
-                relocation: Some(Relocation::Copying {
-                    to: regions.stored_name(to),
-                }),
-            };
+            let [frozen, ..] = move_states(regions, current, to);
             if !state.storage.set_residency(account, &residency, &frozen).await? {
                 return Err(RelocateError::Refused(
                     "another relocation of this account started at the same time".into(),
@@ -759,18 +758,7 @@ pub async fn run(
     let account = plan.account;
     // Another server's run of this account may have moved it on meanwhile: each half starts
     // only in the state it expects.
-    let frozen = Residency {
-        region: regions.stored_name(plan.from),
-        relocation: Some(Relocation::Copying {
-            to: regions.stored_name(plan.to),
-        }),
-    };
-    let cleaning = Residency {
-        region: regions.stored_name(plan.to),
-        relocation: Some(Relocation::Cleaning {
-            from: regions.stored_name(plan.from),
-        }),
-    };
+    let [frozen, cleaning, done] = move_states(regions, plan.from, plan.to);
     let expect = |expected: &Residency| {
         let expected = expected.clone();
         async move {
@@ -863,10 +851,6 @@ pub async fn run(
     }
     source.storage.scrub().await?;
     say("cleaned", 1, 1);
-    let done = Residency {
-        region: regions.stored_name(plan.to),
-        relocation: None,
-    };
     if !state.storage.set_residency(account, &cleaning, &done).await? {
         return Err(RelocateError::Refused(
             "the account's relocation state changed meanwhile".into(),
