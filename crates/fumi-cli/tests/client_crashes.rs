@@ -148,3 +148,56 @@ fn committing_killed_at_random_leaves_a_working_group() {
         assert_eq!(listed.matches(&member.username).count(), 1, "{listed}");
     }
 }
+
+/// Makes every write of OpenMLS group state in `user`'s store fail inside SQLite, as a full disk
+/// or a failing device would; returns a function that makes the store work again.
+fn break_group_state_writes(user: &User) -> impl FnOnce() + '_ {
+    let store = user.home.path().join("fumi.db");
+    let db = rusqlite::Connection::open(&store).unwrap();
+    for op in ["INSERT", "UPDATE", "DELETE"] {
+        db.execute_batch(&format!(
+            "CREATE TRIGGER injected_{op} BEFORE {op} ON openmls_group_data \
+             BEGIN SELECT RAISE(ABORT, 'injected failure of the client store'); END;"
+        ))
+        .unwrap();
+    }
+    move || {
+        let db = rusqlite::Connection::open(&store).unwrap();
+        for op in ["INSERT", "UPDATE", "DELETE"] {
+            db.execute_batch(&format!("DROP TRIGGER injected_{op}")).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_failure_of_the_clients_own_store_consumes_no_message() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice", "Alice");
+    let bob = User::register(&server, "bob", "Bob");
+    alice.ok(&["send", &bob.username, "first contact"]);
+    assert_eq!(bob.receive_texts(), ["first contact"]);
+
+    // An application message, a Welcome to a new group and a message in it: OpenMLS saves state
+    // for each (the secret tree, the new group), and each save fails.
+    alice.ok(&["send", &bob.username, "sent while bob's disk was full"]);
+    alice.ok(&["group", "create", "Ward 3", &bob.username]);
+    alice.ok(&["send", "--group", "Ward 3", "in the new group"]);
+    let repair = break_group_state_writes(&bob);
+    for _ in 0..2 {
+        let failed = bob.run(&["receive"]);
+        let stderr = String::from_utf8_lossy(&failed.stderr);
+        assert!(!failed.status.success(), "a receive whose store fails must fail");
+        assert!(stderr.contains("injected failure of the client store"), "{stderr}");
+    }
+
+    // With the store working again, every message arrives, once.
+    repair();
+    let received = bob.ok(&["receive"]);
+    for text in ["sent while bob's disk was full", "in the new group"] {
+        assert_eq!(received.matches(text).count(), 1, "{received}");
+    }
+    assert!(bob.ok(&["group", "list"]).contains("Ward 3"));
+    assert!(bob.receive_texts().is_empty());
+    bob.ok(&["send", "--group", "Ward 3", "all there"]);
+    assert_eq!(alice.receive_texts(), ["all there"]);
+}

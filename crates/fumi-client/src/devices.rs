@@ -529,7 +529,7 @@ impl FumiClient {
             }
             match self.reconcile_conversation(group, &listed, &to_add).await {
                 Ok(()) => {}
-                Err(e @ ClientError::Store(_)) => return Err(e),
+                Err(e) if e.is_local() => return Err(e),
                 Err(e) => tracing::warn!(error = %e, "could not bring a conversation up to date with your devices yet"),
             }
         }

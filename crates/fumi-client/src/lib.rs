@@ -90,6 +90,17 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// Whether this device is at fault (its store, its disk, its code) rather than the server or
+    /// a peer. A received message that failed this way is kept on the server and processed
+    /// again at the next sync; only a message that is itself at fault is consumed and reported.
+    pub fn is_local(&self) -> bool {
+        match self {
+            ClientError::Store(_) => true,
+            ClientError::Mls(error) => error.is_local(),
+            _ => false,
+        }
+    }
+
     fn is_code(&self, wanted: &str) -> bool {
         matches!(self, ClientError::Server { code, .. } if code == wanted)
     }
@@ -991,13 +1002,13 @@ impl FumiClient {
                     self.joined.push(arrival.group);
                 }
             });
-            if let Err(error) = result {
-                match error {
-                    ClientError::Store(_) => return Err(error),
-                    other => {
-                        tracing::warn!(seq, error = %other, "dropped a message that could not be processed");
-                        self.store.transaction(|| self.store.mark_processed(seq, now_ms()))?;
-                    }
+            match result {
+                Ok(()) => {}
+                // Our failure: the envelope stays unacknowledged and comes again next time.
+                Err(error) if error.is_local() => return Err(error),
+                Err(error) => {
+                    tracing::warn!(seq, %error, "dropped a message that could not be processed");
+                    self.store.transaction(|| self.store.mark_processed(seq, now_ms()))?;
                 }
             }
         }

@@ -64,9 +64,54 @@ pub enum MlsError {
     /// The device is no longer a member of the group.
     #[error("this device is no longer a member of the conversation")]
     NotMember,
-    /// Persisting MLS state failed.
+    /// Persisting MLS state failed. This device is at fault, not the message.
     #[error("client store: {0}")]
     Storage(String),
+    /// OpenMLS or Fumi found its own bug (OpenMLS's `LibraryError`). This device is at fault,
+    /// not the message.
+    #[error("internal error (a bug in Fumi or OpenMLS, not in the message): {0}")]
+    Internal(String),
+}
+
+impl MlsError {
+    /// Whether this device is at fault (its store or its code) rather than what a peer or the
+    /// server sent: a received message that failed this way must be kept and processed again,
+    /// never consumed.
+    pub fn is_local(&self) -> bool {
+        matches!(self, MlsError::Storage(_) | MlsError::Internal(_))
+    }
+
+    /// Sorts a failure to process a received message: our store, our bug, or the message.
+    fn from_processing<S: std::fmt::Debug>(error: ProcessMessageError<S>) -> Self
+    where
+        ProcessMessageError<S>: std::fmt::Display,
+    {
+        match error {
+            ProcessMessageError::StorageError(e) => MlsError::Storage(format!("{e:?}")),
+            ProcessMessageError::LibraryError(e) => MlsError::Internal(e.to_string()),
+            other => MlsError::Refused(other.to_string()),
+        }
+    }
+
+    /// Sorts a failure to join from a Welcome: our store, our bug, or the Welcome.
+    fn from_welcome<S: std::fmt::Debug>(error: WelcomeError<S>) -> Self
+    where
+        WelcomeError<S>: std::fmt::Display,
+    {
+        match error {
+            WelcomeError::StorageError(e) => MlsError::Storage(format!("{e:?}")),
+            WelcomeError::LibraryError(e) => MlsError::Internal(e.to_string()),
+            other => MlsError::Refused(other.to_string()),
+        }
+    }
+
+    /// Sorts a failure to apply a commit that already validated: never the message's fault.
+    fn from_merge<S: std::fmt::Debug>(error: MergeCommitError<S>) -> Self {
+        match error {
+            MergeCommitError::StorageError(e) => MlsError::Storage(format!("{e:?}")),
+            MergeCommitError::LibraryError(e) => MlsError::Internal(e.to_string()),
+        }
+    }
 }
 
 /// TLS-serialised KeyPackages (as `MLSMessage`s) ready to upload.
@@ -437,9 +482,9 @@ impl<P: OpenMlsProvider> MlsDevice<P> {
             .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
             .max_past_epochs(MAX_PAST_EPOCHS)
             .build();
-        let staged = StagedWelcome::new_from_welcome(&self.provider, &config, welcome, None)
-            .map_err(|e| MlsError::Refused(e.to_string()))?;
-        let sender = staged.welcome_sender().map_err(|e| MlsError::Refused(e.to_string()))?;
+        let staged =
+            StagedWelcome::new_from_welcome(&self.provider, &config, welcome, None).map_err(MlsError::from_welcome)?;
+        let sender = staged.welcome_sender().map_err(|e| MlsError::Internal(e.to_string()))?;
         let by = member_of(sender.credential(), sender.signature_key().as_slice())?;
         let members = staged
             .members()
@@ -448,9 +493,7 @@ impl<P: OpenMlsProvider> MlsDevice<P> {
         if members.len() > MAX_GROUP_MEMBERS {
             return Err(MlsError::GroupTooLarge);
         }
-        let mls_group = staged
-            .into_group(&self.provider)
-            .map_err(|e| MlsError::Storage(format!("{e:?}")))?;
+        let mls_group = staged.into_group(&self.provider).map_err(MlsError::from_welcome)?;
         let group = fumi_group_id(mls_group.group_id())?;
         Ok(Incoming::Joined { group, by, members })
     }
@@ -460,7 +503,7 @@ impl<P: OpenMlsProvider> MlsDevice<P> {
         let mut mls_group = self.load(group)?;
         let processed = mls_group
             .process_message(&self.provider, message)
-            .map_err(|e| MlsError::Refused(e.to_string()))?;
+            .map_err(MlsError::from_processing)?;
         let commit_sender = processed.sender().clone();
         let signature_key = sender_signature_key(&mls_group, processed.sender())?;
         let sender = member_of(processed.credential(), &signature_key)?;
@@ -503,7 +546,7 @@ impl<P: OpenMlsProvider> MlsDevice<P> {
                 }
                 mls_group
                     .merge_staged_commit(&self.provider, *staged)
-                    .map_err(|e| MlsError::Storage(format!("{e:?}")))?;
+                    .map_err(MlsError::from_merge)?;
                 Ok(Incoming::Commit {
                     group,
                     by: sender,
