@@ -358,7 +358,11 @@ impl FumiClient {
         if Some(username.to_string()) == self.account.username {
             return Ok(self.account.account_id);
         }
-        // Argon2id, memory-hard: computed once.
+        // A contact found before (checked against the key directory then) needs no second
+        // lookup: the hash is Argon2id with 19 MiB of memory, the largest allocation of a send.
+        if let Some(account) = self.store.contact_by_username(&username.to_string())? {
+            return Ok(account);
+        }
         let hash = username.hash();
         let path = format!("/v1/usernames/{}", hex::encode(hash));
         let found: UsernameLookup = match self.transport.request::<(), _>(Method::GET, &path, None).await {
