@@ -190,9 +190,24 @@ fn texts_of(mut child: Child) -> Vec<String> {
         .collect()
 }
 
-/// Waits until `user`'s delivery connection is open (its `receive` has drained the mailbox).
-fn settle() {
-    std::thread::sleep(Duration::from_millis(700));
+/// How many delivery connections of `node` have drained their mailbox and wait for pushes.
+fn drained(node: &Server) -> u64 {
+    let metrics = node.metrics();
+    let line = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("fumi_deliveries_drained_total "))
+        .expect("the drained counter is exported");
+    line.trim().parse().unwrap()
+}
+
+/// Waits until `count` more delivery connections of `node` than `before` have drained their
+/// mailbox: their `receive` now waits for pushed envelopes.
+fn settle(node: &Server, before: u64, count: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while drained(node) < before + count {
+        assert!(Instant::now() < deadline, "the listeners never connected");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -208,14 +223,16 @@ fn clients_on_different_nodes_get_direct_and_group_messages_pushed_across_nodes(
     // node two would find the message only at its 30-second mailbox re-read, after Bob stopped.
     alice.ok(&["send", &bob.username, "first contact"]);
     assert_eq!(bob.receive_texts(), ["first contact"]);
+    let before = drained(two);
     let listener = listen(&bob, 6);
-    settle();
+    settle(two, before, 1);
     alice.ok(&["send", &bob.username, "pushed across nodes"]);
     assert_eq!(texts_of(listener), ["pushed across nodes"]);
 
     alice.ok(&["group", "create", "Ward 3", &bob.username, &carol.username]);
+    let before = drained(two);
     let listeners = [listen(&bob, 6), listen(&carol, 6)];
-    settle();
+    settle(two, before, 2);
     alice.ok(&["send", "--group", "Ward 3", "shift change at 7"]);
     for listener in listeners {
         assert_eq!(texts_of(listener), ["shift change at 7"]);
@@ -304,8 +321,9 @@ fn a_node_that_loses_nats_says_so_and_still_delivers() {
         assert!(Instant::now() < deadline, "node two never noticed NATS was gone");
         std::thread::sleep(Duration::from_millis(100));
     }
+    let before = drained(two);
     let listener = listen(&bob, 8);
-    settle();
+    settle(two, before, 1);
     alice.ok(&["send", &bob.username, "while NATS is down"]);
     assert_eq!(texts_of(listener), ["while NATS is down"]);
     let log = std::fs::read_to_string(two.log_path()).unwrap();

@@ -200,20 +200,19 @@ fn avatars_and_disappearing_messages() {
     let received = bob.ok(&["receive"]);
     assert!(received.contains("set messages to disappear 2s"), "{received}");
     assert!(received.contains("burn after reading"), "{received}");
-    std::thread::sleep(std::time::Duration::from_millis(2500));
-    bob.ok(&["receive"]);
-    alice.ok(&["receive"]);
-    for user in [&alice, &bob] {
-        let history = user.ok(&[
-            "history",
-            &if user.username == alice.username {
-                bob.username.clone()
-            } else {
-                alice.username.clone()
-            },
-        ]);
-        assert!(!history.contains("burn after reading"), "{history}");
-        assert!(history.contains("new picture"), "older messages stay: {history}");
+    // Both devices delete the message once its two seconds are up (polled, with a deadline).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    for (user, peer) in [(&alice, &bob), (&bob, &alice)] {
+        loop {
+            user.ok(&["receive"]);
+            let history = user.ok(&["history", &peer.username]);
+            assert!(history.contains("new picture"), "older messages stay: {history}");
+            if !history.contains("burn after reading") {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never deleted: {history}");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
     }
     alice.ok(&["disappearing", &bob.username, "off"]);
     alice.ok(&["send", &bob.username, "kept"]);

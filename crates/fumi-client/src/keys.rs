@@ -103,6 +103,21 @@ fn mismatch(entry: &AccountEntry, member: &Member) -> Option<String> {
     }
 }
 
+/// Devices that an entry lists again after an earlier version of it (oldest first) had dropped
+/// them. A device id is never linked twice, so such a device was put back by the server.
+fn listed_again<'a>(oldest_first: impl Iterator<Item = &'a AccountEntry>) -> HashSet<DeviceId> {
+    let mut seen = HashSet::new();
+    let mut dropped = HashSet::new();
+    let mut again = HashSet::new();
+    for entry in oldest_first {
+        let listed: HashSet<DeviceId> = entry.devices.iter().map(|d| DeviceId::from_bytes(d.device)).collect();
+        again.extend(listed.intersection(&dropped).copied());
+        dropped.extend(seen.difference(&listed).copied());
+        seen.extend(listed);
+    }
+    again
+}
+
 impl FumiClient {
     /// Accepts a head (see [`check_head`]) and remembers it if it is newer.
     fn accept_head(&self, signed: &SignedEpochHead) -> Result<EpochHead, ClientError> {
@@ -343,7 +358,7 @@ impl FumiClient {
         if force {
             return Err(ClientError::Usage(
                 "your account is not in the server's key directory yet (a new account is published with the \
-                 next epoch); try again in a minute"
+                 next epoch); try again in a few seconds"
                     .into(),
             ));
         }
@@ -386,6 +401,13 @@ impl FumiClient {
         // may still list the device.
         let removal_published_by = now_ms().saturating_sub(interval_ms.saturating_mul(2).saturating_add(2000));
         let newest_version = versions.iter().map(|v| v.version).max().unwrap_or(0);
+        let mut oldest_first = versions
+            .iter()
+            .map(|v| Ok((v.version, AccountEntry::decode(&v.value)?)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| proof_failure("your account", e))?;
+        oldest_first.sort_by_key(|(version, _)| *version);
+        let put_back = listed_again(oldest_first.iter().map(|(_, entry)| entry));
         let mut warnings = Vec::new();
         let mut reported = HashSet::new();
         for version in versions.iter().rev() {
@@ -405,8 +427,11 @@ impl FumiClient {
             for device in &entry.devices {
                 let id = DeviceId::from_bytes(device.device);
                 let problem = if let Some(revoked_at) = revoked.get(&id) {
-                    // Listed before its removal is history; listed now, long after, it was put back.
-                    (version.version == newest_version && *revoked_at < removal_published_by).then_some("removed")
+                    // Listed before its removal is history; listed again after a version without
+                    // it, or still listed long after the removal, it was put back.
+                    (put_back.contains(&id)
+                        || (version.version == newest_version && *revoked_at < removal_published_by))
+                        .then_some("removed")
                 } else {
                     match trusted.get(&id) {
                         None => Some("unknown"),

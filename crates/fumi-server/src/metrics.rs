@@ -27,6 +27,8 @@ pub struct Metrics {
     pub rate_limited: AtomicU64,
     /// Open delivery WebSockets.
     pub websockets_open: AtomicU64,
+    /// Delivery connections that sent everything queued and began waiting for new envelopes.
+    pub deliveries_drained: AtomicU64,
     /// Blob bytes received in uploads.
     pub blob_bytes_received: AtomicU64,
     /// Blob bytes sent in downloads.
@@ -108,6 +110,12 @@ impl Metrics {
             "gauge",
             "Open delivery WebSockets.",
             get(&self.websockets_open),
+        );
+        metric(
+            "fumi_deliveries_drained_total",
+            "counter",
+            "Delivery connections that sent everything queued and began waiting for new envelopes.",
+            get(&self.deliveries_drained),
         );
         metric(
             "fumi_blob_bytes_received_total",

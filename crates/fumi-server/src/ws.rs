@@ -114,6 +114,7 @@ async fn deliver(socket: WebSocket, device: AuthDevice, state: &AppState) -> Res
         if !drained_sent {
             send(&mut sink, &ServerFrame::Drained).await?;
             drained_sent = true;
+            Metrics::inc(&state.metrics.deliveries_drained);
         }
         tokio::select! {
             changed = subscription.mailbox.changed() => changed.map_err(|e| e.to_string())?,

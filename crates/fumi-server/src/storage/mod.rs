@@ -401,6 +401,10 @@ impl KeyDirectoryKind {
 /// before returning `Ok`.
 #[async_trait]
 pub trait Storage: Send + Sync + 'static {
+    /// Waits until every connection in use has finished its work, then closes them all; later
+    /// calls fail. Called before a database is removed (tests), so nothing still runs in it.
+    async fn close(&self);
+
     /// Creates an account and its first device.
     async fn create_account(
         &self,
@@ -852,8 +856,8 @@ pub(crate) mod contract {
         /// Closes the storage (its connections finish their work) before the cleanup runs.
         async fn finish(self) {
             let Backend { storage, _cleanup, .. } = self;
+            storage.close().await;
             drop(storage);
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             drop(_cleanup);
         }
     }

@@ -1785,6 +1785,10 @@ async fn channel_owned_by(conn: &mut PgConnection, channel: ChannelId, owner: Ac
 
 #[async_trait]
 impl Storage for PostgresStorage {
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+
     async fn create_account(
         &self,
         account: AccountId,

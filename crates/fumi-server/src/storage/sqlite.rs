@@ -433,6 +433,10 @@ impl SqliteStorage {
 
 #[async_trait]
 impl Storage for SqliteStorage {
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+
     async fn create_account(
         &self,
         account: AccountId,
