@@ -5,13 +5,15 @@ mod official;
 mod operator;
 mod progress;
 mod server;
+mod terminal;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use fumi_client::{DisplayMessage, FumiClient, To};
+use fumi_client::{DisplayMessage, FumiClient, Progress, To};
+use terminal::{body, line};
 
 #[derive(Parser)]
 #[command(
@@ -313,7 +315,8 @@ fn main() {
         }
     };
     if let Err(error) = result {
-        eprintln!("error: {error:#}");
+        // Errors quote what peers and the server sent (names, server messages).
+        eprintln!("error: {}", body(&format!("{error:#}")));
         std::process::exit(1);
     }
 }
@@ -358,7 +361,7 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
                 let warnings = client.check_own_keys(true).await?;
                 if !warnings.is_empty() {
                     for warning in &warnings {
-                        eprintln!("{warning}");
+                        eprintln!("{}", line(warning));
                     }
                     anyhow::bail!("your account's key directory entry lists keys you did not add");
                 }
@@ -400,7 +403,7 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
                 caption,
             } => {
                 let mut client = FumiClient::open(&home)?;
-                client.set_progress(Box::new(progress::Bar::default()));
+                client.set_progress(progress_bar());
                 client.sync().await?;
                 match (group, file, args.as_slice()) {
                     (Some(group), None, [text]) => client.send_group(&group, text).await?,
@@ -419,7 +422,7 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
             }
             Command::Receive { timeout, json } => {
                 let mut client = FumiClient::open(&home)?;
-                client.set_progress(Box::new(progress::Bar::default()));
+                client.set_progress(progress_bar());
                 for message in client.receive(Duration::from_secs(timeout)).await? {
                     print_message(&message, json)?;
                 }
@@ -427,21 +430,21 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
                     if json {
                         println!("{}", serde_json::json!({"type": "key_warning", "message": warning}));
                     } else {
-                        println!("{warning}");
+                        println!("{}", line(&warning));
                     }
                 }
                 official::print_events(&client.take_official_events()?, json)?;
             }
             Command::Group(GroupCommand::Create { name, members }) => {
                 let mut client = FumiClient::open(&home)?;
-                client.set_progress(Box::new(progress::Bar::default()));
+                client.set_progress(progress_bar());
                 client.sync().await?;
                 client.create_group(&name, &members).await?;
                 println!("created group {name:?} with {}", members.join(", "));
             }
             Command::Group(GroupCommand::Add(args)) => {
                 let mut client = FumiClient::open(&home)?;
-                client.set_progress(Box::new(progress::Bar::default()));
+                client.set_progress(progress_bar());
                 client.sync().await?;
                 client.add_to_group(&args.name, &args.members).await?;
                 println!("added {} to {:?}", args.members.join(", "), args.name);
@@ -459,7 +462,11 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
                         println!("{}", serde_json::to_string(&conversation)?);
                     } else {
                         let state = if conversation.active { "" } else { " (removed)" };
-                        println!("{}{state}: {}", conversation.name, conversation.members.join(", "));
+                        println!(
+                            "{}{state}: {}",
+                            line(&conversation.name),
+                            line(&conversation.members.join(", "))
+                        );
                     }
                 }
             }
@@ -479,7 +486,7 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
                             .disappearing
                             .map(|t| format!(" (messages disappear after {t})"))
                             .unwrap_or_default();
-                        println!("{} [{kind}]{unread}{timer}", conversation.name);
+                        println!("{} [{kind}]{unread}{timer}", line(&conversation.name));
                     }
                 }
             }
@@ -511,7 +518,7 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
                 }
                 (None, Some(from)) => {
                     let mut existing = FumiClient::open(&from)?;
-                    existing.set_progress(Box::new(progress::Bar::default()));
+                    existing.set_progress(progress_bar());
                     let link = existing.create_device_link().await?;
                     let client = FumiClient::link(&home, &link.code).await?;
                     existing.wait_for_link(&link, Duration::from_secs(wait)).await?;
@@ -524,7 +531,7 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
                 }
                 (None, None) => {
                     let mut client = FumiClient::open(&home)?;
-                    client.set_progress(Box::new(progress::Bar::default()));
+                    client.set_progress(progress_bar());
                     let link = client.create_device_link().await?;
                     println!("On the new device, run:\n\n  fumi --home NEW-HOME device link '{}'\n", link.code);
                     println!("or scan:\n{}", qr(&link.code)?);
@@ -616,9 +623,9 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
                 let contact = client.accept_invite(&invite).await?;
                 println!(
                     "added {}{}; say hello with `fumi send {} \"...\"`",
-                    contact.username.as_deref().unwrap_or(&contact.account_id),
-                    contact.name.map(|n| format!(" · {n}")).unwrap_or_default(),
-                    contact.username.as_deref().unwrap_or("USERNAME"),
+                    line(contact.username.as_deref().unwrap_or(&contact.account_id)),
+                    contact.name.map(|n| format!(" · {}", line(&n))).unwrap_or_default(),
+                    line(contact.username.as_deref().unwrap_or("USERNAME")),
                 );
             }
             Command::Contact(ContactCommand::List { json }) => {
@@ -629,10 +636,13 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
                     } else {
                         println!(
                             "{}{}{}{}",
-                            contact.username.as_deref().unwrap_or(&contact.account_id),
-                            contact.name.map(|n| format!(" · {n}")).unwrap_or_default(),
+                            line(contact.username.as_deref().unwrap_or(&contact.account_id)),
+                            contact.name.map(|n| format!(" · {}", line(&n))).unwrap_or_default(),
                             if contact.verified { "  ✓ verified" } else { "" },
-                            contact.avatar.map(|a| format!("  (avatar: {a})")).unwrap_or_default(),
+                            contact
+                                .avatar
+                                .map(|a| format!("  (avatar: {})", line(&a)))
+                                .unwrap_or_default(),
                         );
                     }
                 }
@@ -665,38 +675,45 @@ fn print_message(message: &DisplayMessage, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string(message)?);
         return Ok(());
     }
+    // Everything here but the size came from the sender: names, texts, the file's name and type,
+    // and the saved path, which ends in the sender's file name.
     let sender = match &message.sender_name {
-        Some(name) => format!("{} · {name}", message.sender),
-        None => message.sender.clone(),
+        Some(name) => format!("{} · {}", line(&message.sender), line(name)),
+        None => line(&message.sender).into_owned(),
     };
     let prefix = if message.group {
-        format!("[{}] ", message.conversation_name)
+        format!("[{}] ", line(&message.conversation_name))
     } else {
         String::new()
     };
     if message.event {
-        println!("{prefix}* {}", message.text);
+        println!("{prefix}* {}", line(&message.text));
     } else if let Some(file) = &message.file {
         let caption = if message.text.is_empty() {
             String::new()
         } else {
-            format!(" {}", message.text)
+            format!(" {}", body(&message.text))
         };
         let state = match (&file.path, &file.error) {
-            (_, Some(error)) => format!("NOT SAVED: {error}"),
-            (Some(path), None) => path.clone(),
+            (_, Some(error)) => format!("NOT SAVED: {}", line(error)),
+            (Some(path), None) => line(path).into_owned(),
             (None, None) => "not downloaded yet; run `fumi receive` again".into(),
         };
         println!(
             "{prefix}[{sender}]{caption} [file {} · {} · {}] {state}",
-            file.name,
-            file.media_type,
+            line(&file.name),
+            line(&file.media_type),
             human_bytes(file.size)
         );
     } else {
-        println!("{prefix}[{sender}] {}", message.text);
+        println!("{prefix}[{sender}] {}", body(&message.text));
     }
     Ok(())
+}
+
+/// The transfer progress bar, which quotes file names.
+fn progress_bar() -> Box<dyn Progress> {
+    Box::new(terminal::Escaped(progress::Bar::default()))
 }
 
 fn human_bytes(bytes: u64) -> String {

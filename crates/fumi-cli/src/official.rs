@@ -10,6 +10,8 @@ use fumi_client::official::{ChannelPostView, ChannelSummary, OfficialEvents, Sub
 use fumi_core::form::Answers;
 use fumi_core::official::{AuthorityKey, OrganisationClaim, Verification};
 
+use crate::terminal::{body, line};
+
 #[derive(Subcommand)]
 pub enum AuthorityCommand {
     /// (For an authority) make a signing key; prints the public key users trust.
@@ -194,10 +196,11 @@ fn write_or_print(out: Option<&Path>, text: &str) -> Result<()> {
     Ok(())
 }
 
+/// Escaped: the reason can quote the name an unknown authority gave itself.
 fn describe(verification: &Verification) -> String {
     match verification {
-        Verification::Verified { authority } => format!("✔ verified by {authority}"),
-        Verification::Unverified { reason } => format!("not verified ({reason})"),
+        Verification::Verified { authority } => format!("✔ verified by {}", line(authority)),
+        Verification::Unverified { reason } => format!("not verified ({})", line(reason)),
     }
 }
 
@@ -323,8 +326,8 @@ fn print_channel(channel: &ChannelSummary, json: bool) -> Result<()> {
         .unwrap_or_default();
     println!(
         "{} — {} · {} · {role}{count} · {} posts",
-        channel.name,
-        channel.organisation,
+        line(&channel.name),
+        line(&channel.organisation),
         describe(&channel.verification),
         channel.posts
     );
@@ -339,21 +342,42 @@ fn print_post(post: &ChannelPostView, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string(post)?);
         return Ok(());
     }
-    let badge = post.verified_by.as_ref().map(|a| format!(" ✔ {a}")).unwrap_or_default();
-    let header = format!("[#{} · {}{badge}] #{}", post.channel_name, post.organisation, post.seq);
-    let text = post.text.as_deref().map(|t| format!(" {t}")).unwrap_or_default();
+    // The organisation chose the names, the text, the form and the file; the saved path ends in
+    // its file name.
+    let badge = post
+        .verified_by
+        .as_ref()
+        .map(|a| format!(" ✔ {}", line(a)))
+        .unwrap_or_default();
+    let header = format!(
+        "[#{} · {}{badge}] #{}",
+        line(&post.channel_name),
+        line(&post.organisation),
+        post.seq
+    );
+    let text = post
+        .text
+        .as_deref()
+        .map(|t| format!(" {}", body(t)))
+        .unwrap_or_default();
     match (&post.form, &post.file) {
         (Some(form), _) => println!(
             "{header} FORM “{}” ({} questions): fumi form fill {}",
-            form.title, form.fields, form.form_id
+            line(&form.title),
+            form.fields,
+            line(&form.form_id)
         ),
         (None, Some(file)) => {
             let state = match (&file.path, &file.error) {
-                (_, Some(error)) => format!("NOT SAVED: {error}"),
-                (Some(path), None) => path.clone(),
+                (_, Some(error)) => format!("NOT SAVED: {}", line(error)),
+                (Some(path), None) => line(path).into_owned(),
                 (None, None) => "not downloaded yet; run `fumi receive` again".into(),
             };
-            println!("{header}{text} [file {} · {} bytes] {state}", file.name, file.size);
+            println!(
+                "{header}{text} [file {} · {} bytes] {state}",
+                line(&file.name),
+                file.size
+            );
         }
         (None, None) => println!("{header}{text}"),
     }
@@ -365,19 +389,20 @@ fn print_submission(submission: &SubmissionView, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string(submission)?);
         return Ok(());
     }
-    let title = submission.form_title.as_deref().unwrap_or(&submission.form_id);
+    let title = line(submission.form_title.as_deref().unwrap_or(&submission.form_id));
     if submission.outgoing {
         let state = match submission.receipt_at {
             Some(_) => "received by the organisation",
             None => "sent, no receipt yet",
         };
-        println!("submission {} to “{title}”: {state}", submission.submission);
+        println!("submission {} to “{title}”: {state}", line(&submission.submission));
     } else {
+        // JSON escapes C0 controls in the answers but not C1 or bidirectional controls.
         println!(
             "submission {} to “{title}” from {}: {}",
-            submission.submission,
-            submission.submitter,
-            serde_json::to_string(&submission.answers)?
+            line(&submission.submission),
+            line(&submission.submitter),
+            line(&serde_json::to_string(&submission.answers)?)
         );
     }
     Ok(())
@@ -415,7 +440,9 @@ pub fn print_events(events: &OfficialEvents, json: bool) -> Result<()> {
         } else {
             eprintln!(
                 "WARNING: refused post #{} in channel {}: {}",
-                warning.seq, warning.channel_name, warning.warning
+                warning.seq,
+                line(&warning.channel_name),
+                line(&warning.warning)
             );
         }
     }
@@ -486,7 +513,11 @@ pub async fn run_form(home: &Path, command: FormCommand) -> Result<()> {
                     let count = if form.own { "received" } else { "sent" };
                     println!(
                         "{}  “{}” in #{} · {} questions · {} {count}",
-                        form.form_id, form.title, form.channel_name, form.fields, form.submissions
+                        line(&form.form_id),
+                        line(&form.title),
+                        line(&form.channel_name),
+                        form.fields,
+                        form.submissions
                     );
                 }
             }
@@ -529,31 +560,31 @@ fn ask(client: &FumiClient, form: &str) -> Result<Answers> {
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     let mut answers = Answers::new();
-    println!("{}", definition.title);
+    // The organisation wrote the whole form; labels, choices and errors quoting them may hold
+    // line breaks.
+    println!("{}", line(&definition.title));
     if let Some(description) = &definition.description {
-        println!("{description}");
+        println!("{}", body(description));
     }
     for field in &definition.fields {
-        if !field.choices.is_empty() {
-            for (i, choice) in field.choices.iter().enumerate() {
-                println!("  {}. {choice}", i + 1);
-            }
+        for (i, choice) in field.choices.iter().enumerate() {
+            println!("  {}. {}", i + 1, line(choice));
         }
         loop {
             let optional = if field.required { "" } else { ", Enter to skip" };
-            print!("{} ({}{optional}): ", field.label, field.expects());
+            print!("{} ({}{optional}): ", line(&field.label), line(&field.expects()));
             std::io::stdout().flush()?;
-            let Some(line) = lines.next() else {
+            let Some(input) = lines.next() else {
                 bail!("input ended before the form was complete; nothing was sent");
             };
-            match field.parse_typed(&line?) {
+            match field.parse_typed(&input?) {
                 Ok(Some(value)) => {
                     answers.insert(field.name.clone(), value);
                     break;
                 }
                 Ok(None) if !field.required => break,
                 Ok(None) => println!("  an answer is required"),
-                Err(e) => println!("  {e}"),
+                Err(e) => println!("  {}", line(&e.to_string())),
             }
         }
     }

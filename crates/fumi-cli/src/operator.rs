@@ -13,6 +13,8 @@ use fumi_client::admin::{AdminClient, ReviewedReport, generate_moderation_key, g
 use fumi_client::audit::verify_log;
 use reqwest::Method;
 
+use crate::terminal;
+
 #[derive(Subcommand)]
 pub enum AuditCommand {
     /// Verify a server's log of operator accesses and print the totals. With --state, also check
@@ -222,6 +224,8 @@ pub async fn run_keys_audit(server: &str, state: Option<&Path>, json: bool) -> R
     Ok(())
 }
 
+/// The names and reasons are the server's log entries: escaped, since an auditor may be reading
+/// a hostile server's log.
 fn print_totals(totals: &Totals) {
     let section = |title: &str, counts: &std::collections::BTreeMap<String, u64>| {
         println!("{title}:");
@@ -230,7 +234,7 @@ fn print_totals(totals: &Totals) {
         }
         for (name, count) in counts {
             let name = if name.is_empty() { "(none)" } else { name };
-            println!("  {name:<24} {count}");
+            println!("  {:<24} {count}", terminal::line(name));
         }
     };
     let allowed = totals.entries - totals.refused;
@@ -240,16 +244,17 @@ fn print_totals(totals: &Totals) {
     section("accesses by kind", &totals.by_action);
     println!("refused attempts: {}", totals.refused);
     for (reason, count) in &totals.refused_by_reason {
-        println!("  {reason:<24} {count}");
+        println!("  {:<24} {count}", terminal::line(reason));
     }
 }
 
+/// One log entry on one line, escaped like [`print_totals`].
 fn describe(entry: &Entry) -> String {
     let outcome = match &entry.outcome {
         Outcome::Allowed => "allowed".to_owned(),
         Outcome::Refused(reason) => format!("REFUSED ({reason})"),
     };
-    format!(
+    let described = format!(
         "{}  {} by {} ({}) from {}, reason {:?}: {}",
         format_utc(entry.time),
         entry.action,
@@ -258,7 +263,8 @@ fn describe(entry: &Entry) -> String {
         entry.source,
         entry.reason,
         outcome
-    )
+    );
+    terminal::line(&described).into_owned()
 }
 
 pub async fn run_admin(args: AdminArgs) -> Result<()> {
@@ -346,7 +352,7 @@ pub async fn run_admin(args: AdminArgs) -> Result<()> {
                     Some(&serde_json::json!({ "to": to })),
                     |line| {
                         if let Some(step) = line["step"].as_str() {
-                            eprintln!("{step}: {}/{}", line["done"], line["total"]);
+                            eprintln!("{}: {}/{}", terminal::line(step), line["done"], line["total"]);
                         } else {
                             outcome = Some(line);
                         }
@@ -402,20 +408,26 @@ fn print_report(reviewed: &ReviewedReport, json: bool) -> Result<()> {
         );
         return Ok(());
     }
+    // The text, file name and comment are shown with `{:?}`, which escapes control and
+    // bidirectional characters; the media type and the verdict's reason are the reporter's or
+    // the sender's too.
     println!("report {}", reviewed.id);
     match &reviewed.verdict {
         Ok(sender) => println!(
             "  VERIFIED: account {} (device {}) sent this in conversation {}",
             sender.account, sender.device, evidence.context.group
         ),
-        Err(reason) => println!("  NOT VERIFIED: {reason}"),
+        Err(reason) => println!("  NOT VERIFIED: {}", terminal::line(reason)),
     }
     println!("  sent:      {}", format_utc(evidence.context.sent_at));
     println!("  text:      {:?}", evidence.content.text);
     if let Some(file) = &evidence.content.file {
         println!(
             "  file:      {:?} ({}, {} bytes, sha256 of the sealed blob {})",
-            file.name, file.media_type, file.size, file.digest
+            file.name,
+            terminal::line(&file.media_type),
+            file.size,
+            terminal::line(&file.digest)
         );
     }
     println!("  reporter:  account {}", report.reporter);
