@@ -94,8 +94,10 @@ pub struct Config {
     /// HPKE (X25519) public key, 64 hex digits, that abuse reports are sealed to; empty: the
     /// server takes no reports.
     pub moderation_public_key: String,
-    /// How often changes to accounts, devices and usernames are published as a new key
-    /// directory epoch, in ms. Clients meeting a brand-new device wait up to this long.
+    /// How often the publisher looks for changes to accounts, devices and usernames and
+    /// publishes them as one key directory epoch, in ms (an epoch only when something changed).
+    /// Clients meeting a brand-new device wait up to about this long, so it is short by default:
+    /// a second keeps first contact quick while batching bursts of changes.
     pub key_directory_epoch_ms: u64,
     /// The name of the region this server's own database and blob store serve.
     pub region: String,
@@ -131,7 +133,7 @@ impl Default for Config {
             operators: Vec::new(),
             admin_jurisdictions: Vec::new(),
             moderation_public_key: String::new(),
-            key_directory_epoch_ms: 60_000,
+            key_directory_epoch_ms: 1_000,
             region: "main".into(),
             regions: Vec::new(),
             default_region: String::new(),
