@@ -12,7 +12,10 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 /// Runs `fumi args` for `user` to success; returns its stdout and its peak resident size in bytes.
-#[expect(clippy::zombie_processes, reason = "the child is reaped by wait4, which also reports its peak")]
+#[expect(
+    clippy::zombie_processes,
+    reason = "the child is reaped by wait4, which also reports its peak"
+)]
 fn run_measured(user: &User, args: &[&str]) -> (String, u64) {
     let mut child = Command::new(FUMI)
         .arg("--home")

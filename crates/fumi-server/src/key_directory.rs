@@ -45,7 +45,11 @@ type Directory = akd::Directory<Config, DirectoryStore, DirectoryVrf>;
 
 /// The server's key directory.
 pub struct KeyDirectory {
+    /// The publisher's directory: its akd transaction holds an epoch's writes while it publishes.
     directory: Directory,
+    /// Lookups, histories and audits read through their own directory, so they never see the
+    /// publisher's transaction (which akd clears before it reaches the database).
+    reader: Directory,
     storage: Arc<dyn Storage>,
     signing_key: SigningKey,
     vrf_public_key: [u8; 32],
@@ -91,8 +95,19 @@ impl KeyDirectory {
                 Err(e) => return Err(akd_error(e)),
             }
         };
+        let reader = Directory::new(
+            StorageManager::new_no_cache(DirectoryStore {
+                storage: storage.clone(),
+                node,
+            }),
+            vrf.clone(),
+            AzksParallelismConfig::disabled(),
+        )
+        .await
+        .map_err(akd_error)?;
         let this = Self {
             directory,
+            reader,
             storage,
             signing_key: log_key.clone(),
             vrf_public_key,
@@ -688,17 +703,60 @@ impl KeyDirectory {
     /// Looks `label` up and pairs the proof with its epoch's signed head; `what` names the
     /// entry in the error when it is not published (yet).
     pub async fn lookup(&self, label: AkdLabel, what: &str, interval_ms: u64) -> Result<LookupAnswer, ApiError> {
-        let (proof, akd::EpochHash(epoch, _)) = match self.directory.lookup(label).await {
-            Ok(found) => found,
-            Err(akd::errors::AkdError::Storage(AkdStorageError::NotFound(_)))
-            | Err(akd::errors::AkdError::Directory(_)) => return Err(not_published(what, interval_ms)),
-            Err(e) => return Err(akd_error(e).into()),
-        };
+        let (proof, epoch) = self
+            .read_one_epoch(what, interval_ms, || self.reader.lookup(label.clone()))
+            .await?;
         let head = self.head_of(epoch).await?.ok_or_else(retry_later)?;
         Ok(LookupAnswer {
             head,
             proof: fumi_audit::keys::encode_lookup_proof(&proof),
         })
+    }
+
+    /// Every version of `label` with proof, paired with its epoch's signed head.
+    pub async fn history(&self, label: AkdLabel, what: &str, interval_ms: u64) -> Result<HistoryAnswer, ApiError> {
+        let (proof, epoch) = self
+            .read_one_epoch(what, interval_ms, || {
+                self.reader.key_history(&label, akd::HistoryParams::Complete)
+            })
+            .await?;
+        let head = self.head_of(epoch).await?.ok_or_else(retry_later)?;
+        Ok(HistoryAnswer {
+            head,
+            proof: fumi_audit::keys::encode_history_proof(&proof),
+        })
+    }
+
+    /// Runs a read of the tree and returns it with its epoch, once the read is known to come
+    /// from that one epoch: no epoch was published (by this node or another of the cluster)
+    /// while it ran. akd's history reads the directory's epoch again for each version, and
+    /// keeps only each node's newest two versions, so a read overlapping a publication can
+    /// combine two epochs and its proof would not verify. Such a read is done again; after a
+    /// few tries the client is told to try later.
+    async fn read_one_epoch<T, F, Fut>(&self, what: &str, interval_ms: u64, read: F) -> Result<(T, u64), ApiError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<(T, akd::EpochHash), akd::errors::AkdError>>,
+    {
+        for _ in 0..3 {
+            let akd::EpochHash(before, _) = self.reader.get_epoch_hash().await.map_err(akd_error)?;
+            let result = read().await;
+            let akd::EpochHash(now, _) = self.reader.get_epoch_hash().await.map_err(akd_error)?;
+            match result {
+                Ok((found, akd::EpochHash(epoch, _))) if epoch == before && now == before => return Ok((found, epoch)),
+                Err(akd::errors::AkdError::Storage(AkdStorageError::NotFound(_)))
+                | Err(akd::errors::AkdError::Directory(_))
+                    if now == before =>
+                {
+                    return Err(not_published(what, interval_ms));
+                }
+                Err(akd::errors::AkdError::Storage(AkdStorageError::NotFound(_)))
+                | Err(akd::errors::AkdError::Directory(_))
+                | Ok(_) => continue,
+                Err(e) => return Err(akd_error(e).into()),
+            }
+        }
+        Err(retry_later())
     }
 }
 
@@ -758,24 +816,11 @@ pub async fn own_history(
     State(state): State<Arc<AppState>>,
 ) -> Result<Json<HistoryAnswer>, ApiError> {
     let label = account_label(device.account.as_bytes());
-    let (proof, akd::EpochHash(epoch, _)) = match state
+    let answer = state
         .keys
-        .directory
-        .key_history(&label, akd::HistoryParams::Complete)
-        .await
-    {
-        Ok(found) => found,
-        Err(akd::errors::AkdError::Storage(AkdStorageError::NotFound(_)))
-        | Err(akd::errors::AkdError::Directory(_)) => {
-            return Err(not_published("your account", state.config.key_directory_epoch_ms));
-        }
-        Err(e) => return Err(akd_error(e).into()),
-    };
-    let head = state.keys.head_of(epoch).await?.ok_or_else(retry_later)?;
-    Ok(Json(HistoryAnswer {
-        head,
-        proof: fumi_audit::keys::encode_history_proof(&proof),
-    }))
+        .history(label, "your account", state.config.key_directory_epoch_ms)
+        .await?;
+    Ok(Json(answer))
 }
 
 /// Query of `GET /v1/keys/audit`.
@@ -811,12 +856,7 @@ pub async fn audit(
     if heads.len() as u64 != query.to - query.from + 1 {
         return Err(retry_later());
     }
-    let proof = state
-        .keys
-        .directory
-        .audit(query.from, query.to)
-        .await
-        .map_err(akd_error)?;
+    let proof = state.keys.reader.audit(query.from, query.to).await.map_err(akd_error)?;
     Ok(Json(AuditAnswer {
         heads,
         proof: fumi_audit::keys::encode_append_only_proof(&proof),
@@ -826,6 +866,111 @@ pub async fn audit(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fumi_proto::DeviceId;
+
+    fn id(prefix: u8, i: u64) -> [u8; 16] {
+        let mut bytes = [prefix; 16];
+        bytes[8..].copy_from_slice(&i.to_be_bytes());
+        bytes
+    }
+
+    async fn add_account(storage: &Arc<dyn Storage>, i: u64) {
+        let device = DeviceId::from_bytes(id(2, i));
+        storage
+            .create_account(AccountId::from_bytes(id(1, i)), &[1; 32], device, &[2; 32], None, 0)
+            .await
+            .unwrap();
+        storage.set_signature_key(device, &[3; 32]).await.unwrap();
+    }
+
+    /// Lookups and history reads served while epochs publish each read one epoch: every proof
+    /// verifies (a proof mixing two epochs' nodes does not). Answers "publishing, try again"
+    /// are allowed and counted, failures are not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn proofs_served_while_epochs_publish_all_verify() {
+        const LOOKUPS: usize = 1200;
+        let dir = tempfile::tempdir().unwrap();
+        let storage: Arc<dyn Storage> = Arc::new(
+            crate::storage::SqliteStorage::open(&dir.path().join("fumi.db"))
+                .await
+                .unwrap(),
+        );
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let keys = Arc::new(KeyDirectory::open(storage.clone(), &key).await.unwrap());
+        for i in 0..100 {
+            add_account(&storage, i).await;
+        }
+        while keys.publish_pending(60_000).await.unwrap().is_some() {}
+
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let publisher = {
+            let (keys, storage, stop) = (keys.clone(), storage.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut next = 100;
+                let mut epochs = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Many new leaves per epoch: the root and the upper nodes change every epoch.
+                    for _ in 0..20 {
+                        add_account(&storage, next).await;
+                        next += 1;
+                    }
+                    if keys.publish_pending(60_000).await.unwrap().is_some() {
+                        epochs += 1;
+                    }
+                }
+                epochs
+            })
+        };
+        let log_key = key.verifying_key().to_bytes();
+        let (mut failures, mut retries, mut verified) = (0, 0, 0);
+        for round in 0..LOOKUPS {
+            let target = id(1, (round % 100) as u64);
+            let label = account_label(&target);
+            let answer = if round % 4 == 3 {
+                keys.history(label.clone(), "an account", 60_000)
+                    .await
+                    .map(|a| (a.head, a.proof, true))
+            } else {
+                keys.lookup(label.clone(), "an account", 60_000)
+                    .await
+                    .map(|a| (a.head, a.proof, false))
+            };
+            let (head, proof, history) = match answer {
+                Ok(answer) => answer,
+                Err(e) if e.status() == StatusCode::SERVICE_UNAVAILABLE => {
+                    retries += 1;
+                    continue;
+                }
+                Err(e) => panic!("lookup failed: {e:?}"),
+            };
+            let head = head.verify(&log_key).unwrap();
+            let ok = if history {
+                fumi_audit::keys::verify_history(&head, &label, &proof).map(|_| ())
+            } else {
+                fumi_audit::keys::verify_lookup(&head, &label, &proof).map(|_| ())
+            };
+            if let Err(e) = &ok {
+                eprintln!(
+                    "a proof of epoch {} (history: {history}) did not verify: {e:?}",
+                    head.epoch
+                );
+            }
+            let ok = ok.is_ok();
+            if ok {
+                verified += 1;
+            } else {
+                failures += 1;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let epochs = publisher.await.unwrap();
+        eprintln!(
+            "{verified} proofs verified, {failures} failed, {retries} answered 'try again', {epochs} epochs published meanwhile"
+        );
+        assert!(epochs > 10, "epochs must publish during the lookups");
+        assert_eq!(failures, 0, "of {LOOKUPS} lookups and history reads");
+        assert!(verified > LOOKUPS / 2, "most reads are answered: {verified}");
+    }
 
     #[test]
     fn records_round_trip() {
