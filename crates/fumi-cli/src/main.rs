@@ -461,7 +461,13 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
                     if json {
                         println!("{}", serde_json::to_string(&conversation)?);
                     } else {
-                        let state = if conversation.active { "" } else { " (removed)" };
+                        let state = if !conversation.active {
+                            " (removed)"
+                        } else if conversation.refused.is_some() {
+                            " (not sending: a member the key directory does not list)"
+                        } else {
+                            ""
+                        };
                         println!(
                             "{}{state}: {}",
                             line(&conversation.name),

@@ -268,3 +268,64 @@ fn device_link_prints_a_code_and_waits_for_the_new_device() {
     let reused = fumi(tempfile::tempdir().unwrap().path(), &["device", "link", &code]);
     assert!(String::from_utf8_lossy(&reused.stderr).contains("already used or has expired"));
 }
+
+/// A member offline while another links and removes devices processes the commits later: the
+/// devices the directory no longer lists are accepted because its history listed them, and the
+/// member's view of the group stays the group it keeps receiving.
+#[test]
+fn a_member_offline_while_devices_are_linked_and_removed_keeps_the_group() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice", "Alice");
+    let bob = User::register(&server, "bob", "Bob");
+    let carol = User::register(&server, "carol", "Carol");
+    alice.ok(&["group", "create", "Team", &bob.username, &carol.username]);
+    bob.ok(&["receive"]);
+    carol.ok(&["receive"]);
+
+    let link = |dir: &tempfile::TempDir| {
+        fumi_ok(
+            dir.path(),
+            &["device", "link", "--from", alice.home.path().to_str().unwrap()],
+        );
+        let me: serde_json::Value = serde_json::from_str(&fumi_ok(dir.path(), &["whoami", "--json"])).unwrap();
+        me["device_id"].as_str().unwrap().to_owned()
+    };
+    // Bob is offline from here on. Carol receives as it happens: a laptop linked and removed.
+    let laptop = tempfile::tempdir().unwrap();
+    let laptop_id = link(&laptop);
+    assert!(carol.ok(&["receive"]).contains("added a newly linked device"));
+    alice.ok(&["device", "remove", &laptop_id]);
+    assert!(carol.ok(&["receive"]).contains("removed one of their devices"));
+    // A tablet linked and removed, then a desktop linked and kept, with no one receiving.
+    let tablet = tempfile::tempdir().unwrap();
+    let tablet_id = link(&tablet);
+    alice.ok(&["device", "remove", &tablet_id]);
+    let desktop = tempfile::tempdir().unwrap();
+    link(&desktop);
+    alice.ok(&["send", "--group", "Team", "after the changes"]);
+
+    let received = bob.run(&["receive"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&received.stdout),
+        String::from_utf8_lossy(&received.stderr),
+    );
+    assert!(received.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        !format!("{stdout}{stderr}").contains("SECURITY WARNING"),
+        "{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("after the changes"), "{stdout}");
+    let groups = bob.ok(&["group", "list"]);
+    assert!(groups.starts_with("Team: "), "{groups}");
+    assert!(
+        !groups.contains("(removed)") && !groups.contains("not sending"),
+        "{groups}"
+    );
+
+    // Bob still takes part, and Alice's kept devices read him.
+    bob.ok(&["send", "--group", "Team", "still here"]);
+    assert!(bob.ok(&["history", "Team"]).contains("after the changes"));
+    assert!(alice.receive_texts().contains(&"still here".to_owned()));
+    assert!(texts(&receive_json(desktop.path())).contains(&"still here".to_owned()));
+    assert!(carol.receive_texts().contains(&"still here".to_owned()));
+}

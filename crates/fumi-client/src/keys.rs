@@ -118,6 +118,22 @@ fn listed_again<'a>(oldest_first: impl Iterator<Item = &'a AccountEntry>) -> Has
     again
 }
 
+/// Whether some version of an account's history (oldest first) listed `member` with its
+/// identity and signing keys, and no version listed its device again after one had dropped it.
+fn once_listed(oldest_first: &[AccountEntry], member: &Member) -> bool {
+    !listed_again(oldest_first.iter()).contains(&member.device)
+        && oldest_first.iter().any(|entry| mismatch(entry, member).is_none())
+}
+
+/// The outcome of checking a group's new devices against the key directory.
+pub(crate) enum ArrivalCheck {
+    /// Every device is listed, or was listed and has left the group since.
+    Listed,
+    /// Every device is or was listed, but one its account removed since is still in the group:
+    /// nothing is sent there until its account's devices commit its removal.
+    RemovedButPresent,
+}
+
 impl FumiClient {
     /// Accepts a head (see [`check_head`]) and remembers it if it is newer.
     fn accept_head(&self, signed: &SignedEpochHead) -> Result<EpochHead, ClientError> {
@@ -194,6 +210,68 @@ impl FumiClient {
         };
         let entry = AccountEntry::decode(&verified.value).map_err(|e| proof_failure("an account", e))?;
         Ok(Some((head, entry)))
+    }
+
+    /// Every version of `account`'s directory entry, verified, oldest first (none if the
+    /// account was never published).
+    async fn directory_account_history(&self, account: AccountId) -> Result<Vec<AccountEntry>, ClientError> {
+        let path = format!("/v1/keys/history/account/{account}");
+        let answer: HistoryAnswer = match self.directory_get(&path).await {
+            Err(e) if e.is_code("not_in_key_directory") => return Ok(vec![]),
+            other => other?,
+        };
+        let head = self.accept_head(&answer.head)?;
+        let label = keys::account_label(account.as_bytes());
+        let mut versions =
+            keys::verify_history(&head, &label, &answer.proof).map_err(|e| proof_failure("an account", e))?;
+        versions.sort_by_key(|v| v.version);
+        versions
+            .iter()
+            .map(|v| AccountEntry::decode(&v.value))
+            .collect::<Result<_, _>>()
+            .map_err(|e| proof_failure("an account", e))
+    }
+
+    /// Checks devices that arrived in a group (`in_group`: the group's devices now, after every
+    /// commit this device processed). A device its account's entry lists is accepted. One it
+    /// no longer lists is accepted if the entry's history listed it (the device was linked and
+    /// removed while this device was offline); if it is still in the group, its account's devices
+    /// have yet to commit its removal. Any other device gets one epoch to be published, then is
+    /// refused with a security warning.
+    pub(crate) async fn check_arrival(
+        &self,
+        members: &[Member],
+        in_group: &HashSet<DeviceId>,
+    ) -> Result<ArrivalCheck, ClientError> {
+        let mut by_account: BTreeMap<AccountId, Vec<Member>> = BTreeMap::new();
+        for member in members {
+            by_account.entry(member.account).or_default().push(*member);
+        }
+        let mut outcome = ArrivalCheck::Listed;
+        for (account, members) in by_account {
+            let current = self.directory_account(account).await?;
+            let unlisted: Vec<Member> = members
+                .iter()
+                .filter(|m| current.as_ref().is_none_or(|(_, entry)| mismatch(entry, m).is_some()))
+                .copied()
+                .collect();
+            if unlisted.is_empty() {
+                continue;
+            }
+            let history = self.directory_account_history(account).await?;
+            let mut never_listed = Vec::new();
+            for member in unlisted {
+                if !once_listed(&history, &member) {
+                    never_listed.push(member);
+                } else if in_group.contains(&member.device) {
+                    outcome = ArrivalCheck::RemovedButPresent;
+                }
+            }
+            if !never_listed.is_empty() {
+                self.check_members_in_directory(&never_listed).await?;
+            }
+        }
+        Ok(outcome)
     }
 
     /// Waits (bounded) for the directory to publish an epoch after `epoch`: true if one came.
@@ -597,3 +675,64 @@ pub async fn audit_directory(server: &str, previous: Option<&AuditorState>) -> R
 
 /// Epochs proven per audit request (the server allows 100).
 pub const AUDIT_EPOCHS_PER_REQUEST: u64 = 100;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fumi_audit::keys::DeviceKey;
+
+    fn member(device: u8, signature_key: u8) -> Member {
+        Member {
+            account: AccountId::from_bytes([1; 16]),
+            device: DeviceId::from_bytes([device; 16]),
+            identity_key: [9; 32],
+            signature_key: [signature_key; 32],
+        }
+    }
+
+    fn entry(devices: &[(u8, u8)]) -> AccountEntry {
+        AccountEntry {
+            identity_key: [9; 32],
+            devices: devices
+                .iter()
+                .map(|&(device, key)| DeviceKey {
+                    device: [device; 16],
+                    signature_key: vec![key; 32],
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_device_linked_then_removed_was_once_listed() {
+        // Phone 1; laptop 2 linked, removed; laptop 3 linked.
+        let history = [
+            entry(&[(1, 1)]),
+            entry(&[(1, 1), (2, 2)]),
+            entry(&[(1, 1)]),
+            entry(&[(1, 1), (3, 3)]),
+        ];
+        assert!(once_listed(&history, &member(2, 2)));
+        assert!(once_listed(&history, &member(3, 3)));
+        // Another signing key, an identity key never listed, a device never listed: refused.
+        assert!(!once_listed(&history, &member(2, 7)));
+        assert!(!once_listed(
+            &history,
+            &Member {
+                identity_key: [8; 32],
+                ..member(2, 2)
+            }
+        ));
+        assert!(!once_listed(&history, &member(4, 4)));
+        assert!(!once_listed(&[], &member(1, 1)));
+    }
+
+    #[test]
+    fn a_device_put_back_after_its_removal_was_not_once_listed() {
+        // Device ids are never linked twice: listed again after a version without it, the
+        // server put it back.
+        let history = [entry(&[(1, 1), (2, 2)]), entry(&[(1, 1)]), entry(&[(1, 1), (2, 2)])];
+        assert!(!once_listed(&history, &member(2, 2)));
+        assert!(once_listed(&history, &member(1, 1)));
+    }
+}

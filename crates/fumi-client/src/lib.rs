@@ -13,6 +13,7 @@ mod safety;
 pub mod store;
 pub mod transport;
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -161,6 +162,10 @@ pub struct ConversationSummary {
     pub unread: u64,
     /// False once this device was removed.
     pub active: bool,
+    /// Why this device sends nothing to it, if it does not (a member the key directory does
+    /// not list); it is still received.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
     /// Disappearing-message timer, if on (e.g. `1h`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disappearing: Option<String>,
@@ -608,6 +613,7 @@ impl FumiClient {
                     members,
                     unread: self.store.unseen_count(c.group_id)?,
                     active: c.active,
+                    refused: self.store.conversation_refusal(c.group_id)?,
                     disappearing: c.expire_after_ms.map(human_duration),
                 })
             })
@@ -1285,25 +1291,50 @@ impl FumiClient {
     }
 
     /// Checks the devices that joined our groups, or whose group we joined, against the key
-    /// directory, then pins their accounts' keys. A conversation with a device the directory
-    /// does not list is closed on this device, with a warning in it. Unchecked arrivals stay in
-    /// the store until checked.
+    /// directory (see [`FumiClient::check_arrival`]), then pins their accounts' keys. Unchecked
+    /// arrivals stay in the store until checked, and nothing is sent to their groups meanwhile.
+    /// A group with a device the directory never listed keeps being received, but this device
+    /// stops sending to it, says why once, and resumes when that device has left.
     async fn check_arrivals(&mut self) -> Result<(), ClientError> {
+        self.lift_settled_refusals()?;
         for (id, group, members) in self.store.pending_arrivals()? {
-            match self.check_members_in_directory(&members).await {
-                Ok(()) => self.store.transaction(|| {
+            let in_group: HashSet<DeviceId> = if self.device.is_member(group) {
+                self.device.members(group)?.iter().map(|m| m.device).collect()
+            } else {
+                HashSet::new()
+            };
+            match self.check_arrival(&members, &in_group).await {
+                Ok(keys::ArrivalCheck::Listed) => self.store.transaction(|| {
                     for member in &members {
                         self.check_identity(member)?;
                     }
                     self.store.remove_pending_arrival(id)
                 })?,
-                Err(error @ ClientError::KeyTransparency(_)) => {
+                // Checked again at the next sync, by which the removal has usually arrived.
+                Ok(keys::ArrivalCheck::RemovedButPresent) => {}
+                Err(ClientError::KeyTransparency(problem)) => {
+                    let refused: Vec<DeviceId> = members
+                        .iter()
+                        .map(|m| m.device)
+                        .filter(|d| in_group.contains(d))
+                        .collect();
+                    let names = distinct_accounts(&members)
+                        .into_iter()
+                        .map(|a| self.display_account(a))
+                        .collect::<Result<Vec<_>, _>>()?
+                        .join(", ");
+                    let error = ClientError::KeyTransparency(format!(
+                        "{problem} This device keeps receiving the conversation but sends nothing to it until that \
+                         device has left: ask {names} to run `fumi keys check` and `fumi receive` (their devices take \
+                         out devices the account does not have), or ask a member to remove {names} from the group."
+                    ));
                     self.store.transaction(|| {
                         self.store_event(group, self.account.account_id, &error.to_string(), false)?;
-                        self.store.deactivate_conversation(group)?;
+                        if !refused.is_empty() {
+                            self.store.refuse_conversation(group, &error.to_string(), &refused)?;
+                        }
                         self.store.remove_pending_arrival(id)
                     })?;
-                    self.joined.retain(|g| *g != group);
                     return Err(error);
                 }
                 Err(other) => return Err(other),
@@ -1312,12 +1343,36 @@ impl FumiClient {
         Ok(())
     }
 
-    /// Nothing is encrypted to a group with devices not yet checked against the key directory.
+    /// Lets this device send again to refused conversations whose refused devices have left.
+    fn lift_settled_refusals(&self) -> Result<(), ClientError> {
+        for (group, devices) in self.store.refused_conversations()? {
+            let present =
+                self.device.is_member(group) && self.device.members(group)?.iter().any(|m| devices.contains(&m.device));
+            if !present {
+                self.store.transaction(|| {
+                    self.store.lift_refusal(group)?;
+                    self.store_event(
+                        group,
+                        self.account.account_id,
+                        "the device the key directory does not list has left; you can send here again",
+                        false,
+                    )
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Nothing is encrypted to a group with devices not yet checked against the key directory,
+    /// or with a device the directory never listed.
     fn refuse_unchecked(&self, group: GroupId) -> Result<(), ClientError> {
+        if let Some(reason) = self.store.conversation_refusal(group)? {
+            return Err(ClientError::KeyTransparency(reason));
+        }
         if self.store.has_pending_arrivals(group)? {
             return Err(ClientError::Usage(
-                "new members of this conversation are not checked against the key directory yet; run `fumi \
-                 receive` and try again"
+                "new members of this conversation are not checked against the key directory yet, or a device \
+                 its account removed is still in it; run `fumi receive` and try again"
                     .into(),
             ));
         }

@@ -231,6 +231,16 @@ CREATE TABLE pending_arrivals (
     members BLOB NOT NULL
 );
 "#,
+    r#"
+-- Conversations this device stopped sending to: a member device the key directory never
+-- listed is in them. Receiving goes on; sending resumes once those devices are gone.
+CREATE TABLE refused_conversations (
+    group_id BLOB PRIMARY KEY,
+    reason TEXT NOT NULL,
+    -- The refused devices, 16 bytes each.
+    devices BLOB NOT NULL
+);
+"#,
 ];
 
 /// JSON codec for OpenMLS's stored values.

@@ -809,8 +809,7 @@ pub async fn lookup_username(
     Ok(Json(answer))
 }
 
-/// `GET /v1/keys/history`: the caller's own account entry, every version, with proof. Only the
-/// holder may read its history (it lists every device the account ever had).
+/// `GET /v1/keys/history`: the caller's own account entry, every version, with proof.
 pub async fn own_history(
     device: AuthDevice,
     State(state): State<Arc<AppState>>,
@@ -819,6 +818,28 @@ pub async fn own_history(
     let answer = state
         .keys
         .history(label, "your account", state.config.key_directory_epoch_ms)
+        .await?;
+    Ok(Json(answer))
+}
+
+/// `GET /v1/keys/history/account/{id}`: every version of another account's entry, with proof:
+/// a member that learns of a device only after its account removed it checks that the device
+/// was listed (its identity and signing keys) before it was dropped.
+pub async fn account_history(
+    _device: AuthDevice,
+    State(state): State<Arc<AppState>>,
+    Path(account): Path<String>,
+) -> Result<Json<HistoryAnswer>, ApiError> {
+    let account: AccountId = account
+        .parse()
+        .map_err(|_| ApiError::bad_request("the account id is 32 hex digits"))?;
+    let answer = state
+        .keys
+        .history(
+            account_label(account.as_bytes()),
+            "this account",
+            state.config.key_directory_epoch_ms,
+        )
         .await?;
     Ok(Json(answer))
 }

@@ -133,6 +133,11 @@ fn api() -> Api {
             routing::get(key_directory::lookup_username),
         )
         .route("GET", "/v1/keys/history", routing::get(key_directory::own_history))
+        .route(
+            "GET",
+            "/v1/keys/history/account/{account}",
+            routing::get(key_directory::account_history),
+        )
         .route("POST", "/v1/channels", routing::post(channels::create))
         .route("GET", "/v1/channels/{channel}", routing::get(channels::get))
         .route("PUT", "/v1/channels/{channel}", routing::put(channels::update))

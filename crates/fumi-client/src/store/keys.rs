@@ -228,5 +228,72 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Stops sending to `group` while any of `devices` is in it.
+    pub(crate) fn refuse_conversation(
+        &self,
+        group: GroupId,
+        reason: &str,
+        devices: &[DeviceId],
+    ) -> Result<(), ClientError> {
+        let encoded: Vec<u8> = devices.iter().flat_map(|d| *d.as_bytes()).collect();
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO refused_conversations (group_id, reason, devices) VALUES (?, ?, ?)",
+                params![group.as_bytes().as_slice(), reason, encoded],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// Why sending to `group` is stopped, if it is.
+    pub(crate) fn conversation_refusal(&self, group: GroupId) -> Result<Option<String>, ClientError> {
+        self.conn
+            .query_row(
+                "SELECT reason FROM refused_conversations WHERE group_id = ?",
+                [group.as_bytes().as_slice()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql)
+    }
+
+    /// Every refused conversation with the devices that must leave it.
+    pub(crate) fn refused_conversations(&self) -> Result<Vec<(GroupId, Vec<DeviceId>)>, ClientError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT group_id, devices FROM refused_conversations")
+            .map_err(sql)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((id16(r.get(0)?, GroupId::from_slice)?, r.get::<_, Vec<u8>>(1)?))
+            })
+            .map_err(sql)?;
+        let mut refused = Vec::new();
+        for row in rows {
+            let (group, bytes) = row.map_err(sql)?;
+            let devices = bytes
+                .chunks(16)
+                .map(|d| {
+                    DeviceId::from_slice(d).map_err(|_| ClientError::Store("a refused conversation is damaged".into()))
+                })
+                .collect::<Result<_, _>>()?;
+            refused.push((group, devices));
+        }
+        Ok(refused)
+    }
+
+    /// Sending to `group` may resume.
+    pub(crate) fn lift_refusal(&self, group: GroupId) -> Result<(), ClientError> {
+        self.conn
+            .execute(
+                "DELETE FROM refused_conversations WHERE group_id = ?",
+                [group.as_bytes().as_slice()],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+}
+
 /// An encoded member: account (16) ‖ device (16) ‖ identity key (32) ‖ signature key (32).
 const MEMBER_BYTES: usize = 96;
