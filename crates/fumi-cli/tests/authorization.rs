@@ -157,6 +157,9 @@ async fn every_endpoint_refuses_the_wrong_caller_and_changes_nothing() {
             }
             // Names no account: the caller's own entry is the only one it can read.
             ("GET", "/v1/keys/history") => device("/v1/keys/history".into(), None, vec![]),
+            ("GET", "/v1/keys/history/account/{account}") => {
+                device(format!("/v1/keys/history/account/{alice_account}"), None, vec![])
+            }
             ("GET", "/v1/audit/key") => device("/v1/audit/key".into(), None, vec![]),
             ("GET", "/v1/moderation/key") => device("/v1/moderation/key".into(), None, vec![]),
             ("POST", "/v1/reports") => device(
