@@ -30,11 +30,12 @@ enum Event {
     Closed(u64),
 }
 
-/// Runs the daemon until stdin closes (and, with a socket, until interrupted).
+/// Runs the daemon until stdin closes (and, with a socket, until interrupted); answers to
+/// requests already read are written out before it ends, and the socket file is removed.
 pub async fn run(home: &Path, socket: Option<PathBuf>, poll: Duration) -> Result<()> {
     let mut client = FumiClient::open(home)?;
     let (events, mut incoming) = mpsc::unbounded_channel();
-    spawn_stdio(events.clone());
+    let stdout_writer = spawn_stdio(events.clone());
     let _socket = match socket {
         Some(path) => Some(SocketGuard::bind(&path, events.clone())?),
         None => None,
@@ -45,8 +46,11 @@ pub async fn run(home: &Path, socket: Option<PathBuf>, poll: Duration) -> Result
     let mut sessions: HashMap<u64, Session> = HashMap::new();
     let mut poll_timer = tokio::time::interval(poll);
     poll_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break,
             event = incoming.recv() => match event {
                 None => break,
                 Some(Event::Opened(id, out)) => {
@@ -76,6 +80,9 @@ pub async fn run(home: &Path, socket: Option<PathBuf>, poll: Duration) -> Result
             }
         }
     }
+    // Closing every session's queue lets the stdout writer finish what is queued, then end.
+    drop(sessions);
+    let _ = stdout_writer.await;
     Ok(())
 }
 
@@ -120,22 +127,30 @@ fn notify_official(sessions: &HashMap<u64, Session>, events: &OfficialEvents) {
     }
 }
 
-/// Handles one request line; `None` for a notification (a request without id) that succeeded.
+fn error(id: Value, code: i64, message: String) -> Option<Value> {
+    Some(json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}}))
+}
+
+/// Handles one line: a request or a batch (an array of requests, answered by an array of the
+/// answers, notifications left out). `None` when there is nothing to answer.
 async fn answer(
     client: &mut FumiClient,
     sessions: &mut HashMap<u64, Session>,
     session: u64,
     line: &str,
 ) -> Option<Value> {
-    let error = |id: Value, code: i64, message: String| {
-        Some(json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}}))
-    };
     if line.trim().is_empty() {
         return None;
     }
     if line.len() > MAX_REQUEST_BYTES {
+        // The request's id, if it has one, so that the caller can tell which request failed.
+        #[derive(serde::Deserialize)]
+        struct IdOnly {
+            id: Option<Value>,
+        }
+        let id = serde_json::from_str::<IdOnly>(line).ok().and_then(|r| r.id);
         return error(
-            Value::Null,
+            id.unwrap_or(Value::Null),
             -32600,
             format!("a request is at most {MAX_REQUEST_BYTES} bytes"),
         );
@@ -144,6 +159,26 @@ async fn answer(
         Ok(request) => request,
         Err(e) => return error(Value::Null, -32700, format!("not JSON: {e}")),
     };
+    let Value::Array(batch) = request else {
+        return answer_one(client, sessions, session, request).await;
+    };
+    if batch.is_empty() {
+        return error(Value::Null, -32600, "an empty batch".into());
+    }
+    let mut answers = Vec::with_capacity(batch.len());
+    for request in batch {
+        answers.extend(answer_one(client, sessions, session, request).await);
+    }
+    (!answers.is_empty()).then_some(Value::Array(answers))
+}
+
+/// Handles one request; `None` for a notification (a request without id) that succeeded.
+async fn answer_one(
+    client: &mut FumiClient,
+    sessions: &mut HashMap<u64, Session>,
+    session: u64,
+    request: Value,
+) -> Option<Value> {
     let id = request.get("id").cloned();
     let Some(method) = request.get("method").and_then(Value::as_str) else {
         return error(
@@ -265,11 +300,12 @@ async fn call(
     })
 }
 
-/// Session 0: stdin and stdout.
-fn spawn_stdio(events: mpsc::UnboundedSender<Event>) {
+/// Session 0: stdin and stdout. Returns the writer, which ends once its queue is closed and
+/// written out.
+fn spawn_stdio(events: mpsc::UnboundedSender<Event>) -> tokio::task::JoinHandle<()> {
     let (out, mut outgoing) = mpsc::unbounded_channel::<String>();
     let _ = events.send(Event::Opened(0, out));
-    tokio::spawn(async move {
+    let writer = tokio::spawn(async move {
         let mut stdout = tokio::io::stdout();
         while let Some(line) = outgoing.recv().await {
             if stdout.write_all(format!("{line}\n").as_bytes()).await.is_err() || stdout.flush().await.is_err() {
@@ -286,6 +322,7 @@ fn spawn_stdio(events: mpsc::UnboundedSender<Event>) {
         }
         let _ = events.send(Event::Closed(0));
     });
+    writer
 }
 
 /// The listening socket; removed when the daemon ends.

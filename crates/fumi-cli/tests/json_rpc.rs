@@ -241,3 +241,70 @@ fn an_organisation_bot_gets_form_submissions_as_events_and_posts_to_its_channel(
     assert_eq!(kinds, ["channel_post", "form_receipt"], "{lines:?}");
     assert_eq!(lines[0]["post"]["text"], "Fever clinic open until 20:00");
 }
+
+/// The daemon on stdin/stdout as a shell pipeline uses it: every request read is answered
+/// before it ends at end of input; batches get one array back; an oversized request's error
+/// names its id; Ctrl-C removes the socket file.
+#[test]
+fn stdin_requests_are_answered_before_the_daemon_ends() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice", "Alice");
+    let bob = User::register(&server, "bob", "Bob");
+    let oversized = json!({"jsonrpc": "2.0", "id": 4, "method": "whoami", "params": {"pad": "x".repeat(300 * 1024)}});
+    let input = [
+        json!({"jsonrpc": "2.0", "id": 1, "method": "send", "params": {"to": bob.username, "text": "piped"}}),
+        json!([
+            {"jsonrpc": "2.0", "id": 2, "method": "whoami"},
+            {"jsonrpc": "2.0", "method": "whoami"},
+            {"jsonrpc": "2.0", "id": 3, "method": "no_such_method"}
+        ]),
+        oversized,
+        json!([]),
+    ]
+    .map(|line| format!("{line}\n"))
+    .concat();
+    let mut daemon = Command::new(FUMI)
+        .args(["--home", alice.home.path().to_str().unwrap(), "daemon", "--json-rpc"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Written and closed at once: the daemon sees end of input while the send is under way.
+    daemon.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let output = daemon.wait_with_output().unwrap();
+    assert!(output.status.success());
+    let answers: Vec<Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(answers.len(), 4, "{answers:?}");
+    assert_eq!(answers[0]["id"], 1, "{answers:?}");
+    assert!(answers[0].get("result").is_some(), "{answers:?}");
+    let batch = answers[1].as_array().expect("a batch is answered by an array");
+    assert_eq!(batch.len(), 2, "the notification gets no answer: {batch:?}");
+    assert_eq!(batch[0]["id"], 2);
+    assert_eq!(batch[0]["result"]["username"], alice.username.as_str());
+    assert_eq!(batch[1]["id"], 3);
+    assert_eq!(batch[1]["error"]["code"], -32601);
+    assert_eq!(answers[2]["id"], 4, "{}", answers[2]);
+    assert_eq!(answers[2]["error"]["code"], -32600);
+    assert_eq!(answers[3]["error"]["code"], -32600);
+    assert_eq!(bob.receive_texts(), ["piped"]);
+
+    // Interrupted, it removes its socket.
+    let socket = alice.home.path().join("bot.sock");
+    let mut daemon = spawn_daemon(&alice, &socket);
+    let mut rpc = Rpc::connect(&socket);
+    assert_eq!(rpc.call(1, "whoami", json!({}))["id"], 1);
+    let pid = daemon.0.id() as i32;
+    // SAFETY: signals the daemon this test started and still owns (not yet waited for).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let status = daemon.0.wait().unwrap();
+    assert!(
+        status.success(),
+        "ended by the signal instead of handling it: {status:?}"
+    );
+    assert!(!socket.exists(), "the socket file was left behind");
+}
