@@ -325,6 +325,7 @@ fn init_client_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(log_filter("warn"))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -332,7 +333,8 @@ fn init_client_logging() {
 /// whatever it asks: those requests carry the device credential.
 pub(crate) fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
     let wanted = std::env::var("FUMI_LOG").unwrap_or_else(|_| default.to_owned());
-    let filter = format!("{wanted},tungstenite=off,tokio_tungstenite=off");
+    // akd's own notes (such as creating its first tree) are its jargon, not the operator's.
+    let filter = format!("{wanted},tungstenite=off,tokio_tungstenite=off,akd=warn");
     tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|e| {
         eprintln!("FUMI_LOG={wanted:?} is not a valid filter ({e}); using {default:?}");
         tracing_subscriber::EnvFilter::new(format!("{default},tungstenite=off,tokio_tungstenite=off"))

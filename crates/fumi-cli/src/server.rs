@@ -77,8 +77,13 @@ pub fn run(args: ServerArgs) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(crate::log_filter("info"))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Everything the server writes (database, WAL, blobs, the log key) is for its own user only.
+    // SAFETY: umask only changes this process's file-creation mask.
+    unsafe { libc::umask(0o077) };
     let config = load_config(&args)?;
+    restrict_data_dir(&config.data)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -87,7 +92,13 @@ pub fn run(args: ServerArgs) -> Result<()> {
         let address = listener.local_addr()?;
         let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
             .await
-            .with_context(|| format!("cannot listen on {} (admin API)", config.admin_listen))?;
+            .with_context(|| {
+                format!(
+                    "cannot listen on {} for the admin API (another server may use it): choose another address \
+                     with --admin-listen or FUMI_ADMIN_LISTEN",
+                    config.admin_listen
+                )
+            })?;
         let admin_address = admin_listener.local_addr()?;
         println!(
             "fumi server listening on http://{address}, admin API on http://{admin_address}, database: {}",
@@ -112,4 +123,28 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// Makes the data directory and the database files readable by this user only, also when an
+/// older version or another tool created them open to others.
+fn restrict_data_dir(data: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(data).with_context(|| format!("cannot create the data directory {}", data.display()))?;
+    let restrict = |path: &std::path::Path, mode: u32| -> Result<()> {
+        let current = std::fs::metadata(path)?.permissions().mode() & 0o777;
+        if current & 0o077 != 0 {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("cannot make {} private", path.display()))?;
+            tracing::info!(path = %path.display(), "made readable by this user only (was {current:o})");
+        }
+        Ok(())
+    };
+    restrict(data, 0o700)?;
+    for name in ["fumi.db", "fumi.db-wal", "fumi.db-shm", "audit-log.key"] {
+        let path = data.join(name);
+        if path.exists() {
+            restrict(&path, 0o600)?;
+        }
+    }
+    Ok(())
 }

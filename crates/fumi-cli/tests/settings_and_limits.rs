@@ -207,3 +207,51 @@ fn registrations_and_link_opens_are_limited_per_address() {
     let error = String::from_utf8_lossy(&output.stderr);
     assert!(error.contains("rate_limited"), "{error}");
 }
+
+/// What the server writes is its own user's only (a copy of the data directory is the threat
+/// Fumi answers), also after an older version left it open; its log carries no colour codes
+/// when it goes to a file, and no akd jargon.
+#[test]
+fn the_data_directory_is_private_and_the_log_plain() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    let mut server = Server::start();
+    let alice = User::register(&server, "alice", "Alice");
+    let bob = User::register(&server, "bob", "Bob");
+    let file = alice.home.path().join("note.txt");
+    std::fs::write(&file, "a file").unwrap();
+    alice.ok(&["send", &bob.username, "--file", file.to_str().unwrap()]);
+    let data = server.data_dir();
+    assert_eq!(mode(&data), 0o700);
+    let mut files = 0;
+    for entry in walk(&data) {
+        let expected = if entry.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(mode(&entry), expected, "{}", entry.display());
+        files += 1;
+    }
+    assert!(files >= 4, "database, WAL, log key and a blob at least: {files}");
+
+    server.stop();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(data.join("fumi.db"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    server.restart();
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&data.join("fumi.db")), 0o600);
+
+    let log = std::fs::read_to_string(server.log_path()).unwrap();
+    assert!(log.contains("key directory epoch published"), "{log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a log file: {log}");
+    assert!(!log.contains("aZKS"), "{log}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            found.extend(walk(&path));
+        }
+        found.push(path);
+    }
+    found
+}

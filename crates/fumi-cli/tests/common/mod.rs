@@ -143,7 +143,7 @@ impl Server {
             ])
             .arg(self.data_dir())
             .env("FUMI_LOG", "debug")
-            // Key directory epochs every 100 ms instead of every minute: clients meeting a new
+            // Key directory epochs every 100 ms instead of every second: clients meeting a new
             // account or device wait for its epoch.
             .env("FUMI_KEY_DIRECTORY_EPOCH_MS", "100")
             // The lying-server hooks of tests/key_transparency.rs (test builds only).
