@@ -68,9 +68,9 @@ enum Command {
     /// Send a message or a file: `fumi send bob.17 "hello"`, `fumi send bob.17 --file scan.pdf`,
     /// `fumi send --group "Ward 3" "hello"`.
     Send {
-        /// Recipient's full username (e.g. bob.17) and the text; only the text with --group;
-        /// only the username with --file.
-        #[arg(num_args = 0..=2, value_names = ["USERNAME", "TEXT"])]
+        /// Recipient's full username (e.g. bob.17) and the text (several words are joined with
+        /// spaces); only the text with --group; only the username with --file.
+        #[arg(num_args = 0.., value_names = ["USERNAME", "TEXT"])]
         args: Vec<String>,
         /// Send to the group with this name.
         #[arg(long)]
@@ -81,6 +81,9 @@ enum Command {
         /// Text shown with the file.
         #[arg(long, requires = "file")]
         caption: Option<String>,
+        /// Print the sent message's id and time as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Fetch new messages and print them; with --timeout, keep listening that many seconds.
     Receive {
@@ -403,24 +406,38 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
                 group,
                 file,
                 caption,
+                json,
             } => {
                 let mut client = FumiClient::open(&home)?;
                 client.set_progress(progress_bar());
                 client.sync().await?;
-                match (group, file, args.as_slice()) {
-                    (Some(group), None, [text]) => client.send_group(&group, text).await?,
-                    (None, None, [to, text]) => client.send_direct(to, text).await?,
-                    (Some(group), Some(file), []) => {
-                        client.send_file(To::Group(&group), &file, caption.as_deref()).await?
+                let (to, text) = match (&group, args.as_slice()) {
+                    (Some(_), words) => (None, words.join(" ")),
+                    (None, [to, words @ ..]) => (Some(to.as_str()), words.join(" ")),
+                    (None, []) => (None, String::new()),
+                };
+                let id = match (&group, &file, to, text.is_empty()) {
+                    (Some(group), None, _, false) => client.send_group(group, &text).await?,
+                    (None, None, Some(to), false) => client.send_direct(to, &text).await?,
+                    (Some(group), Some(file), _, true) => {
+                        client.send_file(To::Group(group), file, caption.as_deref()).await?
                     }
-                    (None, Some(file), [to]) => client.send_file(To::User(to), &file, caption.as_deref()).await?,
-                    (Some(_), Some(_), _) => anyhow::bail!("with --group and --file, give no other arguments"),
-                    (None, Some(_), _) => {
+                    (None, Some(file), Some(to), true) => {
+                        client.send_file(To::User(to), file, caption.as_deref()).await?
+                    }
+                    (Some(_), Some(_), _, _) => anyhow::bail!("with --group and --file, give no other arguments"),
+                    (None, Some(_), _, _) => {
                         anyhow::bail!("give the username and the file: fumi send bob.17 --file scan.pdf")
                     }
-                    (Some(_), None, _) => anyhow::bail!("with --group, give only the text: fumi send --group NAME TEXT"),
-                    (None, None, _) => anyhow::bail!("give a username and the text: fumi send bob.17 \"hello\""),
+                    (Some(_), None, _, true) => anyhow::bail!("with --group, give the text: fumi send --group NAME TEXT"),
+                    (None, None, _, _) => anyhow::bail!("give a username and the text: fumi send bob.17 \"hello\""),
                 };
+                let to = group.as_deref().or(to).unwrap_or_default();
+                if json {
+                    println!("{}", serde_json::json!({"id": id.to_string(), "to": to}));
+                } else {
+                    println!("sent to {}", line(to));
+                }
             }
             Command::Receive { timeout, json } => {
                 let mut client = FumiClient::open(&home)?;
