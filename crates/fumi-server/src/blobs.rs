@@ -125,8 +125,12 @@ impl BlobStore {
     /// Checks at startup that the store answers (bucket exists, credentials work), so a wrong
     /// setting stops the server with a clear message instead of failing the first upload.
     pub async fn check(&self) -> Result<(), BlobError> {
-        // A write and a delete: a missing bucket or read-only credentials fail here.
-        let probe = ObjectPath::from("blobs/.fumi-startup-check");
+        // A write and a delete: a missing bucket or read-only credentials fail here. Each
+        // process probes its own object: nodes of a cluster starting together share the store.
+        let probe = ObjectPath::from(format!(
+            "blobs/.fumi-startup-check-{}",
+            hex::encode(rand::random::<[u8; 8]>())
+        ));
         let failed =
             |e: object_store::Error| BlobError::Store(format!("{} does not accept writes: {e}", self.description));
         self.objects
@@ -373,5 +377,33 @@ fn store_error(error: object_store::Error) -> BlobError {
     match error {
         object_store::Error::NotFound { .. } => BlobError::Missing,
         other => BlobError::Store(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Nodes of a cluster share one blob store and start together (a deploy, a restart): each
+    /// one's startup check must pass whatever the others do meanwhile. (With one probe object
+    /// for all, a node deleted another's probe and that node refused to start.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nodes_starting_together_on_one_store_all_pass_the_check() {
+        let shared = tempfile::tempdir().unwrap();
+        let mut starts = Vec::new();
+        for node in 0..8 {
+            let staging = shared.path().join(format!("staging-{node}"));
+            let store =
+                BlobStore::open_at(shared.path().join("blobs").to_str().unwrap(), shared.path(), &staging).unwrap();
+            starts.push(tokio::spawn(async move {
+                for _ in 0..25 {
+                    store.check().await?;
+                }
+                Ok::<_, BlobError>(())
+            }));
+        }
+        for start in starts {
+            start.await.unwrap().unwrap();
+        }
     }
 }

@@ -495,6 +495,14 @@ impl Drop for Server {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // A failing test shows what the server said (its directory is deleted next).
+        if std::thread::panicking()
+            && let Ok(log) = std::fs::read_to_string(self.log_path())
+        {
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!("--- last lines of the server log ({})\n{}", self.url, tail.join("\n"));
+        }
         if let Some((url, schema)) = &self.postgres {
             // Its own schema and those of its regions (named after it).
             let drop = format!(
