@@ -442,9 +442,11 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
             Command::Receive { timeout, json } => {
                 let mut client = FumiClient::open(&home)?;
                 client.set_progress(progress_bar());
-                for message in client.receive(Duration::from_secs(timeout)).await? {
-                    print_message(&message, json)?;
-                }
+                client
+                    .receive_each(Duration::from_secs(timeout), |message| {
+                        print_message(&message, json).map_err(|e| fumi_client::ClientError::Store(e.to_string()))
+                    })
+                    .await?;
                 for warning in client.take_key_warnings() {
                     if json {
                         println!("{}", serde_json::json!({"type": "key_warning", "message": warning}));

@@ -57,6 +57,17 @@ fn a_linked_device_receives_from_link_time_and_nothing_after_removal() {
             .any(|m| m["event"] == true && m["text"].as_str().unwrap().contains("copied from your other device")),
         "{on_laptop:?}"
     );
+    // The laptop joins its conversations as Alice's own device, not as someone Alice added.
+    let joined: Vec<&str> = on_laptop
+        .iter()
+        .filter(|m| m["event"] == true)
+        .filter_map(|m| m["text"].as_str())
+        .collect();
+    assert!(
+        joined.iter().any(|t| t.contains("your other device added this device")),
+        "{joined:?}"
+    );
+    assert!(!joined.iter().any(|t| t.contains("added you")), "{joined:?}");
     let copied = fumi_ok(laptop.path(), &["history", &bob.username]);
     let before = copied.find("before the link").expect("earlier message copied");
     let after = copied.find("after the link").expect("new message");
@@ -114,6 +125,10 @@ fn a_linked_device_receives_from_link_time_and_nothing_after_removal() {
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("removed"), "{stderr}");
+    assert!(
+        !stderr.contains('{'),
+        "the server's error is shown as text, not JSON: {stderr}"
+    );
     assert!(!String::from_utf8_lossy(&refused.stdout).contains("after the removal"));
     assert_eq!(
         texts(&alice.receive_json()),

@@ -65,3 +65,51 @@ fn send_while_server_is_down_fails_clearly_and_sends_nothing_later() {
     alice.ok(&["receive"]);
     assert_eq!(bob.receive_texts(), vec!["first"]);
 }
+
+/// `receive --timeout` is what a person leaves running: it prints each message as it arrives,
+/// and a server restart (clean or kill -9) while it listens is a pause, not the end.
+#[test]
+fn a_listening_receive_prints_as_messages_arrive_and_outlives_server_restarts() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut server = Server::start();
+    let alice = User::register(&server, "alice", "Alice");
+    let bob = User::register(&server, "bob", "Bob");
+    alice.ok(&["send", &bob.username, "first"]);
+    let mut listener = Command::new(common::FUMI)
+        .args([
+            "--home",
+            bob.home.path().to_str().unwrap(),
+            "receive",
+            "--json",
+            "--timeout",
+            "60",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(listener.stdout.take().unwrap()).lines();
+    let mut next_text = || loop {
+        let line = lines.next().expect("the listener ended early").unwrap();
+        let message: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if message["event"] == false {
+            return message["text"].as_str().unwrap().to_owned();
+        }
+    };
+    // Shown while the listener still runs (it used to print only when its time was up).
+    assert_eq!(next_text(), "first");
+    server.stop();
+    server.restart();
+    alice.ok(&["send", &bob.username, "after a clean restart"]);
+    assert_eq!(next_text(), "after a clean restart");
+    server.kill9();
+    server.restart();
+    alice.ok(&["send", &bob.username, "after kill -9"]);
+    assert_eq!(next_text(), "after kill -9");
+    let _ = listener.kill();
+    let _ = listener.wait();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut listener.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("connected to the server again"), "{stderr}");
+}

@@ -38,6 +38,10 @@ const KEY_PACKAGE_STOCK: usize = 20;
 const KEY_PACKAGE_LOW_WATER: u64 = 5;
 /// How often a commit is retried after losing its epoch to another member's commit.
 const COMMIT_ATTEMPTS: usize = 5;
+/// The first pause before a lost delivery connection is made again while listening; it
+/// doubles up to the longest.
+const RECONNECT_FIRST_PAUSE: Duration = Duration::from_millis(250);
+const RECONNECT_LONGEST_PAUSE: Duration = Duration::from_secs(5);
 
 /// Errors of client operations; each message is meant for the user.
 #[derive(Debug, Error)]
@@ -104,6 +108,14 @@ impl ClientError {
 
     fn is_code(&self, wanted: &str) -> bool {
         matches!(self, ClientError::Server { code, .. } if code == wanted)
+    }
+
+    /// The server could not be reached or is not serving yet (it may be restarting).
+    fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Network(_) | ClientError::Server { status: 502..=504, .. }
+        )
     }
 }
 
@@ -518,45 +530,107 @@ impl FumiClient {
     /// Receives everything queued, then keeps listening until `listen` has passed; returns the
     /// messages and events not shown before, and marks them shown.
     pub async fn receive(&mut self, listen: Duration) -> Result<Vec<DisplayMessage>, ClientError> {
+        let mut shown = Vec::new();
+        self.receive_each(listen, |message| {
+            shown.push(message);
+            Ok(())
+        })
+        .await?;
+        Ok(shown)
+    }
+
+    /// As [`FumiClient::receive`], handing each message to `show` as soon as it can be shown:
+    /// the queued ones once they are all processed, later ones as they arrive. While listening,
+    /// a lost connection (the server restarting, the network dropping) is made again, with
+    /// growing pauses, until `listen` is over.
+    pub async fn receive_each(
+        &mut self,
+        listen: Duration,
+        mut show: impl FnMut(DisplayMessage) -> Result<(), ClientError>,
+    ) -> Result<(), ClientError> {
         self.flush_outbox().await?;
         let deadline = tokio::time::Instant::now() + listen;
-        let mut delivery = self.transport.connect().await?;
+        let listening = || tokio::time::Instant::now() < deadline;
+        let mut delivery = Some(self.transport.connect().await?);
         let mut drained = false;
+        let mut pause = RECONNECT_FIRST_PAUSE;
         loop {
+            let Some(connection) = delivery.as_mut() else {
+                if !listening() {
+                    break;
+                }
+                tokio::time::sleep(pause.min(deadline - tokio::time::Instant::now())).await;
+                match self.transport.connect().await {
+                    Ok(connection) => {
+                        self.progress.note("connected to the server again");
+                        delivery = Some(connection);
+                        drained = false;
+                        pause = RECONNECT_FIRST_PAUSE;
+                    }
+                    Err(e) if e.is_unreachable() => pause = (pause * 2).min(RECONNECT_LONGEST_PAUSE),
+                    Err(e) => return Err(e),
+                }
+                continue;
+            };
             let frame = if drained {
-                match tokio::time::timeout_at(deadline, delivery.next()).await {
-                    Ok(frame) => frame?,
+                match tokio::time::timeout_at(deadline, connection.next()).await {
+                    Ok(frame) => frame,
                     Err(_) => break,
                 }
             } else {
-                delivery.next().await?
+                connection.next().await
             };
             match frame {
-                None => break,
-                Some(ServerFrame::Drained) => drained = true,
-                Some(ServerFrame::Envelope { seq, message, .. }) => {
-                    self.process_envelope(&mut delivery, seq, message.as_slice()).await?
+                Ok(None) | Err(ClientError::Network(_)) if listening() => {
+                    self.progress
+                        .note("lost the connection to the server; connecting again while listening");
+                    delivery = None;
                 }
-                Some(ServerFrame::ChannelPost {
+                Ok(None) => break,
+                Err(e) => return Err(e),
+                Ok(Some(ServerFrame::Drained)) => {
+                    drained = true;
+                    // What was queued is shown once its new members are checked.
+                    self.after_sync().await?;
+                    self.show_unseen(&mut show)?;
+                }
+                Ok(Some(ServerFrame::Envelope { seq, message, .. })) => {
+                    self.process_envelope(connection, seq, message.as_slice()).await?;
+                    if drained {
+                        if !self.joined.is_empty() || !self.store.pending_arrivals()?.is_empty() {
+                            self.after_sync().await?;
+                        }
+                        self.show_unseen(&mut show)?;
+                    }
+                }
+                Ok(Some(ServerFrame::ChannelPost {
                     channel,
                     seq,
                     sealed_post,
                     ..
-                }) => self.on_channel_push(channel, seq, sealed_post.as_slice()).await?,
+                })) => self.on_channel_push(channel, seq, sealed_post.as_slice()).await?,
             }
         }
-        delivery.close().await;
+        if let Some(delivery) = delivery {
+            delivery.close().await;
+        }
         self.after_sync().await?;
         // Channels are fetched here, not in every sync: sending needs none of their posts.
         self.sync_channels().await?;
         // Whenever the key directory moved on, this account's entry is looked at again.
         let warnings = self.check_own_keys(false).await?;
         self.key_warnings.extend(warnings);
+        self.show_unseen(&mut show)
+    }
+
+    /// Hands every message not yet shown to `show`, then marks them shown.
+    fn show_unseen(&self, show: &mut impl FnMut(DisplayMessage) -> Result<(), ClientError>) -> Result<(), ClientError> {
         let unseen = self.store.unseen()?;
         let ids: Vec<i64> = unseen.iter().map(|m| m.local_id).collect();
-        let shown = unseen.iter().map(|m| self.display(m)).collect::<Result<Vec<_>, _>>()?;
-        self.store.mark_seen(&ids)?;
-        Ok(shown)
+        for message in &unseen {
+            show(self.display(message)?)?;
+        }
+        self.store.mark_seen(&ids)
     }
 
     /// Processes everything queued on the server without showing it (before sending, so that
@@ -1045,7 +1119,11 @@ impl FumiClient {
                     expire_after_ms: None,
                 };
                 self.store.insert_conversation(&conversation, now_ms())?;
-                let text = format!("{} added you", mention(by.account));
+                let text = if by.account == me {
+                    "your other device added this device to the conversation".to_owned()
+                } else {
+                    format!("{} added you", mention(by.account))
+                };
                 self.store_event(group, by.account, &text, false)?;
                 Ok(Some(Arrival {
                     group,

@@ -142,12 +142,24 @@ impl Transport {
             );
         }
         let (socket, _) = tokio_tungstenite::connect_async(request).await.map_err(|e| match e {
-            tokio_tungstenite::tungstenite::Error::Http(response) => ClientError::Server {
-                status: response.status().as_u16(),
-                code: "websocket_refused".into(),
-                message: String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).into_owned(),
-                current_epoch: None,
-            },
+            tokio_tungstenite::tungstenite::Error::Http(response) => {
+                // The server's error body, as for any request: its code and message.
+                let body = response.body().as_deref().unwrap_or_default();
+                let error: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+                let field = |name: &str| {
+                    error
+                        .as_ref()
+                        .and_then(|e| e.get(name).or_else(|| e.get("error").and_then(|inner| inner.get(name))))
+                        .and_then(|v| v.as_str())
+                        .map(str::to_owned)
+                };
+                ClientError::Server {
+                    status: response.status().as_u16(),
+                    code: field("code").unwrap_or_else(|| "websocket_refused".into()),
+                    message: field("message").unwrap_or_else(|| String::from_utf8_lossy(body).into_owned()),
+                    current_epoch: None,
+                }
+            }
             other => ClientError::Network(format!("cannot reach {} (delivery connection): {other}", self.base)),
         })?;
         Ok(Delivery { socket })
