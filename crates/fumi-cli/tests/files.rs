@@ -108,7 +108,8 @@ fn oversized_files_are_refused_before_upload() {
 }
 
 /// A TCP proxy that drops the connection carrying the upload once `cut_after` bytes went from
-/// client to server, once; then it forwards faithfully.
+/// client to server, once (or, `swallowing`, keeps it open and forwards nothing more on it, as a
+/// stalled network); then it forwards faithfully.
 struct CuttingProxy {
     url: String,
     cuts: Arc<AtomicU64>,
@@ -116,6 +117,28 @@ struct CuttingProxy {
 
 impl CuttingProxy {
     fn start(target: &str, cut_after: u64) -> Self {
+        Self::start_as(target, cut_after, false)
+    }
+
+    /// A home registered through the proxy: everything it sends passes it.
+    fn register(&self, nickname: &str) -> tempfile::TempDir {
+        let home = tempfile::tempdir().unwrap();
+        fumi_ok(
+            home.path(),
+            &[
+                "register",
+                "--server",
+                &self.url,
+                "--name",
+                nickname,
+                "--username",
+                nickname,
+            ],
+        );
+        home
+    }
+
+    fn start_as(target: &str, cut_after: u64, swallowing: bool) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let target = target.trim_start_matches("http://").to_owned();
@@ -142,6 +165,8 @@ impl CuttingProxy {
                         let total = counted.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
                         if total > cut_after && armed.swap(false, Ordering::SeqCst) {
                             cuts.fetch_add(1, Ordering::SeqCst);
+                            // Read and drop until the client goes away.
+                            while swallowing && matches!(client_read.read(&mut buffer), Ok(1..)) {}
                             let _ = client_read.shutdown(std::net::Shutdown::Both);
                             let _ = server_write.shutdown(std::net::Shutdown::Both);
                             break;
@@ -168,19 +193,7 @@ fn an_upload_resumes_after_the_connection_drops() {
     let size = 20 * 1024 * 1024;
     // Alice reaches the server only through the proxy, which cuts her connection mid-file.
     let proxy = CuttingProxy::start(&server.url, 13 * 1024 * 1024);
-    let home = tempfile::tempdir().unwrap();
-    fumi_ok(
-        home.path(),
-        &[
-            "register",
-            "--server",
-            &proxy.url,
-            "--name",
-            "Alice",
-            "--username",
-            "alice",
-        ],
-    );
+    let home = proxy.register("alice");
     let (file, original) = random_file(home.path(), "video.mp4", size);
     let output = common::fumi(home.path(), &["send", &bob.username, "--file", file.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -203,6 +216,58 @@ fn an_upload_resumes_after_the_connection_drops() {
         "{received} re-sent more than one chunk"
     );
 
+    let out = bob.ok(&["receive"]);
+    assert_eq!(std::fs::read(saved_path(&out, "video.mp4")).unwrap(), original);
+}
+
+/// Ctrl-C (or a crash) in the middle of a large upload: the next `send` of the same file goes
+/// on from the bytes the server holds, with the same blob, and leaves no partial copy behind.
+#[test]
+fn an_upload_interrupted_in_one_run_resumes_in_the_next() {
+    let server = Server::start();
+    let bob = User::register(&server, "bob", "Bob");
+    let size = 20 * 1024 * 1024;
+    let proxy = CuttingProxy::start_as(&server.url, 9 * 1024 * 1024, true);
+    let home = proxy.register("alice");
+    let (file, original) = random_file(home.path(), "video.mp4", size);
+    let send = ["send", &bob.username, "--file", file.to_str().unwrap()];
+    let mut first = std::process::Command::new(common::FUMI)
+        .arg("--home")
+        .arg(home.path())
+        .args(send)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let received = || -> u64 {
+        server
+            .metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix("fumi_blob_bytes_received_total "))
+            .map_or(0, |v| v.trim().parse().unwrap())
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while proxy.cuts.load(Ordering::SeqCst) == 0 || received() < 8 * 1024 * 1024 {
+        assert!(std::time::Instant::now() < deadline, "the upload never got under way");
+        assert!(first.try_wait().unwrap().is_none(), "the first send ended by itself");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let held = received();
+
+    let output = common::fumi(home.path(), &send);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("resuming the upload of video.mp4 at byte "), "{stderr}");
+    let sealed_size = fumi_core::attachment::ciphertext_size(size as u64);
+    assert!(
+        received() < sealed_size + held / 2,
+        "sent again from the start: {} bytes received for {sealed_size}",
+        received()
+    );
+    let stored = server.blob_files();
+    assert_eq!(stored.len(), 1, "one copy, no partial upload left: {stored:?}");
     let out = bob.ok(&["receive"]);
     assert_eq!(std::fs::read(saved_path(&out, "video.mp4")).unwrap(), original);
 }

@@ -192,8 +192,47 @@ impl FumiClient {
         }
         let name = sanitize_file_name(&path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
         let size = metadata.len();
+        let original = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let ciphertext_size = attachment::ciphertext_size(size);
+        let create = create(ciphertext_size);
 
-        let key = AttachmentKey::generate(&mut rand::rng());
+        // The same file for the same request, interrupted before: go on with its key and nonces.
+        let modified = metadata
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos() as u64);
+        let upload_path = original.display().to_string();
+        let purpose = crate::sha256(
+            &[
+                serde_json::to_vec(&create).expect("a blob request serialises"),
+                size.to_be_bytes().to_vec(),
+                modified.to_be_bytes().to_vec(),
+            ]
+            .concat(),
+        );
+        let resumed = match self.store.pending_upload(&upload_path, &purpose)? {
+            None => None,
+            Some(pending) => match self
+                .transport
+                .request::<(), BlobUploadStatus>(Method::GET, &format!("/v1/blobs/{}/upload", pending.blob), None)
+                .await
+            {
+                Ok(status) if status.size == ciphertext_size => {
+                    Some((pending.blob, pending.file_key, pending.nonce_seed, status.received))
+                }
+                // Gone (expired, collected) or not ours: start again.
+                Ok(_) | Err(ClientError::Server { status: 400..=499, .. }) => {
+                    self.store.forget_pending_upload(&upload_path, &purpose)?;
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        let (key, nonce_seed) = match &resumed {
+            Some((_, key, seed, _)) => (AttachmentKey::from_bytes(*key), *seed),
+            None => (AttachmentKey::generate(&mut rand::rng()), crate::random_bytes()),
+        };
         // Encryption runs on a blocking thread and hands sealed chunks to the upload as they
         // are ready: both cores work, and no sealed copy of the file is written to disk.
         let (chunks, mut ready) = tokio::sync::mpsc::channel::<Bytes>(2);
@@ -205,13 +244,25 @@ impl FumiClient {
                     chunks,
                     buffer: Vec::with_capacity(UPLOAD_CHUNK_BYTES),
                 };
-                let sealed = attachment::encrypt(&key, &mut source, size, &mut sink, &mut rand::rng())?;
+                // Nonces from a seed kept with the upload: encrypting again gives the same bytes.
+                let mut nonces = <rand::rngs::StdRng as rand::SeedableRng>::from_seed(nonce_seed);
+                let sealed = attachment::encrypt(&key, &mut source, size, &mut sink, &mut nonces)?;
                 sink.flush()?;
                 Ok::<_, AttachmentError>(sealed)
             })
         };
-        let ciphertext_size = attachment::ciphertext_size(size);
-        let uploaded = self.upload(&mut ready, create(ciphertext_size), &name).await;
+        let remember = |blob: BlobId| {
+            self.store.save_pending_upload(
+                &upload_path,
+                &purpose,
+                blob,
+                key.as_bytes(),
+                &nonce_seed,
+                crate::now_ms(),
+            )
+        };
+        let resume = resumed.map(|(blob, _, _, received)| (blob, received));
+        let uploaded = self.upload(&mut ready, create, &name, resume, remember).await;
         drop(ready);
         let encrypted = encryptor
             .await
@@ -228,6 +279,7 @@ impl FumiClient {
             (Ok(blob), Ok(sealed)) => (blob, sealed),
         };
         let (blob, sealed) = sealed;
+        self.store.forget_pending_upload(&upload_path, &purpose)?;
 
         let original = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         let attachment = Attachment {
@@ -249,30 +301,50 @@ impl FumiClient {
     }
 
     /// Uploads sealed chunks as they arrive; after a failure resumes from the server's offset.
+    /// With `resume`, goes on with that blob from the byte the server holds (the chunks still
+    /// come from the start; those it has are skipped); otherwise creates the blob and hands its
+    /// id to `remember` before the first byte is sent.
     pub(crate) async fn upload(
         &self,
         ready: &mut tokio::sync::mpsc::Receiver<Bytes>,
         create: BlobCreate,
         label: &str,
+        resume: Option<(BlobId, u64)>,
+        remember: impl FnOnce(BlobId) -> Result<(), ClientError>,
     ) -> Result<BlobId, ClientError> {
         let size = create.size;
-        let created: BlobCreated = self
-            .transport
-            .request(Method::POST, "/v1/blobs", Some(&create))
-            .await
-            .map_err(|e| match e {
-                ClientError::Server {
-                    status: 413, message, ..
-                } => ClientError::Usage(message),
-                other => other,
-            })?;
-        let blob = created.blob_id;
+        let (blob, held) = match resume {
+            Some((blob, held)) => {
+                self.progress
+                    .note(&format!("resuming the upload of {label} at byte {held} of {size}"));
+                (blob, held)
+            }
+            None => {
+                let created: BlobCreated = self
+                    .transport
+                    .request(Method::POST, "/v1/blobs", Some(&create))
+                    .await
+                    .map_err(|e| match e {
+                        ClientError::Server {
+                            status: 413, message, ..
+                        } => ClientError::Usage(message),
+                        other => other,
+                    })?;
+                remember(created.blob_id)?;
+                (created.blob_id, 0)
+            }
+        };
         self.progress.begin(&format!("sending {label}"), size);
         let mut start = 0u64;
         let result = async {
             while let Some(chunk) = ready.recv().await {
-                self.upload_chunk(blob, start, chunk.clone(), size).await?;
-                start += chunk.len() as u64;
+                let end = start + chunk.len() as u64;
+                if end > held {
+                    let skip = held.saturating_sub(start);
+                    self.upload_chunk(blob, start + skip, chunk.slice(skip as usize..), size)
+                        .await?;
+                }
+                start = end;
                 self.progress.set(start);
             }
             if start != size {

@@ -127,6 +127,8 @@ impl FumiClient {
                     channel: None,
                 },
                 "history",
+                None,
+                |_| Ok(()),
             )
             .await?;
         let pointer = Attachment {

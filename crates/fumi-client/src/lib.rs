@@ -1721,7 +1721,7 @@ fn validate_group_name(name: &str) -> Result<String, ClientError> {
     Ok(name.to_owned())
 }
 
-fn sha256(bytes: &[u8]) -> [u8; 32] {
+pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
     use sha2::Digest;
     sha2::Sha256::digest(bytes).into()
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::rc::Rc;
 
 use fumi_core::franking::Evidence;
-use fumi_proto::{AccountId, DeviceId, GroupId, MessageId};
+use fumi_proto::{AccountId, BlobId, DeviceId, GroupId, MessageId};
 use openmls_rust_crypto::RustCrypto;
 use openmls_sqlite_storage::{Codec, SqliteStorageProvider};
 use openmls_traits::OpenMlsProvider;
@@ -241,7 +241,32 @@ CREATE TABLE refused_conversations (
     devices BLOB NOT NULL
 );
 "#,
+    r#"
+-- Uploads under way. Sending the same file (same path, size and modification time) for the
+-- same blob request again after an interruption goes on where the server's copy stopped: the
+-- file is encrypted again with the same key and nonces, and only the missing bytes are sent.
+CREATE TABLE pending_uploads (
+    path TEXT NOT NULL,
+    -- SHA-256 of the blob request (size, recipients, channel) and the file's size and mtime.
+    purpose BLOB NOT NULL,
+    blob_id BLOB NOT NULL,
+    file_key BLOB NOT NULL,
+    nonce_seed BLOB NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (path, purpose)
+);
+"#,
 ];
+
+/// An upload under way: its blob and what encrypts the file to the same bytes again.
+pub struct PendingUpload {
+    /// The blob on the server.
+    pub blob: BlobId,
+    /// The file's attachment key.
+    pub file_key: [u8; 32],
+    /// Seeds the generator of the file's nonce prefix.
+    pub nonce_seed: [u8; 32],
+}
 
 /// JSON codec for OpenMLS's stored values.
 #[derive(Debug, Default)]
@@ -787,6 +812,62 @@ impl Store {
                     name,
                     peer.map(|p| p.as_bytes().to_vec())
                 ],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// The upload under way for this file and purpose.
+    pub fn pending_upload(&self, path: &str, purpose: &[u8; 32]) -> Result<Option<PendingUpload>, ClientError> {
+        self.conn
+            .query_row(
+                "SELECT blob_id, file_key, nonce_seed FROM pending_uploads WHERE path = ? AND purpose = ?",
+                params![path, purpose.as_slice()],
+                |r| {
+                    Ok(PendingUpload {
+                        blob: id16(r.get(0)?, BlobId::from_slice)?,
+                        file_key: key32(r.get(1)?)?,
+                        nonce_seed: key32(r.get(2)?)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(sql)
+    }
+
+    /// Remembers an upload before its first byte is sent.
+    pub fn save_pending_upload(
+        &self,
+        path: &str,
+        purpose: &[u8; 32],
+        blob: BlobId,
+        file_key: &[u8; 32],
+        nonce_seed: &[u8; 32],
+        now: u64,
+    ) -> Result<(), ClientError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO pending_uploads (path, purpose, blob_id, file_key, nonce_seed, created_at)
+                 VALUES (?, ?, ?, ?, ?, ?)",
+                params![
+                    path,
+                    purpose.as_slice(),
+                    blob.as_bytes().as_slice(),
+                    file_key.as_slice(),
+                    nonce_seed.as_slice(),
+                    now as i64
+                ],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// Forgets an upload (finished, or no longer on the server).
+    pub fn forget_pending_upload(&self, path: &str, purpose: &[u8; 32]) -> Result<(), ClientError> {
+        self.conn
+            .execute(
+                "DELETE FROM pending_uploads WHERE path = ? AND purpose = ?",
+                params![path, purpose.as_slice()],
             )
             .map_err(sql)?;
         Ok(())
