@@ -574,8 +574,18 @@ fn run_client_command(home: Option<PathBuf>, command: Command) -> Result<()> {
                     if json {
                         println!("{}", serde_json::to_string(&device)?);
                     } else {
-                        let this = if device.this_device { " (this device)" } else { "" };
-                        println!("{}{this}", device.id);
+                        let about = match (device.this_device, device.trusted, device.known_since) {
+                            (true, _, _) => "this device".to_owned(),
+                            (false, true, Some(since)) => {
+                                format!("known to this device since {}", operator::format_utc(since))
+                            }
+                            (false, true, None) => "linked by your devices".to_owned(),
+                            (false, false, _) => {
+                                "NOT LINKED BY ANY OF YOUR DEVICES: remove it if you do not know it; see `fumi keys check`"
+                                    .to_owned()
+                            }
+                        };
+                        println!("{}  ({about})", device.id);
                     }
                 }
             }

@@ -44,6 +44,8 @@ fn a_linked_device_receives_from_link_time_and_nothing_after_removal() {
     let laptop_id: serde_json::Value = serde_json::from_str(&laptop_id).unwrap();
     let laptop_id = laptop_id["device_id"].as_str().unwrap().to_owned();
     assert!(devices.contains(&laptop_id), "{devices}");
+    let laptop_line = devices.lines().find(|l| l.starts_with(&laptop_id)).unwrap();
+    assert!(laptop_line.contains("known to this device since 20"), "{devices}");
 
     // Both of Alice's devices get new 1:1 and group messages; the laptop nothing from before.
     bob.ok(&["send", &alice.username, "after the link"]);

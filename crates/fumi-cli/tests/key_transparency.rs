@@ -185,6 +185,9 @@ fn a_device_added_behind_the_owners_back_is_reported_and_never_added() {
     assert!(warning.contains("SECURITY WARNING"), "{warning}");
     assert!(warning.contains(&phantom.to_string()), "{warning}");
     assert!(warning.contains("none of your devices linked"), "{warning}");
+    let devices = bob.ok(&["device", "list"]);
+    let phantom_line = devices.lines().find(|l| l.starts_with(&phantom.to_string())).unwrap();
+    assert!(phantom_line.contains("NOT LINKED BY ANY OF YOUR DEVICES"), "{devices}");
     // `receive` reports it too, and Bob's device does not bring the phantom into his
     // conversations (its mailbox stays empty).
     let lines = bob.receive_json();

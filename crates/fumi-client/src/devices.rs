@@ -40,6 +40,12 @@ pub struct DeviceSummary {
     pub id: String,
     /// Whether it is the device running this command.
     pub this_device: bool,
+    /// Whether this device trusts it: itself, a device it linked, or one a trusted device of
+    /// the account linked. A listed device that is not trusted was linked by none of them.
+    pub trusted: bool,
+    /// When this device learned of it (ms since the Unix epoch), if it trusts it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub known_since: Option<u64>,
 }
 
 /// A contact for `contact list` and `contact add`.
@@ -447,15 +453,19 @@ impl FumiClient {
         }
     }
 
-    /// This account's devices.
+    /// This account's devices as the server lists them, with what this device knows of each.
     pub async fn devices(&self) -> Result<Vec<DeviceSummary>, ClientError> {
         let info = self.own_account_info().await?;
+        let trusted = self.trusted_own_devices()?;
+        let learned = self.store.known_devices_learned_at()?;
         Ok(info
             .devices
             .into_iter()
             .map(|d| DeviceSummary {
                 id: d.to_string(),
                 this_device: d == self.account.device_id,
+                trusted: trusted.contains_key(&d),
+                known_since: learned.get(&d).copied().filter(|_| trusted.contains_key(&d)),
             })
             .collect())
     }
