@@ -86,6 +86,8 @@ fn the_readme_walkthrough_runs_as_printed() {
         !format!("{stdout}{stderr}").contains("SECURITY WARNING"),
         "{stdout}\n{stderr}"
     );
+    // Nothing went wrong on the way (a contact's profile that does not open, a failed fetch).
+    assert!(!stderr.contains(" WARN "), "{stderr}");
     let csv = std::fs::read_to_string(dir.path().join("out.csv")).unwrap();
     assert!(csv.contains("Bob Example"), "{csv}");
 }

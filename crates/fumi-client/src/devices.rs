@@ -109,6 +109,10 @@ struct BundledContact {
     profile_key: Option<Base64Bytes>,
 }
 
+/// An invite link's payload: account (16) ‖ token (32) ‖ identity key (32) ‖ profile key (32) ‖
+/// when the profile key was set (u64 BE, ms).
+const INVITE_BYTES: usize = 16 + 32 + 32 + 32 + 8;
+
 fn bundle_label(account: AccountId) -> Vec<u8> {
     [b"fumi device link v1".as_slice(), account.as_bytes()].concat()
 }
@@ -372,7 +376,7 @@ impl FumiClient {
                 .as_ref()
                 .and_then(|k| <[u8; 32]>::try_from(k.as_slice()).ok())
             {
-                store.set_profile_key(contact.account, &key)?;
+                store.set_profile_key(contact.account, &key, 0)?;
             }
         }
         let device = open_device(provider, &account)?;
@@ -658,6 +662,7 @@ impl FumiClient {
             &token,
             &identity_key,
             &self.account.profile_key,
+            &self.account.profile_key_set_at.to_be_bytes(),
         ]
         .concat();
         Ok(format!(
@@ -670,7 +675,9 @@ impl FumiClient {
     /// Uses an invite link: pins the inviter's identity key from the link, learns their profile,
     /// and opens a 1:1 conversation with them.
     pub async fn accept_invite(&mut self, code: &str) -> Result<ContactSummary, ClientError> {
-        let (server, payload) = parse_code(code, INVITE_PREFIX, 16 + 32 + 32 + 32, "invite link")?;
+        // Links made before the profile key's time was added are 8 bytes shorter.
+        let (server, payload) = parse_code(code, INVITE_PREFIX, INVITE_BYTES, "invite link")
+            .or_else(|_| parse_code(code, INVITE_PREFIX, INVITE_BYTES - 8, "invite link"))?;
         if server.trim_end_matches('/') != self.account.server {
             return Err(ClientError::Usage(format!(
                 "this invite is for the server {server}, and your account is on {}",
@@ -681,6 +688,11 @@ impl FumiClient {
         let token = array32(&payload[16..48]);
         let identity_key = array32(&payload[48..80]);
         let profile_key = array32(&payload[80..112]);
+        // The inviter's clock, as the sent_at of its messages: a message queued from before
+        // the invite carries an older key and does not replace this one.
+        let profile_key_set_at = payload
+            .get(112..120)
+            .map_or(0, |at| u64::from_be_bytes(at.try_into().expect("8 bytes")));
         if account == self.account.account_id {
             return Err(ClientError::Usage("this is your own invite link".into()));
         }
@@ -708,7 +720,7 @@ impl FumiClient {
         if !self.store.check_identity_key(account, &identity_key)? {
             return Err(self.identity_changed(account)?);
         }
-        self.store.set_profile_key(account, &profile_key)?;
+        self.store.set_profile_key(account, &profile_key, profile_key_set_at)?;
         self.fetch_profiles().await?;
         if self.direct_conversation(account)?.is_none() {
             // Claims key packages checked against the key pinned from the link just now.
@@ -818,7 +830,13 @@ impl FumiClient {
                 Ok(sealed) => match Profile::open(sealed.sealed.as_slice(), &key, account) {
                     Ok(profile) => profile,
                     Err(e) => {
-                        tracing::warn!(account = %account.redacted(), error = %e, "a contact's profile did not open");
+                        // Usually a key from a message queued before the contact changed it (the
+                        // newer key comes with their next message); or the server altered it.
+                        tracing::info!(
+                            account = %account.redacted(),
+                            error = %e,
+                            "a contact's profile does not open with the newest key this device has for them"
+                        );
                         continue;
                     }
                 },

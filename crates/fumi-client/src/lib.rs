@@ -1184,7 +1184,8 @@ impl FumiClient {
                             .adopt_own_profile_key(&content.profile_key, content.sent_at)?;
                     }
                 } else {
-                    self.store.set_profile_key(sender.account, &content.profile_key)?;
+                    self.store
+                        .set_profile_key(sender.account, &content.profile_key, content.sent_at)?;
                 }
                 let received = |text: String, is_event: bool, attachment: Option<FileView>| StoredMessage {
                     local_id: 0,
@@ -1228,7 +1229,7 @@ impl FumiClient {
                                 && members.iter().any(|m| m.account == profile.account)
                                 && !self.store.has_profile_key(profile.account)?
                             {
-                                self.store.set_profile_key(profile.account, &profile.profile_key)?;
+                                self.store.set_profile_key(profile.account, &profile.profile_key, 0)?;
                             }
                         }
                         let peer = if name.is_none() {

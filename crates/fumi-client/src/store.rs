@@ -245,6 +245,9 @@ CREATE TABLE refused_conversations (
 -- Uploads under way. Sending the same file (same path, size and modification time) for the
 -- same blob request again after an interruption goes on where the server's copy stopped: the
 -- file is encrypted again with the same key and nonces, and only the missing bytes are sent.
+-- When the contact's profile key was sent (its message's sent_at; an invite's key counts from
+-- its use): an older key arriving later does not replace it.
+ALTER TABLE contacts ADD COLUMN profile_key_at INTEGER NOT NULL DEFAULT 0;
 CREATE TABLE pending_uploads (
     path TEXT NOT NULL,
     -- SHA-256 of the blob request (size, recipients, channel) and the file's size and mtime.
@@ -675,24 +678,36 @@ impl Store {
     }
 
     /// Records a contact's profile key; returns true if it is new (the profile must be fetched).
-    pub fn set_profile_key(&self, account: AccountId, key: &[u8; 32]) -> Result<bool, ClientError> {
-        let current: Option<Option<Vec<u8>>> = self
+    pub fn set_profile_key(&self, account: AccountId, key: &[u8; 32], at: u64) -> Result<bool, ClientError> {
+        let current: Option<(Option<Vec<u8>>, i64)> = self
             .conn
             .query_row(
-                "SELECT profile_key FROM contacts WHERE account_id = ?",
+                "SELECT profile_key, profile_key_at FROM contacts WHERE account_id = ?",
                 [account.as_bytes().as_slice()],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()
             .map_err(sql)?;
-        if current.flatten().as_deref() == Some(key.as_slice()) {
-            return Ok(false);
+        match &current {
+            Some((Some(known), _)) if known.as_slice() == key.as_slice() => {
+                self.conn
+                    .execute(
+                        "UPDATE contacts SET profile_key_at = MAX(profile_key_at, ?2) WHERE account_id = ?1",
+                        params![account.as_bytes().as_slice(), at as i64],
+                    )
+                    .map_err(sql)?;
+                return Ok(false);
+            }
+            // A key older than the one known (a message queued before the contact's newer
+            // invite or change) would not open the current profile.
+            Some((Some(_), known_at)) if (at as i64) < *known_at => return Ok(false),
+            _ => {}
         }
         self.conn
             .execute(
-                "INSERT INTO contacts (account_id, profile_key, profile_fetched) VALUES (?1, ?2, 0)
-                 ON CONFLICT (account_id) DO UPDATE SET profile_key = ?2, profile_fetched = 0",
-                params![account.as_bytes().as_slice(), key.as_slice()],
+                "INSERT INTO contacts (account_id, profile_key, profile_fetched, profile_key_at) VALUES (?1, ?2, 0, ?3)
+                 ON CONFLICT (account_id) DO UPDATE SET profile_key = ?2, profile_fetched = 0, profile_key_at = ?3",
+                params![account.as_bytes().as_slice(), key.as_slice(), at as i64],
             )
             .map_err(sql)?;
         Ok(true)
@@ -1399,4 +1414,45 @@ fn create_private_file(path: &Path) -> Result<(), ClientError> {
         .open(path)
         .map(drop)
         .map_err(|e| ClientError::Store(format!("cannot create {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A contact's profile key follows the newest announcement: a message queued from before an
+    /// invite or a change cannot bring back a key that no longer opens the profile.
+    #[test]
+    fn an_older_profile_key_does_not_replace_a_newer_one() {
+        let home = tempfile::tempdir().unwrap();
+        let (store, _provider) = Store::open(home.path()).unwrap();
+        let alice = AccountId::from_bytes([1; 16]);
+        // The key the next profile fetch uses.
+        let key = || -> Option<[u8; 32]> {
+            store
+                .profiles_to_fetch()
+                .unwrap()
+                .into_iter()
+                .find(|(account, _)| *account == alice)
+                .map(|(_, key)| key)
+        };
+        assert!(store.set_profile_key(alice, &[2; 32], 2_000).unwrap(), "first key");
+        assert_eq!(key(), Some([2; 32]));
+        assert!(
+            !store.set_profile_key(alice, &[1; 32], 1_000).unwrap(),
+            "older key ignored"
+        );
+        assert_eq!(key(), Some([2; 32]));
+        assert!(
+            !store.set_profile_key(alice, &[2; 32], 2_500).unwrap(),
+            "same key: nothing to fetch"
+        );
+        assert!(store.set_profile_key(alice, &[3; 32], 3_000).unwrap(), "newer key");
+        assert_eq!(key(), Some([3; 32]));
+        assert!(
+            !store.set_profile_key(alice, &[2; 32], 2_900).unwrap(),
+            "older than the newest"
+        );
+        assert_eq!(key(), Some([3; 32]));
+    }
 }
