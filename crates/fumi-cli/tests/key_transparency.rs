@@ -391,3 +391,59 @@ fn a_server_naming_its_own_device_as_the_linked_one_is_refused() {
     );
     assert!(stderr(&check).contains(&phantom.to_string()), "{}", stderr(&check));
 }
+
+/// A group change brought a device that no version of its account's directory entry ever
+/// listed (written here into Alice's store as an unchecked arrival, as a commit from a member
+/// with a broken or hostile client would bring it; honest clients never add such a device).
+/// The warning comes once, in the conversation too, and the conversation stays what it is:
+/// listed, received and usable, not shown as left.
+#[test]
+fn a_device_never_listed_is_reported_once_and_the_group_stays() {
+    let server = Server::start();
+    let alice = User::register(&server, "alice", "Alice");
+    let bob = User::register(&server, "bob", "Bob");
+    alice.ok(&["group", "create", "Team", &bob.username]);
+    bob.ok(&["receive"]);
+    let phantom = DeviceId::from_bytes(rand::random());
+    {
+        let db = rusqlite::Connection::open(alice.home.path().join("fumi.db")).unwrap();
+        let group: Vec<u8> = db
+            .query_row("SELECT group_id FROM conversations WHERE name = 'Team'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        let identity_key = identity_of(&bob).public_key();
+        let member = [
+            account_id(&bob).as_bytes().as_slice(),
+            phantom.as_bytes(),
+            &identity_key,
+            &rand::random::<[u8; 32]>(),
+        ]
+        .concat();
+        db.execute(
+            "INSERT INTO pending_arrivals (group_id, members) VALUES (?, ?)",
+            rusqlite::params![group, member],
+        )
+        .unwrap();
+    }
+    let refused = alice.run(&["receive"]);
+    assert!(!refused.status.success());
+    let warning = stderr(&refused);
+    assert!(warning.contains("SECURITY WARNING"), "{warning}");
+    assert!(warning.contains(&phantom.to_string()), "{warning}");
+
+    let again = alice.run(&["receive"]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(
+        !stderr(&again).contains("SECURITY WARNING"),
+        "said once: {}",
+        stderr(&again)
+    );
+    let groups = alice.ok(&["group", "list"]);
+    assert!(groups.starts_with("Team: "), "{groups}");
+    assert!(!groups.contains("(removed)"), "{groups}");
+    let history = alice.ok(&["history", "Team"]);
+    assert_eq!(history.matches(&phantom.to_string()).count(), 1, "{history}");
+    alice.ok(&["send", "--group", "Team", "still here"]);
+    assert_eq!(bob.receive_texts(), ["still here"]);
+}
