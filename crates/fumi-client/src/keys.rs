@@ -5,7 +5,7 @@
 //! - Before encrypting to a device (a claimed KeyPackage, a member of a group joined or changed),
 //!   the client looks the device's account up in the directory and checks the proof against an
 //!   epoch head signed by the server's log key. The account's identity key, the device and its
-//!   signature key must all be listed; a change gets one epoch to be published, then a mismatch
+//!   signature key must all be listed; a change gets two epochs to be published, then a mismatch
 //!   stops the action with a security warning.
 //! - A username's account is checked the same way.
 //! - Epochs never go back and one epoch has one root, for this device: a server showing an older
@@ -33,6 +33,10 @@ use crate::{ClientError, FumiClient, now_ms};
 
 /// The longest a client waits for a change to reach the directory before calling it a mismatch.
 const MAX_PUBLICATION_WAIT_MS: u64 = 180_000;
+
+/// Newer epochs a client waits for before calling a missing change a mismatch: the epoch being
+/// published when the change was made may not contain it, the one after does.
+const EPOCHS_FOR_A_CHANGE: u32 = 2;
 
 /// Answer to `GET /v1/keys/head`.
 #[derive(Debug, Deserialize)]
@@ -236,7 +240,7 @@ impl FumiClient {
     /// commit this device processed). A device its account's entry lists is accepted. One it
     /// no longer lists is accepted if the entry's history listed it (the device was linked and
     /// removed while this device was offline); if it is still in the group, its account's devices
-    /// have yet to commit its removal. Any other device gets one epoch to be published, then is
+    /// have yet to commit its removal. Any other device gets two epochs to be published, then is
     /// refused with a security warning.
     pub(crate) async fn check_arrival(
         &self,
@@ -300,7 +304,7 @@ impl FumiClient {
     }
 
     /// Checks that every member is listed, with its identity key and signature key, in its
-    /// account's directory entry. A change is given one epoch to be published; after that a
+    /// account's directory entry. A change is given two epochs to be published; after that a
     /// member the directory does not list is refused with a security warning.
     pub(crate) async fn check_members_in_directory(&self, members: &[Member]) -> Result<(), ClientError> {
         let mut by_account: BTreeMap<AccountId, Vec<Member>> = BTreeMap::new();
@@ -326,14 +330,14 @@ impl FumiClient {
         .await
     }
 
-    /// Looks `account` up until `problem` finds nothing wrong with its entry, waiting for one
-    /// newer epoch at most; then refuses with a security warning.
+    /// Looks `account` up until `problem` finds nothing wrong with its entry, waiting for two
+    /// newer epochs at most; then refuses with a security warning.
     async fn check_account_entry(
         &self,
         account: AccountId,
         problem: impl Fn(&AccountEntry) -> Option<String>,
     ) -> Result<(), ClientError> {
-        let mut waited = false;
+        let mut waited = 0;
         loop {
             let found = self.directory_account(account).await?;
             let found_problem = match &found {
@@ -345,9 +349,17 @@ impl FumiClient {
             };
             let epoch = match &found {
                 Some((head, _)) => head.epoch,
-                None => self.directory_head().await?.0.epoch,
+                None => {
+                    let head = self.directory_head().await?.0.epoch;
+                    // Published between the lookup and the head: waiting for the epoch after
+                    // it would wait for a change that already happened.
+                    if self.directory_account(account).await?.is_some() {
+                        continue;
+                    }
+                    head
+                }
             };
-            if waited || !self.wait_for_epoch_after(epoch).await? {
+            if waited == EPOCHS_FOR_A_CHANGE || !self.wait_for_epoch_after(epoch).await? {
                 let name = self.display_account(account)?;
                 return Err(security(format!(
                     "the server handed out keys for {name} that its own key directory does not list: {found_problem}. \
@@ -355,11 +367,11 @@ impl FumiClient {
                      encrypted to these keys."
                 )));
             }
-            waited = true;
+            waited += 1;
         }
     }
 
-    /// Checks that the directory gives `username_hash` to `account` (waiting one epoch for a
+    /// Checks that the directory gives `username_hash` to `account` (waiting two epochs for a
     /// fresh claim).
     pub(crate) async fn check_username_in_directory(
         &self,
@@ -369,7 +381,7 @@ impl FumiClient {
     ) -> Result<(), ClientError> {
         let label = keys::username_label(username_hash);
         let path = format!("/v1/keys/lookup/username/{}", hex::encode(username_hash));
-        let mut waited = false;
+        let mut waited = 0;
         loop {
             let found = self.directory_lookup(&path, &label, "a username").await?;
             let listed = match &found {
@@ -385,15 +397,22 @@ impl FumiClient {
             }
             let epoch = match &found {
                 Some((head, _)) => head.epoch,
-                None => self.directory_head().await?.0.epoch,
+                None => {
+                    let head = self.directory_head().await?.0.epoch;
+                    // As for accounts: published between the lookup and the head.
+                    if self.directory_lookup(&path, &label, "a username").await?.is_some() {
+                        continue;
+                    }
+                    head
+                }
             };
-            if waited || !self.wait_for_epoch_after(epoch).await? {
+            if waited == EPOCHS_FOR_A_CHANGE || !self.wait_for_epoch_after(epoch).await? {
                 return Err(security(format!(
                     "the server says {username} belongs to an account its own key directory does not give it to; \
                      someone with access to the server may be impersonating {username}. Nothing was sent."
                 )));
             }
-            waited = true;
+            waited += 1;
         }
     }
 
