@@ -46,10 +46,11 @@ pub async fn run(home: &Path, socket: Option<PathBuf>, poll: Duration) -> Result
     let mut sessions: HashMap<u64, Session> = HashMap::new();
     let mut poll_timer = tokio::time::interval(poll);
     poll_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut interrupt, mut terminate) = (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?);
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
             event = incoming.recv() => match event {
                 None => break,

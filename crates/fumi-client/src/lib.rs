@@ -590,7 +590,11 @@ impl FumiClient {
                 Err(e) => return Err(e),
                 Ok(Some(ServerFrame::Drained)) => {
                     drained = true;
-                    // What was queued is shown once its new members are checked.
+                    if !listening() {
+                        break;
+                    }
+                    // What was queued is shown once its new members are checked (when not
+                    // listening, the sync below does that once).
                     self.after_sync().await?;
                     self.show_unseen(&mut show)?;
                 }

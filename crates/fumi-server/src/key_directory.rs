@@ -768,15 +768,18 @@ fn retry_later() -> ApiError {
     )
 }
 
+fn parse_account(text: &str) -> Result<AccountId, ApiError> {
+    text.parse()
+        .map_err(|_| ApiError::bad_request("the account id is 32 hex digits"))
+}
+
 /// `GET /v1/keys/lookup/account/{id}`: an account's identity key and devices, with proof.
 pub async fn lookup_account(
     _device: AuthDevice,
     State(state): State<Arc<AppState>>,
     Path(account): Path<String>,
 ) -> Result<Json<LookupAnswer>, ApiError> {
-    let account: AccountId = account
-        .parse()
-        .map_err(|_| ApiError::bad_request("the account id is 32 hex digits"))?;
+    let account = parse_account(&account)?;
     let answer = state
         .keys
         .lookup(
@@ -830,9 +833,7 @@ pub async fn account_history(
     State(state): State<Arc<AppState>>,
     Path(account): Path<String>,
 ) -> Result<Json<HistoryAnswer>, ApiError> {
-    let account: AccountId = account
-        .parse()
-        .map_err(|_| ApiError::bad_request("the account id is 32 hex digits"))?;
+    let account = parse_account(&account)?;
     let answer = state
         .keys
         .history(

@@ -140,24 +140,17 @@ impl Store {
 
     /// When this device learned of each trusted device of the account (ms since the Unix epoch).
     pub(crate) fn known_devices_learned_at(&self) -> Result<HashMap<DeviceId, u64>, ClientError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT device_id, learned_at FROM known_devices")
-            .map_err(sql)?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((id16(r.get(0)?, DeviceId::from_slice)?, r.get::<_, i64>(1)? as u64))
-            })
-            .map_err(sql)?;
-        rows.collect::<Result<_, _>>().map_err(sql)
+        self.device_times("SELECT device_id, learned_at FROM known_devices")
     }
 
     /// Devices of this account that were removed, with when (ms since the Unix epoch).
     pub(crate) fn revoked_devices_at(&self) -> Result<HashMap<DeviceId, u64>, ClientError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT device_id, revoked_at FROM revoked_devices")
-            .map_err(sql)?;
+        self.device_times("SELECT device_id, revoked_at FROM revoked_devices")
+    }
+
+    /// Rows of (device id, time) as a map.
+    fn device_times(&self, query: &str) -> Result<HashMap<DeviceId, u64>, ClientError> {
+        let mut stmt = self.conn.prepare(query).map_err(sql)?;
         let rows = stmt
             .query_map([], |r| {
                 Ok((id16(r.get(0)?, DeviceId::from_slice)?, r.get::<_, i64>(1)? as u64))
