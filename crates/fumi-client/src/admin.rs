@@ -148,7 +148,8 @@ impl AdminClient {
 /// A fresh moderation key: the secret (for the moderators' key file) and the public key (the
 /// server's `moderation_public_key`), both hex.
 pub fn generate_moderation_key() -> (String, String) {
-    let (secret, public) = fumi_core::franking::moderation_keypair(&mut rand::rng());
+    let (secret, public) =
+        fumi_core::franking::moderation_keypair(&openmls_rust_crypto::RustCrypto::default(), &mut rand::rng());
     (hex::encode(secret), hex::encode(public))
 }
 
@@ -174,7 +175,12 @@ impl AdminClient {
             .and_then(|b| b.try_into().ok())
             .ok_or_else(|| ClientError::Usage("the moderation key file must hold 64 hex digits".into()))?;
         let sealed: fumi_proto::ReportSubmit = self.json(Method::GET, &format!("/admin/v1/reports/{id}"), None).await?;
-        let report = Report::open(sealed.sealed.as_slice(), &secret).map_err(|e| ClientError::Usage(e.to_string()))?;
+        let report = Report::open(
+            &openmls_rust_crypto::RustCrypto::default(),
+            sealed.sealed.as_slice(),
+            &secret,
+        )
+        .map_err(|e| ClientError::Usage(e.to_string()))?;
         let verdict = match report.evidence.verify() {
             Err(e) => Err(e.to_string()),
             Ok(sender) => {

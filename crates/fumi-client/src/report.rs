@@ -3,6 +3,7 @@
 
 use fumi_core::franking::{MAX_COMMENT_BYTES, REPORT_VERSION, Report};
 use fumi_proto::{MessageId, ModerationKey, ReportFiled, ReportSubmit};
+use openmls_traits::OpenMlsProvider;
 use reqwest::Method;
 
 use crate::{ClientError, FumiClient, now_ms};
@@ -42,9 +43,13 @@ impl FumiClient {
         };
         let (signature_key, credential) = self.device.signing_identity();
         let sealed = report
-            .seal(&key, &signature_key, &credential, |message| {
-                self.device.sign_labelled(message).ok()
-            })
+            .seal(
+                self.device.provider().crypto(),
+                &key,
+                &signature_key,
+                &credential,
+                |message| self.device.sign_labelled(message).ok(),
+            )
             .map_err(|e| ClientError::Usage(e.to_string()))?;
         let filed: ReportFiled = self
             .transport

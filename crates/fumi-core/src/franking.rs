@@ -22,8 +22,6 @@
 
 use fumi_proto::{AccountId, DeviceId, GroupId, MAX_SEALED_REPORT_BYTES, MessageId};
 use hmac::{Hmac, Mac};
-use openmls_rust_crypto::OpenMlsRustCrypto;
-use openmls_traits::OpenMlsProvider;
 use openmls_traits::crypto::OpenMlsCrypto;
 use openmls_traits::types::{HpkeAeadType, HpkeCiphertext, HpkeConfig, HpkeKdfType, HpkeKemType};
 use serde::{Deserialize, Serialize};
@@ -368,6 +366,7 @@ impl Report {
     /// HKDF-SHA256, ChaCha20-Poly1305). Output: encapsulated key ‖ ciphertext.
     pub fn seal(
         &self,
+        crypto: &impl OpenMlsCrypto,
         moderation_key: &[u8; 32],
         signature_key: &[u8],
         credential: &[u8],
@@ -388,9 +387,7 @@ impl Report {
             signature: hex::encode(signature),
         };
         let json = serde_json::to_vec(&signed).expect("report serialises");
-        let provider = OpenMlsRustCrypto::default();
-        let sealed = provider
-            .crypto()
+        let sealed = crypto
             .hpke_seal(HPKE, moderation_key, REPORT_INFO, &[], &json)
             .map_err(|e| FrankingError::Malformed(format!("sealing failed: {e:?}")))?;
         let out = [sealed.kem_output.as_slice(), sealed.ciphertext.as_slice()].concat();
@@ -404,7 +401,11 @@ impl Report {
     /// signed it (with a device certified by some identity key; the moderator checks that key is
     /// the reporter account's if it matters). Does not verify the evidence: call
     /// [`Evidence::verify`].
-    pub fn open(sealed: &[u8], moderation_secret: &[u8; 32]) -> Result<Self, FrankingError> {
+    pub fn open(
+        crypto: &impl OpenMlsCrypto,
+        sealed: &[u8],
+        moderation_secret: &[u8; 32],
+    ) -> Result<Self, FrankingError> {
         if sealed.len() <= KEM_OUTPUT_BYTES {
             return Err(FrankingError::Sealed);
         }
@@ -413,9 +414,7 @@ impl Report {
             kem_output: kem_output.to_vec().into(),
             ciphertext: ciphertext.to_vec().into(),
         };
-        let provider = OpenMlsRustCrypto::default();
-        let json = provider
-            .crypto()
+        let json = crypto
             .hpke_open(HPKE, &input, moderation_secret, REPORT_INFO, &[])
             .map_err(|_| FrankingError::Sealed)?;
         let signed: SignedReport =
@@ -452,12 +451,10 @@ impl Report {
 }
 
 /// A fresh moderation key pair: (secret, public), 32 bytes each.
-pub fn moderation_keypair(rng: &mut impl rand::RngCore) -> ([u8; 32], [u8; 32]) {
+pub fn moderation_keypair(crypto: &impl OpenMlsCrypto, rng: &mut impl rand::RngCore) -> ([u8; 32], [u8; 32]) {
     let mut ikm = [0u8; 32];
     rng.fill_bytes(&mut ikm);
-    let provider = OpenMlsRustCrypto::default();
-    let pair = provider
-        .crypto()
+    let pair = crypto
         .derive_hpke_keypair(HPKE, &ikm)
         .expect("X25519 key derivation from 32 bytes cannot fail");
     let secret: [u8; 32] = pair.private.as_ref().try_into().expect("X25519 secret is 32 bytes");
@@ -580,8 +577,9 @@ mod tests {
     #[test]
     fn reports_open_only_with_the_moderation_key() {
         let mut rng = rand::rng();
-        let (secret, public) = moderation_keypair(&mut rng);
-        let (other_secret, _) = moderation_keypair(&mut rng);
+        let crypto = openmls_rust_crypto::RustCrypto::default();
+        let (secret, public) = moderation_keypair(&crypto, &mut rng);
+        let (other_secret, _) = moderation_keypair(&crypto, &mut rng);
         let reporter = Sender::new(5);
         let reporter_key = reporter.device_key.verifying_key().to_bytes();
         let reporter_credential = reporter
@@ -597,30 +595,36 @@ mod tests {
         };
         let seal = |report: &Report, signer: &ed25519_dalek::SigningKey| {
             report
-                .seal(&public, &reporter_key, &reporter_credential, |m| {
+                .seal(&crypto, &public, &reporter_key, &reporter_credential, |m| {
                     Some(signer.sign(m).to_bytes())
                 })
                 .unwrap()
         };
         let sealed = seal(&report, &reporter.device_key);
-        assert_eq!(Report::open(&sealed, &secret).unwrap(), report);
+        assert_eq!(Report::open(&crypto, &sealed, &secret).unwrap(), report);
         // Filed in someone else's name, or signed by another key: refused.
         let impostor = Report {
             reporter: AccountId::from_bytes([6; 16]),
             ..report.clone()
         };
         assert_eq!(
-            Report::open(&seal(&impostor, &reporter.device_key), &secret),
+            Report::open(&crypto, &seal(&impostor, &reporter.device_key), &secret),
             Err(FrankingError::BadReporter)
         );
         assert_eq!(
-            Report::open(&seal(&report, &Sender::new(7).device_key), &secret),
+            Report::open(&crypto, &seal(&report, &Sender::new(7).device_key), &secret),
             Err(FrankingError::BadReporter)
         );
-        assert_eq!(Report::open(&sealed, &other_secret), Err(FrankingError::Sealed));
+        assert_eq!(
+            Report::open(&crypto, &sealed, &other_secret),
+            Err(FrankingError::Sealed)
+        );
         let mut altered = sealed.clone();
         *altered.last_mut().unwrap() ^= 1;
-        assert_eq!(Report::open(&altered, &secret), Err(FrankingError::Sealed));
-        assert_eq!(Report::open(&sealed[..20], &secret), Err(FrankingError::Sealed));
+        assert_eq!(Report::open(&crypto, &altered, &secret), Err(FrankingError::Sealed));
+        assert_eq!(
+            Report::open(&crypto, &sealed[..20], &secret),
+            Err(FrankingError::Sealed)
+        );
     }
 }
