@@ -148,7 +148,7 @@ pub fn accountability(data: &[u8]) {
     };
     match selector % 6 {
         0 => {
-            let _ = fumi_core::franking::Report::open(body, &[7; 32]);
+            let _ = fumi_core::franking::Report::open(&openmls_rust_crypto::RustCrypto::default(), body, &[7; 32]);
         }
         1 => {
             if let Ok(report) = serde_json::from_slice::<fumi_core::franking::Report>(body) {

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use fumi_proto::endpoints;
 use futures_util::future::try_join_all;
 use serde_json::{Value, json};
 
@@ -276,9 +277,8 @@ pub async fn channel(
     let (channel, key) = organisation.create_channel().await?;
     let setup_started = Instant::now();
     let devices = register_many(http, server, subscribers, 0).await?;
-    let subscribe = format!("/v1/channels/{channel}/subscription");
     for chunk in devices.chunks(256) {
-        try_join_all(chunk.iter().map(|d| d.call(reqwest::Method::PUT, &subscribe))).await?;
+        try_join_all(chunk.iter().map(|d| d.call(endpoints::SUBSCRIBE, &[&channel], ""))).await?;
     }
     let arrivals = Arrivals::default();
     let mut listeners = Vec::with_capacity(online);
@@ -312,12 +312,15 @@ pub async fn channel(
     // Offline subscribers catch up by number when they come online: a sample fetches the posts.
     let offline = &devices[online..];
     let sample = offline.len().min(2000);
-    let fetch = format!("/v1/channels/{channel}/posts?after=0");
     let fetched = AtomicUsize::new(0);
     let fetch_started = Instant::now();
     for chunk in offline[..sample].chunks(64) {
         try_join_all(chunk.iter().map(|d| async {
-            let page: fumi_proto::ChannelPosts = d.call(reqwest::Method::GET, &fetch).await?.json().await?;
+            let page: fumi_proto::ChannelPosts = d
+                .call(endpoints::CHANNEL_POSTS, &[&channel], "?after=0")
+                .await?
+                .json()
+                .await?;
             fetched.fetch_add(page.posts.len(), Ordering::Relaxed);
             Ok::<_, anyhow::Error>(())
         }))
@@ -325,7 +328,7 @@ pub async fn channel(
     }
     let fetch_seconds = fetch_started.elapsed().as_secs_f64();
     let state: fumi_proto::ChannelState = devices[0]
-        .call(reqwest::Method::GET, &format!("/v1/channels/{channel}"))
+        .call(endpoints::CHANNEL, &[&channel], "")
         .await?
         .json()
         .await?;

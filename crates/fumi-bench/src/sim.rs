@@ -3,6 +3,7 @@
 //! measures the server and not a client's disk.
 
 use std::collections::HashMap;
+use std::fmt::Display;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -12,6 +13,7 @@ use fumi_core::mls::MlsDevice;
 use fumi_core::official::{
     CHANNEL_VERSION, ChannelInfo, ChannelKey, OrganisationProfile, Post, PostBody, seal_info, seal_post,
 };
+use fumi_proto::endpoints::{self, Endpoint};
 use fumi_proto::*;
 use futures_util::{SinkExt, StreamExt};
 use openmls_rust_crypto::OpenMlsRustCrypto;
@@ -53,7 +55,7 @@ impl SimDevice {
             // forwarded there): FUMI_BENCH_REGION=jp.
             region: std::env::var("FUMI_BENCH_REGION").ok(),
         };
-        let registered: RegisterResponse = post(http, base, "/v1/accounts", None, &request).await?;
+        let registered: RegisterResponse = post(http, base, endpoints::REGISTER.path, None, &request).await?;
         let provider = OpenMlsRustCrypto::default();
         let signature_key = MlsDevice::generate_signature_key(&provider)?;
         let mls = MlsDevice::open(
@@ -77,17 +79,32 @@ impl SimDevice {
                 key_packages: fresh.one_time.into_iter().map(Base64Bytes).collect(),
                 last_resort: None,
             };
-            let _: KeyPackageCount = device.post("/v1/keypackages", &upload).await?;
+            let _: KeyPackageCount = device
+                .post(endpoints::UPLOAD_KEY_PACKAGES.path_with(&[]), &upload)
+                .await?;
         }
         Ok(device)
     }
 
-    async fn post<B: serde::Serialize, R: serde::de::DeserializeOwned>(&self, path: &str, body: &B) -> Result<R> {
-        post(&self.http, &self.base, path, Some(&self.authorization), body).await
+    /// POSTs to `path`, made by the endpoint's `path_with`.
+    async fn post<B: serde::Serialize, R: serde::de::DeserializeOwned>(&self, path: String, body: &B) -> Result<R> {
+        post(&self.http, &self.base, &path, Some(&self.authorization), body).await
     }
 
-    /// Sends a request without a body and checks the status.
-    pub async fn call(&self, method: reqwest::Method, path: &str) -> Result<reqwest::Response> {
+    /// Calls `endpoint` without a body (its parameters from `args`, then `query`, which is
+    /// empty or starts with `?`) and checks the status.
+    pub fn call<'a>(
+        &'a self,
+        endpoint: Endpoint,
+        args: &[&dyn Display],
+        query: &str,
+    ) -> impl Future<Output = Result<reqwest::Response>> + Send + use<'a> {
+        let path = format!("{}{query}", endpoint.path_with(args));
+        let method = reqwest::Method::from_bytes(endpoint.method.as_bytes());
+        async move { self.send(method?, path).await }
+    }
+
+    async fn send(&self, method: reqwest::Method, path: String) -> Result<reqwest::Response> {
         let response = self
             .http
             .request(method, format!("{}{path}", self.base))
@@ -122,7 +139,7 @@ impl SimDevice {
         let sealed = seal_info(&self.identity, &key, &info, &mut rand::rng());
         let _: () = self
             .post(
-                "/v1/channels",
+                endpoints::CREATE_CHANNEL.path_with(&[]),
                 &ChannelCreate {
                     channel_id: channel,
                     sealed_info: Base64Bytes(sealed),
@@ -151,7 +168,8 @@ impl SimDevice {
             seq,
             sealed_post: Base64Bytes(sealed),
         };
-        self.post(&format!("/v1/channels/{channel}/posts"), &post).await
+        self.post(endpoints::POST_TO_CHANNEL.path_with(&[&channel]), &post)
+            .await
     }
 
     /// Creates a group with these devices (each of its own account), adding at most 100 per
@@ -165,7 +183,7 @@ impl SimDevice {
                 accounts: batch.iter().map(|m| m.account).collect(),
                 devices: vec![],
             };
-            let claimed: ClaimedKeyPackages = self.post("/v1/keypackages/claim", &claim).await?;
+            let claimed: ClaimedKeyPackages = self.post(endpoints::CLAIM_KEY_PACKAGES.path_with(&[]), &claim).await?;
             let mut key_packages = Vec::new();
             for entry in &claimed.key_packages {
                 let (key_package, _) =
@@ -185,7 +203,7 @@ impl SimDevice {
                 }),
                 removed: vec![],
             };
-            let _: SubmitAccepted = self.post("/v1/messages", &request).await?;
+            let _: SubmitAccepted = self.post(endpoints::SUBMIT_MESSAGE.path_with(&[]), &request).await?;
             self.mls.confirm_commit(group)?;
         }
         Ok((group, largest_welcome))
@@ -214,7 +232,7 @@ impl SimDevice {
             welcome: None,
             removed: vec![],
         };
-        let _: SubmitAccepted = self.post("/v1/messages", &request).await?;
+        let _: SubmitAccepted = self.post(endpoints::SUBMIT_MESSAGE.path_with(&[]), &request).await?;
         Ok(())
     }
 
@@ -227,7 +245,7 @@ impl SimDevice {
 
     /// As [`Self::listen`]; with `record_backlog`, what was queued before is recorded too.
     pub async fn listen_with(&self, arrivals: Arrivals, record_backlog: bool) -> Result<tokio::task::JoinHandle<()>> {
-        let url = format!("{}/v1/ws", self.base.replacen("http", "ws", 1));
+        let url = format!("{}{}", self.base.replacen("http", "ws", 1), endpoints::WEBSOCKET.path);
         let mut request = url.into_client_request()?;
         request
             .headers_mut()

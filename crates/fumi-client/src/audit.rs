@@ -3,7 +3,8 @@
 
 use fumi_audit::verify::{self, Totals, VerifierState, VerifyError};
 use fumi_audit::{ConsistencyProof, EntriesPage, Entry, InclusionProof, SignedTreeHead, TreeHead, decode_path};
-use reqwest::Method;
+use fumi_proto::endpoints::{self, Endpoint};
+use std::fmt::Display;
 use thiserror::Error;
 
 use crate::ClientError;
@@ -52,10 +53,8 @@ async fn check_extends(transport: &Transport, previous: &VerifierState, head: &T
     }
     let proof: ConsistencyProof = get(
         transport,
-        &format!(
-            "/v1/audit/proof/consistency?first={}&second={}",
-            previous.head.tree_size, head.tree_size
-        ),
+        endpoints::AUDIT_CONSISTENCY,
+        &[("first", &previous.head.tree_size), ("second", &head.tree_size)],
     )
     .await
     .map_err(|e| unprovable(previous.head.tree_size, e))?;
@@ -68,7 +67,7 @@ async fn check_extends(transport: &Transport, previous: &VerifierState, head: &T
 /// every entry after it, and counts them.
 pub async fn verify_log(server: &str, previous: Option<&VerifierState>) -> Result<Verified, AuditError> {
     let transport = Transport::new(server)?;
-    let served: SignedTreeHead = get(&transport, "/v1/audit/head").await?;
+    let served: SignedTreeHead = get(&transport, endpoints::AUDIT_HEAD, &[]).await?;
     let head = verify::check_head(previous.map(|p| &p.head), &served)?;
     let (start, mut totals) = match previous {
         Some(previous) => {
@@ -81,9 +80,13 @@ pub async fn verify_log(server: &str, previous: Option<&VerifierState>) -> Resul
     let mut index = start;
     while index < head.tree_size {
         let end = (index + PAGE).min(head.tree_size);
-        let page: EntriesPage = get(&transport, &format!("/v1/audit/entries?start={index}&end={end}"))
-            .await
-            .map_err(|e| unprovable(index, e))?;
+        let page: EntriesPage = get(
+            &transport,
+            endpoints::AUDIT_ENTRIES,
+            &[("start", &index), ("end", &end)],
+        )
+        .await
+        .map_err(|e| unprovable(index, e))?;
         if page.entries.is_empty() {
             return Err(AuditError::Unprovable {
                 index,
@@ -93,7 +96,8 @@ pub async fn verify_log(server: &str, previous: Option<&VerifierState>) -> Resul
         for bytes in page.entries.iter().take((end - index) as usize) {
             let proof: InclusionProof = get(
                 &transport,
-                &format!("/v1/audit/proof/inclusion?index={index}&tree_size={}", head.tree_size),
+                endpoints::AUDIT_INCLUSION,
+                &[("index", &index), ("tree_size", &head.tree_size)],
             )
             .await
             .map_err(|e| unprovable(index, e))?;
@@ -125,18 +129,19 @@ fn protocol(what: &str) -> AuditError {
     AuditError::Client(ClientError::Protocol(format!("the server sent a malformed {what}")))
 }
 
-async fn get<R: serde::de::DeserializeOwned>(transport: &Transport, path: &str) -> Result<R, ClientError> {
-    transport.request::<(), R>(Method::GET, path, None).await
+async fn get<R: serde::de::DeserializeOwned>(
+    transport: &Transport,
+    endpoint: Endpoint,
+    query: &[(&str, &(dyn Display + Sync))],
+) -> Result<R, ClientError> {
+    transport.request_query::<(), R>(endpoint, &[], query, None).await
 }
 
 impl crate::FumiClient {
     /// Verifies the whole log and returns the entries that name this account (recognised with
     /// the account's audit key, which only its devices and the server hold).
     pub async fn my_audit_entries(&self) -> Result<(Verified, Vec<Entry>), AuditError> {
-        let key: fumi_proto::AuditKey = self
-            .transport
-            .request::<(), _>(Method::GET, "/v1/audit/key", None)
-            .await?;
+        let key: fumi_proto::AuditKey = self.transport.request::<(), _>(endpoints::AUDIT_KEY, &[], None).await?;
         let key: [u8; 32] = key.audit_key.as_slice().try_into().map_err(|_| protocol("audit key"))?;
         // The server knows who asks: without the head seen last time, it could show this account a
         // log of its own making. The log key and last head are kept in the home and checked.

@@ -12,6 +12,8 @@
 //! server keeps only the token's hash; the identity key in the link is pinned, so the server cannot
 //! substitute another account key for the invited one.
 
+use fumi_proto::ErrorCode;
+use fumi_proto::endpoints;
 use std::fs;
 use std::path::Path;
 
@@ -20,7 +22,6 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use fumi_core::mls::MlsError;
 use fumi_core::{AccountIdentity, Profile, ProfileKey, Username, sealing};
 use fumi_proto::*;
-use reqwest::Method;
 use serde::{Deserialize, Serialize};
 
 use crate::store::{AccountRow, STORE_FILE, Store, create_private_dir, write_private};
@@ -201,7 +202,7 @@ impl FumiClient {
         };
         let _: () = self
             .transport
-            .request(Method::POST, "/v1/links", Some(&request))
+            .request(endpoints::CREATE_LINK, &[], Some(&request))
             .await?;
         let code = format!(
             "{LINK_PREFIX}{}/{}",
@@ -218,10 +219,14 @@ impl FumiClient {
         timeout: std::time::Duration,
     ) -> Result<String, ClientError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let path = format!("/v1/links/{}", hex::encode(link.token_hash));
+        let token_hash = hex::encode(link.token_hash);
         loop {
-            let status: LinkStatus = match self.transport.request::<(), _>(Method::GET, &path, None).await {
-                Err(e) if e.is_code("unknown_link") => {
+            let status: LinkStatus = match self
+                .transport
+                .request::<(), _>(endpoints::LINK_STATUS, &[&token_hash], None)
+                .await
+            {
+                Err(e) if e.is_code(ErrorCode::UnknownLink) => {
                     return Err(ClientError::Usage(
                         "the link expired before a device used it; run `fumi device link` again".into(),
                     ));
@@ -276,15 +281,15 @@ impl FumiClient {
         let mut transport = Transport::new(&server)?;
         let opened: LinkBundle = match transport
             .request(
-                Method::POST,
-                "/v1/links/open",
+                endpoints::OPEN_LINK,
+                &[],
                 Some(&LinkOpen {
                     token: Base64Bytes(token.to_vec()),
                 }),
             )
             .await
         {
-            Err(e) if e.is_code("unknown_link") => {
+            Err(e) if e.is_code(ErrorCode::UnknownLink) => {
                 return Err(ClientError::Usage(
                     "this link code was already used or has expired; make a new one with `fumi device link` on \
                      your other device"
@@ -400,10 +405,10 @@ impl FumiClient {
             )),
         };
         match transport
-            .request::<_, ()>(Method::POST, "/v1/devices", Some(&request))
+            .request::<_, ()>(endpoints::LINK_DEVICE, &[], Some(&request))
             .await
         {
-            Err(e) if e.is_code("unknown_link") => {
+            Err(e) if e.is_code(ErrorCode::UnknownLink) => {
                 return Err(ClientError::Usage(
                     "another device used this link code first; make a new one".into(),
                 ));
@@ -448,7 +453,7 @@ impl FumiClient {
         let me = self.account.account_id;
         match self
             .transport
-            .request::<(), SealedProfile>(Method::GET, &format!("/v1/accounts/{me}/profile"), None)
+            .request::<(), SealedProfile>(endpoints::PROFILE, &[&me], None)
             .await
         {
             Ok(sealed) => Ok(Profile::open(sealed.sealed.as_slice(), key, me).ok()),
@@ -475,8 +480,8 @@ impl FumiClient {
     }
 
     async fn own_account_info(&self) -> Result<AccountInfo, ClientError> {
-        let path = format!("/v1/accounts/{}", self.account.account_id);
-        self.transport.request::<(), _>(Method::GET, &path, None).await
+        let me = self.account.account_id;
+        self.transport.request::<(), _>(endpoints::ACCOUNT, &[&me], None).await
     }
 
     /// Removes another device of this account (by id or a unique prefix of it): the server stops
@@ -508,7 +513,7 @@ impl FumiClient {
         }
         let _: () = self
             .transport
-            .request::<(), _>(Method::DELETE, &format!("/v1/devices/{target}"), None)
+            .request::<(), _>(endpoints::REMOVE_DEVICE, &[&target], None)
             .await?;
         // Recorded, so that a server listing it again cannot make this device re-add it.
         self.store.revoke_device(target, crate::now_ms())?;
@@ -654,7 +659,7 @@ impl FumiClient {
         };
         let _: () = self
             .transport
-            .request(Method::POST, "/v1/invites", Some(&request))
+            .request(endpoints::CREATE_INVITE, &[], Some(&request))
             .await?;
         let identity_key = AccountIdentity::from_secret(&self.account.identity_secret).public_key();
         let payload = [
@@ -702,15 +707,15 @@ impl FumiClient {
         };
         match self
             .transport
-            .request::<_, ()>(Method::POST, "/v1/invites/redeem", Some(&redeem))
+            .request::<_, ()>(endpoints::REDEEM_INVITE, &[], Some(&redeem))
             .await
         {
-            Err(e) if e.is_code("unknown_invite") => {
+            Err(e) if e.is_code(ErrorCode::UnknownInvite) => {
                 return Err(ClientError::Usage(
                     "this invite link is not valid (mistyped, expired, or withdrawn); ask for a new one".into(),
                 ));
             }
-            Err(e) if e.is_code("invite_used") => {
+            Err(e) if e.is_code(ErrorCode::InviteUsed) => {
                 return Err(ClientError::Usage(
                     "this invite link was already used; ask for a new one".into(),
                 ));
@@ -791,8 +796,8 @@ impl FumiClient {
                     let _: () = self
                         .transport
                         .request(
-                            Method::PUT,
-                            "/v1/profile/avatar",
+                            endpoints::PUT_AVATAR,
+                            &[],
                             Some(&SealedAvatar {
                                 sealed: Base64Bytes(sealed),
                             }),
@@ -807,8 +812,8 @@ impl FumiClient {
         let _: () = self
             .transport
             .request(
-                Method::PUT,
-                "/v1/profile",
+                endpoints::PUT_PROFILE,
+                &[],
                 Some(&SealedProfile {
                     sealed: Base64Bytes(sealed),
                 }),
@@ -820,11 +825,10 @@ impl FumiClient {
     /// Fetches the profiles (and avatars) of contacts whose profile key changed.
     pub(crate) async fn fetch_profiles(&mut self) -> Result<(), ClientError> {
         for (account, key) in self.store.profiles_to_fetch()? {
-            let path = format!("/v1/accounts/{account}/profile");
             let key = ProfileKey::from_bytes(key);
             let profile = match self
                 .transport
-                .request::<(), SealedProfile>(Method::GET, &path, None)
+                .request::<(), SealedProfile>(endpoints::PROFILE, &[&account], None)
                 .await
             {
                 Ok(sealed) => match Profile::open(sealed.sealed.as_slice(), &key, account) {
@@ -876,9 +880,12 @@ impl FumiClient {
         key: &ProfileKey,
         digest: &str,
     ) -> Result<Option<Vec<u8>>, ClientError> {
-        let path = format!("/v1/accounts/{account}/avatar");
-        let sealed: SealedAvatar = match self.transport.request::<(), _>(Method::GET, &path, None).await {
-            Err(e) if e.is_code("unknown_avatar") => return Ok(None),
+        let sealed: SealedAvatar = match self
+            .transport
+            .request::<(), _>(endpoints::AVATAR, &[&account], None)
+            .await
+        {
+            Err(e) if e.is_code(ErrorCode::UnknownAvatar) => return Ok(None),
             other => other?,
         };
         let image = match fumi_core::profile::open_avatar(sealed.sealed.as_slice(), key, account) {

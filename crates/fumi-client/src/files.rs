@@ -7,6 +7,7 @@
 //! buffered streams, uploads go out in [`UPLOAD_CHUNK_BYTES`] pieces, downloads are written as
 //! they arrive.
 
+use fumi_proto::endpoints;
 use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -16,7 +17,6 @@ use bytes::Bytes;
 use fumi_core::attachment::{self, AttachmentError, AttachmentKey, Sealed};
 use fumi_core::{Attachment, Body};
 use fumi_proto::*;
-use reqwest::Method;
 
 use crate::store::{FileView, create_private_dir, open_private};
 use crate::{ClientError, FumiClient};
@@ -215,7 +215,7 @@ impl FumiClient {
             None => None,
             Some(pending) => match self
                 .transport
-                .request::<(), BlobUploadStatus>(Method::GET, &format!("/v1/blobs/{}/upload", pending.blob), None)
+                .request::<(), BlobUploadStatus>(endpoints::BLOB_UPLOAD_STATUS, &[&pending.blob], None)
                 .await
             {
                 Ok(status) if status.size == ciphertext_size => {
@@ -322,7 +322,7 @@ impl FumiClient {
             None => {
                 let created: BlobCreated = self
                     .transport
-                    .request(Method::POST, "/v1/blobs", Some(&create))
+                    .request(endpoints::CREATE_BLOB, &[], Some(&create))
                     .await
                     .map_err(|e| match e {
                         ClientError::Server {
@@ -372,7 +372,7 @@ impl FumiClient {
                     // Where to go on: the server keeps what reached it before the break.
                     if let Ok(status) = self
                         .transport
-                        .request::<(), BlobUploadStatus>(Method::GET, &format!("/v1/blobs/{blob}/upload"), None)
+                        .request::<(), BlobUploadStatus>(endpoints::BLOB_UPLOAD_STATUS, &[&blob], None)
                         .await
                     {
                         self.progress.note(&format!(
@@ -411,8 +411,11 @@ impl FumiClient {
                 self.store.remove_download(attachment.blob)
             })?;
             // Done with the blob either way: the server may delete it once every recipient is.
-            let path = format!("/v1/blobs/{}/ack", attachment.blob);
-            if let Err(e) = self.transport.request::<(), ()>(Method::POST, &path, None).await {
+            if let Err(e) = self
+                .transport
+                .request::<(), ()>(endpoints::ACK_BLOB, &[&attachment.blob], None)
+                .await
+            {
                 tracing::debug!(error = %e, "blob acknowledgement not taken");
             }
             let _ = fs::remove_file(&lock_path);

@@ -5,12 +5,13 @@
 //! from the code, fetches it on its next sync and adds the messages to its history. The server
 //! sees an opaque blob and an opaque pointer; files themselves are not copied.
 
+use fumi_proto::ErrorCode;
+use fumi_proto::endpoints;
 use std::fs;
 
 use fumi_core::attachment::{self, AttachmentKey};
 use fumi_core::{Attachment, sealing};
 use fumi_proto::*;
-use reqwest::Method;
 use serde::{Deserialize, Serialize};
 
 use crate::files::DownloadFailure;
@@ -145,11 +146,13 @@ impl FumiClient {
             &serde_json::to_vec(&pointer).expect("pointer serialises"),
             &mut rand::rng(),
         );
-        let path = format!("/v1/links/{}/history", hex::encode(token_hash));
+        let token_hash = hex::encode(token_hash);
         let body = LinkHistory {
             sealed: Some(Base64Bytes(sealed_pointer)),
         };
-        self.transport.request::<_, ()>(Method::PUT, &path, Some(&body)).await
+        self.transport
+            .request::<_, ()>(endpoints::PUT_LINK_HISTORY, &[&token_hash], Some(&body))
+            .await
     }
 
     /// On a newly linked device: fetches and adds the history its old device handed over.
@@ -161,11 +164,11 @@ impl FumiClient {
             };
             let answer: LinkHistory = match self
                 .transport
-                .request(Method::POST, "/v1/links/history", Some(&request))
+                .request(endpoints::GET_LINK_HISTORY, &[], Some(&request))
                 .await
             {
                 Ok(answer) => answer,
-                Err(e) if e.is_code("unknown_link") => {
+                Err(e) if e.is_code(ErrorCode::UnknownLink) => {
                     self.store.remove_pending_history(&token)?;
                     continue;
                 }
@@ -203,8 +206,10 @@ impl FumiClient {
                 self.import_history(archive)?;
                 self.store.remove_pending_history(&token)
             })?;
-            let path = format!("/v1/blobs/{}/ack", pointer.blob);
-            let _ = self.transport.request::<(), ()>(Method::POST, &path, None).await;
+            let _ = self
+                .transport
+                .request::<(), ()>(endpoints::ACK_BLOB, &[&pointer.blob], None)
+                .await;
         }
         Ok(())
     }

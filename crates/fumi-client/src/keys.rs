@@ -15,7 +15,9 @@
 //! - [`audit_directory`] checks, as a third party would, that each epoch only appended to the one
 //!   before.
 
+use fumi_proto::endpoints::{self, Endpoint};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Display;
 use std::time::Duration;
 
 use fumi_audit::keys::{
@@ -23,8 +25,7 @@ use fumi_audit::keys::{
     UsernameEntry, Verified,
 };
 use fumi_core::Member;
-use fumi_proto::{AccountId, DeviceId};
-use reqwest::Method;
+use fumi_proto::{AccountId, DeviceId, ErrorCode};
 use serde::{Deserialize, Serialize};
 
 use crate::store::keys::DirectoryState;
@@ -165,19 +166,20 @@ impl FumiClient {
 
     /// The newest head, checked, and how often epochs are published.
     async fn directory_head(&self) -> Result<(EpochHead, u64), ClientError> {
-        let answer: HeadAnswer = self
-            .transport
-            .request::<(), _>(Method::GET, "/v1/keys/head", None)
-            .await?;
+        let answer: HeadAnswer = self.transport.request::<(), _>(endpoints::KEYS_HEAD, &[], None).await?;
         Ok((self.accept_head(&answer.head)?, answer.epoch_interval_ms))
     }
 
     /// A directory GET, asked again while the server is signing an epoch (an instant).
-    async fn directory_get<R: serde::de::DeserializeOwned>(&self, path: &str) -> Result<R, ClientError> {
+    async fn directory_get<R: serde::de::DeserializeOwned>(
+        &self,
+        endpoint: Endpoint,
+        args: &[&(dyn Display + Sync)],
+    ) -> Result<R, ClientError> {
         let mut attempts = 0;
         loop {
-            match self.transport.request::<(), R>(Method::GET, path, None).await {
-                Err(e) if e.is_code("key_directory_publishing") && attempts < 10 => {
+            match self.transport.request::<(), R>(endpoint, args, None).await {
+                Err(e) if e.is_code(ErrorCode::KeyDirectoryPublishing) && attempts < 10 => {
                     attempts += 1;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -189,12 +191,13 @@ impl FumiClient {
     /// Looks a label up; `None` if the directory does not have it (yet).
     async fn directory_lookup(
         &self,
-        path: &str,
+        endpoint: Endpoint,
+        args: &[&(dyn Display + Sync)],
         label: &keys::AkdLabel,
         what: &str,
     ) -> Result<Option<(EpochHead, Verified)>, ClientError> {
-        let answer: LookupAnswer = match self.directory_get(path).await {
-            Err(e) if e.is_code("not_in_key_directory") => return Ok(None),
+        let answer: LookupAnswer = match self.directory_get(endpoint, args).await {
+            Err(e) if e.is_code(ErrorCode::NotInKeyDirectory) => return Ok(None),
             other => other?,
         };
         let head = self.accept_head(&answer.head)?;
@@ -208,8 +211,10 @@ impl FumiClient {
         account: AccountId,
     ) -> Result<Option<(EpochHead, AccountEntry)>, ClientError> {
         let label = keys::account_label(account.as_bytes());
-        let path = format!("/v1/keys/lookup/account/{account}");
-        let Some((head, verified)) = self.directory_lookup(&path, &label, "an account").await? else {
+        let Some((head, verified)) = self
+            .directory_lookup(endpoints::KEYS_LOOKUP_ACCOUNT, &[&account], &label, "an account")
+            .await?
+        else {
             return Ok(None);
         };
         let entry = AccountEntry::decode(&verified.value).map_err(|e| proof_failure("an account", e))?;
@@ -219,9 +224,8 @@ impl FumiClient {
     /// Every version of `account`'s directory entry, verified, oldest first (none if the
     /// account was never published).
     async fn directory_account_history(&self, account: AccountId) -> Result<Vec<AccountEntry>, ClientError> {
-        let path = format!("/v1/keys/history/account/{account}");
-        let answer: HistoryAnswer = match self.directory_get(&path).await {
-            Err(e) if e.is_code("not_in_key_directory") => return Ok(vec![]),
+        let answer: HistoryAnswer = match self.directory_get(endpoints::KEYS_ACCOUNT_HISTORY, &[&account]).await {
+            Err(e) if e.is_code(ErrorCode::NotInKeyDirectory) => return Ok(vec![]),
             other => other?,
         };
         let head = self.accept_head(&answer.head)?;
@@ -380,10 +384,12 @@ impl FumiClient {
         account: AccountId,
     ) -> Result<(), ClientError> {
         let label = keys::username_label(username_hash);
-        let path = format!("/v1/keys/lookup/username/{}", hex::encode(username_hash));
+        let hash = hex::encode(username_hash);
         let mut waited = 0;
         loop {
-            let found = self.directory_lookup(&path, &label, "a username").await?;
+            let found = self
+                .directory_lookup(endpoints::KEYS_LOOKUP_USERNAME, &[&hash], &label, "a username")
+                .await?;
             let listed = match &found {
                 Some((_, verified)) => {
                     UsernameEntry::decode(&verified.value)
@@ -400,7 +406,11 @@ impl FumiClient {
                 None => {
                     let head = self.directory_head().await?.0.epoch;
                     // As for accounts: published between the lookup and the head.
-                    if self.directory_lookup(&path, &label, "a username").await?.is_some() {
+                    if self
+                        .directory_lookup(endpoints::KEYS_LOOKUP_USERNAME, &[&hash], &label, "a username")
+                        .await?
+                        .is_some()
+                    {
                         continue;
                     }
                     head
@@ -476,16 +486,18 @@ impl FumiClient {
         let me = self.account.account_id;
         let label = keys::account_label(me.as_bytes());
         // A lookup (one version) tells whether the entry changed since the last clean review.
-        let path = format!("/v1/keys/lookup/account/{me}");
-        let Some((lookup_head, current)) = self.directory_lookup(&path, &label, "your account").await? else {
+        let Some((lookup_head, current)) = self
+            .directory_lookup(endpoints::KEYS_LOOKUP_ACCOUNT, &[&me], &label, "your account")
+            .await?
+        else {
             return self.own_entry_missing(force, &state);
         };
         if !force && !state.own_alarm && current.version <= state.own_version {
             self.store.record_own_review(lookup_head.epoch, None, false)?;
             return Ok(vec![]);
         }
-        let answer: HistoryAnswer = match self.directory_get("/v1/keys/history").await {
-            Err(e) if e.is_code("not_in_key_directory") => return self.own_entry_missing(force, &state),
+        let answer: HistoryAnswer = match self.directory_get(endpoints::KEYS_OWN_HISTORY, &[]).await {
+            Err(e) if e.is_code(ErrorCode::NotInKeyDirectory) => return self.own_entry_missing(force, &state),
             other => other?,
         };
         let history_head = self.accept_head(&answer.head)?;
@@ -596,7 +608,7 @@ pub struct AuditReport {
 /// audited last time still has the root it had.
 pub async fn audit_directory(server: &str, previous: Option<&AuditorState>) -> Result<AuditReport, ClientError> {
     let transport = Transport::new(server)?;
-    let answer: HeadAnswer = transport.request::<(), _>(Method::GET, "/v1/keys/head", None).await?;
+    let answer: HeadAnswer = transport.request::<(), _>(endpoints::KEYS_HEAD, &[], None).await?;
     let previous_state = previous
         .map(|state| -> Result<DirectoryState, ClientError> {
             let decode = |text: &str| {
@@ -623,7 +635,7 @@ pub async fn audit_directory(server: &str, previous: Option<&AuditorState>) -> R
     while heads.last().is_none_or(|head| head.epoch < latest.epoch) {
         let next = heads.last().map_or(from, |head| head.epoch + 1);
         let page: Vec<SignedEpochHead> = transport
-            .request::<(), _>(Method::GET, &format!("/v1/keys/heads?from={next}"), None)
+            .request_query::<(), _>(endpoints::KEYS_HEADS, &[], &[("from", &next)], None)
             .await?;
         if page.is_empty() {
             return Err(security(format!(
@@ -666,12 +678,10 @@ pub async fn audit_directory(server: &str, previous: Option<&AuditorState>) -> R
     for start in (0..heads.len() - 1).step_by(AUDIT_EPOCHS_PER_REQUEST as usize) {
         let end = (start + AUDIT_EPOCHS_PER_REQUEST as usize).min(heads.len() - 1);
         let slice = &heads[start..=end];
-        let path = format!(
-            "/v1/keys/audit?from={}&to={}",
-            slice[0].epoch,
-            slice[slice.len() - 1].epoch
-        );
-        let proof: AuditAnswer = transport.request::<(), _>(Method::GET, &path, None).await?;
+        let (from, to) = (slice[0].epoch, slice[slice.len() - 1].epoch);
+        let proof: AuditAnswer = transport
+            .request_query::<(), _>(endpoints::KEYS_AUDIT, &[], &[("from", &from), ("to", &to)], None)
+            .await?;
         keys::verify_append_only(slice, &proof.proof).await.map_err(|e| {
             security(format!(
                 "KEY DIRECTORY HISTORY REWRITTEN: epochs {} to {} are not an append-only extension ({e})",

@@ -13,6 +13,8 @@ mod safety;
 pub mod store;
 pub mod transport;
 
+use fumi_proto::ErrorCode;
+use fumi_proto::endpoints;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,7 +25,6 @@ use fumi_core::mls::{Commit, Incoming, Member, MlsDevice, MlsError};
 use fumi_core::{AccountIdentity, Profile, Username};
 use fumi_proto::*;
 use rand::RngCore;
-use reqwest::Method;
 use thiserror::Error;
 
 pub use crate::devices::{ContactSummary, DeviceSummary};
@@ -106,8 +107,8 @@ impl ClientError {
         }
     }
 
-    fn is_code(&self, wanted: &str) -> bool {
-        matches!(self, ClientError::Server { code, .. } if code == wanted)
+    fn is_code(&self, wanted: ErrorCode) -> bool {
+        matches!(self, ClientError::Server { code, .. } if code == wanted.as_str())
     }
 
     /// The server could not be reached or is not serving yet (it may be restarting).
@@ -270,7 +271,7 @@ impl FumiClient {
             device_secret_hash: Base64Bytes(sha256(&device_secret).to_vec()),
             region: region.map(str::to_owned),
         };
-        let registered: RegisterResponse = transport.request(Method::POST, "/v1/accounts", Some(&request)).await?;
+        let registered: RegisterResponse = transport.request(endpoints::REGISTER, &[], Some(&request)).await?;
         transport.authenticate(registered.device_id, &device_secret);
 
         let (store, provider) = Store::open(home)?;
@@ -297,7 +298,7 @@ impl FumiClient {
             last_resort: fresh.last_resort.map(Base64Bytes),
         };
         let _: KeyPackageCount = transport
-            .request(Method::POST, "/v1/keypackages", Some(&upload))
+            .request(endpoints::UPLOAD_KEY_PACKAGES, &[], Some(&upload))
             .await?;
 
         let username = claim_username(&transport, &nickname).await?;
@@ -381,9 +382,13 @@ impl FumiClient {
             return Ok(account);
         }
         let hash = username.hash();
-        let path = format!("/v1/usernames/{}", hex::encode(hash));
-        let found: UsernameLookup = match self.transport.request::<(), _>(Method::GET, &path, None).await {
-            Err(e) if e.is_code("unknown_username") => {
+        let hash_hex = hex::encode(hash);
+        let found: UsernameLookup = match self
+            .transport
+            .request::<(), _>(endpoints::USERNAME, &[&hash_hex], None)
+            .await
+        {
+            Err(e) if e.is_code(ErrorCode::UnknownUsername) => {
                 return Err(ClientError::Usage(format!("no one has the username {username}")));
             }
             other => other?,
@@ -776,10 +781,10 @@ impl FumiClient {
         };
         let claimed: ClaimedKeyPackages = match self
             .transport
-            .request(Method::POST, "/v1/keypackages/claim", Some(&claim))
+            .request(endpoints::CLAIM_KEY_PACKAGES, &[], Some(&claim))
             .await
         {
-            Err(e) if e.is_code("no_key_package") => {
+            Err(e) if e.is_code(ErrorCode::NoKeyPackage) => {
                 return Err(ClientError::Usage(
                     "a member's device has no key package left; ask them to run `fumi receive`".into(),
                 ));
@@ -831,7 +836,7 @@ impl FumiClient {
     pub(crate) async fn registered_identity_key(&self, account: AccountId) -> Result<[u8; 32], ClientError> {
         let info: AccountInfo = self
             .transport
-            .request::<(), _>(Method::GET, &format!("/v1/accounts/{account}"), None)
+            .request::<(), _>(endpoints::ACCOUNT, &[&account], None)
             .await?;
         info.identity_key
             .as_slice()
@@ -872,7 +877,7 @@ impl FumiClient {
             })?;
             match self.send_outbox_entry(&entry).await {
                 Ok(()) => return Ok(()),
-                Err(e) if e.is_code("epoch_conflict") => {
+                Err(e) if e.is_code(ErrorCode::EpochConflict) => {
                     // Another member's commit won this epoch: it is in our mailbox. (Boxed: a
                     // sync may itself commit, to bring our own devices into a conversation.)
                     Box::pin(self.sync()).await?;
@@ -1026,7 +1031,7 @@ impl FumiClient {
             match self.send_outbox_entry(&entry).await {
                 Ok(()) => {}
                 // A commit that lost its epoch is dropped; the user's command reported it.
-                Err(e) if e.is_code("epoch_conflict") => {}
+                Err(e) if e.is_code(ErrorCode::EpochConflict) => {}
                 Err(e @ (ClientError::Network(_) | ClientError::Server { status: 500.., .. })) => return Err(e),
                 Err(e) => tracing::warn!(error = %e, "dropped an outgoing message the server refused"),
             }
@@ -1041,7 +1046,7 @@ impl FumiClient {
             serde_json::from_str(&entry.request).map_err(|e| ClientError::Store(e.to_string()))?;
         let result: Result<SubmitAccepted, ClientError> = self
             .transport
-            .request(Method::POST, "/v1/messages", Some(&request))
+            .request(endpoints::SUBMIT_MESSAGE, &[], Some(&request))
             .await;
         match result {
             Ok(_) => self.store.transaction(|| {
@@ -1325,7 +1330,7 @@ impl FumiClient {
         self.reconcile_own_devices().await?;
         let stock: KeyPackageCount = self
             .transport
-            .request::<(), _>(Method::GET, "/v1/keypackages/count", None)
+            .request::<(), _>(endpoints::KEY_PACKAGE_COUNT, &[], None)
             .await?;
         if stock.count < KEY_PACKAGE_LOW_WATER {
             let one_time = self.device.key_packages(KEY_PACKAGE_STOCK, false)?.one_time;
@@ -1335,7 +1340,7 @@ impl FumiClient {
             };
             let _: KeyPackageCount = self
                 .transport
-                .request(Method::POST, "/v1/keypackages", Some(&upload))
+                .request(endpoints::UPLOAD_KEY_PACKAGES, &[], Some(&upload))
                 .await?;
         }
         self.download_pending().await?;
@@ -1750,11 +1755,11 @@ async fn claim_username(transport: &Transport, nickname: &str) -> Result<Usernam
             username_hash: Base64Bytes(username.hash().to_vec()),
         };
         match transport
-            .request::<_, ()>(Method::PUT, "/v1/username", Some(&claim))
+            .request::<_, ()>(endpoints::CLAIM_USERNAME, &[], Some(&claim))
             .await
         {
             Ok(()) => return Ok(username),
-            Err(e) if e.is_code("username_taken") => continue,
+            Err(e) if e.is_code(ErrorCode::UsernameTaken) => continue,
             Err(e) => return Err(e),
         }
     }

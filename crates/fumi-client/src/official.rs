@@ -10,6 +10,8 @@
 //! whose devices are the staff's devices; each staff device that stores a submission sends a
 //! receipt back into that conversation.
 
+use fumi_proto::ErrorCode;
+use fumi_proto::endpoints;
 use std::path::Path;
 
 use base64::Engine;
@@ -24,7 +26,6 @@ use fumi_core::official::{
     seal_info, seal_post,
 };
 use fumi_proto::*;
-use reqwest::Method;
 use serde::Serialize;
 
 use crate::devices::{encode_server, parse_code};
@@ -299,7 +300,7 @@ impl FumiClient {
             };
             let _: () = self
                 .transport
-                .request(Method::PUT, &format!("/v1/channels/{}", row.channel), Some(&update))
+                .request(endpoints::UPDATE_CHANNEL, &[&row.channel], Some(&update))
                 .await?;
             self.store.save_channel(&row)?;
         }
@@ -355,7 +356,7 @@ impl FumiClient {
         };
         let _: () = self
             .transport
-            .request(Method::POST, "/v1/channels", Some(&create))
+            .request(endpoints::CREATE_CHANNEL, &[], Some(&create))
             .await?;
         self.store.save_channel(&row)?;
         self.summary(&row, Some(0))
@@ -433,8 +434,10 @@ impl FumiClient {
             last_seq,
         };
         if !own {
-            let path = format!("/v1/channels/{}/subscription", row.channel);
-            let _: () = self.transport.request::<(), _>(Method::PUT, &path, None).await?;
+            let _: () = self
+                .transport
+                .request::<(), _>(endpoints::SUBSCRIBE, &[&row.channel], None)
+                .await?;
         }
         self.store.save_channel(&row)?;
         self.fetch_posts(&row).await?;
@@ -448,8 +451,10 @@ impl FumiClient {
     pub async fn unsubscribe_channel(&mut self, channel: &str) -> Result<(), ClientError> {
         let row = self.channel_row(channel)?;
         if !row.own {
-            let path = format!("/v1/channels/{}/subscription", row.channel);
-            let _: () = self.transport.request::<(), _>(Method::DELETE, &path, None).await?;
+            let _: () = self
+                .transport
+                .request::<(), _>(endpoints::UNSUBSCRIBE, &[&row.channel], None)
+                .await?;
         }
         self.store.transaction(|| self.store.forget_channel(row.channel))
     }
@@ -571,10 +576,9 @@ impl FumiClient {
                 seq,
                 sealed_post: Base64Bytes(sealed),
             };
-            let path = format!("/v1/channels/{}/posts", row.channel);
             match self
                 .transport
-                .request::<_, ()>(Method::POST, &path, Some(&submit))
+                .request::<_, ()>(endpoints::POST_TO_CHANNEL, &[&row.channel], Some(&submit))
                 .await
             {
                 Ok(()) => {
@@ -589,7 +593,7 @@ impl FumiClient {
                     })?;
                     return Ok(seq);
                 }
-                Err(e) if e.is_code("channel_seq_conflict") => {
+                Err(e) if e.is_code(ErrorCode::ChannelSeqConflict) => {
                     seq = self.channel_state(row.channel).await?.latest_seq + 1;
                 }
                 Err(e) => return Err(e),
@@ -603,10 +607,10 @@ impl FumiClient {
     /// The server's view of a channel: sealed description, counts.
     async fn channel_state(&self, channel: ChannelId) -> Result<ChannelState, ClientError> {
         self.transport
-            .request::<(), _>(Method::GET, &format!("/v1/channels/{channel}"), None)
+            .request::<(), _>(endpoints::CHANNEL, &[&channel], None)
             .await
             .map_err(|e| match e {
-                e if e.is_code("unknown_channel") => ClientError::Usage(
+                e if e.is_code(ErrorCode::UnknownChannel) => ClientError::Usage(
                     "the server has no such channel (deleted, or the link is from another server)".into(),
                 ),
                 other => other,
@@ -625,11 +629,15 @@ impl FumiClient {
     async fn fetch_posts(&mut self, row: &ChannelRow) -> Result<(), ClientError> {
         let mut after = row.last_seq;
         loop {
-            let path = format!(
-                "/v1/channels/{}/posts?after={after}&limit={POSTS_PER_PAGE}",
-                row.channel
-            );
-            let page: ChannelPosts = self.transport.request::<(), _>(Method::GET, &path, None).await?;
+            let page: ChannelPosts = self
+                .transport
+                .request_query::<(), _>(
+                    endpoints::CHANNEL_POSTS,
+                    &[&row.channel],
+                    &[("after", &after), ("limit", &POSTS_PER_PAGE)],
+                    None,
+                )
+                .await?;
             if page.posts.is_empty() {
                 return Ok(());
             }

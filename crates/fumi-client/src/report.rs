@@ -2,9 +2,9 @@
 //! moderation key, so the server stores a report only the moderators can open.
 
 use fumi_core::franking::{MAX_COMMENT_BYTES, REPORT_VERSION, Report};
+use fumi_proto::endpoints;
 use fumi_proto::{MessageId, ModerationKey, ReportFiled, ReportSubmit};
 use openmls_traits::OpenMlsProvider;
-use reqwest::Method;
 
 use crate::{ClientError, FumiClient, now_ms};
 
@@ -27,7 +27,7 @@ impl FumiClient {
         })?;
         let key: ModerationKey = self
             .transport
-            .request::<(), _>(Method::GET, "/v1/moderation/key", None)
+            .request::<(), _>(endpoints::MODERATION_KEY, &[], None)
             .await?;
         let key: [u8; 32] = key
             .public_key
@@ -54,8 +54,8 @@ impl FumiClient {
         let filed: ReportFiled = self
             .transport
             .request(
-                Method::POST,
-                "/v1/reports",
+                endpoints::FILE_REPORT,
+                &[],
                 Some(&ReportSubmit { sealed: sealed.into() }),
             )
             .await?;

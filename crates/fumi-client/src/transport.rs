@@ -1,5 +1,8 @@
 //! HTTP and WebSocket transport to a Fumi server.
 
+use std::fmt::Display;
+
+use fumi_proto::endpoints::{self, Endpoint};
 use fumi_proto::{
     AUTH_SCHEME, BlobId, BlobUploadStatus, ClientFrame, DeviceId, ErrorBody, ServerFrame, UPLOAD_OFFSET_HEADER,
 };
@@ -73,7 +76,7 @@ impl Transport {
     ) -> Result<BlobUploadStatus, ClientError> {
         let request = self
             .bulk
-            .patch(format!("{}/v1/blobs/{blob}", self.base))
+            .patch(format!("{}{}", self.base, endpoints::UPLOAD_BLOB.path_with(&[&blob])))
             .header(UPLOAD_OFFSET_HEADER, offset.to_string())
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
             .body(chunk);
@@ -83,7 +86,9 @@ impl Transport {
 
     /// Starts downloading a blob from `offset`; the caller reads the body chunk by chunk.
     pub async fn download(&self, blob: BlobId, offset: u64) -> Result<reqwest::Response, ClientError> {
-        let mut request = self.bulk.get(format!("{}/v1/blobs/{blob}", self.base));
+        let mut request = self
+            .bulk
+            .get(format!("{}{}", self.base, endpoints::DOWNLOAD_BLOB.path_with(&[&blob])));
         if offset > 0 {
             request = request.header(reqwest::header::RANGE, format!("bytes={offset}-"));
         }
@@ -109,14 +114,36 @@ impl Transport {
         ClientError::Network(format!("cannot reach {}: {e}", self.base))
     }
 
-    /// Sends a request with an optional JSON body and decodes a JSON answer (or none for 204).
+    /// Calls `endpoint` (its path parameters filled from `args`, in order) with an optional JSON
+    /// body and decodes a JSON answer (or none for 204).
     pub async fn request<B: Serialize, R: DeserializeOwned>(
         &self,
-        method: Method,
-        path: &str,
+        endpoint: Endpoint,
+        args: &[&(dyn Display + Sync)],
         body: Option<&B>,
     ) -> Result<R, ClientError> {
-        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        self.request_query(endpoint, args, &[], body).await
+    }
+
+    /// As [`Self::request`], with a query string built from `query`.
+    pub async fn request_query<B: Serialize, R: DeserializeOwned>(
+        &self,
+        endpoint: Endpoint,
+        args: &[&(dyn Display + Sync)],
+        query: &[(&str, &(dyn Display + Sync))],
+        body: Option<&B>,
+    ) -> Result<R, ClientError> {
+        let mut url = format!(
+            "{}{}",
+            self.base,
+            endpoint.path_with(&args.iter().map(|a| *a as &dyn Display).collect::<Vec<_>>())
+        );
+        for (i, (name, value)) in query.iter().enumerate() {
+            let separator = if i == 0 { '?' } else { '&' };
+            url.push_str(&format!("{separator}{name}={value}"));
+        }
+        let method = Method::from_bytes(endpoint.method.as_bytes()).expect("descriptors name valid methods");
+        let mut request = self.http.request(method, url);
         if let Some(authorization) = &self.authorization {
             request = request.header(reqwest::header::AUTHORIZATION, authorization);
         }
@@ -129,7 +156,7 @@ impl Transport {
 
     /// Opens the delivery WebSocket.
     pub async fn connect(&self) -> Result<Delivery, ClientError> {
-        let url = format!("{}/v1/ws", self.base.replacen("http", "ws", 1));
+        let url = format!("{}{}", self.base.replacen("http", "ws", 1), endpoints::WEBSOCKET.path);
         let mut request = url
             .into_client_request()
             .map_err(|e| ClientError::Network(e.to_string()))?;

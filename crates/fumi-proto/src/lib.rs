@@ -2,9 +2,12 @@
 #![warn(missing_docs)]
 
 mod bytes;
+pub mod endpoints;
+mod errors;
 mod ids;
 
 pub use bytes::Base64Bytes;
+pub use errors::{ErrorCode, error_table};
 pub use ids::{AccountId, BlobId, ChannelId, DeviceId, GroupId, IdError, MessageId};
 
 use serde::{Deserialize, Serialize};

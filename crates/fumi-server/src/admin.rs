@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json, Router, routing};
 use ed25519_dalek::{Signature, VerifyingKey};
 use fumi_audit::{Entry, Outcome, Subject, account_tag};
-use fumi_proto::{AccountId, BlobId, admin_headers};
+use fumi_proto::{AccountId, BlobId, ErrorCode, admin_headers};
 use ipnet::IpNet;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -173,7 +173,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     }
     router
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), authorize))
-        .fallback(|| async { ApiError::not_found("not_found", "no such admin endpoint; see docs/PROTOCOL.md") })
+        .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such admin endpoint; see docs/PROTOCOL.md") })
         .with_state(state)
 }
 
@@ -467,7 +467,7 @@ async fn authorize(
                 tracing::error!(%error, "logging a refused admin request failed");
             }
             tracing::warn!(action, reason = refused.reason, "admin request refused");
-            ApiError::new(refused.status, refused.code, refused.reason).into_response()
+            ApiError::admin_refusal(refused.status, refused.code, refused.reason).into_response()
         }
     }
 }
@@ -505,7 +505,7 @@ async fn read_account(
         .storage
         .account(account_id)
         .await?
-        .ok_or_else(|| ApiError::not_found("unknown_account", "no such account"))?;
+        .ok_or_else(|| ApiError::new(ErrorCode::UnknownAccount, "no such account"))?;
     Ok(Json(fumi_proto::AccountInfo {
         account_id,
         identity_key: fumi_proto::Base64Bytes(record.identity_key),
@@ -548,8 +548,7 @@ async fn purge_account(
     let account = context.record_account(&state, &account).await?;
     if state.regions.is_running(account) {
         return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "relocation_running",
+            ErrorCode::RelocationRunning,
             "this account's data is being moved; purge it when the move has ended",
         ));
     }
@@ -598,7 +597,7 @@ async fn read_report(
         .storage
         .report(id)
         .await?
-        .ok_or_else(|| ApiError::not_found("unknown_report", "no such report"))?;
+        .ok_or_else(|| ApiError::new(ErrorCode::UnknownReport, "no such report"))?;
     Ok(Json(fumi_proto::ReportSubmit {
         sealed: sealed.0.into(),
     }))
@@ -680,8 +679,7 @@ async fn relocate_account(
             )
             .await?;
         return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "relocation_running",
+            ErrorCode::RelocationRunning,
             "a relocation of this account is running on this server; wait for it to end",
         ));
     };
@@ -708,11 +706,9 @@ async fn relocate_account(
                 .await?;
             return Err(match error {
                 crate::regions::RelocateError::UnknownAccount => {
-                    ApiError::not_found("unknown_account", "no such account")
+                    ApiError::new(ErrorCode::UnknownAccount, "no such account")
                 }
-                crate::regions::RelocateError::Refused(message) => {
-                    ApiError::new(StatusCode::CONFLICT, "relocation_refused", message)
-                }
+                crate::regions::RelocateError::Refused(message) => ApiError::new(ErrorCode::RelocationRefused, message),
                 other => ApiError::internal(other),
             });
         }

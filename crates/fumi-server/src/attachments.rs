@@ -59,7 +59,7 @@ pub(crate) async fn get_avatar(
         .storage
         .avatar(account)
         .await?
-        .ok_or_else(|| ApiError::not_found("unknown_avatar", "this account has no avatar"))?;
+        .ok_or_else(|| ApiError::new(ErrorCode::UnknownAvatar, "this account has no avatar"))?;
     Ok(Json(SealedAvatar {
         sealed: Base64Bytes(sealed.0),
     }))
@@ -134,8 +134,7 @@ async fn owned_blob(state: &AppState, device: &AuthDevice, blob: &str) -> Result
     let record = blob_record(state, blob).await?;
     if record.owner_device != device.device {
         return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "not_the_uploader",
+            ErrorCode::NotTheUploader,
             "only the device that started this upload may write to it",
         ));
     }
@@ -153,8 +152,7 @@ impl<'a> UploadGuard<'a> {
         let mut running = state.uploads_in_progress.lock().expect("upload lock poisoned");
         if !running.insert(id) {
             return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "upload_in_progress",
+                ErrorCode::UploadInProgress,
                 "another request is writing this upload; wait for it to end, then check the upload status",
             ));
         }
@@ -221,8 +219,7 @@ pub(crate) async fn upload(
     let blobs = &state.regions.get(device.region).blobs;
     if record.complete || finish_interrupted(&state, blobs, &record).await? {
         return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "upload_complete",
+            ErrorCode::UploadComplete,
             "this upload is already complete",
         ));
     }
@@ -260,8 +257,7 @@ async fn receivable_blob(state: &AppState, device: &AuthDevice, blob: &str) -> R
     }
     if !record.complete {
         return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "upload_incomplete",
+            ErrorCode::UploadIncomplete,
             "the sender has not finished uploading this attachment yet",
         ));
     }
@@ -287,8 +283,7 @@ pub(crate) async fn download(
     };
     if offset >= record.size {
         return Err(ApiError::new(
-            StatusCode::RANGE_NOT_SATISFIABLE,
-            "range_not_satisfiable",
+            ErrorCode::RangeNotSatisfiable,
             format!("the blob has {} bytes", record.size),
         ));
     }

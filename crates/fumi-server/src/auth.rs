@@ -6,10 +6,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::FromRequestParts;
-use axum::http::StatusCode;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
-use fumi_proto::{AUTH_SCHEME, AccountId, DEVICE_SECRET_LEN, DeviceId};
+use fumi_proto::{AUTH_SCHEME, AccountId, DEVICE_SECRET_LEN, DeviceId, ErrorCode};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -50,17 +49,12 @@ impl FromRequestParts<Arc<AppState>> for AuthDevice {
         }
         if record.removed {
             return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "device_removed",
+                ErrorCode::DeviceRemoved,
                 "this device was removed from its account",
             ));
         }
         if record.suspended {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "account_suspended",
-                "this account is suspended",
-            ));
+            return Err(ApiError::new(ErrorCode::AccountSuspended, "this account is suspended"));
         }
         // While its data moves, an account's devices wait (their mailbox, KeyPackages and
         // profile are being copied); a minute at most for a usual account.
@@ -68,8 +62,7 @@ impl FromRequestParts<Arc<AppState>> for AuthDevice {
         if !state.device_limiter.check(&device, Instant::now()) {
             Metrics::inc(&state.metrics.rate_limited);
             return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
+                ErrorCode::RateLimited,
                 "too many requests from this device; slow down",
             ));
         }

@@ -34,8 +34,7 @@ fn check_address(state: &AppState, peer: SocketAddr) -> Result<(), ApiError> {
     }
     Metrics::inc(&state.metrics.rate_limited);
     Err(ApiError::new(
-        StatusCode::TOO_MANY_REQUESTS,
-        "rate_limited",
+        ErrorCode::RateLimited,
         "too many requests from this address; try later",
     ))
 }
@@ -198,12 +197,12 @@ pub(crate) async fn link_device(
             )));
         }
     }
-    let signature_key = framing::device_signature_key(
+    let signature_key = framing::uploaded_signature_key(
         request
             .key_packages
             .iter()
-            .chain(request.last_resort.iter())
-            .map(|kp| kp.as_slice()),
+            .map(|kp| (kp.as_slice(), false))
+            .chain(request.last_resort.iter().map(|kp| (kp.as_slice(), true))),
     )
     .map_err(ApiError::bad_request)?;
     let now = now_ms();
@@ -213,11 +212,10 @@ pub(crate) async fn link_device(
         .storage
         .account(account)
         .await?
-        .ok_or_else(|| ApiError::not_found("unknown_account", "no such account"))?;
+        .ok_or_else(|| ApiError::new(ErrorCode::UnknownAccount, "no such account"))?;
     if record.devices.len() >= state.config.max_devices_per_account {
         return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "too_many_devices",
+            ErrorCode::TooManyDevices,
             format!(
                 "this account already has {} devices, the most allowed; remove one first",
                 state.config.max_devices_per_account
@@ -234,8 +232,7 @@ pub(crate) async fn link_device(
     key.verify_strict(&message, &Signature::from_bytes(&signature))
         .map_err(|_| {
             ApiError::new(
-                StatusCode::FORBIDDEN,
-                "bad_signature",
+                ErrorCode::BadSignature,
                 "the device is not signed by the account's identity key",
             )
         })?;

@@ -4,7 +4,7 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use fumi_proto::{ErrorBody, ErrorDetail};
+use fumi_proto::{ErrorBody, ErrorCode, ErrorDetail};
 
 use crate::storage::StorageError;
 
@@ -20,8 +20,18 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    /// An error with a status, a stable code and a message.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    /// An error with a stable code (which gives its status) and a message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        let status = StatusCode::from_u16(code.status()).expect("every error code has a valid status");
+        Self::with_status(status, code.as_str(), message)
+    }
+
+    /// A refusal of the admin API's request signing (§9), whose codes are its own.
+    pub fn admin_refusal(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self::with_status(status, code, message)
+    }
+
+    fn with_status(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -34,33 +44,23 @@ impl ApiError {
 
     /// 400 `bad_request`.
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+        Self::new(ErrorCode::BadRequest, message)
     }
 
     /// 401 `unauthenticated`.
     pub fn unauthenticated(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "unauthenticated", message)
-    }
-
-    /// 404 `not_found`.
-    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, code, message)
+        Self::new(ErrorCode::Unauthenticated, message)
     }
 
     /// 413 `too_large`.
     pub fn too_large(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
+        Self::new(ErrorCode::TooLarge, message)
     }
 
     /// 500 `internal`: the cause is logged here and hidden from the client.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(%cause, "internal error");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal server error")
-    }
-
-    /// 403 `forbidden`.
-    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, code, message)
+        Self::new(ErrorCode::Internal, "internal server error")
     }
 
     /// The HTTP status.
@@ -72,99 +72,82 @@ impl ApiError {
 impl From<StorageError> for ApiError {
     fn from(error: StorageError) -> Self {
         match error {
-            StorageError::UsernameTaken => Self::new(
-                StatusCode::CONFLICT,
-                "username_taken",
-                "this username is taken; pick another number",
-            ),
+            StorageError::UsernameTaken => {
+                Self::new(ErrorCode::UsernameTaken, "this username is taken; pick another number")
+            }
             StorageError::EpochConflict { current } => Self {
                 current_epoch: Some(current),
                 ..Self::new(
-                    StatusCode::CONFLICT,
-                    "epoch_conflict",
+                    ErrorCode::EpochConflict,
                     "another commit was accepted for this epoch first; process it and retry",
                 )
             },
             StorageError::MessageIdReused => Self::new(
-                StatusCode::CONFLICT,
-                "message_id_reused",
+                ErrorCode::MessageIdReused,
                 "this message id was already used for a different message",
             ),
             StorageError::NotMember => Self::new(
-                StatusCode::FORBIDDEN,
-                "not_a_member",
+                ErrorCode::NotAMember,
                 "this device is not a member of the group (never added, or removed)",
             ),
             StorageError::UnknownGroup => {
-                Self::not_found("unknown_group", "no commit was ever accepted for this group")
+                Self::new(ErrorCode::UnknownGroup, "no commit was ever accepted for this group")
             }
-            StorageError::UnknownDevice => Self::not_found("unknown_device", "a recipient device does not exist"),
-            StorageError::UnknownAccount => Self::not_found("unknown_account", "no such account"),
-            StorageError::NoKeyPackage => Self::not_found(
-                "no_key_package",
+            StorageError::UnknownDevice => Self::new(ErrorCode::UnknownDevice, "a recipient device does not exist"),
+            StorageError::UnknownAccount => Self::new(ErrorCode::UnknownAccount, "no such account"),
+            StorageError::NoKeyPackage => Self::new(
+                ErrorCode::NoKeyPackage,
                 "a device of this account has no key package available",
             ),
-            StorageError::UnknownLink => Self::not_found(
-                "unknown_link",
+            StorageError::UnknownLink => Self::new(
+                ErrorCode::UnknownLink,
                 "no open link has this token (it expired, was used, or never existed)",
             ),
-            StorageError::DeviceIdTaken => Self::new(
-                StatusCode::CONFLICT,
-                "device_id_taken",
-                "this device id is taken; pick another",
-            ),
-            StorageError::NotOwnDevice => Self::not_found(
-                "unknown_device",
+            StorageError::DeviceIdTaken => Self::new(ErrorCode::DeviceIdTaken, "this device id is taken; pick another"),
+            StorageError::NotOwnDevice => Self::new(
+                ErrorCode::UnknownDevice,
                 "no active device with this id belongs to your account",
             ),
-            StorageError::UnknownInvite => Self::not_found(
-                "unknown_invite",
+            StorageError::UnknownInvite => Self::new(
+                ErrorCode::UnknownInvite,
                 "no invite has this token (it expired or never existed)",
             ),
-            StorageError::InviteUsed => Self::new(StatusCode::GONE, "invite_used", "this invite was already used"),
+            StorageError::InviteUsed => Self::new(ErrorCode::InviteUsed, "this invite was already used"),
             StorageError::QuotaExceeded { quota } => Self::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "quota_exceeded",
+                ErrorCode::QuotaExceeded,
                 format!(
                     "your undelivered attachments would exceed the quota of {quota} bytes; wait until they are fetched"
                 ),
             ),
-            StorageError::UnknownBlob => Self::not_found(
-                "unknown_blob",
+            StorageError::UnknownBlob => Self::new(
+                ErrorCode::UnknownBlob,
                 "no such blob (expired, or deleted after every recipient fetched it)",
             ),
-            StorageError::NotBlobRecipient => Self::new(
-                StatusCode::FORBIDDEN,
-                "not_a_recipient",
-                "this device is not a recipient of this blob",
-            ),
+            StorageError::NotBlobRecipient => {
+                Self::new(ErrorCode::NotARecipient, "this device is not a recipient of this blob")
+            }
             StorageError::MailboxFull { limit } => Self::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "mailbox_full",
+                ErrorCode::MailboxFull,
                 format!(
                     "a recipient device has {limit} undelivered messages waiting; nothing more can be queued for it until it comes online"
                 ),
             ),
-            StorageError::AuditConflict => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "audit_busy",
-                "the audit log is busy; nothing was done, retry",
-            ),
-            StorageError::UnknownChannel => Self::not_found("unknown_channel", "no such channel"),
-            StorageError::NotChannelOwner => Self::forbidden(
-                "not_channel_owner",
+            StorageError::AuditConflict => {
+                Self::new(ErrorCode::AuditBusy, "the audit log is busy; nothing was done, retry")
+            }
+            StorageError::UnknownChannel => Self::new(ErrorCode::UnknownChannel, "no such channel"),
+            StorageError::NotChannelOwner => Self::new(
+                ErrorCode::NotChannelOwner,
                 "only the account that created the channel can change it or post to it",
             ),
             StorageError::ChannelExists => Self::new(
-                StatusCode::CONFLICT,
-                "channel_exists",
+                ErrorCode::ChannelExists,
                 "a channel with this id exists; choose another random id",
             ),
             StorageError::ChannelSeqConflict { latest } => Self {
                 latest_seq: Some(latest),
                 ..Self::new(
-                    StatusCode::CONFLICT,
-                    "channel_seq_conflict",
+                    ErrorCode::ChannelSeqConflict,
                     format!(
                         "the channel's newest post is number {latest}; the next post must be number {}",
                         latest + 1
@@ -172,8 +155,7 @@ impl From<StorageError> for ApiError {
                 )
             },
             StorageError::TooMany { what, limit } => Self::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "limit_reached",
+                ErrorCode::LimitReached,
                 format!("an account can have at most {limit} {what}"),
             ),
             StorageError::Database(cause) => Self::internal(cause),
@@ -188,14 +170,13 @@ impl From<crate::blobs::BlobError> for ApiError {
             BlobError::OffsetMismatch { held } => Self {
                 upload_offset: Some(held),
                 ..Self::new(
-                    StatusCode::CONFLICT,
-                    "upload_offset_mismatch",
+                    ErrorCode::UploadOffsetMismatch,
                     format!("the server holds {held} bytes of this upload; continue from there"),
                 )
             },
             BlobError::Oversized => Self::too_large("the upload carries more bytes than the announced size"),
-            BlobError::Missing => Self::not_found(
-                "unknown_blob",
+            BlobError::Missing => Self::new(
+                ErrorCode::UnknownBlob,
                 "no such blob (expired, or deleted after every recipient fetched it)",
             ),
             BlobError::Store(cause) => Self::internal(cause),

@@ -19,13 +19,12 @@ use akd::{AkdLabel, AkdValue, AzksParallelismConfig, NodeLabel};
 use async_trait::async_trait;
 use axum::Json;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
 use ed25519_dalek::SigningKey;
 use fumi_audit::keys::{
     AccountEntry, AuditAnswer, Config, DeviceKey, EpochHead, HistoryAnswer, LookupAnswer, SignedEpochHead,
     UsernameEntry, account_label, username_label,
 };
-use fumi_proto::AccountId;
+use fumi_proto::{AccountId, ErrorCode};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -130,7 +129,7 @@ impl KeyDirectory {
                     self.storage.set_signature_key(device, &key).await?;
                 }
                 Ok(None) => {}
-                Err(e) => tracing::warn!(%device, error = %e, "a stored key package is unusable"),
+                Err(e) => tracing::warn!(device = %device.redacted(), error = %e, "a stored key package is unusable"),
             }
         }
         Ok(())
@@ -690,8 +689,7 @@ pub async fn heads(
 
 fn not_published(what: &str, interval_ms: u64) -> ApiError {
     ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_in_key_directory",
+        ErrorCode::NotInKeyDirectory,
         format!(
             "{what} is not in the key directory (new entries are published within {} s)",
             interval_ms.div_ceil(1000)
@@ -762,8 +760,7 @@ impl KeyDirectory {
 
 fn retry_later() -> ApiError {
     ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "key_directory_publishing",
+        ErrorCode::KeyDirectoryPublishing,
         "the key directory is publishing an epoch; try again in a moment",
     )
 }
@@ -865,8 +862,7 @@ pub async fn audit(
     let latest = state.keys.head().await?.epoch;
     if query.to > latest {
         return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_epoch",
+            ErrorCode::UnknownEpoch,
             format!("the newest epoch is {latest}"),
         ));
     }
@@ -959,7 +955,7 @@ mod tests {
             };
             let (head, proof, history) = match answer {
                 Ok(answer) => answer,
-                Err(e) if e.status() == StatusCode::SERVICE_UNAVAILABLE => {
+                Err(e) if e.status() == axum::http::StatusCode::SERVICE_UNAVAILABLE => {
                     retries += 1;
                     continue;
                 }

@@ -491,3 +491,20 @@ async fn log_request(State(state): State<Arc<AppState>>, request: Request, next:
     tracing::info!(%method, route, status = status.as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "request");
     response
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every setting is documented in the protocol's table of limits and defaults (§8).
+    #[test]
+    fn every_setting_is_in_the_protocol() {
+        let protocol = include_str!("../../../docs/PROTOCOL.md");
+        let section = &protocol[protocol.find("## 8. Limits and defaults").expect("§8 exists")..];
+        let settings = serde_json::to_value(super::Config::default()).expect("the config serialises");
+        for name in settings.as_object().expect("the config is a table").keys() {
+            assert!(
+                section.contains(&format!("| `{name}` |")),
+                "the setting {name} is missing from docs/PROTOCOL.md §8"
+            );
+        }
+    }
+}

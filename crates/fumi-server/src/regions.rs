@@ -22,8 +22,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::StatusCode;
-use fumi_proto::{AccountId, BlobId, DeviceId};
+use fumi_proto::{AccountId, BlobId, DeviceId, ErrorCode};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -255,8 +254,7 @@ impl Regions {
                     "an account lives in a region this server is not configured for"
                 );
                 ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "region_unavailable",
+                    ErrorCode::RegionUnavailable,
                     "this account's data is in a region this server is not configured for",
                 )
             }),
@@ -295,8 +293,7 @@ pub async fn live_devices(state: &AppState, account: AccountId) -> Result<Vec<De
 /// The answer while an account's data is being moved.
 pub fn relocating() -> ApiError {
     ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "relocating",
+        ErrorCode::Relocating,
         "this account's data is being moved to another region; try again in a minute",
     )
 }

@@ -8,9 +8,11 @@ use std::time::Instant;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{ConnectInfo, FromRequest, Path, Request, State};
+use axum::handler::Handler;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::{Json, Router, routing};
+use fumi_proto::endpoints::{self, Endpoint};
 use fumi_proto::*;
 use rand::RngCore;
 use serde::de::DeserializeOwned;
@@ -31,17 +33,9 @@ pub(crate) const MAX_KEY_PACKAGES_PER_UPLOAD: usize = 100;
 /// Most accounts in one claim.
 const MAX_ACCOUNTS_PER_CLAIM: usize = 100;
 
-/// One route of the public API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Endpoint {
-    /// HTTP method, upper case.
-    pub method: &'static str,
-    /// Path template, as axum matches it (`/v1/blobs/{blob}`).
-    pub path: &'static str,
-}
-
 /// Collects routes and the list of what was routed, so tests can walk every endpoint (a route
-/// cannot be added without appearing in [`endpoints`]).
+/// cannot be added without appearing in [`endpoints`]). Routes are fumi-proto's descriptors, so
+/// the method and path a client uses are the ones served.
 #[derive(Default)]
 struct Api {
     router: Router<Arc<AppState>>,
@@ -49,110 +43,72 @@ struct Api {
 }
 
 impl Api {
-    fn route(
-        mut self,
-        method: &'static str,
-        path: &'static str,
-        handler: routing::MethodRouter<Arc<AppState>>,
-    ) -> Self {
-        self.router = self.router.route(path, handler);
-        self.endpoints.push(Endpoint { method, path });
+    fn route<H, T>(mut self, endpoint: Endpoint, handler: H) -> Self
+    where
+        H: Handler<T, Arc<AppState>>,
+        T: 'static,
+    {
+        let method =
+            axum::http::Method::from_bytes(endpoint.method.as_bytes()).expect("descriptors name valid methods");
+        let filter = routing::MethodFilter::try_from(method).expect("descriptors name routable methods");
+        self.router = self.router.route(endpoint.path, routing::on(filter, handler));
+        self.endpoints.push(endpoint);
         self
     }
 }
 
 fn api() -> Api {
     Api::default()
-        .route("GET", "/health", routing::get(health))
-        .route("GET", "/metrics", routing::get(metrics))
-        .route("POST", "/v1/accounts", routing::post(register))
-        .route("GET", "/v1/audit/head", routing::get(audit::head))
-        .route("GET", "/v1/audit/entries", routing::get(audit::entries))
-        .route("GET", "/v1/audit/proof/inclusion", routing::get(audit::inclusion_proof))
-        .route(
-            "GET",
-            "/v1/audit/proof/consistency",
-            routing::get(audit::consistency_proof),
-        )
-        .route("GET", "/v1/audit/key", routing::get(audit::account_key))
-        .route("GET", "/v1/moderation/key", routing::get(moderation_key))
-        .route("POST", "/v1/reports", routing::post(submit_report))
-        .route("GET", "/v1/accounts/{account}", routing::get(account_info))
-        .route("GET", "/v1/accounts/{account}/profile", routing::get(get_profile))
-        .route("PUT", "/v1/profile", routing::put(put_profile))
-        .route("PUT", "/v1/username", routing::put(claim_username))
-        .route("GET", "/v1/usernames/{hash}", routing::get(lookup_username))
-        .route("POST", "/v1/keypackages", routing::post(upload_key_packages))
-        .route("GET", "/v1/keypackages/count", routing::get(key_package_count))
-        .route("POST", "/v1/keypackages/claim", routing::post(claim_key_packages))
-        .route("POST", "/v1/messages", routing::post(submit_message))
-        .route("GET", "/v1/ws", routing::get(ws::upgrade))
-        .route("POST", "/v1/links", routing::post(devices::create_link))
-        .route("POST", "/v1/links/open", routing::post(devices::open_link))
-        .route("GET", "/v1/links/{token_hash}", routing::get(devices::link_status))
-        .route(
-            "PUT",
-            "/v1/links/{token_hash}/history",
-            routing::put(devices::put_link_history),
-        )
-        .route("POST", "/v1/links/history", routing::post(devices::get_link_history))
-        .route("POST", "/v1/devices", routing::post(devices::link_device))
-        .route(
-            "DELETE",
-            "/v1/devices/{device}",
-            routing::delete(devices::remove_device),
-        )
-        .route("POST", "/v1/invites", routing::post(devices::create_invite))
-        .route("POST", "/v1/invites/redeem", routing::post(devices::redeem_invite))
-        .route("PUT", "/v1/profile/avatar", routing::put(attachments::put_avatar))
-        .route(
-            "GET",
-            "/v1/accounts/{account}/avatar",
-            routing::get(attachments::get_avatar),
-        )
-        .route("POST", "/v1/blobs", routing::post(attachments::create_blob))
-        .route("PATCH", "/v1/blobs/{blob}", routing::patch(attachments::upload))
-        .route("GET", "/v1/blobs/{blob}", routing::get(attachments::download))
-        .route(
-            "GET",
-            "/v1/blobs/{blob}/upload",
-            routing::get(attachments::upload_status),
-        )
-        .route("POST", "/v1/blobs/{blob}/ack", routing::post(attachments::acknowledge))
-        .route("GET", "/v1/keys/head", routing::get(key_directory::head))
-        .route("GET", "/v1/keys/heads", routing::get(key_directory::heads))
-        .route("GET", "/v1/keys/audit", routing::get(key_directory::audit))
-        .route(
-            "GET",
-            "/v1/keys/lookup/account/{account}",
-            routing::get(key_directory::lookup_account),
-        )
-        .route(
-            "GET",
-            "/v1/keys/lookup/username/{hash}",
-            routing::get(key_directory::lookup_username),
-        )
-        .route("GET", "/v1/keys/history", routing::get(key_directory::own_history))
-        .route(
-            "GET",
-            "/v1/keys/history/account/{account}",
-            routing::get(key_directory::account_history),
-        )
-        .route("POST", "/v1/channels", routing::post(channels::create))
-        .route("GET", "/v1/channels/{channel}", routing::get(channels::get))
-        .route("PUT", "/v1/channels/{channel}", routing::put(channels::update))
-        .route("GET", "/v1/channels/{channel}/posts", routing::get(channels::posts))
-        .route("POST", "/v1/channels/{channel}/posts", routing::post(channels::post))
-        .route(
-            "PUT",
-            "/v1/channels/{channel}/subscription",
-            routing::put(channels::subscribe),
-        )
-        .route(
-            "DELETE",
-            "/v1/channels/{channel}/subscription",
-            routing::delete(channels::unsubscribe),
-        )
+        .route(endpoints::HEALTH, health)
+        .route(endpoints::METRICS, metrics)
+        .route(endpoints::REGISTER, register)
+        .route(endpoints::AUDIT_HEAD, audit::head)
+        .route(endpoints::AUDIT_ENTRIES, audit::entries)
+        .route(endpoints::AUDIT_INCLUSION, audit::inclusion_proof)
+        .route(endpoints::AUDIT_CONSISTENCY, audit::consistency_proof)
+        .route(endpoints::AUDIT_KEY, audit::account_key)
+        .route(endpoints::MODERATION_KEY, moderation_key)
+        .route(endpoints::FILE_REPORT, submit_report)
+        .route(endpoints::ACCOUNT, account_info)
+        .route(endpoints::PROFILE, get_profile)
+        .route(endpoints::PUT_PROFILE, put_profile)
+        .route(endpoints::CLAIM_USERNAME, claim_username)
+        .route(endpoints::USERNAME, lookup_username)
+        .route(endpoints::UPLOAD_KEY_PACKAGES, upload_key_packages)
+        .route(endpoints::KEY_PACKAGE_COUNT, key_package_count)
+        .route(endpoints::CLAIM_KEY_PACKAGES, claim_key_packages)
+        .route(endpoints::SUBMIT_MESSAGE, submit_message)
+        .route(endpoints::WEBSOCKET, ws::upgrade)
+        .route(endpoints::CREATE_LINK, devices::create_link)
+        .route(endpoints::OPEN_LINK, devices::open_link)
+        .route(endpoints::LINK_STATUS, devices::link_status)
+        .route(endpoints::PUT_LINK_HISTORY, devices::put_link_history)
+        .route(endpoints::GET_LINK_HISTORY, devices::get_link_history)
+        .route(endpoints::LINK_DEVICE, devices::link_device)
+        .route(endpoints::REMOVE_DEVICE, devices::remove_device)
+        .route(endpoints::CREATE_INVITE, devices::create_invite)
+        .route(endpoints::REDEEM_INVITE, devices::redeem_invite)
+        .route(endpoints::PUT_AVATAR, attachments::put_avatar)
+        .route(endpoints::AVATAR, attachments::get_avatar)
+        .route(endpoints::CREATE_BLOB, attachments::create_blob)
+        .route(endpoints::UPLOAD_BLOB, attachments::upload)
+        .route(endpoints::DOWNLOAD_BLOB, attachments::download)
+        .route(endpoints::BLOB_UPLOAD_STATUS, attachments::upload_status)
+        .route(endpoints::ACK_BLOB, attachments::acknowledge)
+        .route(endpoints::KEYS_HEAD, key_directory::head)
+        .route(endpoints::KEYS_HEADS, key_directory::heads)
+        .route(endpoints::KEYS_AUDIT, key_directory::audit)
+        .route(endpoints::KEYS_LOOKUP_ACCOUNT, key_directory::lookup_account)
+        .route(endpoints::KEYS_LOOKUP_USERNAME, key_directory::lookup_username)
+        .route(endpoints::KEYS_OWN_HISTORY, key_directory::own_history)
+        .route(endpoints::KEYS_ACCOUNT_HISTORY, key_directory::account_history)
+        .route(endpoints::CREATE_CHANNEL, channels::create)
+        .route(endpoints::CHANNEL, channels::get)
+        .route(endpoints::UPDATE_CHANNEL, channels::update)
+        .route(endpoints::CHANNEL_POSTS, channels::posts)
+        .route(endpoints::POST_TO_CHANNEL, channels::post)
+        .route(endpoints::SUBSCRIBE, channels::subscribe)
+        .route(endpoints::UNSUBSCRIBE, channels::unsubscribe)
 }
 
 /// Every endpoint of the public API.
@@ -178,13 +134,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         router
     };
     router
-        .fallback(|| async { ApiError::not_found("not_found", "no such endpoint; see docs/PROTOCOL.md") })
+        .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such endpoint; see docs/PROTOCOL.md") })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "this endpoint does not accept that method",
-            )
+            ApiError::new(ErrorCode::MethodNotAllowed, "this endpoint does not accept that method")
         })
         .layer(body_limit)
         .with_state(state)
@@ -222,8 +174,7 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
     match rejection.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large("request body is too large"),
         StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
+            ErrorCode::UnsupportedMediaType,
             "send JSON with Content-Type: application/json",
         ),
         _ => ApiError::bad_request(format!("malformed JSON body: {}", rejection.body_text())),
@@ -267,8 +218,7 @@ async fn register(
     if !state.address_limiter.check(&peer.ip(), Instant::now()) {
         Metrics::inc(&state.metrics.rate_limited);
         return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
+            ErrorCode::RateLimited,
             "too many registrations from this address; try later",
         ));
     }
@@ -316,7 +266,7 @@ async fn account_info(
         .storage
         .account(account_id)
         .await?
-        .ok_or_else(|| ApiError::not_found("unknown_account", "no such account"))?;
+        .ok_or_else(|| ApiError::new(ErrorCode::UnknownAccount, "no such account"))?;
     #[cfg(feature = "test-hooks")]
     let record = {
         let mut record = record;
@@ -349,7 +299,7 @@ async fn get_profile(
         .storage
         .profile(account_id)
         .await?
-        .ok_or_else(|| ApiError::not_found("unknown_profile", "this account has no profile"))?;
+        .ok_or_else(|| ApiError::new(ErrorCode::UnknownProfile, "this account has no profile"))?;
     Ok(Json(SealedProfile {
         sealed: Base64Bytes(sealed.0),
     }))
@@ -402,7 +352,7 @@ async fn lookup_username(
         .storage
         .lookup_username(&bytes)
         .await?
-        .ok_or_else(|| ApiError::not_found("unknown_username", "no account has this username"))?;
+        .ok_or_else(|| ApiError::new(ErrorCode::UnknownUsername, "no account has this username"))?;
     Ok(Json(UsernameLookup { account_id }))
 }
 
@@ -423,12 +373,12 @@ async fn upload_key_packages(
             )));
         }
     }
-    let signature_key = framing::device_signature_key(
+    let signature_key = framing::uploaded_signature_key(
         upload
             .key_packages
             .iter()
-            .chain(upload.last_resort.iter())
-            .map(|kp| kp.as_slice()),
+            .map(|kp| (kp.as_slice(), false))
+            .chain(upload.last_resort.iter().map(|kp| (kp.as_slice(), true))),
     )
     .map_err(ApiError::bad_request)?;
     if let Some(key) = signature_key {
@@ -444,8 +394,7 @@ async fn upload_key_packages(
     let stock = region.key_package_count(device.device).await?;
     if stock + upload.key_packages.len() as u64 > state.config.max_key_packages_per_device {
         return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "too_many_key_packages",
+            ErrorCode::TooManyKeyPackages,
             format!(
                 "a device keeps at most {} key packages",
                 state.config.max_key_packages_per_device
@@ -529,8 +478,8 @@ async fn moderation_key(
     State(state): State<Arc<AppState>>,
 ) -> Result<Json<ModerationKey>, ApiError> {
     let key = crate::moderation_key(&state.config).ok_or_else(|| {
-        ApiError::not_found(
-            "reports_disabled",
+        ApiError::new(
+            ErrorCode::ReportsDisabled,
             "this server takes no abuse reports (no moderation key is configured)",
         )
     })?;
@@ -546,8 +495,8 @@ async fn submit_report(
     ApiJson(request): ApiJson<ReportSubmit>,
 ) -> Result<Json<ReportFiled>, ApiError> {
     if crate::moderation_key(&state.config).is_none() {
-        return Err(ApiError::not_found(
-            "reports_disabled",
+        return Err(ApiError::new(
+            ErrorCode::ReportsDisabled,
             "this server takes no abuse reports (no moderation key is configured)",
         ));
     }
@@ -583,8 +532,7 @@ async fn submit_message(
     let welcome_recipients = request.welcome.as_ref().map_or(0, |w| w.recipients.len());
     if request.recipients.len() + welcome_recipients > config.max_recipients {
         return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "too_many_recipients",
+            ErrorCode::TooManyRecipients,
             format!("a message goes to at most {} devices", config.max_recipients),
         ));
     }
@@ -706,4 +654,20 @@ fn submission_digest(request: &SubmitMessage) -> [u8; 32] {
         field(removed.as_bytes());
     }
     hasher.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_server_routes_every_endpoint_of_the_protocol_once() {
+        let served = super::endpoints();
+        assert_eq!(served.len(), fumi_proto::endpoints::ALL.len());
+        for endpoint in fumi_proto::endpoints::ALL {
+            assert_eq!(
+                served.iter().filter(|e| *e == endpoint).count(),
+                1,
+                "{endpoint:?} is not routed once"
+            );
+        }
+    }
 }
