@@ -3,22 +3,7 @@
 
 mod common;
 
-use common::{Server, User, fumi, fumi_ok};
-
-fn texts(messages: &[serde_json::Value]) -> Vec<String> {
-    messages
-        .iter()
-        .filter(|m| m["event"] == false)
-        .map(|m| m["text"].as_str().expect("text").to_owned())
-        .collect()
-}
-
-fn receive_json(home: &std::path::Path) -> Vec<serde_json::Value> {
-    fumi_ok(home, &["receive", "--json"])
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON line"))
-        .collect()
-}
+use common::{Server, User, fumi, fumi_ok, receive_json, texts};
 
 #[test]
 fn a_linked_device_receives_from_link_time_and_nothing_after_removal() {

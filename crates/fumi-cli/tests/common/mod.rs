@@ -80,6 +80,13 @@ impl Server {
         Self::start_in(dir, env)
     }
 
+    /// Starts a server on the data directory the caller prepared in `dir/data` (SQLite only:
+    /// the data is the directory).
+    pub fn start_on_data(dir: tempfile::TempDir, env: &[(&str, &str)]) -> Self {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Self::start_on(dir, env, None)
+    }
+
     fn start_in(dir: tempfile::TempDir, env: Vec<(String, String)>) -> Self {
         Self::start_on(dir, env, postgres_backend())
     }
@@ -564,19 +571,12 @@ impl User {
 
     /// Receives queued messages as JSON objects.
     pub fn receive_json(&self) -> Vec<serde_json::Value> {
-        self.ok(&["receive", "--json"])
-            .lines()
-            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON line {line:?}: {e}")))
-            .collect()
+        receive_json(self.home.path())
     }
 
     /// Texts of received (non-event) messages.
     pub fn receive_texts(&self) -> Vec<String> {
-        self.receive_json()
-            .into_iter()
-            .filter(|m| m["event"] == false)
-            .map(|m| m["text"].as_str().expect("text").to_owned())
-            .collect()
+        texts(&self.receive_json())
     }
 }
 
@@ -630,6 +630,23 @@ pub fn fumi(home: &Path, args: &[&str]) -> Output {
         .env_remove("FUMI_HOME")
         .output()
         .expect("run fumi")
+}
+
+/// Receives a home's queued messages as JSON objects.
+pub fn receive_json(home: &Path) -> Vec<serde_json::Value> {
+    fumi_ok(home, &["receive", "--json"])
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON line {line:?}: {e}")))
+        .collect()
+}
+
+/// The texts of the messages (not events) among `messages`.
+pub fn texts(messages: &[serde_json::Value]) -> Vec<String> {
+    messages
+        .iter()
+        .filter(|m| m["event"] == false)
+        .map(|m| m["text"].as_str().expect("text").to_owned())
+        .collect()
 }
 
 pub fn fumi_ok(home: &Path, args: &[&str]) -> String {
