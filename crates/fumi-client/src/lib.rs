@@ -19,8 +19,8 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fumi_core::content::{Body, Content, ContentError, MemberProfileKey};
-use fumi_core::franking::{Evidence, Franking, FrankingContext, ReportedContent};
+use fumi_core::content::{Body, ContentError, MemberProfileKey};
+use fumi_core::message;
 use fumi_core::mls::{Commit, Incoming, Member, MlsDevice, MlsError};
 use fumi_core::{AccountIdentity, Profile, Username};
 use fumi_proto::*;
@@ -954,34 +954,23 @@ impl FumiClient {
     ) -> Result<MessageId, ClientError> {
         self.refuse_unchecked(group)?;
         let sent_at = now_ms();
-        let expire_after_ms = self
-            .store
-            .conversation(group)?
-            .and_then(|c| c.expire_after_ms)
-            .filter(|_| matches!(body, Body::Text { .. } | Body::File { .. }));
-        let context = FrankingContext {
+        let timer = self.store.conversation(group)?.and_then(|c| c.expire_after_ms);
+        let from = message::Sender {
             group,
-            sender: self.account.account_id,
+            account: self.account.account_id,
             device: self.account.device_id,
-            message: id,
-            sent_at,
         };
-        let franking = ReportedContent::of(&body)
-            .map(|reported| {
-                Franking::new(&context, &reported, &mut rand::rng(), |message| {
-                    self.device.sign_labelled(message)
-                })
-            })
-            .transpose()?;
-        let content = Content {
-            v: fumi_core::content::CONTENT_VERSION,
+        let content = message::compose(
+            from,
             id,
             sent_at,
-            profile_key: self.account.profile_key,
+            self.account.profile_key,
             body,
-            expire_after_ms,
-            franking,
-        };
+            timer,
+            &mut rand::rng(),
+            |bytes| self.device.sign_labelled(bytes),
+        )?;
+        let expire_after_ms = content.expire_after_ms;
         let entry = self.store.transaction(|| {
             let outgoing = self.device.encrypt(group, &content.encode())?;
             let request = SubmitMessage {
@@ -1149,35 +1138,14 @@ impl FumiClient {
             } => {
                 // The sender's leaf must still be certified by its account's pinned key.
                 self.check_pin(&sender)?;
-                let content = Content::decode(&plaintext).map_err(|e| ClientError::Protocol(e.to_string()))?;
                 // A text or file message must be reportable: its franking proof must open.
-                let evidence = match ReportedContent::of(&content.body) {
-                    None => None,
-                    Some(reported) => {
-                        let context = FrankingContext {
-                            group,
-                            sender: sender.account,
-                            device: sender.device,
-                            message: content.id,
-                            sent_at: content.sent_at,
-                        };
-                        let franking = content.franking.clone().ok_or_else(|| {
-                            ClientError::Protocol(
-                                "a message without a franking proof (it could not be reported)".into(),
-                            )
-                        })?;
-                        franking
-                            .check(&context, &reported, &sender_signature_key)
-                            .map_err(|e| ClientError::Protocol(format!("a message whose franking proof fails: {e}")))?;
-                        Some(Evidence {
-                            context,
-                            content: reported,
-                            franking,
-                            signature_key: hex::encode(&sender_signature_key),
-                            credential: hex::encode(&sender_credential),
-                        })
-                    }
+                let from = message::Sender {
+                    group,
+                    account: sender.account,
+                    device: sender.device,
                 };
+                let (content, evidence) = message::open(from, &plaintext, &sender_signature_key, &sender_credential)
+                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
                 let keep_evidence = |local_id: Option<i64>| -> Result<(), ClientError> {
                     match (local_id, &evidence) {
                         (Some(local_id), Some(evidence)) if sender.account != me => {

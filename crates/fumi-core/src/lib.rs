@@ -40,6 +40,7 @@ pub mod content;
 pub mod form;
 pub mod franking;
 pub mod identity;
+pub mod message;
 pub mod mls;
 pub mod official;
 pub mod padding;
