@@ -20,6 +20,7 @@ use std::path::Path;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use fumi_core::mls::MlsError;
+use fumi_core::store::ClientStore;
 use fumi_core::{AccountIdentity, Profile, ProfileKey, Username, sealing};
 use fumi_proto::*;
 use serde::{Deserialize, Serialize};

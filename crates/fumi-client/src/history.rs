@@ -10,6 +10,7 @@ use fumi_proto::endpoints;
 use std::fs;
 
 use fumi_core::attachment::{self, AttachmentKey};
+use fumi_core::store::ClientStore;
 use fumi_core::{Attachment, sealing};
 use fumi_proto::*;
 use serde::{Deserialize, Serialize};

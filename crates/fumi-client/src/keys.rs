@@ -25,6 +25,7 @@ use fumi_audit::keys::{
     UsernameEntry, Verified,
 };
 use fumi_core::Member;
+use fumi_core::store::ClientStore;
 use fumi_proto::{AccountId, DeviceId, ErrorCode};
 use serde::{Deserialize, Serialize};
 

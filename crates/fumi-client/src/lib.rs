@@ -22,6 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fumi_core::content::{Body, ContentError, MemberProfileKey};
 use fumi_core::message;
 use fumi_core::mls::{Commit, Incoming, Member, MlsDevice, MlsError};
+use fumi_core::store::ClientStore;
 use fumi_core::{AccountIdentity, Profile, Username};
 use fumi_proto::*;
 use rand::RngCore;
@@ -93,6 +94,12 @@ pub enum ClientError {
     /// The server's key directory contradicts what the server handed out, or its history changed.
     #[error("SECURITY WARNING: {0}")]
     KeyTransparency(String),
+}
+
+impl From<fumi_core::store::StoreError> for ClientError {
+    fn from(error: fumi_core::store::StoreError) -> Self {
+        ClientError::Store(error.0)
+    }
 }
 
 impl ClientError {
@@ -742,7 +749,7 @@ impl FumiClient {
         };
         self.store.transaction(|| {
             self.device.create_group(group)?;
-            self.store.insert_conversation(&conversation, now_ms())
+            Ok(self.store.insert_conversation(&conversation, now_ms())?)
         })?;
         if !key_packages.is_empty() {
             self.commit(group, |device| device.add_members(group, &key_packages))
@@ -1045,7 +1052,7 @@ impl FumiClient {
                 if let Some(event) = &entry.event {
                     self.store_event(entry.group_id, self.account.account_id, event, true)?;
                 }
-                self.store.remove_outbox(entry.message_id)
+                Ok(self.store.remove_outbox(entry.message_id)?)
             }),
             Err(e @ (ClientError::Network(_) | ClientError::Server { status: 500.., .. })) => Err(e),
             Err(e) => {
@@ -1056,7 +1063,7 @@ impl FumiClient {
                         // Not delivered: history must not show it as sent.
                         self.store.delete_own_message(entry.group_id, entry.message_id)?;
                     }
-                    self.store.remove_outbox(entry.message_id)
+                    Ok(self.store.remove_outbox(entry.message_id)?)
                 })?;
                 Err(e)
             }
@@ -1090,7 +1097,8 @@ impl FumiClient {
                 Err(error) if error.is_local() => return Err(error),
                 Err(error) => {
                     tracing::warn!(seq, %error, "dropped a message that could not be processed");
-                    self.store.transaction(|| self.store.mark_processed(seq, now_ms()))?;
+                    self.store
+                        .transaction(|| Ok(self.store.mark_processed(seq, now_ms())?))?;
                 }
             }
         }

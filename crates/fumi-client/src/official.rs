@@ -25,6 +25,7 @@ use fumi_core::official::{
     OrganisationProfile, Post, PostBody, TrustedAuthority, Verification, VerificationStatement, open_info, open_post,
     seal_info, seal_post,
 };
+use fumi_core::store::ClientStore;
 use fumi_proto::*;
 use serde::Serialize;
 

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::rc::Rc;
 
 use fumi_core::franking::Evidence;
+pub use fumi_core::store::{ClientStore, Conversation, OutboxEntry, StoreError};
 use fumi_proto::{AccountId, BlobId, DeviceId, GroupId, MessageId};
 use openmls_rust_crypto::RustCrypto;
 use openmls_sqlite_storage::{Codec, SqliteStorageProvider};
@@ -380,23 +381,6 @@ pub struct PendingHistory {
 /// profile key).
 pub type PinnedContact = (Contact, Option<[u8; 32]>, Option<[u8; 32]>);
 
-/// A conversation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Conversation {
-    /// The MLS group.
-    pub group_id: GroupId,
-    /// 1:1 or group.
-    pub direct: bool,
-    /// Group name (`None` for 1:1 and until the name arrives).
-    pub name: Option<String>,
-    /// The other account of a 1:1 conversation.
-    pub peer: Option<AccountId>,
-    /// False once this device was removed.
-    pub active: bool,
-    /// Disappearing-message timer (ms), if on.
-    pub expire_after_ms: Option<u64>,
-}
-
 /// One entry of local history.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
@@ -450,21 +434,6 @@ impl FileView {
     }
 }
 
-/// A queued outgoing request.
-#[derive(Debug, Clone)]
-pub struct OutboxEntry {
-    /// The request id.
-    pub message_id: MessageId,
-    /// The group.
-    pub group_id: GroupId,
-    /// Whether it carries this device's pending commit.
-    pub is_commit: bool,
-    /// JSON of the `SubmitMessage`.
-    pub request: String,
-    /// History event to record once the server accepts it (e.g. "you added bob.17").
-    pub event: Option<String>,
-}
-
 /// The client store.
 pub struct Store {
     pub(crate) conn: Rc<Connection>,
@@ -472,6 +441,10 @@ pub struct Store {
 
 pub(crate) fn sql(error: rusqlite::Error) -> ClientError {
     ClientError::Store(error.to_string())
+}
+
+fn store_error(error: rusqlite::Error) -> StoreError {
+    StoreError(error.to_string())
 }
 
 pub(crate) fn id16<T>(bytes: Vec<u8>, make: impl Fn(&[u8]) -> Result<T, fumi_proto::IdError>) -> rusqlite::Result<T> {
@@ -527,17 +500,8 @@ impl Store {
 
     /// Runs `f` in one immediate transaction; rolls back if it fails.
     pub fn transaction<T>(&self, f: impl FnOnce() -> Result<T, ClientError>) -> Result<T, ClientError> {
-        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(sql)?;
-        match f() {
-            Ok(value) => {
-                self.conn.execute_batch("COMMIT").map_err(sql)?;
-                Ok(value)
-            }
-            Err(error) => {
-                let _ = self.conn.execute_batch("ROLLBACK");
-                Err(error)
-            }
-        }
+        // The store trait's transaction, with the client's error type fixed for inference.
+        self.in_transaction(f)
     }
 
     /// Saves the account row.
@@ -792,46 +756,6 @@ impl Store {
             .map_err(sql)
     }
 
-    /// Creates a conversation if it does not exist.
-    pub fn insert_conversation(&self, c: &Conversation, now: u64) -> Result<(), ClientError> {
-        self.conn
-            .execute(
-                "INSERT OR IGNORE INTO conversations (group_id, kind, name, peer, created_at, active) VALUES (?, ?, ?, ?, ?, ?)",
-                params![
-                    c.group_id.as_bytes().as_slice(),
-                    if c.direct { "direct" } else { "group" },
-                    c.name,
-                    c.peer.map(|p| p.as_bytes().to_vec()),
-                    now as i64,
-                    c.active
-                ],
-            )
-            .map_err(sql)?;
-        Ok(())
-    }
-
-    /// Sets a conversation's kind and name (from a conversation settings message).
-    pub fn update_conversation(
-        &self,
-        group: GroupId,
-        direct: bool,
-        name: Option<&str>,
-        peer: Option<AccountId>,
-    ) -> Result<(), ClientError> {
-        self.conn
-            .execute(
-                "UPDATE conversations SET kind = ?2, name = ?3, peer = ?4 WHERE group_id = ?1",
-                params![
-                    group.as_bytes().as_slice(),
-                    if direct { "direct" } else { "group" },
-                    name,
-                    peer.map(|p| p.as_bytes().to_vec())
-                ],
-            )
-            .map_err(sql)?;
-        Ok(())
-    }
-
     /// The upload under way for this file and purpose.
     pub fn pending_upload(&self, path: &str, purpose: &[u8; 32]) -> Result<Option<PendingUpload>, ClientError> {
         self.conn
@@ -886,47 +810,6 @@ impl Store {
             )
             .map_err(sql)?;
         Ok(())
-    }
-
-    /// Marks a conversation as left (this device was removed).
-    pub fn deactivate_conversation(&self, group: GroupId) -> Result<(), ClientError> {
-        self.conn
-            .execute(
-                "UPDATE conversations SET active = 0 WHERE group_id = ?",
-                [group.as_bytes().as_slice()],
-            )
-            .map_err(sql)?;
-        Ok(())
-    }
-
-    /// All conversations, newest activity first.
-    pub fn conversations(&self) -> Result<Vec<Conversation>, ClientError> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT c.group_id, c.kind, c.name, c.peer, c.active, c.expire_after_ms FROM conversations c
-                 ORDER BY COALESCE((SELECT MAX(rowid) FROM messages m WHERE m.group_id = c.group_id), 0) DESC, c.created_at DESC",
-            )
-            .map_err(sql)?;
-        let rows = stmt
-            .query_map([], |r| {
-                let peer: Option<Vec<u8>> = r.get(3)?;
-                Ok(Conversation {
-                    group_id: id16(r.get(0)?, GroupId::from_slice)?,
-                    direct: r.get::<_, String>(1)? == "direct",
-                    name: r.get(2)?,
-                    peer: peer.map(|p| id16(p, AccountId::from_slice)).transpose()?,
-                    active: r.get(4)?,
-                    expire_after_ms: r.get::<_, Option<i64>>(5)?.map(|ms| ms as u64),
-                })
-            })
-            .map_err(sql)?;
-        rows.collect::<Result<_, _>>().map_err(sql)
-    }
-
-    /// One conversation.
-    pub fn conversation(&self, group: GroupId) -> Result<Option<Conversation>, ClientError> {
-        Ok(self.conversations()?.into_iter().find(|c| c.group_id == group))
     }
 
     /// Appends to history; returns the new row, or `None` if this message was already stored.
@@ -1097,17 +980,6 @@ impl Store {
     pub fn remove_download(&self, blob: fumi_proto::BlobId) -> Result<(), ClientError> {
         self.conn
             .execute("DELETE FROM downloads WHERE blob_id = ?", [blob.as_bytes().as_slice()])
-            .map_err(sql)?;
-        Ok(())
-    }
-
-    /// Sets or clears a conversation's disappearing-message timer.
-    pub fn set_expire_after(&self, group: GroupId, expire_after_ms: Option<u64>) -> Result<(), ClientError> {
-        self.conn
-            .execute(
-                "UPDATE conversations SET expire_after_ms = ? WHERE group_id = ?",
-                params![expire_after_ms.map(|ms| ms as i64), group.as_bytes().as_slice()],
-            )
             .map_err(sql)?;
         Ok(())
     }
@@ -1303,46 +1175,58 @@ impl Store {
             .map(|n| n as u64)
             .map_err(sql)
     }
+}
 
-    /// Whether an envelope was already processed (it is redelivered if the ack was lost).
-    pub fn is_processed(&self, seq: u64) -> Result<bool, ClientError> {
+impl ClientStore for Store {
+    fn in_transaction<T, E: From<StoreError>>(&self, f: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(store_error)?;
+        match f() {
+            Ok(value) => {
+                self.conn.execute_batch("COMMIT").map_err(store_error)?;
+                Ok(value)
+            }
+            Err(error) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(error)
+            }
+        }
+    }
+
+    fn is_processed(&self, seq: u64) -> Result<bool, StoreError> {
         self.conn
             .query_row("SELECT 1 FROM processed_envelopes WHERE seq = ?", [seq as i64], |_| {
                 Ok(())
             })
             .optional()
             .map(|r| r.is_some())
-            .map_err(sql)
+            .map_err(store_error)
     }
 
-    /// Records an envelope as processed.
-    pub fn mark_processed(&self, seq: u64, now: u64) -> Result<(), ClientError> {
+    fn mark_processed(&self, seq: u64, now: u64) -> Result<(), StoreError> {
         self.conn
             .execute(
                 "INSERT OR IGNORE INTO processed_envelopes (seq, processed_at) VALUES (?, ?)",
                 params![seq as i64, now as i64],
             )
-            .map_err(sql)?;
+            .map_err(store_error)?;
         Ok(())
     }
 
-    /// Queues an outgoing request.
-    pub fn push_outbox(&self, entry: &OutboxEntry, now: u64) -> Result<(), ClientError> {
+    fn push_outbox(&self, entry: &OutboxEntry, now: u64) -> Result<(), StoreError> {
         self.conn
             .execute(
                 "INSERT INTO outbox (message_id, group_id, is_commit, request, event, created_at) VALUES (?, ?, ?, ?, ?, ?)",
                 params![entry.message_id.as_bytes().as_slice(), entry.group_id.as_bytes().as_slice(), entry.is_commit, entry.request, entry.event, now as i64],
             )
-            .map_err(sql)?;
+            .map_err(store_error)?;
         Ok(())
     }
 
-    /// Queued outgoing requests, oldest first.
-    pub fn outbox(&self) -> Result<Vec<OutboxEntry>, ClientError> {
+    fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
         let mut stmt = self
             .conn
             .prepare("SELECT message_id, group_id, is_commit, request, event FROM outbox ORDER BY created_at, rowid")
-            .map_err(sql)?;
+            .map_err(store_error)?;
         let rows = stmt
             .query_map([], |r| {
                 Ok(OutboxEntry {
@@ -1353,19 +1237,100 @@ impl Store {
                     event: r.get(4)?,
                 })
             })
-            .map_err(sql)?;
-        rows.collect::<Result<_, _>>().map_err(sql)
+            .map_err(store_error)?;
+        rows.collect::<Result<_, _>>().map_err(store_error)
     }
 
-    /// Removes a sent request.
-    pub fn remove_outbox(&self, message_id: MessageId) -> Result<(), ClientError> {
+    fn remove_outbox(&self, message_id: MessageId) -> Result<(), StoreError> {
         self.conn
             .execute(
                 "DELETE FROM outbox WHERE message_id = ?",
                 [message_id.as_bytes().as_slice()],
             )
-            .map_err(sql)?;
+            .map_err(store_error)?;
         Ok(())
+    }
+
+    fn insert_conversation(&self, c: &Conversation, now: u64) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO conversations (group_id, kind, name, peer, created_at, active) VALUES (?, ?, ?, ?, ?, ?)",
+                params![
+                    c.group_id.as_bytes().as_slice(),
+                    if c.direct { "direct" } else { "group" },
+                    c.name,
+                    c.peer.map(|p| p.as_bytes().to_vec()),
+                    now as i64,
+                    c.active
+                ],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn update_conversation(
+        &self,
+        group: GroupId,
+        direct: bool,
+        name: Option<&str>,
+        peer: Option<AccountId>,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE conversations SET kind = ?2, name = ?3, peer = ?4 WHERE group_id = ?1",
+                params![
+                    group.as_bytes().as_slice(),
+                    if direct { "direct" } else { "group" },
+                    name,
+                    peer.map(|p| p.as_bytes().to_vec())
+                ],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn deactivate_conversation(&self, group: GroupId) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE conversations SET active = 0 WHERE group_id = ?",
+                [group.as_bytes().as_slice()],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn set_expire_after(&self, group: GroupId, expire_after_ms: Option<u64>) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE conversations SET expire_after_ms = ? WHERE group_id = ?",
+                params![expire_after_ms.map(|ms| ms as i64), group.as_bytes().as_slice()],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn conversations(&self) -> Result<Vec<Conversation>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT c.group_id, c.kind, c.name, c.peer, c.active, c.expire_after_ms FROM conversations c
+                 ORDER BY COALESCE((SELECT MAX(rowid) FROM messages m WHERE m.group_id = c.group_id), 0) DESC, c.created_at DESC",
+            )
+            .map_err(store_error)?;
+        let rows = stmt
+            .query_map([], |r| {
+                let peer: Option<Vec<u8>> = r.get(3)?;
+                Ok(Conversation {
+                    group_id: id16(r.get(0)?, GroupId::from_slice)?,
+                    direct: r.get::<_, String>(1)? == "direct",
+                    name: r.get(2)?,
+                    peer: peer.map(|p| id16(p, AccountId::from_slice)).transpose()?,
+                    active: r.get(4)?,
+                    expire_after_ms: r.get::<_, Option<i64>>(5)?.map(|ms| ms as u64),
+                })
+            })
+            .map_err(store_error)?;
+        rows.collect::<Result<_, _>>().map_err(store_error)
     }
 }
 
@@ -1455,4 +1420,26 @@ mod tests {
         );
         assert_eq!(key(), Some([3; 32]));
     }
+
+    /// A store in a fresh home that lives as long as the store (the conformance tests make one
+    /// per test).
+    pub(crate) struct TestStore {
+        store: Store,
+        _home: tempfile::TempDir,
+    }
+
+    impl std::ops::Deref for TestStore {
+        type Target = Store;
+        fn deref(&self) -> &Store {
+            &self.store
+        }
+    }
+
+    pub(crate) fn test_store() -> TestStore {
+        let home = tempfile::tempdir().unwrap();
+        let (store, _provider) = Store::open(home.path()).unwrap();
+        TestStore { store, _home: home }
+    }
+
+    fumi_core::client_store_conformance!(super::test_store());
 }

@@ -47,6 +47,7 @@ pub mod padding;
 pub mod profile;
 pub mod safety;
 pub mod sealing;
+pub mod store;
 pub mod username;
 
 pub use content::{Attachment, Body, Content};
