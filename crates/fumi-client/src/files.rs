@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
+use fumi_core::attachment::sanitize_file_name;
 use fumi_core::attachment::{self, AttachmentError, AttachmentKey, Sealed};
+use fumi_core::store::ClientStore;
 use fumi_core::{Attachment, Body};
 use fumi_proto::*;
 
@@ -408,7 +410,7 @@ impl FumiClient {
             };
             self.store.transaction(|| {
                 self.store.set_file_view(local_id, &view)?;
-                self.store.remove_download(attachment.blob)
+                Ok(self.store.remove_download(attachment.blob)?)
             })?;
             // Done with the blob either way: the server may delete it once every recipient is.
             if let Err(e) = self
@@ -606,25 +608,6 @@ fn retryable(e: &ClientError) -> bool {
 
 fn backoff(failures: u32) -> Duration {
     Duration::from_millis(200 * 2u64.pow(failures.min(5)))
-}
-
-/// A file name safe to create: no directories, no control characters, no hidden or empty
-/// names, at most 255 bytes.
-pub fn sanitize_file_name(name: &str) -> String {
-    let cleaned: String = name
-        .chars()
-        .map(|c| match c {
-            '/' | '\\' | ':' | '\0' => '_',
-            c if c.is_control() => '_',
-            c => c,
-        })
-        .collect();
-    let cleaned = cleaned.trim().trim_start_matches('.').to_owned();
-    let mut cleaned = if cleaned.is_empty() { "file".to_owned() } else { cleaned };
-    while cleaned.len() > fumi_core::content::MAX_FILE_NAME_BYTES {
-        cleaned.pop();
-    }
-    cleaned
 }
 
 /// `dir/name`, or `dir/stem (2).ext` and so on if that exists.

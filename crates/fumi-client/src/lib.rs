@@ -646,7 +646,7 @@ impl FumiClient {
         for message in &unseen {
             show(self.display(message)?)?;
         }
-        self.store.mark_seen(&ids)
+        Ok(self.store.mark_seen(&ids)?)
     }
 
     /// Processes everything queued on the server without showing it (before sending, so that
@@ -1330,7 +1330,7 @@ impl FumiClient {
     /// Deletes messages whose disappearing timer ran out, with the files they brought.
     fn purge_expired(&self) -> Result<(), ClientError> {
         let files = self.files_dir();
-        for view in self.store.transaction(|| self.store.purge_expired(now_ms()))? {
+        for view in self.store.transaction(|| Ok(self.store.purge_expired(now_ms())?))? {
             if let Some(path) = view.path.map(PathBuf::from)
                 && path.starts_with(&files)
             {
@@ -1513,7 +1513,8 @@ impl FumiClient {
             attachment: None,
             expires_at: None,
         };
-        self.store.insert_message(&event, outgoing, now_ms()).map(drop)
+        self.store.insert_message(&event, outgoing, now_ms())?;
+        Ok(())
     }
 
     fn direct_conversation(&self, peer: AccountId) -> Result<Option<GroupId>, ClientError> {

@@ -8,8 +8,9 @@
 use std::path::Path;
 use std::rc::Rc;
 
+use fumi_core::Attachment;
 use fumi_core::franking::Evidence;
-pub use fumi_core::store::{ClientStore, Conversation, OutboxEntry, StoreError};
+pub use fumi_core::store::{ClientStore, Conversation, FileView, OutboxEntry, StoreError, StoredMessage};
 use fumi_proto::{AccountId, BlobId, DeviceId, GroupId, MessageId};
 use openmls_rust_crypto::RustCrypto;
 use openmls_sqlite_storage::{Codec, SqliteStorageProvider};
@@ -380,59 +381,6 @@ pub struct PendingHistory {
 /// A contact with its pinned identity key and known profile key: (contact, identity key,
 /// profile key).
 pub type PinnedContact = (Contact, Option<[u8; 32]>, Option<[u8; 32]>);
-
-/// One entry of local history.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredMessage {
-    /// Local order.
-    pub local_id: i64,
-    /// Sender-chosen id.
-    pub id: MessageId,
-    /// Conversation.
-    pub group_id: GroupId,
-    /// Sender account.
-    pub sender: AccountId,
-    /// A text message, or a membership event written by this client.
-    pub is_event: bool,
-    /// The text.
-    pub text: String,
-    /// Sender's timestamp (ms).
-    pub sent_at: u64,
-    /// Whether this device sent it.
-    pub outgoing: bool,
-    /// The file it carries, if any.
-    pub attachment: Option<FileView>,
-    /// When this device deletes it (ms since the Unix epoch), if the conversation's timer was on.
-    pub expires_at: Option<u64>,
-}
-
-/// What history shows of a file: never the key.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct FileView {
-    /// File name (the sender's, sanitised).
-    pub name: String,
-    /// Bytes.
-    pub size: u64,
-    /// Media type.
-    pub media_type: String,
-    /// Where the file is: the saved copy for a received file, the original for a sent one.
-    pub path: Option<String>,
-    /// Why a received file was refused (altered, truncated, gone).
-    pub error: Option<String>,
-}
-
-impl FileView {
-    /// A received file not downloaded yet (its name sanitised again).
-    pub(crate) fn pending(attachment: &fumi_core::Attachment) -> Self {
-        Self {
-            name: crate::files::sanitize_file_name(&attachment.name),
-            size: attachment.size,
-            media_type: attachment.media_type.clone(),
-            path: None,
-            error: None,
-        }
-    }
-}
 
 /// The client store.
 pub struct Store {
@@ -812,35 +760,6 @@ impl Store {
         Ok(())
     }
 
-    /// Appends to history; returns the new row, or `None` if this message was already stored.
-    pub fn insert_message(&self, m: &StoredMessage, seen: bool, now: u64) -> Result<Option<i64>, ClientError> {
-        let attachment = m
-            .attachment
-            .as_ref()
-            .map(|a| serde_json::to_string(a).expect("file view serialises"));
-        let changed = self
-            .conn
-            .execute(
-                "INSERT OR IGNORE INTO messages (id, group_id, sender_account, kind, text, sent_at, received_at, outgoing, seen, attachment, expires_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                params![
-                    m.id.as_bytes().as_slice(),
-                    m.group_id.as_bytes().as_slice(),
-                    m.sender.as_bytes().as_slice(),
-                    if m.is_event { "event" } else { "text" },
-                    m.text,
-                    m.sent_at as i64,
-                    now as i64,
-                    m.outgoing,
-                    seen,
-                    attachment,
-                    m.expires_at.map(|t| t as i64)
-                ],
-            )
-            .map_err(sql)?;
-        Ok((changed == 1).then(|| self.conn.last_insert_rowid()))
-    }
-
     /// Keeps the franking opening of a received message.
     pub fn keep_franking_evidence(&self, message_rowid: i64, evidence: &Evidence) -> Result<(), ClientError> {
         let json = serde_json::to_string(evidence).expect("evidence serialises");
@@ -882,6 +801,21 @@ impl Store {
         }
     }
 
+    fn messages_where_(&self, condition: &str, group: Option<GroupId>) -> Result<Vec<StoredMessage>, StoreError> {
+        self.messages_where(condition, group)
+            .map_err(|e| StoreError(e.to_string()))
+    }
+
+    fn messages_ordered_(
+        &self,
+        condition: &str,
+        order: &str,
+        group: Option<GroupId>,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        self.messages_ordered(condition, order, group)
+            .map_err(|e| StoreError(e.to_string()))
+    }
+
     fn messages_where(&self, condition: &str, group: Option<GroupId>) -> Result<Vec<StoredMessage>, ClientError> {
         self.messages_ordered(condition, "rowid", group)
     }
@@ -917,94 +851,6 @@ impl Store {
         }
         .map_err(sql)?;
         rows.collect::<Result<_, _>>().map_err(sql)
-    }
-
-    /// Replaces what history shows of a message's file.
-    pub fn set_file_view(&self, local_id: i64, view: &FileView) -> Result<(), ClientError> {
-        self.conn
-            .execute(
-                "UPDATE messages SET attachment = ? WHERE rowid = ?",
-                params![serde_json::to_string(view).expect("file view serialises"), local_id],
-            )
-            .map_err(sql)?;
-        Ok(())
-    }
-
-    /// Queues a received file for download.
-    pub fn add_download(&self, local_id: i64, attachment: &fumi_core::Attachment) -> Result<(), ClientError> {
-        self.conn
-            .execute(
-                "INSERT OR IGNORE INTO downloads (blob_id, message_rowid, attachment) VALUES (?, ?, ?)",
-                params![
-                    attachment.blob.as_bytes().as_slice(),
-                    local_id,
-                    serde_json::to_string(attachment).expect("attachment serialises")
-                ],
-            )
-            .map_err(sql)?;
-        Ok(())
-    }
-
-    /// Files waiting to be downloaded: (message row, attachment).
-    pub fn downloads(&self) -> Result<Vec<(i64, fumi_core::Attachment)>, ClientError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT message_rowid, attachment FROM downloads ORDER BY message_rowid")
-            .map_err(sql)?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
-            .map_err(sql)?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (local_id, json) = row.map_err(sql)?;
-            let attachment = serde_json::from_str(&json).map_err(|e| ClientError::Store(e.to_string()))?;
-            out.push((local_id, attachment));
-        }
-        Ok(out)
-    }
-
-    /// Whether a file is still queued for download.
-    pub fn is_download_pending(&self, blob: fumi_proto::BlobId) -> Result<bool, ClientError> {
-        self.conn
-            .query_row(
-                "SELECT 1 FROM downloads WHERE blob_id = ?",
-                [blob.as_bytes().as_slice()],
-                |_| Ok(()),
-            )
-            .optional()
-            .map(|found| found.is_some())
-            .map_err(sql)
-    }
-
-    /// Ends a download (done or refused).
-    pub fn remove_download(&self, blob: fumi_proto::BlobId) -> Result<(), ClientError> {
-        self.conn
-            .execute("DELETE FROM downloads WHERE blob_id = ?", [blob.as_bytes().as_slice()])
-            .map_err(sql)?;
-        Ok(())
-    }
-
-    /// Deletes messages whose time is up (and their pending downloads); returns the files of the
-    /// deleted received messages so the caller can delete them too.
-    pub fn purge_expired(&self, now: u64) -> Result<Vec<FileView>, ClientError> {
-        let expired = self.messages_where(&format!("expires_at IS NOT NULL AND expires_at <= {now}"), None)?;
-        for message in &expired {
-            self.conn
-                .execute("DELETE FROM downloads WHERE message_rowid = ?", [message.local_id])
-                .map_err(sql)?;
-            self.conn
-                .execute(
-                    "DELETE FROM franking_evidence WHERE message_rowid = ?",
-                    [message.local_id],
-                )
-                .map_err(sql)?;
-            self.conn
-                .execute("DELETE FROM messages WHERE rowid = ?", [message.local_id])
-                .map_err(sql)?;
-        }
-        // The caller deletes only files it saved itself (under its files directory), never the
-        // original of a file this device sent.
-        Ok(expired.into_iter().filter_map(|m| m.attachment).collect())
     }
 
     /// Takes the profile key another device of this account announced in a message sent at
@@ -1129,51 +975,6 @@ impl Store {
             })
             .map_err(sql)?;
         rows.collect::<Result<_, _>>().map_err(sql)
-    }
-
-    /// Messages not yet shown to the user, oldest first.
-    pub fn unseen(&self) -> Result<Vec<StoredMessage>, ClientError> {
-        self.messages_where("seen = 0", None)
-    }
-
-    /// The history of one conversation.
-    pub fn history(&self, group: GroupId) -> Result<Vec<StoredMessage>, ClientError> {
-        // In the order they were sent: history copied from another device arrives late but
-        // belongs early.
-        self.messages_ordered("group_id = ?", "sent_at, rowid", Some(group))
-    }
-
-    /// Deletes this device's own message from history (the server refused to deliver it).
-    pub fn delete_own_message(&self, group: GroupId, id: MessageId) -> Result<(), ClientError> {
-        self.conn
-            .execute(
-                "DELETE FROM messages WHERE group_id = ? AND id = ? AND outgoing = 1",
-                params![group.as_bytes().as_slice(), id.as_bytes().as_slice()],
-            )
-            .map_err(sql)?;
-        Ok(())
-    }
-
-    /// Marks messages as seen.
-    pub fn mark_seen(&self, local_ids: &[i64]) -> Result<(), ClientError> {
-        for id in local_ids {
-            self.conn
-                .execute("UPDATE messages SET seen = 1 WHERE rowid = ?", [id])
-                .map_err(sql)?;
-        }
-        Ok(())
-    }
-
-    /// Number of unseen messages in a conversation.
-    pub fn unseen_count(&self, group: GroupId) -> Result<u64, ClientError> {
-        self.conn
-            .query_row(
-                "SELECT COUNT(*) FROM messages WHERE group_id = ? AND seen = 0",
-                [group.as_bytes().as_slice()],
-                |r| r.get::<_, i64>(0),
-            )
-            .map(|n| n as u64)
-            .map_err(sql)
     }
 }
 
@@ -1331,6 +1132,155 @@ impl ClientStore for Store {
             })
             .map_err(store_error)?;
         rows.collect::<Result<_, _>>().map_err(store_error)
+    }
+
+    fn insert_message(&self, m: &StoredMessage, seen: bool, now: u64) -> Result<Option<i64>, StoreError> {
+        let attachment = m
+            .attachment
+            .as_ref()
+            .map(|a| serde_json::to_string(a).expect("file view serialises"));
+        let changed = self
+            .conn
+            .execute(
+                "INSERT OR IGNORE INTO messages (id, group_id, sender_account, kind, text, sent_at, received_at, outgoing, seen, attachment, expires_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                params![
+                    m.id.as_bytes().as_slice(),
+                    m.group_id.as_bytes().as_slice(),
+                    m.sender.as_bytes().as_slice(),
+                    if m.is_event { "event" } else { "text" },
+                    m.text,
+                    m.sent_at as i64,
+                    now as i64,
+                    m.outgoing,
+                    seen,
+                    attachment,
+                    m.expires_at.map(|t| t as i64)
+                ],
+            )
+            .map_err(store_error)?;
+        Ok((changed == 1).then(|| self.conn.last_insert_rowid()))
+    }
+
+    fn set_file_view(&self, local_id: i64, view: &FileView) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE messages SET attachment = ? WHERE rowid = ?",
+                params![serde_json::to_string(view).expect("file view serialises"), local_id],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn unseen(&self) -> Result<Vec<StoredMessage>, StoreError> {
+        self.messages_where_("seen = 0", None)
+    }
+
+    fn mark_seen(&self, local_ids: &[i64]) -> Result<(), StoreError> {
+        for id in local_ids {
+            self.conn
+                .execute("UPDATE messages SET seen = 1 WHERE rowid = ?", [id])
+                .map_err(store_error)?;
+        }
+        Ok(())
+    }
+
+    fn unseen_count(&self, group: GroupId) -> Result<u64, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*) FROM messages WHERE group_id = ? AND seen = 0",
+                [group.as_bytes().as_slice()],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(store_error)
+    }
+
+    fn history(&self, group: GroupId) -> Result<Vec<StoredMessage>, StoreError> {
+        // In the order they were sent: history copied from another device arrives late but
+        // belongs early.
+        self.messages_ordered_("group_id = ?", "sent_at, rowid", Some(group))
+    }
+
+    fn delete_own_message(&self, group: GroupId, id: MessageId) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "DELETE FROM messages WHERE group_id = ? AND id = ? AND outgoing = 1",
+                params![group.as_bytes().as_slice(), id.as_bytes().as_slice()],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn purge_expired(&self, now: u64) -> Result<Vec<FileView>, StoreError> {
+        let expired = self.messages_where_(&format!("expires_at IS NOT NULL AND expires_at <= {now}"), None)?;
+        for message in &expired {
+            self.conn
+                .execute("DELETE FROM downloads WHERE message_rowid = ?", [message.local_id])
+                .map_err(store_error)?;
+            self.conn
+                .execute(
+                    "DELETE FROM franking_evidence WHERE message_rowid = ?",
+                    [message.local_id],
+                )
+                .map_err(store_error)?;
+            self.conn
+                .execute("DELETE FROM messages WHERE rowid = ?", [message.local_id])
+                .map_err(store_error)?;
+        }
+        // The caller deletes only files it saved itself (under its files directory), never the
+        // original of a file this device sent.
+        Ok(expired.into_iter().filter_map(|m| m.attachment).collect())
+    }
+
+    fn add_download(&self, local_id: i64, attachment: &Attachment) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO downloads (blob_id, message_rowid, attachment) VALUES (?, ?, ?)",
+                params![
+                    attachment.blob.as_bytes().as_slice(),
+                    local_id,
+                    serde_json::to_string(attachment).expect("attachment serialises")
+                ],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn downloads(&self) -> Result<Vec<(i64, Attachment)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT message_rowid, attachment FROM downloads ORDER BY message_rowid")
+            .map_err(store_error)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+            .map_err(store_error)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (local_id, json) = row.map_err(store_error)?;
+            let attachment = serde_json::from_str(&json).map_err(|e| StoreError(e.to_string()))?;
+            out.push((local_id, attachment));
+        }
+        Ok(out)
+    }
+
+    fn is_download_pending(&self, blob: BlobId) -> Result<bool, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT 1 FROM downloads WHERE blob_id = ?",
+                [blob.as_bytes().as_slice()],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|found| found.is_some())
+            .map_err(store_error)
+    }
+
+    fn remove_download(&self, blob: BlobId) -> Result<(), StoreError> {
+        self.conn
+            .execute("DELETE FROM downloads WHERE blob_id = ?", [blob.as_bytes().as_slice()])
+            .map_err(store_error)?;
+        Ok(())
     }
 }
 

@@ -217,6 +217,25 @@ pub fn media_type_for(name: &str) -> &'static str {
     }
 }
 
+/// A file name safe to create: no directories, no control characters, no hidden or empty
+/// names, at most 255 bytes.
+pub fn sanitize_file_name(name: &str) -> String {
+    let cleaned: String = name
+        .chars()
+        .map(|c| match c {
+            '/' | '\\' | ':' | '\0' => '_',
+            c if c.is_control() => '_',
+            c => c,
+        })
+        .collect();
+    let cleaned = cleaned.trim().trim_start_matches('.').to_owned();
+    let mut cleaned = if cleaned.is_empty() { "file".to_owned() } else { cleaned };
+    while cleaned.len() > crate::content::MAX_FILE_NAME_BYTES {
+        cleaned.pop();
+    }
+    cleaned
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,13 +4,16 @@
 //! method's contract.
 //!
 //! The trait grows by sections as the machine moves into this crate (docs/ARCHITECTURE.md, "The
-//! client machine"). Today: the envelopes processed, the outbox and the conversations.
+//! client machine"). Today: the envelopes processed, the outbox, the conversations, their
+//! messages and the files waiting to be downloaded.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 
-use fumi_proto::{AccountId, GroupId, MessageId};
+use fumi_proto::{AccountId, BlobId, GroupId, MessageId};
 use thiserror::Error;
+
+use crate::content::Attachment;
 
 /// The store failed (its disk, its database): this device's fault, so a received envelope is not
 /// acknowledged and comes again.
@@ -48,6 +51,59 @@ pub struct OutboxEntry {
     pub request: String,
     /// History event to record once the server accepts it (e.g. "you added bob.17").
     pub event: Option<String>,
+}
+
+/// One entry of local history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// Local order.
+    pub local_id: i64,
+    /// Sender-chosen id.
+    pub id: MessageId,
+    /// Conversation.
+    pub group_id: GroupId,
+    /// Sender account.
+    pub sender: AccountId,
+    /// A text message, or a membership event written by this client.
+    pub is_event: bool,
+    /// The text.
+    pub text: String,
+    /// Sender's timestamp (ms).
+    pub sent_at: u64,
+    /// Whether this device sent it.
+    pub outgoing: bool,
+    /// The file it carries, if any.
+    pub attachment: Option<FileView>,
+    /// When this device deletes it (ms since the Unix epoch), if the conversation's timer was on.
+    pub expires_at: Option<u64>,
+}
+
+/// What history shows of a file: never the key.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileView {
+    /// File name (the sender's, sanitised).
+    pub name: String,
+    /// Bytes.
+    pub size: u64,
+    /// Media type.
+    pub media_type: String,
+    /// Where the file is: the saved copy for a received file, the original for a sent one.
+    pub path: Option<String>,
+    /// Why a received file was refused (altered, truncated, gone).
+    pub error: Option<String>,
+}
+
+impl FileView {
+    /// A received file not downloaded yet (its name sanitised again).
+    pub fn pending(attachment: &crate::content::Attachment) -> Self {
+        Self {
+            name: crate::attachment::sanitize_file_name(&attachment.name),
+            size: attachment.size,
+            media_type: attachment.media_type.clone(),
+            path: None,
+            error: None,
+        }
+    }
 }
 
 /// What the client machine keeps. Methods take `&self`: a store is one device's, used by one
@@ -95,6 +151,42 @@ pub trait ClientStore {
     fn conversation(&self, group: GroupId) -> Result<Option<Conversation>, StoreError> {
         Ok(self.conversations()?.into_iter().find(|c| c.group_id == group))
     }
+
+    // --- messages ---------------------------------------------------------------------------
+
+    /// Appends to history; returns the message's local id (increasing, never reused), or `None`
+    /// if a message with this conversation, sender and id is already kept (nothing changes).
+    /// The message's own `local_id` is ignored.
+    fn insert_message(&self, message: &StoredMessage, seen: bool, now: u64) -> Result<Option<i64>, StoreError>;
+    /// Replaces what history shows of a message's file.
+    fn set_file_view(&self, local_id: i64, view: &FileView) -> Result<(), StoreError>;
+    /// The messages not shown yet, in the order they were kept.
+    fn unseen(&self) -> Result<Vec<StoredMessage>, StoreError>;
+    /// Marks messages as shown (unknown ids: no change).
+    fn mark_seen(&self, local_ids: &[i64]) -> Result<(), StoreError>;
+    /// How many messages of a conversation are not shown yet.
+    fn unseen_count(&self, group: GroupId) -> Result<u64, StoreError>;
+    /// A conversation's history in the order its messages were sent (then kept): history copied
+    /// from another device arrives late but belongs early.
+    fn history(&self, group: GroupId) -> Result<Vec<StoredMessage>, StoreError>;
+    /// Deletes this device's own message (the server refused to deliver it); a received message
+    /// with the same id stays.
+    fn delete_own_message(&self, group: GroupId, id: MessageId) -> Result<(), StoreError>;
+    /// Deletes the messages whose time is up (`expires_at <= now`) with their pending downloads;
+    /// returns their files, in the order the messages were kept, so the caller can delete the
+    /// copies it saved.
+    fn purge_expired(&self, now: u64) -> Result<Vec<FileView>, StoreError>;
+
+    // --- downloads --------------------------------------------------------------------------
+
+    /// Queues a received file for download (a blob already queued: no change).
+    fn add_download(&self, local_id: i64, attachment: &Attachment) -> Result<(), StoreError>;
+    /// The files waiting to be downloaded, by their message's local id.
+    fn downloads(&self) -> Result<Vec<(i64, Attachment)>, StoreError>;
+    /// Whether a blob is still queued for download.
+    fn is_download_pending(&self, blob: BlobId) -> Result<bool, StoreError>;
+    /// Ends a download (done or refused).
+    fn remove_download(&self, blob: BlobId) -> Result<(), StoreError>;
 }
 
 /// A store in memory, for tests and for the pair harness.
@@ -108,8 +200,14 @@ struct Tables {
     processed: BTreeMap<u64, u64>,
     /// In queue order.
     outbox: Vec<OutboxEntry>,
-    /// With their creation time and order.
+    /// With their creation time, in insertion order.
     conversations: Vec<(Conversation, u64)>,
+    /// With whether they were shown, by local id.
+    messages: BTreeMap<i64, (StoredMessage, bool)>,
+    /// The last local id given out (ids are never reused).
+    last_message: i64,
+    /// By blob: (message local id, attachment).
+    downloads: BTreeMap<BlobId, (i64, Attachment)>,
 }
 
 impl MemoryStore {
@@ -208,12 +306,141 @@ impl ClientStore for MemoryStore {
     }
 
     fn conversations(&self) -> Result<Vec<Conversation>, StoreError> {
-        // No messages are kept here yet: newest created first (a stable sort keeps equal times in
-        // insertion order).
         let tables = self.tables.borrow();
-        let mut all: Vec<&(Conversation, u64)> = tables.conversations.iter().collect();
-        all.sort_by_key(|(_, created_at)| std::cmp::Reverse(*created_at));
-        Ok(all.into_iter().map(|(c, _)| c.clone()).collect())
+        let newest_message = |group: GroupId| {
+            tables
+                .messages
+                .values()
+                .filter(|(m, _)| m.group_id == group)
+                .map(|(m, _)| m.local_id)
+                .max()
+                .unwrap_or(0)
+        };
+        let mut all: Vec<(i64, u64, &Conversation)> = tables
+            .conversations
+            .iter()
+            .map(|(c, created_at)| (newest_message(c.group_id), *created_at, c))
+            .collect();
+        // A stable sort keeps equal keys in insertion order.
+        all.sort_by_key(|(newest, created_at, _)| std::cmp::Reverse((*newest, *created_at)));
+        Ok(all.into_iter().map(|(_, _, c)| c.clone()).collect())
+    }
+
+    fn insert_message(&self, message: &StoredMessage, seen: bool, _now: u64) -> Result<Option<i64>, StoreError> {
+        let mut tables = self.tables.borrow_mut();
+        let kept = tables
+            .messages
+            .values()
+            .any(|(m, _)| (m.group_id, m.sender, m.id) == (message.group_id, message.sender, message.id));
+        if kept {
+            return Ok(None);
+        }
+        tables.last_message += 1;
+        let local_id = tables.last_message;
+        let stored = StoredMessage {
+            local_id,
+            ..message.clone()
+        };
+        tables.messages.insert(local_id, (stored, seen));
+        Ok(Some(local_id))
+    }
+
+    fn set_file_view(&self, local_id: i64, view: &FileView) -> Result<(), StoreError> {
+        if let Some((message, _)) = self.tables.borrow_mut().messages.get_mut(&local_id) {
+            message.attachment = Some(view.clone());
+        }
+        Ok(())
+    }
+
+    fn unseen(&self) -> Result<Vec<StoredMessage>, StoreError> {
+        let tables = self.tables.borrow();
+        Ok(tables
+            .messages
+            .values()
+            .filter(|(_, seen)| !seen)
+            .map(|(m, _)| m.clone())
+            .collect())
+    }
+
+    fn mark_seen(&self, local_ids: &[i64]) -> Result<(), StoreError> {
+        let mut tables = self.tables.borrow_mut();
+        for id in local_ids {
+            if let Some((_, seen)) = tables.messages.get_mut(id) {
+                *seen = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn unseen_count(&self, group: GroupId) -> Result<u64, StoreError> {
+        let tables = self.tables.borrow();
+        Ok(tables
+            .messages
+            .values()
+            .filter(|(m, seen)| m.group_id == group && !seen)
+            .count() as u64)
+    }
+
+    fn history(&self, group: GroupId) -> Result<Vec<StoredMessage>, StoreError> {
+        let tables = self.tables.borrow();
+        let mut history: Vec<StoredMessage> = tables
+            .messages
+            .values()
+            .filter(|(m, _)| m.group_id == group)
+            .map(|(m, _)| m.clone())
+            .collect();
+        history.sort_by_key(|m| (m.sent_at, m.local_id));
+        Ok(history)
+    }
+
+    fn delete_own_message(&self, group: GroupId, id: MessageId) -> Result<(), StoreError> {
+        self.tables
+            .borrow_mut()
+            .messages
+            .retain(|_, (m, _)| !(m.group_id == group && m.id == id && m.outgoing));
+        Ok(())
+    }
+
+    fn purge_expired(&self, now: u64) -> Result<Vec<FileView>, StoreError> {
+        let mut tables = self.tables.borrow_mut();
+        let expired: Vec<i64> = tables
+            .messages
+            .values()
+            .filter(|(m, _)| m.expires_at.is_some_and(|at| at <= now))
+            .map(|(m, _)| m.local_id)
+            .collect();
+        let mut files = Vec::new();
+        for local_id in expired {
+            if let Some((message, _)) = tables.messages.remove(&local_id) {
+                files.extend(message.attachment);
+            }
+            tables.downloads.retain(|_, (message, _)| *message != local_id);
+        }
+        Ok(files)
+    }
+
+    fn add_download(&self, local_id: i64, attachment: &Attachment) -> Result<(), StoreError> {
+        self.tables
+            .borrow_mut()
+            .downloads
+            .entry(attachment.blob)
+            .or_insert_with(|| (local_id, attachment.clone()));
+        Ok(())
+    }
+
+    fn downloads(&self) -> Result<Vec<(i64, Attachment)>, StoreError> {
+        let mut all: Vec<(i64, Attachment)> = self.tables.borrow().downloads.values().cloned().collect();
+        all.sort_by_key(|(local_id, _)| *local_id);
+        Ok(all)
+    }
+
+    fn is_download_pending(&self, blob: BlobId) -> Result<bool, StoreError> {
+        Ok(self.tables.borrow().downloads.contains_key(&blob))
+    }
+
+    fn remove_download(&self, blob: BlobId) -> Result<(), StoreError> {
+        self.tables.borrow_mut().downloads.remove(&blob);
+        Ok(())
     }
 }
 
@@ -225,8 +452,9 @@ impl ClientStore for MemoryStore {
 macro_rules! client_store_conformance {
     ($make:expr) => {
         mod client_store_conformance {
-            use fumi_proto::{AccountId, GroupId, MessageId};
-            use $crate::store::{ClientStore, Conversation, OutboxEntry, StoreError};
+            use fumi_proto::{AccountId, BlobId, GroupId, MessageId};
+            use $crate::content::Attachment;
+            use $crate::store::{ClientStore, Conversation, FileView, OutboxEntry, StoreError, StoredMessage};
 
             #[allow(unused_imports)]
             use super::*;
@@ -254,6 +482,190 @@ macro_rules! client_store_conformance {
                     request: format!("{{\"n\":{n}}}"),
                     event: (n % 3 == 0).then(|| format!("event {n}")),
                 }
+            }
+
+            /// Message `n` of conversation `g` from account `from`, sent at `sent_at`.
+            fn message(g: u8, from: u8, n: u8, sent_at: u64) -> StoredMessage {
+                StoredMessage {
+                    local_id: 0,
+                    id: MessageId::from_bytes([n; 16]),
+                    group_id: group(g),
+                    sender: AccountId::from_bytes([from; 16]),
+                    is_event: n % 5 == 0,
+                    text: format!("message {n} from {from}"),
+                    sent_at,
+                    outgoing: from == 1,
+                    attachment: None,
+                    expires_at: None,
+                }
+            }
+
+            fn view(name: &str) -> FileView {
+                FileView {
+                    name: name.into(),
+                    size: 3,
+                    media_type: "text/plain".into(),
+                    path: Some(format!("/files/{name}")),
+                    error: None,
+                }
+            }
+
+            fn attachment(n: u8) -> Attachment {
+                Attachment {
+                    blob: BlobId::from_bytes([n; 16]),
+                    key: [n; 32],
+                    digest: [n + 1; 32],
+                    size: 3,
+                    name: format!("file {n}.txt"),
+                    media_type: "text/plain".into(),
+                }
+            }
+
+            /// `m` as the store kept it, under the local id its insertion returned.
+            fn kept(m: &StoredMessage, local_id: Option<i64>) -> StoredMessage {
+                StoredMessage {
+                    local_id: local_id.expect("a new message"),
+                    ..m.clone()
+                }
+            }
+
+            #[test]
+            fn history_is_in_sent_order_and_a_message_is_kept_once() {
+                let store = $make;
+                let late = {
+                    let m = message(1, 2, 1, 300);
+                    kept(&m, store.insert_message(&m, false, 1).unwrap())
+                };
+                let early = {
+                    let m = message(1, 1, 2, 100);
+                    kept(&m, store.insert_message(&m, true, 1).unwrap())
+                };
+                let other = {
+                    let m = message(2, 2, 3, 200);
+                    kept(&m, store.insert_message(&m, false, 1).unwrap())
+                };
+                assert!(late.local_id < early.local_id && early.local_id < other.local_id);
+                assert_eq!(store.history(group(1)).unwrap(), [early.clone(), late.clone()]);
+                // The same conversation, sender and id again: refused, nothing changes. The same
+                // id from another sender is another message.
+                let mut again = message(1, 2, 1, 999);
+                again.text = "changed".into();
+                assert_eq!(store.insert_message(&again, false, 2).unwrap(), None);
+                let from_another = {
+                    let m = message(1, 3, 1, 400);
+                    kept(&m, store.insert_message(&m, false, 1).unwrap())
+                };
+                assert_eq!(
+                    store.history(group(1)).unwrap(),
+                    [early, late.clone(), from_another.clone()]
+                );
+                // Unseen: in the order kept; marking some seen.
+                assert_eq!(
+                    store.unseen().unwrap(),
+                    [late.clone(), other.clone(), from_another.clone()]
+                );
+                assert_eq!(store.unseen_count(group(1)).unwrap(), 2);
+                store.mark_seen(&[late.local_id, 9_999]).unwrap();
+                assert_eq!(store.unseen().unwrap(), [other, from_another]);
+                assert_eq!(store.unseen_count(group(1)).unwrap(), 1);
+                assert_eq!(store.unseen_count(group(7)).unwrap(), 0);
+            }
+
+            #[test]
+            fn only_an_own_message_is_deleted_and_a_file_view_replaced() {
+                let store = $make;
+                let own = {
+                    let m = message(1, 1, 4, 100);
+                    kept(&m, store.insert_message(&m, true, 1).unwrap())
+                };
+                let received = {
+                    let m = message(1, 2, 4, 100);
+                    kept(&m, store.insert_message(&m, false, 1).unwrap())
+                };
+                store.delete_own_message(group(1), own.id).unwrap();
+                assert_eq!(store.history(group(1)).unwrap(), vec![received.clone()]);
+                store.set_file_view(received.local_id, &view("a.txt")).unwrap();
+                store.set_file_view(9_999, &view("b.txt")).unwrap();
+                let shown = store.history(group(1)).unwrap().remove(0);
+                assert_eq!(shown.attachment, Some(view("a.txt")));
+                // Ids are never reused.
+                let next = {
+                    let m = message(1, 2, 6, 100);
+                    kept(&m, store.insert_message(&m, false, 1).unwrap())
+                };
+                assert!(next.local_id > own.local_id && next.local_id > received.local_id);
+            }
+
+            #[test]
+            fn expired_messages_go_with_their_downloads() {
+                let store = $make;
+                let mut expiring = message(1, 2, 7, 100);
+                expiring.expires_at = Some(1_000);
+                expiring.attachment = Some(view("gone.txt"));
+                let expiring = kept(&expiring, store.insert_message(&expiring, false, 1).unwrap());
+                let mut later = message(1, 2, 8, 100);
+                later.expires_at = Some(2_000);
+                let later = kept(&later, store.insert_message(&later, false, 1).unwrap());
+                let forever = {
+                    let m = message(1, 2, 9, 100);
+                    kept(&m, store.insert_message(&m, false, 1).unwrap())
+                };
+                store.add_download(expiring.local_id, &attachment(1)).unwrap();
+                store.add_download(forever.local_id, &attachment(2)).unwrap();
+                assert_eq!(store.purge_expired(999).unwrap(), []);
+                assert_eq!(store.purge_expired(1_000).unwrap(), [view("gone.txt")]);
+                assert_eq!(store.history(group(1)).unwrap(), [later, forever.clone()]);
+                assert_eq!(store.downloads().unwrap(), [(forever.local_id, attachment(2))]);
+                assert!(!store.is_download_pending(attachment(1).blob).unwrap());
+            }
+
+            #[test]
+            fn downloads_are_queued_once_in_message_order() {
+                let store = $make;
+                let first = {
+                    let m = message(1, 2, 1, 100);
+                    kept(&m, store.insert_message(&m, false, 1).unwrap())
+                };
+                let second = {
+                    let m = message(1, 2, 2, 100);
+                    kept(&m, store.insert_message(&m, false, 1).unwrap())
+                };
+                store.add_download(second.local_id, &attachment(5)).unwrap();
+                store.add_download(first.local_id, &attachment(6)).unwrap();
+                // The same blob again: the first entry stays.
+                store.add_download(first.local_id, &attachment(5)).unwrap();
+                assert_eq!(
+                    store.downloads().unwrap(),
+                    [(first.local_id, attachment(6)), (second.local_id, attachment(5))]
+                );
+                assert!(store.is_download_pending(attachment(5).blob).unwrap());
+                store.remove_download(attachment(5).blob).unwrap();
+                store.remove_download(attachment(9).blob).unwrap();
+                assert!(!store.is_download_pending(attachment(5).blob).unwrap());
+                assert_eq!(store.downloads().unwrap(), [(first.local_id, attachment(6))]);
+            }
+
+            #[test]
+            fn the_conversation_with_the_newest_message_comes_first() {
+                let store = $make;
+                store.insert_conversation(&conversation(1, true), 10).unwrap();
+                store.insert_conversation(&conversation(2, true), 20).unwrap();
+                store.insert_conversation(&conversation(3, true), 30).unwrap();
+                {
+                    let m = message(2, 2, 1, 100);
+                    kept(&m, store.insert_message(&m, false, 1).unwrap())
+                };
+                {
+                    let m = message(1, 2, 2, 100);
+                    kept(&m, store.insert_message(&m, false, 1).unwrap())
+                };
+                let order: Vec<GroupId> = store
+                    .conversations()
+                    .unwrap()
+                    .iter()
+                    .map(|c| c.group_id)
+                    .collect();
+                assert_eq!(order, [group(1), group(2), group(3)]);
             }
 
             #[test]
@@ -326,12 +738,14 @@ macro_rules! client_store_conformance {
                     store.push_outbox(&entry(2), 2)?;
                     store.insert_conversation(&conversation(3, true), 3)?;
                     store.remove_outbox(entry(1).message_id)?;
+                    store.insert_message(&message(3, 2, 1, 1), false, 1)?;
                     Err(StoreError("the step failed".into()))
                 });
                 assert!(failed.is_err());
                 assert!(!store.is_processed(5).unwrap());
                 assert_eq!(store.outbox().unwrap(), [entry(1)]);
                 assert_eq!(store.conversations().unwrap(), []);
+                assert_eq!(store.unseen().unwrap(), []);
                 let kept: Result<(), StoreError> = store.in_transaction(|| {
                     store.mark_processed(5, 1)?;
                     store.push_outbox(&entry(2), 2)
