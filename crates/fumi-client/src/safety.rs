@@ -2,6 +2,7 @@
 
 use fumi_core::AccountIdentity;
 use fumi_core::safety::safety_number;
+use fumi_core::store::ClientStore;
 use fumi_proto::AccountId;
 use serde::Serialize;
 

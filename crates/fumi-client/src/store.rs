@@ -10,7 +10,9 @@ use std::rc::Rc;
 
 use fumi_core::Attachment;
 use fumi_core::franking::Evidence;
-pub use fumi_core::store::{ClientStore, Conversation, FileView, OutboxEntry, StoreError, StoredMessage};
+pub use fumi_core::store::{
+    ClientStore, Contact, Conversation, FileView, OutboxEntry, PinnedContact, StoreError, StoredMessage,
+};
 use fumi_proto::{AccountId, BlobId, DeviceId, GroupId, MessageId};
 use openmls_rust_crypto::RustCrypto;
 use openmls_sqlite_storage::{Codec, SqliteStorageProvider};
@@ -354,19 +356,6 @@ impl Drop for AccountRow {
     }
 }
 
-/// A contact as the store knows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Contact {
-    /// The account.
-    pub account_id: AccountId,
-    /// Full username, from the contact's own profile (or from a lookup we made).
-    pub username: Option<String>,
-    /// Display name from the contact's profile.
-    pub display_name: Option<String>,
-    /// Where the contact's avatar image was saved.
-    pub avatar_path: Option<String>,
-}
-
 /// A link through which this device joined, whose history archive may still arrive.
 #[derive(Debug, Clone)]
 pub struct PendingHistory {
@@ -377,10 +366,6 @@ pub struct PendingHistory {
     /// When the device joined (ms).
     pub since: u64,
 }
-
-/// A contact with its pinned identity key and known profile key: (contact, identity key,
-/// profile key).
-pub type PinnedContact = (Contact, Option<[u8; 32]>, Option<[u8; 32]>);
 
 /// The client store.
 pub struct Store {
@@ -498,208 +483,6 @@ impl Store {
                     })
                 },
             )
-            .optional()
-            .map_err(sql)
-    }
-
-    /// Records what we learned of a contact; `None` fields keep their stored value.
-    pub fn upsert_contact(
-        &self,
-        account: AccountId,
-        username: Option<&str>,
-        display_name: Option<&str>,
-    ) -> Result<(), ClientError> {
-        self.conn
-            .execute(
-                "INSERT INTO contacts (account_id, username, display_name) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (account_id) DO UPDATE SET username = COALESCE(?2, username), display_name = COALESCE(?3, display_name)",
-                params![account.as_bytes().as_slice(), username, display_name],
-            )
-            .map_err(sql)?;
-        Ok(())
-    }
-
-    /// Checks an account's identity key against the one pinned on first sight (pinning it then).
-    /// Returns false if a different key was pinned: someone is impersonating the account, or it
-    /// was re-created.
-    pub fn check_identity_key(&self, account: AccountId, key: &[u8; 32]) -> Result<bool, ClientError> {
-        match self.pinned_identity_key(account)? {
-            Some(pinned) => Ok(pinned == *key),
-            None => {
-                self.conn
-                    .execute(
-                        "INSERT INTO contacts (account_id, identity_key) VALUES (?1, ?2)
-                         ON CONFLICT (account_id) DO UPDATE SET identity_key = ?2",
-                        params![account.as_bytes().as_slice(), key.as_slice()],
-                    )
-                    .map_err(sql)?;
-                Ok(true)
-            }
-        }
-    }
-
-    /// The identity key pinned for an account, if any.
-    pub fn pinned_identity_key(&self, account: AccountId) -> Result<Option<[u8; 32]>, ClientError> {
-        let pinned: Option<Option<Vec<u8>>> = self
-            .conn
-            .query_row(
-                "SELECT identity_key FROM contacts WHERE account_id = ?",
-                [account.as_bytes().as_slice()],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(sql)?;
-        pinned
-            .flatten()
-            .map(|key| {
-                key.try_into()
-                    .map_err(|_| ClientError::Store("a pinned identity key is not 32 bytes".into()))
-            })
-            .transpose()
-    }
-
-    /// Records that the user compared safety numbers for this key in person: pins it (replacing
-    /// a previous pin) and marks it verified.
-    pub fn set_verified(&self, account: AccountId, key: &[u8; 32]) -> Result<(), ClientError> {
-        self.conn
-            .execute(
-                "INSERT INTO contacts (account_id, identity_key, verified_key) VALUES (?1, ?2, ?2)
-                 ON CONFLICT (account_id) DO UPDATE SET identity_key = ?2, verified_key = ?2",
-                params![account.as_bytes().as_slice(), key.as_slice()],
-            )
-            .map_err(sql)?;
-        Ok(())
-    }
-
-    /// Whether the user verified this account's pinned identity key in person.
-    pub fn is_verified(&self, account: AccountId) -> Result<bool, ClientError> {
-        self.conn
-            .query_row(
-                "SELECT verified_key IS NOT NULL AND verified_key = identity_key FROM contacts WHERE account_id = ?",
-                [account.as_bytes().as_slice()],
-                |r| r.get(0),
-            )
-            .optional()
-            .map(|v| v.unwrap_or(false))
-            .map_err(sql)
-    }
-
-    /// Whether a profile key is known for an account.
-    pub fn has_profile_key(&self, account: AccountId) -> Result<bool, ClientError> {
-        Ok(!self.profile_keys(&[account])?.is_empty())
-    }
-
-    /// Records a contact's profile key; returns true if it is new (the profile must be fetched).
-    pub fn set_profile_key(&self, account: AccountId, key: &[u8; 32], at: u64) -> Result<bool, ClientError> {
-        let current: Option<(Option<Vec<u8>>, i64)> = self
-            .conn
-            .query_row(
-                "SELECT profile_key, profile_key_at FROM contacts WHERE account_id = ?",
-                [account.as_bytes().as_slice()],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-            .map_err(sql)?;
-        match &current {
-            Some((Some(known), _)) if known.as_slice() == key.as_slice() => {
-                self.conn
-                    .execute(
-                        "UPDATE contacts SET profile_key_at = MAX(profile_key_at, ?2) WHERE account_id = ?1",
-                        params![account.as_bytes().as_slice(), at as i64],
-                    )
-                    .map_err(sql)?;
-                return Ok(false);
-            }
-            // A key older than the one known (a message queued before the contact's newer
-            // invite or change) would not open the current profile.
-            Some((Some(_), known_at)) if (at as i64) < *known_at => return Ok(false),
-            _ => {}
-        }
-        self.conn
-            .execute(
-                "INSERT INTO contacts (account_id, profile_key, profile_fetched, profile_key_at) VALUES (?1, ?2, 0, ?3)
-                 ON CONFLICT (account_id) DO UPDATE SET profile_key = ?2, profile_fetched = 0, profile_key_at = ?3",
-                params![account.as_bytes().as_slice(), key.as_slice(), at as i64],
-            )
-            .map_err(sql)?;
-        Ok(true)
-    }
-
-    /// Contacts whose profile key changed since their profile was last fetched.
-    pub fn profiles_to_fetch(&self) -> Result<Vec<(AccountId, [u8; 32])>, ClientError> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT account_id, profile_key FROM contacts WHERE profile_key IS NOT NULL AND profile_fetched = 0",
-            )
-            .map_err(sql)?;
-        let rows = stmt
-            .query_map([], |r| Ok((id16(r.get(0)?, AccountId::from_slice)?, key32(r.get(1)?)?)))
-            .map_err(sql)?;
-        rows.collect::<Result<_, _>>().map_err(sql)
-    }
-
-    /// Stores a fetched profile.
-    pub fn set_profile(
-        &self,
-        account: AccountId,
-        username: Option<&str>,
-        display_name: &str,
-    ) -> Result<(), ClientError> {
-        self.conn
-            .execute(
-                "UPDATE contacts SET username = COALESCE(?2, username), display_name = ?3, profile_fetched = 1 WHERE account_id = ?1",
-                params![account.as_bytes().as_slice(), username, display_name],
-            )
-            .map_err(sql)?;
-        Ok(())
-    }
-
-    /// Profile keys of these accounts that we know.
-    pub fn profile_keys(&self, accounts: &[AccountId]) -> Result<Vec<(AccountId, [u8; 32])>, ClientError> {
-        let mut keys = Vec::new();
-        for account in accounts {
-            let key: Option<Option<Vec<u8>>> = self
-                .conn
-                .query_row(
-                    "SELECT profile_key FROM contacts WHERE account_id = ?",
-                    [account.as_bytes().as_slice()],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(sql)?;
-            if let Some(Some(key)) = key {
-                keys.push((*account, key32(key).map_err(sql)?));
-            }
-        }
-        Ok(keys)
-    }
-
-    /// A contact.
-    pub fn contact(&self, account: AccountId) -> Result<Option<Contact>, ClientError> {
-        self.conn
-            .query_row(
-                "SELECT username, display_name, avatar_path FROM contacts WHERE account_id = ?",
-                [account.as_bytes().as_slice()],
-                |r| {
-                    Ok(Contact {
-                        account_id: account,
-                        username: r.get(0)?,
-                        display_name: r.get(1)?,
-                        avatar_path: r.get(2)?,
-                    })
-                },
-            )
-            .optional()
-            .map_err(sql)
-    }
-
-    /// The contact known under a full username.
-    pub fn contact_by_username(&self, username: &str) -> Result<Option<AccountId>, ClientError> {
-        self.conn
-            .query_row("SELECT account_id FROM contacts WHERE username = ?", [username], |r| {
-                id16(r.get(0)?, AccountId::from_slice)
-            })
             .optional()
             .map_err(sql)
     }
@@ -922,57 +705,6 @@ impl Store {
             .map_err(sql)?;
         let rows = stmt
             .query_map([], |r| id16(r.get(0)?, DeviceId::from_slice))
-            .map_err(sql)?;
-        rows.collect::<Result<_, _>>().map_err(sql)
-    }
-
-    /// Records a contact's saved avatar.
-    pub fn set_contact_avatar(&self, account: AccountId, digest: &str, path: &str) -> Result<(), ClientError> {
-        self.conn
-            .execute(
-                "UPDATE contacts SET avatar_digest = ?2, avatar_path = ?3 WHERE account_id = ?1",
-                params![account.as_bytes().as_slice(), digest, path],
-            )
-            .map_err(sql)?;
-        Ok(())
-    }
-
-    /// The avatar digest saved for a contact.
-    pub fn contact_avatar_digest(&self, account: AccountId) -> Result<Option<String>, ClientError> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT avatar_digest FROM contacts WHERE account_id = ?",
-                [account.as_bytes().as_slice()],
-                |r| r.get::<_, Option<String>>(0),
-            )
-            .optional()
-            .map_err(sql)?
-            .flatten())
-    }
-
-    /// Contacts whose identity key is pinned (everyone this device has talked to), by username.
-    pub fn contacts(&self) -> Result<Vec<PinnedContact>, ClientError> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT account_id, username, display_name, avatar_path, identity_key, profile_key FROM contacts
-                 WHERE identity_key IS NOT NULL ORDER BY username",
-            )
-            .map_err(sql)?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((
-                    Contact {
-                        account_id: id16(r.get(0)?, AccountId::from_slice)?,
-                        username: r.get(1)?,
-                        display_name: r.get(2)?,
-                        avatar_path: r.get(3)?,
-                    },
-                    r.get::<_, Option<Vec<u8>>>(4)?.map(key32).transpose()?,
-                    r.get::<_, Option<Vec<u8>>>(5)?.map(key32).transpose()?,
-                ))
-            })
             .map_err(sql)?;
         rows.collect::<Result<_, _>>().map_err(sql)
     }
@@ -1282,6 +1014,232 @@ impl ClientStore for Store {
             .map_err(store_error)?;
         Ok(())
     }
+
+    fn upsert_contact(
+        &self,
+        account: AccountId,
+        username: Option<&str>,
+        display_name: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO contacts (account_id, username, display_name) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (account_id) DO UPDATE SET username = COALESCE(?2, username), display_name = COALESCE(?3, display_name)",
+                params![account.as_bytes().as_slice(), username, display_name],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn check_identity_key(&self, account: AccountId, key: &[u8; 32]) -> Result<bool, StoreError> {
+        match self.pinned_identity_key(account)? {
+            Some(pinned) => Ok(pinned == *key),
+            None => {
+                self.conn
+                    .execute(
+                        "INSERT INTO contacts (account_id, identity_key) VALUES (?1, ?2)
+                         ON CONFLICT (account_id) DO UPDATE SET identity_key = ?2",
+                        params![account.as_bytes().as_slice(), key.as_slice()],
+                    )
+                    .map_err(store_error)?;
+                Ok(true)
+            }
+        }
+    }
+
+    fn pinned_identity_key(&self, account: AccountId) -> Result<Option<[u8; 32]>, StoreError> {
+        let pinned: Option<Option<Vec<u8>>> = self
+            .conn
+            .query_row(
+                "SELECT identity_key FROM contacts WHERE account_id = ?",
+                [account.as_bytes().as_slice()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(store_error)?;
+        pinned
+            .flatten()
+            .map(|key| {
+                key.try_into()
+                    .map_err(|_| StoreError("a pinned identity key is not 32 bytes".into()))
+            })
+            .transpose()
+    }
+
+    fn set_verified(&self, account: AccountId, key: &[u8; 32]) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO contacts (account_id, identity_key, verified_key) VALUES (?1, ?2, ?2)
+                 ON CONFLICT (account_id) DO UPDATE SET identity_key = ?2, verified_key = ?2",
+                params![account.as_bytes().as_slice(), key.as_slice()],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn is_verified(&self, account: AccountId) -> Result<bool, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT verified_key IS NOT NULL AND verified_key = identity_key FROM contacts WHERE account_id = ?",
+                [account.as_bytes().as_slice()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map(|v| v.unwrap_or(false))
+            .map_err(store_error)
+    }
+
+    fn set_profile_key(&self, account: AccountId, key: &[u8; 32], at: u64) -> Result<bool, StoreError> {
+        let current: Option<(Option<Vec<u8>>, i64)> = self
+            .conn
+            .query_row(
+                "SELECT profile_key, profile_key_at FROM contacts WHERE account_id = ?",
+                [account.as_bytes().as_slice()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(store_error)?;
+        match &current {
+            Some((Some(known), _)) if known.as_slice() == key.as_slice() => {
+                self.conn
+                    .execute(
+                        "UPDATE contacts SET profile_key_at = MAX(profile_key_at, ?2) WHERE account_id = ?1",
+                        params![account.as_bytes().as_slice(), at as i64],
+                    )
+                    .map_err(store_error)?;
+                return Ok(false);
+            }
+            // A key older than the one known (a message queued before the contact's newer
+            // invite or change) would not open the current profile.
+            Some((Some(_), known_at)) if (at as i64) < *known_at => return Ok(false),
+            _ => {}
+        }
+        self.conn
+            .execute(
+                "INSERT INTO contacts (account_id, profile_key, profile_fetched, profile_key_at) VALUES (?1, ?2, 0, ?3)
+                 ON CONFLICT (account_id) DO UPDATE SET profile_key = ?2, profile_fetched = 0, profile_key_at = ?3",
+                params![account.as_bytes().as_slice(), key.as_slice(), at as i64],
+            )
+            .map_err(store_error)?;
+        Ok(true)
+    }
+
+    fn profiles_to_fetch(&self) -> Result<Vec<(AccountId, [u8; 32])>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT account_id, profile_key FROM contacts WHERE profile_key IS NOT NULL AND profile_fetched = 0",
+            )
+            .map_err(store_error)?;
+        let rows = stmt
+            .query_map([], |r| Ok((id16(r.get(0)?, AccountId::from_slice)?, key32(r.get(1)?)?)))
+            .map_err(store_error)?;
+        rows.collect::<Result<_, _>>().map_err(store_error)
+    }
+
+    fn set_profile(&self, account: AccountId, username: Option<&str>, display_name: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE contacts SET username = COALESCE(?2, username), display_name = ?3, profile_fetched = 1 WHERE account_id = ?1",
+                params![account.as_bytes().as_slice(), username, display_name],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn profile_keys(&self, accounts: &[AccountId]) -> Result<Vec<(AccountId, [u8; 32])>, StoreError> {
+        let mut keys = Vec::new();
+        for account in accounts {
+            let key: Option<Option<Vec<u8>>> = self
+                .conn
+                .query_row(
+                    "SELECT profile_key FROM contacts WHERE account_id = ?",
+                    [account.as_bytes().as_slice()],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(store_error)?;
+            if let Some(Some(key)) = key {
+                keys.push((*account, key32(key).map_err(store_error)?));
+            }
+        }
+        Ok(keys)
+    }
+
+    fn contact(&self, account: AccountId) -> Result<Option<Contact>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT username, display_name, avatar_path FROM contacts WHERE account_id = ?",
+                [account.as_bytes().as_slice()],
+                |r| {
+                    Ok(Contact {
+                        account_id: account,
+                        username: r.get(0)?,
+                        display_name: r.get(1)?,
+                        avatar_path: r.get(2)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(store_error)
+    }
+
+    fn contact_by_username(&self, username: &str) -> Result<Option<AccountId>, StoreError> {
+        self.conn
+            .query_row("SELECT account_id FROM contacts WHERE username = ?", [username], |r| {
+                id16(r.get(0)?, AccountId::from_slice)
+            })
+            .optional()
+            .map_err(store_error)
+    }
+
+    fn set_contact_avatar(&self, account: AccountId, digest: &str, path: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE contacts SET avatar_digest = ?2, avatar_path = ?3 WHERE account_id = ?1",
+                params![account.as_bytes().as_slice(), digest, path],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn contact_avatar_digest(&self, account: AccountId) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT avatar_digest FROM contacts WHERE account_id = ?",
+                [account.as_bytes().as_slice()],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()
+            .map_err(store_error)?
+            .flatten())
+    }
+
+    fn contacts(&self) -> Result<Vec<PinnedContact>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT account_id, username, display_name, avatar_path, identity_key, profile_key FROM contacts
+                 WHERE identity_key IS NOT NULL ORDER BY username",
+            )
+            .map_err(store_error)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    Contact {
+                        account_id: id16(r.get(0)?, AccountId::from_slice)?,
+                        username: r.get(1)?,
+                        display_name: r.get(2)?,
+                        avatar_path: r.get(3)?,
+                    },
+                    r.get::<_, Option<Vec<u8>>>(4)?.map(key32).transpose()?,
+                    r.get::<_, Option<Vec<u8>>>(5)?.map(key32).transpose()?,
+                ))
+            })
+            .map_err(store_error)?;
+        rows.collect::<Result<_, _>>().map_err(store_error)
+    }
 }
 
 /// Creates a directory (and its parents) readable only by the user.
@@ -1334,42 +1292,6 @@ fn create_private_file(path: &Path) -> Result<(), ClientError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A contact's profile key follows the newest announcement: a message queued from before an
-    /// invite or a change cannot bring back a key that no longer opens the profile.
-    #[test]
-    fn an_older_profile_key_does_not_replace_a_newer_one() {
-        let home = tempfile::tempdir().unwrap();
-        let (store, _provider) = Store::open(home.path()).unwrap();
-        let alice = AccountId::from_bytes([1; 16]);
-        // The key the next profile fetch uses.
-        let key = || -> Option<[u8; 32]> {
-            store
-                .profiles_to_fetch()
-                .unwrap()
-                .into_iter()
-                .find(|(account, _)| *account == alice)
-                .map(|(_, key)| key)
-        };
-        assert!(store.set_profile_key(alice, &[2; 32], 2_000).unwrap(), "first key");
-        assert_eq!(key(), Some([2; 32]));
-        assert!(
-            !store.set_profile_key(alice, &[1; 32], 1_000).unwrap(),
-            "older key ignored"
-        );
-        assert_eq!(key(), Some([2; 32]));
-        assert!(
-            !store.set_profile_key(alice, &[2; 32], 2_500).unwrap(),
-            "same key: nothing to fetch"
-        );
-        assert!(store.set_profile_key(alice, &[3; 32], 3_000).unwrap(), "newer key");
-        assert_eq!(key(), Some([3; 32]));
-        assert!(
-            !store.set_profile_key(alice, &[2; 32], 2_900).unwrap(),
-            "older than the newest"
-        );
-        assert_eq!(key(), Some([3; 32]));
-    }
 
     /// A store in a fresh home that lives as long as the store (the conformance tests make one
     /// per test).

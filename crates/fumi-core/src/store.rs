@@ -5,7 +5,8 @@
 //!
 //! The trait grows by sections as the machine moves into this crate (docs/ARCHITECTURE.md, "The
 //! client machine"). Today: the envelopes processed, the outbox, the conversations, their
-//! messages and the files waiting to be downloaded.
+//! messages, the files waiting to be downloaded, and the contacts with their pinned identity
+//! keys and profile keys.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -106,6 +107,23 @@ impl FileView {
     }
 }
 
+/// Another account as this device knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Contact {
+    /// The account.
+    pub account_id: AccountId,
+    /// Full username, from the contact's own profile (or from a lookup we made).
+    pub username: Option<String>,
+    /// Display name from the contact's profile.
+    pub display_name: Option<String>,
+    /// Where the contact's avatar image was saved.
+    pub avatar_path: Option<String>,
+}
+
+/// A contact with its pinned identity key and known profile key: (contact, identity key,
+/// profile key).
+pub type PinnedContact = (Contact, Option<[u8; 32]>, Option<[u8; 32]>);
+
 /// What the client machine keeps. Methods take `&self`: a store is one device's, used by one
 /// step at a time, and changes what it holds inside a [`ClientStore::in_transaction`].
 pub trait ClientStore {
@@ -187,6 +205,53 @@ pub trait ClientStore {
     fn is_download_pending(&self, blob: BlobId) -> Result<bool, StoreError>;
     /// Ends a download (done or refused).
     fn remove_download(&self, blob: BlobId) -> Result<(), StoreError>;
+
+    // --- contacts ---------------------------------------------------------------------------
+
+    /// Records a contact's username and display name; a `None` keeps what is known.
+    fn upsert_contact(
+        &self,
+        account: AccountId,
+        username: Option<&str>,
+        display_name: Option<&str>,
+    ) -> Result<(), StoreError>;
+    /// Checks an account's identity key against the one pinned on first sight, pinning it if
+    /// none is: false if another key is pinned (someone impersonates the account, or it was
+    /// re-created).
+    fn check_identity_key(&self, account: AccountId, key: &[u8; 32]) -> Result<bool, StoreError>;
+    /// The identity key pinned for an account.
+    fn pinned_identity_key(&self, account: AccountId) -> Result<Option<[u8; 32]>, StoreError>;
+    /// Records that the user compared safety numbers for this key in person: pins it (replacing
+    /// another pin) and marks it verified.
+    fn set_verified(&self, account: AccountId, key: &[u8; 32]) -> Result<(), StoreError>;
+    /// Whether the user verified the account's currently pinned key.
+    fn is_verified(&self, account: AccountId) -> Result<bool, StoreError>;
+    /// Records a contact's profile key announced at `at` (the carrying message's time); returns
+    /// whether the profile must be fetched. A key older than the known one is ignored (it would
+    /// not open the current profile); the known key again only moves its time forward.
+    fn set_profile_key(&self, account: AccountId, key: &[u8; 32], at: u64) -> Result<bool, StoreError>;
+    /// Whether a profile key is known for an account.
+    fn has_profile_key(&self, account: AccountId) -> Result<bool, StoreError> {
+        Ok(!self.profile_keys(&[account])?.is_empty())
+    }
+    /// The known profile keys of these accounts, in their order, skipping unknown ones.
+    fn profile_keys(&self, accounts: &[AccountId]) -> Result<Vec<(AccountId, [u8; 32])>, StoreError>;
+    /// The contacts whose profile key changed since their profile was last fetched.
+    fn profiles_to_fetch(&self) -> Result<Vec<(AccountId, [u8; 32])>, StoreError>;
+    /// Stores a fetched profile (a `None` username keeps the known one); it is fetched until the
+    /// key changes again.
+    fn set_profile(&self, account: AccountId, username: Option<&str>, display_name: &str) -> Result<(), StoreError>;
+    /// A contact.
+    fn contact(&self, account: AccountId) -> Result<Option<Contact>, StoreError>;
+    /// The contact known under a full username.
+    fn contact_by_username(&self, username: &str) -> Result<Option<AccountId>, StoreError>;
+    /// Records a known contact's saved avatar (an unknown contact: no change).
+    fn set_contact_avatar(&self, account: AccountId, digest: &str, path: &str) -> Result<(), StoreError>;
+    /// The digest of a contact's saved avatar.
+    fn contact_avatar_digest(&self, account: AccountId) -> Result<Option<String>, StoreError>;
+    /// The contacts whose identity key is pinned (everyone this device has talked to), by
+    /// username (those without one first).
+    fn contacts(&self) -> Result<Vec<PinnedContact>, StoreError>;
 }
 
 /// A store in memory, for tests and for the pair harness.
@@ -208,6 +273,31 @@ struct Tables {
     last_message: i64,
     /// By blob: (message local id, attachment).
     downloads: BTreeMap<BlobId, (i64, Attachment)>,
+    contacts: BTreeMap<AccountId, ContactRow>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct ContactRow {
+    username: Option<String>,
+    display_name: Option<String>,
+    profile_key: Option<[u8; 32]>,
+    profile_fetched: bool,
+    profile_key_at: u64,
+    identity_key: Option<[u8; 32]>,
+    verified_key: Option<[u8; 32]>,
+    avatar_digest: Option<String>,
+    avatar_path: Option<String>,
+}
+
+impl ContactRow {
+    fn contact(&self, account_id: AccountId) -> Contact {
+        Contact {
+            account_id,
+            username: self.username.clone(),
+            display_name: self.display_name.clone(),
+            avatar_path: self.avatar_path.clone(),
+        }
+    }
 }
 
 impl MemoryStore {
@@ -442,6 +532,140 @@ impl ClientStore for MemoryStore {
         self.tables.borrow_mut().downloads.remove(&blob);
         Ok(())
     }
+
+    fn upsert_contact(
+        &self,
+        account: AccountId,
+        username: Option<&str>,
+        display_name: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut tables = self.tables.borrow_mut();
+        let row = tables.contacts.entry(account).or_default();
+        if let Some(username) = username {
+            row.username = Some(username.to_owned());
+        }
+        if let Some(display_name) = display_name {
+            row.display_name = Some(display_name.to_owned());
+        }
+        Ok(())
+    }
+
+    fn check_identity_key(&self, account: AccountId, key: &[u8; 32]) -> Result<bool, StoreError> {
+        let mut tables = self.tables.borrow_mut();
+        let row = tables.contacts.entry(account).or_default();
+        Ok(*row.identity_key.get_or_insert(*key) == *key)
+    }
+
+    fn pinned_identity_key(&self, account: AccountId) -> Result<Option<[u8; 32]>, StoreError> {
+        Ok(self.tables.borrow().contacts.get(&account).and_then(|c| c.identity_key))
+    }
+
+    fn set_verified(&self, account: AccountId, key: &[u8; 32]) -> Result<(), StoreError> {
+        let mut tables = self.tables.borrow_mut();
+        let row = tables.contacts.entry(account).or_default();
+        row.identity_key = Some(*key);
+        row.verified_key = Some(*key);
+        Ok(())
+    }
+
+    fn is_verified(&self, account: AccountId) -> Result<bool, StoreError> {
+        Ok(self
+            .tables
+            .borrow()
+            .contacts
+            .get(&account)
+            .is_some_and(|c| c.verified_key.is_some() && c.verified_key == c.identity_key))
+    }
+
+    fn set_profile_key(&self, account: AccountId, key: &[u8; 32], at: u64) -> Result<bool, StoreError> {
+        let mut tables = self.tables.borrow_mut();
+        let row = tables.contacts.entry(account).or_default();
+        match row.profile_key {
+            Some(known) if known == *key => {
+                row.profile_key_at = row.profile_key_at.max(at);
+                return Ok(false);
+            }
+            Some(_) if at < row.profile_key_at => return Ok(false),
+            _ => {}
+        }
+        row.profile_key = Some(*key);
+        row.profile_fetched = false;
+        row.profile_key_at = at;
+        Ok(true)
+    }
+
+    fn profile_keys(&self, accounts: &[AccountId]) -> Result<Vec<(AccountId, [u8; 32])>, StoreError> {
+        let tables = self.tables.borrow();
+        Ok(accounts
+            .iter()
+            .filter_map(|a| tables.contacts.get(a).and_then(|c| c.profile_key).map(|k| (*a, k)))
+            .collect())
+    }
+
+    fn profiles_to_fetch(&self) -> Result<Vec<(AccountId, [u8; 32])>, StoreError> {
+        Ok(self
+            .tables
+            .borrow()
+            .contacts
+            .iter()
+            .filter(|(_, c)| !c.profile_fetched)
+            .filter_map(|(a, c)| c.profile_key.map(|k| (*a, k)))
+            .collect())
+    }
+
+    fn set_profile(&self, account: AccountId, username: Option<&str>, display_name: &str) -> Result<(), StoreError> {
+        if let Some(row) = self.tables.borrow_mut().contacts.get_mut(&account) {
+            if let Some(username) = username {
+                row.username = Some(username.to_owned());
+            }
+            row.display_name = Some(display_name.to_owned());
+            row.profile_fetched = true;
+        }
+        Ok(())
+    }
+
+    fn contact(&self, account: AccountId) -> Result<Option<Contact>, StoreError> {
+        Ok(self.tables.borrow().contacts.get(&account).map(|c| c.contact(account)))
+    }
+
+    fn contact_by_username(&self, username: &str) -> Result<Option<AccountId>, StoreError> {
+        Ok(self
+            .tables
+            .borrow()
+            .contacts
+            .iter()
+            .find(|(_, c)| c.username.as_deref() == Some(username))
+            .map(|(a, _)| *a))
+    }
+
+    fn set_contact_avatar(&self, account: AccountId, digest: &str, path: &str) -> Result<(), StoreError> {
+        if let Some(row) = self.tables.borrow_mut().contacts.get_mut(&account) {
+            row.avatar_digest = Some(digest.to_owned());
+            row.avatar_path = Some(path.to_owned());
+        }
+        Ok(())
+    }
+
+    fn contact_avatar_digest(&self, account: AccountId) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .tables
+            .borrow()
+            .contacts
+            .get(&account)
+            .and_then(|c| c.avatar_digest.clone()))
+    }
+
+    fn contacts(&self) -> Result<Vec<PinnedContact>, StoreError> {
+        let tables = self.tables.borrow();
+        let mut pinned: Vec<PinnedContact> = tables
+            .contacts
+            .iter()
+            .filter(|(_, c)| c.identity_key.is_some())
+            .map(|(a, c)| (c.contact(*a), c.identity_key, c.profile_key))
+            .collect();
+        pinned.sort_by(|a, b| a.0.username.cmp(&b.0.username));
+        Ok(pinned)
+    }
 }
 
 /// The contract of [`ClientStore`], as tests every implementation runs:
@@ -666,6 +890,120 @@ macro_rules! client_store_conformance {
                     .map(|c| c.group_id)
                     .collect();
                 assert_eq!(order, [group(1), group(2), group(3)]);
+            }
+
+            fn account(n: u8) -> AccountId {
+                AccountId::from_bytes([n; 16])
+            }
+
+            #[test]
+            fn an_identity_key_is_pinned_on_first_sight_and_verified_in_person() {
+                let store = $make;
+                assert_eq!(store.pinned_identity_key(account(1)).unwrap(), None);
+                assert!(store.check_identity_key(account(1), &[1; 32]).unwrap());
+                assert!(store.check_identity_key(account(1), &[1; 32]).unwrap());
+                assert!(
+                    !store.check_identity_key(account(1), &[2; 32]).unwrap(),
+                    "another key"
+                );
+                assert_eq!(store.pinned_identity_key(account(1)).unwrap(), Some([1; 32]));
+                assert!(!store.is_verified(account(1)).unwrap());
+                // Verifying a new key in person replaces the pin.
+                store.set_verified(account(1), &[2; 32]).unwrap();
+                assert_eq!(store.pinned_identity_key(account(1)).unwrap(), Some([2; 32]));
+                assert!(store.is_verified(account(1)).unwrap());
+                assert!(!store.check_identity_key(account(1), &[1; 32]).unwrap());
+                assert!(!store.is_verified(account(9)).unwrap());
+            }
+
+            #[test]
+            fn a_profile_key_follows_the_newest_announcement() {
+                let store = $make;
+                assert!(!store.has_profile_key(account(1)).unwrap());
+                assert!(store.set_profile_key(account(1), &[2; 32], 2_000).unwrap());
+                assert_eq!(store.profiles_to_fetch().unwrap(), [(account(1), [2; 32])]);
+                assert!(
+                    !store.set_profile_key(account(1), &[1; 32], 1_000).unwrap(),
+                    "older"
+                );
+                assert!(
+                    !store.set_profile_key(account(1), &[2; 32], 2_500).unwrap(),
+                    "the same"
+                );
+                store.set_profile(account(1), Some("alice.42"), "Alice").unwrap();
+                assert_eq!(store.profiles_to_fetch().unwrap(), []);
+                // Older than the known key's newest announcement (2 500): ignored.
+                assert!(!store.set_profile_key(account(1), &[3; 32], 2_400).unwrap());
+                assert!(
+                    store.set_profile_key(account(1), &[3; 32], 3_000).unwrap(),
+                    "newer"
+                );
+                assert_eq!(store.profiles_to_fetch().unwrap(), [(account(1), [3; 32])]);
+                assert!(store.has_profile_key(account(1)).unwrap());
+                assert_eq!(
+                    store.profile_keys(&[account(2), account(1)]).unwrap(),
+                    [(account(1), [3; 32])]
+                );
+                let contact = store.contact(account(1)).unwrap().unwrap();
+                assert_eq!(
+                    (contact.username.as_deref(), contact.display_name.as_deref()),
+                    (Some("alice.42"), Some("Alice"))
+                );
+                assert_eq!(store.contact_by_username("alice.42").unwrap(), Some(account(1)));
+                assert_eq!(store.contact_by_username("bob.7").unwrap(), None);
+            }
+
+            #[test]
+            fn contacts_keep_what_is_known_and_list_the_pinned() {
+                let store = $make;
+                store
+                    .upsert_contact(account(1), Some("zoe.1"), Some("Zoe"))
+                    .unwrap();
+                store.upsert_contact(account(1), None, None).unwrap();
+                store.upsert_contact(account(2), Some("adam.2"), None).unwrap();
+                store.upsert_contact(account(3), None, Some("No Name")).unwrap();
+                let zoe = store.contact(account(1)).unwrap().unwrap();
+                assert_eq!(
+                    (zoe.username.as_deref(), zoe.display_name.as_deref()),
+                    (Some("zoe.1"), Some("Zoe"))
+                );
+                assert_eq!(store.contact(account(8)).unwrap(), None);
+                // Only contacts with a pinned key are listed, by username, none first.
+                assert_eq!(store.contacts().unwrap(), []);
+                for n in [1, 2, 3] {
+                    store.check_identity_key(account(n), &[n; 32]).unwrap();
+                }
+                store.set_profile_key(account(2), &[7; 32], 1).unwrap();
+                let listed: Vec<(AccountId, Option<[u8; 32]>, Option<[u8; 32]>)> = store
+                    .contacts()
+                    .unwrap()
+                    .into_iter()
+                    .map(|(c, identity, profile)| (c.account_id, identity, profile))
+                    .collect();
+                assert_eq!(
+                    listed,
+                    [
+                        (account(3), Some([3; 32]), None),
+                        (account(2), Some([2; 32]), Some([7; 32])),
+                        (account(1), Some([1; 32]), None),
+                    ]
+                );
+                store
+                    .set_contact_avatar(account(2), "digest", "/avatars/adam")
+                    .unwrap();
+                store
+                    .set_contact_avatar(account(9), "digest", "/avatars/nobody")
+                    .unwrap();
+                assert_eq!(
+                    store.contact_avatar_digest(account(2)).unwrap().as_deref(),
+                    Some("digest")
+                );
+                assert_eq!(
+                    store.contact(account(2)).unwrap().unwrap().avatar_path.as_deref(),
+                    Some("/avatars/adam")
+                );
+                assert_eq!(store.contact_avatar_digest(account(9)).unwrap(), None);
+                assert_eq!(store.contact(account(9)).unwrap(), None);
             }
 
             #[test]
