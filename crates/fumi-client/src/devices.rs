@@ -634,7 +634,7 @@ impl FumiClient {
         }
         let Some(profile) = self.own_profile(&ProfileKey::from_bytes(stored.profile_key)).await? else {
             // Not the current key: keep ours.
-            return self.store.save_account(&self.account);
+            return Ok(self.store.save_account(&self.account)?);
         };
         self.account.profile_key = stored.profile_key;
         self.account.profile_key_set_at = stored.profile_key_set_at;

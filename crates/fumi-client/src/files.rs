@@ -254,14 +254,14 @@ impl FumiClient {
             })
         };
         let remember = |blob: BlobId| {
-            self.store.save_pending_upload(
+            Ok(self.store.save_pending_upload(
                 &upload_path,
                 &purpose,
                 blob,
                 key.as_bytes(),
                 &nonce_seed,
                 crate::now_ms(),
-            )
+            )?)
         };
         let resume = resumed.map(|(blob, _, _, received)| (blob, received));
         let uploaded = self.upload(&mut ready, create, &name, resume, remember).await;

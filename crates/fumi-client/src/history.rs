@@ -205,7 +205,7 @@ impl FumiClient {
                 .map_err(|e| ClientError::Protocol(format!("history archive: {e}")))?;
             self.store.transaction(|| {
                 self.import_history(archive)?;
-                self.store.remove_pending_history(&token)
+                Ok(self.store.remove_pending_history(&token)?)
             })?;
             let _ = self
                 .transport

@@ -1157,7 +1157,7 @@ impl FumiClient {
                 let keep_evidence = |local_id: Option<i64>| -> Result<(), ClientError> {
                     match (local_id, &evidence) {
                         (Some(local_id), Some(evidence)) if sender.account != me => {
-                            self.store.keep_franking_evidence(local_id, evidence)
+                            Ok(self.store.keep_franking_evidence(local_id, evidence)?)
                         }
                         _ => Ok(()),
                     }

@@ -11,7 +11,8 @@ use std::rc::Rc;
 use fumi_core::Attachment;
 use fumi_core::franking::Evidence;
 pub use fumi_core::store::{
-    ClientStore, Contact, Conversation, FileView, OutboxEntry, PinnedContact, StoreError, StoredMessage,
+    AccountRow, ClientStore, Contact, Conversation, FileView, OutboxEntry, PendingHistory, PendingUpload,
+    PinnedContact, StoreError, StoredMessage,
 };
 use fumi_proto::{AccountId, BlobId, DeviceId, GroupId, MessageId};
 use openmls_rust_crypto::RustCrypto;
@@ -265,16 +266,6 @@ CREATE TABLE pending_uploads (
 "#,
 ];
 
-/// An upload under way: its blob and what encrypts the file to the same bytes again.
-pub struct PendingUpload {
-    /// The blob on the server.
-    pub blob: BlobId,
-    /// The file's attachment key.
-    pub file_key: [u8; 32],
-    /// Seeds the generator of the file's nonce prefix.
-    pub nonce_seed: [u8; 32],
-}
-
 /// JSON codec for OpenMLS's stored values.
 #[derive(Debug, Default)]
 pub struct JsonCodec;
@@ -313,58 +304,6 @@ impl OpenMlsProvider for Provider {
     fn rand(&self) -> &Self::RandProvider {
         &self.crypto
     }
-}
-
-/// The account this store belongs to.
-#[derive(Clone)]
-pub struct AccountRow {
-    /// Server base URL.
-    pub server: String,
-    /// Account id.
-    pub account_id: AccountId,
-    /// This device.
-    pub device_id: DeviceId,
-    /// The device's authentication secret.
-    pub device_secret: [u8; 32],
-    /// The account identity key's secret.
-    pub identity_secret: [u8; 32],
-    /// Public MLS signature key of this device, once generated.
-    pub signature_key: Option<Vec<u8>>,
-    /// Profile key.
-    pub profile_key: [u8; 32],
-    /// Full username, once claimed.
-    pub username: Option<String>,
-    /// Display name.
-    pub display_name: String,
-    /// SHA-256 (hex) of the avatar image in `<home>/avatar`, if one is set.
-    pub avatar_digest: Option<String>,
-    /// When the profile key was last changed (ms): a key announced by another device of this
-    /// account in a message sent later replaces it.
-    pub profile_key_set_at: u64,
-}
-
-impl Drop for AccountRow {
-    /// Secrets do not outlive the row in memory (the store file itself is mode 0600).
-    fn drop(&mut self) {
-        use zeroize::Zeroize;
-        self.device_secret.zeroize();
-        self.identity_secret.zeroize();
-        self.profile_key.zeroize();
-        if let Some(key) = self.signature_key.as_mut() {
-            key.zeroize();
-        }
-    }
-}
-
-/// A link through which this device joined, whose history archive may still arrive.
-#[derive(Debug, Clone)]
-pub struct PendingHistory {
-    /// The link token.
-    pub token: [u8; 32],
-    /// The link key from the code.
-    pub link_key: [u8; 32],
-    /// When the device joined (ms).
-    pub since: u64,
 }
 
 /// The client store.
@@ -437,145 +376,13 @@ impl Store {
         self.in_transaction(f)
     }
 
-    /// Saves the account row.
-    pub fn save_account(&self, a: &AccountRow) -> Result<(), ClientError> {
-        self.conn
-            .execute(
-                "INSERT OR REPLACE INTO account (id, server, account_id, device_id, device_secret, identity_secret, signature_key, profile_key, username, display_name, avatar_digest, profile_key_set_at)
-                 VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                params![
-                    a.server,
-                    a.account_id.as_bytes().as_slice(),
-                    a.device_id.as_bytes().as_slice(),
-                    a.device_secret.as_slice(),
-                    a.identity_secret.as_slice(),
-                    a.signature_key,
-                    a.profile_key.as_slice(),
-                    a.username,
-                    a.display_name,
-                    a.avatar_digest,
-                    a.profile_key_set_at as i64
-                ],
-            )
-            .map_err(sql)?;
-        Ok(())
-    }
-
-    /// The account row, if registered.
-    pub fn account(&self) -> Result<Option<AccountRow>, ClientError> {
-        self.conn
-            .query_row(
-                "SELECT server, account_id, device_id, device_secret, identity_secret, signature_key, profile_key, username, display_name, avatar_digest, profile_key_set_at FROM account WHERE id = 1",
-                [],
-                |r| {
-                    Ok(AccountRow {
-                        server: r.get(0)?,
-                        account_id: id16(r.get(1)?, AccountId::from_slice)?,
-                        device_id: id16(r.get(2)?, DeviceId::from_slice)?,
-                        device_secret: key32(r.get(3)?)?,
-                        identity_secret: key32(r.get(4)?)?,
-                        signature_key: r.get(5)?,
-                        profile_key: key32(r.get(6)?)?,
-                        username: r.get(7)?,
-                        display_name: r.get(8)?,
-                        avatar_digest: r.get(9)?,
-                        profile_key_set_at: r.get::<_, i64>(10)? as u64,
-                    })
-                },
-            )
-            .optional()
-            .map_err(sql)
-    }
-
-    /// The upload under way for this file and purpose.
-    pub fn pending_upload(&self, path: &str, purpose: &[u8; 32]) -> Result<Option<PendingUpload>, ClientError> {
-        self.conn
-            .query_row(
-                "SELECT blob_id, file_key, nonce_seed FROM pending_uploads WHERE path = ? AND purpose = ?",
-                params![path, purpose.as_slice()],
-                |r| {
-                    Ok(PendingUpload {
-                        blob: id16(r.get(0)?, BlobId::from_slice)?,
-                        file_key: key32(r.get(1)?)?,
-                        nonce_seed: key32(r.get(2)?)?,
-                    })
-                },
-            )
-            .optional()
-            .map_err(sql)
-    }
-
-    /// Remembers an upload before its first byte is sent.
-    pub fn save_pending_upload(
-        &self,
-        path: &str,
-        purpose: &[u8; 32],
-        blob: BlobId,
-        file_key: &[u8; 32],
-        nonce_seed: &[u8; 32],
-        now: u64,
-    ) -> Result<(), ClientError> {
-        self.conn
-            .execute(
-                "INSERT OR REPLACE INTO pending_uploads (path, purpose, blob_id, file_key, nonce_seed, created_at)
-                 VALUES (?, ?, ?, ?, ?, ?)",
-                params![
-                    path,
-                    purpose.as_slice(),
-                    blob.as_bytes().as_slice(),
-                    file_key.as_slice(),
-                    nonce_seed.as_slice(),
-                    now as i64
-                ],
-            )
-            .map_err(sql)?;
-        Ok(())
-    }
-
-    /// Forgets an upload (finished, or no longer on the server).
-    pub fn forget_pending_upload(&self, path: &str, purpose: &[u8; 32]) -> Result<(), ClientError> {
-        self.conn
-            .execute(
-                "DELETE FROM pending_uploads WHERE path = ? AND purpose = ?",
-                params![path, purpose.as_slice()],
-            )
-            .map_err(sql)?;
-        Ok(())
-    }
-
-    /// Keeps the franking opening of a received message.
-    pub fn keep_franking_evidence(&self, message_rowid: i64, evidence: &Evidence) -> Result<(), ClientError> {
-        let json = serde_json::to_string(evidence).expect("evidence serialises");
-        self.conn
-            .execute(
-                "INSERT OR REPLACE INTO franking_evidence (message_rowid, evidence) VALUES (?, ?)",
-                params![message_rowid, json],
-            )
-            .map_err(sql)?;
-        Ok(())
-    }
-
     /// The franking opening of the received message with this id, if this device has it. Ids are
     /// chosen by senders, so another sender could reuse one: an id that matches several received
     /// messages is refused rather than guessed.
     pub fn franking_evidence(&self, id: MessageId) -> Result<Option<Evidence>, ClientError> {
-        let mut statement = self
-            .conn
-            .prepare(
-                "SELECT f.evidence FROM franking_evidence f JOIN messages m ON m.rowid = f.message_rowid
-                 WHERE m.id = ? AND m.outgoing = 0 LIMIT 2",
-            )
-            .map_err(sql)?;
-        let rows: Vec<String> = statement
-            .query_map([id.as_bytes().as_slice()], |row| row.get(0))
-            .map_err(sql)?
-            .collect::<Result<_, _>>()
-            .map_err(sql)?;
-        match rows.as_slice() {
-            [] => Ok(None),
-            [json] => serde_json::from_str(json)
-                .map(Some)
-                .map_err(|e| ClientError::Store(e.to_string())),
+        let mut found = self.received_evidence(id)?;
+        match found.len() {
+            0 | 1 => Ok(found.pop()),
             _ => Err(ClientError::Usage(
                 "several received messages carry this id (a sender reused another's); this message cannot be \
                  reported by id"
@@ -584,22 +391,7 @@ impl Store {
         }
     }
 
-    fn messages_where_(&self, condition: &str, group: Option<GroupId>) -> Result<Vec<StoredMessage>, StoreError> {
-        self.messages_where(condition, group)
-            .map_err(|e| StoreError(e.to_string()))
-    }
-
-    fn messages_ordered_(
-        &self,
-        condition: &str,
-        order: &str,
-        group: Option<GroupId>,
-    ) -> Result<Vec<StoredMessage>, StoreError> {
-        self.messages_ordered(condition, order, group)
-            .map_err(|e| StoreError(e.to_string()))
-    }
-
-    fn messages_where(&self, condition: &str, group: Option<GroupId>) -> Result<Vec<StoredMessage>, ClientError> {
+    fn messages_where(&self, condition: &str, group: Option<GroupId>) -> Result<Vec<StoredMessage>, StoreError> {
         self.messages_ordered(condition, "rowid", group)
     }
 
@@ -608,11 +400,11 @@ impl Store {
         condition: &str,
         order: &str,
         group: Option<GroupId>,
-    ) -> Result<Vec<StoredMessage>, ClientError> {
+    ) -> Result<Vec<StoredMessage>, StoreError> {
         let query = format!(
             "SELECT rowid, id, group_id, sender_account, kind, text, sent_at, outgoing, attachment, expires_at FROM messages WHERE {condition} ORDER BY {order}"
         );
-        let mut stmt = self.conn.prepare(&query).map_err(sql)?;
+        let mut stmt = self.conn.prepare(&query).map_err(store_error)?;
         let map = |r: &rusqlite::Row<'_>| {
             let attachment: Option<String> = r.get(8)?;
             Ok(StoredMessage {
@@ -632,81 +424,8 @@ impl Store {
             Some(group) => stmt.query_map([group.as_bytes().as_slice()], map),
             None => stmt.query_map([], map),
         }
-        .map_err(sql)?;
-        rows.collect::<Result<_, _>>().map_err(sql)
-    }
-
-    /// Takes the profile key another device of this account announced in a message sent at
-    /// `sent_at`, if that is later than the current key; returns whether it did.
-    pub fn adopt_own_profile_key(&self, key: &[u8; 32], sent_at: u64) -> Result<bool, ClientError> {
-        let changed = self
-            .conn
-            .execute(
-                "UPDATE account SET profile_key = ?1, profile_key_set_at = ?2 WHERE id = 1 AND profile_key != ?1 AND profile_key_set_at < ?2",
-                params![key.as_slice(), sent_at as i64],
-            )
-            .map_err(sql)?;
-        Ok(changed == 1)
-    }
-
-    /// Remembers a link whose history archive may still arrive.
-    pub fn add_pending_history(&self, token: &[u8; 32], key: &[u8; 32], now: u64) -> Result<(), ClientError> {
-        self.conn
-            .execute(
-                "INSERT OR REPLACE INTO pending_history (token, link_key, created_at) VALUES (?, ?, ?)",
-                params![token.as_slice(), key.as_slice(), now as i64],
-            )
-            .map_err(sql)?;
-        Ok(())
-    }
-
-    /// Links whose history is awaited.
-    pub fn pending_history(&self) -> Result<Vec<PendingHistory>, ClientError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT token, link_key, created_at FROM pending_history")
-            .map_err(sql)?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok(PendingHistory {
-                    token: key32(r.get(0)?)?,
-                    link_key: key32(r.get(1)?)?,
-                    since: r.get::<_, i64>(2)? as u64,
-                })
-            })
-            .map_err(sql)?;
-        rows.collect::<Result<_, _>>().map_err(sql)
-    }
-
-    /// Stops waiting for a link's history.
-    pub fn remove_pending_history(&self, token: &[u8; 32]) -> Result<(), ClientError> {
-        self.conn
-            .execute("DELETE FROM pending_history WHERE token = ?", [token.as_slice()])
-            .map_err(sql)?;
-        Ok(())
-    }
-
-    /// Records that a device of this account was removed: it is never added back.
-    pub fn revoke_device(&self, device: DeviceId, now: u64) -> Result<(), ClientError> {
-        self.conn
-            .execute(
-                "INSERT OR IGNORE INTO revoked_devices (device_id, revoked_at) VALUES (?, ?)",
-                params![device.as_bytes().as_slice(), now as i64],
-            )
-            .map_err(sql)?;
-        Ok(())
-    }
-
-    /// Devices of this account that were removed.
-    pub fn revoked_devices(&self) -> Result<Vec<DeviceId>, ClientError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT device_id FROM revoked_devices")
-            .map_err(sql)?;
-        let rows = stmt
-            .query_map([], |r| id16(r.get(0)?, DeviceId::from_slice))
-            .map_err(sql)?;
-        rows.collect::<Result<_, _>>().map_err(sql)
+        .map_err(store_error)?;
+        rows.collect::<Result<_, _>>().map_err(store_error)
     }
 }
 
@@ -905,7 +624,7 @@ impl ClientStore for Store {
     }
 
     fn unseen(&self) -> Result<Vec<StoredMessage>, StoreError> {
-        self.messages_where_("seen = 0", None)
+        self.messages_where("seen = 0", None)
     }
 
     fn mark_seen(&self, local_ids: &[i64]) -> Result<(), StoreError> {
@@ -931,7 +650,7 @@ impl ClientStore for Store {
     fn history(&self, group: GroupId) -> Result<Vec<StoredMessage>, StoreError> {
         // In the order they were sent: history copied from another device arrives late but
         // belongs early.
-        self.messages_ordered_("group_id = ?", "sent_at, rowid", Some(group))
+        self.messages_ordered("group_id = ?", "sent_at, rowid", Some(group))
     }
 
     fn delete_own_message(&self, group: GroupId, id: MessageId) -> Result<(), StoreError> {
@@ -945,7 +664,7 @@ impl ClientStore for Store {
     }
 
     fn purge_expired(&self, now: u64) -> Result<Vec<FileView>, StoreError> {
-        let expired = self.messages_where_(&format!("expires_at IS NOT NULL AND expires_at <= {now}"), None)?;
+        let expired = self.messages_where(&format!("expires_at IS NOT NULL AND expires_at <= {now}"), None)?;
         for message in &expired {
             self.conn
                 .execute("DELETE FROM downloads WHERE message_rowid = ?", [message.local_id])
@@ -1239,6 +958,202 @@ impl ClientStore for Store {
             })
             .map_err(store_error)?;
         rows.collect::<Result<_, _>>().map_err(store_error)
+    }
+
+    fn save_account(&self, a: &AccountRow) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO account (id, server, account_id, device_id, device_secret, identity_secret, signature_key, profile_key, username, display_name, avatar_digest, profile_key_set_at)
+                 VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                params![
+                    a.server,
+                    a.account_id.as_bytes().as_slice(),
+                    a.device_id.as_bytes().as_slice(),
+                    a.device_secret.as_slice(),
+                    a.identity_secret.as_slice(),
+                    a.signature_key,
+                    a.profile_key.as_slice(),
+                    a.username,
+                    a.display_name,
+                    a.avatar_digest,
+                    a.profile_key_set_at as i64
+                ],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn account(&self) -> Result<Option<AccountRow>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT server, account_id, device_id, device_secret, identity_secret, signature_key, profile_key, username, display_name, avatar_digest, profile_key_set_at FROM account WHERE id = 1",
+                [],
+                |r| {
+                    Ok(AccountRow {
+                        server: r.get(0)?,
+                        account_id: id16(r.get(1)?, AccountId::from_slice)?,
+                        device_id: id16(r.get(2)?, DeviceId::from_slice)?,
+                        device_secret: key32(r.get(3)?)?,
+                        identity_secret: key32(r.get(4)?)?,
+                        signature_key: r.get(5)?,
+                        profile_key: key32(r.get(6)?)?,
+                        username: r.get(7)?,
+                        display_name: r.get(8)?,
+                        avatar_digest: r.get(9)?,
+                        profile_key_set_at: r.get::<_, i64>(10)? as u64,
+                    })
+                },
+            )
+            .optional()
+            .map_err(store_error)
+    }
+
+    fn adopt_own_profile_key(&self, key: &[u8; 32], sent_at: u64) -> Result<bool, StoreError> {
+        let changed = self
+            .conn
+            .execute(
+                "UPDATE account SET profile_key = ?1, profile_key_set_at = ?2 WHERE id = 1 AND profile_key != ?1 AND profile_key_set_at < ?2",
+                params![key.as_slice(), sent_at as i64],
+            )
+            .map_err(store_error)?;
+        Ok(changed == 1)
+    }
+
+    fn keep_franking_evidence(&self, message_rowid: i64, evidence: &Evidence) -> Result<(), StoreError> {
+        let json = serde_json::to_string(evidence).expect("evidence serialises");
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO franking_evidence (message_rowid, evidence) VALUES (?, ?)",
+                params![message_rowid, json],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn pending_upload(&self, path: &str, purpose: &[u8; 32]) -> Result<Option<PendingUpload>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT blob_id, file_key, nonce_seed FROM pending_uploads WHERE path = ? AND purpose = ?",
+                params![path, purpose.as_slice()],
+                |r| {
+                    Ok(PendingUpload {
+                        blob: id16(r.get(0)?, BlobId::from_slice)?,
+                        file_key: key32(r.get(1)?)?,
+                        nonce_seed: key32(r.get(2)?)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(store_error)
+    }
+
+    fn save_pending_upload(
+        &self,
+        path: &str,
+        purpose: &[u8; 32],
+        blob: BlobId,
+        file_key: &[u8; 32],
+        nonce_seed: &[u8; 32],
+        now: u64,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO pending_uploads (path, purpose, blob_id, file_key, nonce_seed, created_at)
+                 VALUES (?, ?, ?, ?, ?, ?)",
+                params![
+                    path,
+                    purpose.as_slice(),
+                    blob.as_bytes().as_slice(),
+                    file_key.as_slice(),
+                    nonce_seed.as_slice(),
+                    now as i64
+                ],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn forget_pending_upload(&self, path: &str, purpose: &[u8; 32]) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "DELETE FROM pending_uploads WHERE path = ? AND purpose = ?",
+                params![path, purpose.as_slice()],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn add_pending_history(&self, token: &[u8; 32], key: &[u8; 32], now: u64) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO pending_history (token, link_key, created_at) VALUES (?, ?, ?)",
+                params![token.as_slice(), key.as_slice(), now as i64],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn pending_history(&self) -> Result<Vec<PendingHistory>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT token, link_key, created_at FROM pending_history")
+            .map_err(store_error)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(PendingHistory {
+                    token: key32(r.get(0)?)?,
+                    link_key: key32(r.get(1)?)?,
+                    since: r.get::<_, i64>(2)? as u64,
+                })
+            })
+            .map_err(store_error)?;
+        rows.collect::<Result<_, _>>().map_err(store_error)
+    }
+
+    fn remove_pending_history(&self, token: &[u8; 32]) -> Result<(), StoreError> {
+        self.conn
+            .execute("DELETE FROM pending_history WHERE token = ?", [token.as_slice()])
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn revoke_device(&self, device: DeviceId, now: u64) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO revoked_devices (device_id, revoked_at) VALUES (?, ?)",
+                params![device.as_bytes().as_slice(), now as i64],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn revoked_devices(&self) -> Result<Vec<DeviceId>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT device_id FROM revoked_devices")
+            .map_err(store_error)?;
+        let rows = stmt
+            .query_map([], |r| id16(r.get(0)?, DeviceId::from_slice))
+            .map_err(store_error)?;
+        rows.collect::<Result<_, _>>().map_err(store_error)
+    }
+
+    fn received_evidence(&self, id: MessageId) -> Result<Vec<Evidence>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT f.evidence FROM franking_evidence f JOIN messages m ON m.rowid = f.message_rowid
+                 WHERE m.id = ? AND m.outgoing = 0 LIMIT 2",
+            )
+            .map_err(store_error)?;
+        let rows: Vec<String> = statement
+            .query_map([id.as_bytes().as_slice()], |row| row.get(0))
+            .map_err(store_error)?
+            .collect::<Result<_, _>>()
+            .map_err(store_error)?;
+        rows.iter()
+            .map(|json| serde_json::from_str(json).map_err(|e| StoreError(e.to_string())))
+            .collect()
     }
 }
 

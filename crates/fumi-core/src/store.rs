@@ -5,16 +5,19 @@
 //!
 //! The trait grows by sections as the machine moves into this crate (docs/ARCHITECTURE.md, "The
 //! client machine"). Today: the envelopes processed, the outbox, the conversations, their
-//! messages, the files waiting to be downloaded, and the contacts with their pinned identity
-//! keys and profile keys.
+//! messages, the files waiting to be downloaded, the contacts with their pinned identity keys
+//! and profile keys, the account, franking evidence, removed devices, awaited history archives
+//! and uploads under way. Still in `fumi-client` only: the key directory's state and the
+//! official accounts' tables.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 
-use fumi_proto::{AccountId, BlobId, GroupId, MessageId};
+use fumi_proto::{AccountId, BlobId, DeviceId, GroupId, MessageId};
 use thiserror::Error;
 
 use crate::content::Attachment;
+use crate::franking::Evidence;
 
 /// The store failed (its disk, its database): this device's fault, so a received envelope is not
 /// acknowledged and comes again.
@@ -123,6 +126,69 @@ pub struct Contact {
 /// A contact with its pinned identity key and known profile key: (contact, identity key,
 /// profile key).
 pub type PinnedContact = (Contact, Option<[u8; 32]>, Option<[u8; 32]>);
+
+/// The account this store belongs to.
+#[derive(Clone)]
+pub struct AccountRow {
+    /// Server base URL.
+    pub server: String,
+    /// Account id.
+    pub account_id: AccountId,
+    /// This device.
+    pub device_id: DeviceId,
+    /// The device's authentication secret.
+    pub device_secret: [u8; 32],
+    /// The account identity key's secret.
+    pub identity_secret: [u8; 32],
+    /// Public MLS signature key of this device, once generated.
+    pub signature_key: Option<Vec<u8>>,
+    /// Profile key.
+    pub profile_key: [u8; 32],
+    /// Full username, once claimed.
+    pub username: Option<String>,
+    /// Display name.
+    pub display_name: String,
+    /// SHA-256 (hex) of the avatar image in `<home>/avatar`, if one is set.
+    pub avatar_digest: Option<String>,
+    /// When the profile key was last changed (ms): a key announced by another device of this
+    /// account in a message sent later replaces it.
+    pub profile_key_set_at: u64,
+}
+
+impl Drop for AccountRow {
+    /// Secrets do not outlive the row in memory (the store file itself is mode 0600).
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.device_secret.zeroize();
+        self.identity_secret.zeroize();
+        self.profile_key.zeroize();
+        if let Some(key) = self.signature_key.as_mut() {
+            key.zeroize();
+        }
+    }
+}
+
+/// A link through which this device joined, whose history archive may still arrive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingHistory {
+    /// The link token.
+    pub token: [u8; 32],
+    /// The link key from the code.
+    pub link_key: [u8; 32],
+    /// When the device joined (ms).
+    pub since: u64,
+}
+
+/// An upload under way: its blob and what encrypts the file to the same bytes again.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PendingUpload {
+    /// The blob on the server.
+    pub blob: BlobId,
+    /// The file's attachment key.
+    pub file_key: [u8; 32],
+    /// Seeds the generator of the file's nonce prefix.
+    pub nonce_seed: [u8; 32],
+}
 
 /// What the client machine keeps. Methods take `&self`: a store is one device's, used by one
 /// step at a time, and changes what it holds inside a [`ClientStore::in_transaction`].
@@ -252,15 +318,68 @@ pub trait ClientStore {
     /// The contacts whose identity key is pinned (everyone this device has talked to), by
     /// username (those without one first).
     fn contacts(&self) -> Result<Vec<PinnedContact>, StoreError>;
+
+    // --- the account ------------------------------------------------------------------------
+
+    /// Saves this device's account row (replacing it).
+    fn save_account(&self, account: &AccountRow) -> Result<(), StoreError>;
+    /// This device's account row, once registered or linked.
+    fn account(&self) -> Result<Option<AccountRow>, StoreError>;
+    /// Takes the profile key another device of this account announced in a message sent at
+    /// `sent_at`, if it differs and is later than the current key's time; returns whether it did.
+    fn adopt_own_profile_key(&self, key: &[u8; 32], sent_at: u64) -> Result<bool, StoreError>;
+
+    // --- franking evidence ------------------------------------------------------------------
+
+    /// Keeps the franking opening of a received message (replacing one kept for it).
+    fn keep_franking_evidence(&self, message_local_id: i64, evidence: &Evidence) -> Result<(), StoreError>;
+    /// The kept openings of received (not own) messages with this id: at most two, since ids
+    /// are chosen by senders and a second one is enough to refuse guessing.
+    fn received_evidence(&self, id: MessageId) -> Result<Vec<Evidence>, StoreError>;
+
+    // --- this account's removed devices -----------------------------------------------------
+
+    /// Records that a device of this account was removed: it is never added back.
+    fn revoke_device(&self, device: DeviceId, now: u64) -> Result<(), StoreError>;
+    /// The devices of this account that were removed.
+    fn revoked_devices(&self) -> Result<Vec<DeviceId>, StoreError>;
+
+    // --- awaited history archives -----------------------------------------------------------
+
+    /// Remembers a link whose history archive may still arrive (the same token again: replaced).
+    fn add_pending_history(&self, token: &[u8; 32], key: &[u8; 32], now: u64) -> Result<(), StoreError>;
+    /// The links whose history is awaited, in no particular order.
+    fn pending_history(&self) -> Result<Vec<PendingHistory>, StoreError>;
+    /// Stops waiting for a link's history.
+    fn remove_pending_history(&self, token: &[u8; 32]) -> Result<(), StoreError>;
+
+    // --- uploads under way ------------------------------------------------------------------
+
+    /// The upload under way for this file and purpose.
+    fn pending_upload(&self, path: &str, purpose: &[u8; 32]) -> Result<Option<PendingUpload>, StoreError>;
+    /// Remembers an upload before its first byte is sent (replacing one for the same file and
+    /// purpose).
+    #[allow(clippy::too_many_arguments)]
+    fn save_pending_upload(
+        &self,
+        path: &str,
+        purpose: &[u8; 32],
+        blob: BlobId,
+        file_key: &[u8; 32],
+        nonce_seed: &[u8; 32],
+        now: u64,
+    ) -> Result<(), StoreError>;
+    /// Forgets an upload (finished, or no longer on the server).
+    fn forget_pending_upload(&self, path: &str, purpose: &[u8; 32]) -> Result<(), StoreError>;
 }
 
 /// A store in memory, for tests and for the pair harness.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct MemoryStore {
     tables: RefCell<Tables>,
 }
 
-#[derive(Debug, Default, Clone)]
+#[derive(Default, Clone)]
 struct Tables {
     processed: BTreeMap<u64, u64>,
     /// In queue order.
@@ -274,6 +393,14 @@ struct Tables {
     /// By blob: (message local id, attachment).
     downloads: BTreeMap<BlobId, (i64, Attachment)>,
     contacts: BTreeMap<AccountId, ContactRow>,
+    account: Option<AccountRow>,
+    /// By message local id.
+    evidence: BTreeMap<i64, Evidence>,
+    revoked: BTreeMap<DeviceId, u64>,
+    /// By token: (link key, since).
+    pending_history: BTreeMap<[u8; 32], ([u8; 32], u64)>,
+    /// By (path, purpose).
+    uploads: BTreeMap<(String, [u8; 32]), PendingUpload>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -505,6 +632,7 @@ impl ClientStore for MemoryStore {
                 files.extend(message.attachment);
             }
             tables.downloads.retain(|_, (message, _)| *message != local_id);
+            tables.evidence.remove(&local_id);
         }
         Ok(files)
     }
@@ -666,6 +794,114 @@ impl ClientStore for MemoryStore {
         pinned.sort_by(|a, b| a.0.username.cmp(&b.0.username));
         Ok(pinned)
     }
+
+    fn save_account(&self, account: &AccountRow) -> Result<(), StoreError> {
+        self.tables.borrow_mut().account = Some(account.clone());
+        Ok(())
+    }
+
+    fn account(&self) -> Result<Option<AccountRow>, StoreError> {
+        Ok(self.tables.borrow().account.clone())
+    }
+
+    fn adopt_own_profile_key(&self, key: &[u8; 32], sent_at: u64) -> Result<bool, StoreError> {
+        let mut tables = self.tables.borrow_mut();
+        match tables.account.as_mut() {
+            Some(account) if account.profile_key != *key && account.profile_key_set_at < sent_at => {
+                account.profile_key = *key;
+                account.profile_key_set_at = sent_at;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    fn keep_franking_evidence(&self, message_local_id: i64, evidence: &Evidence) -> Result<(), StoreError> {
+        self.tables
+            .borrow_mut()
+            .evidence
+            .insert(message_local_id, evidence.clone());
+        Ok(())
+    }
+
+    fn received_evidence(&self, id: MessageId) -> Result<Vec<Evidence>, StoreError> {
+        let tables = self.tables.borrow();
+        Ok(tables
+            .evidence
+            .iter()
+            .filter(|(local_id, _)| {
+                tables
+                    .messages
+                    .get(local_id)
+                    .is_some_and(|(m, _)| m.id == id && !m.outgoing)
+            })
+            .map(|(_, evidence)| evidence.clone())
+            .take(2)
+            .collect())
+    }
+
+    fn revoke_device(&self, device: DeviceId, now: u64) -> Result<(), StoreError> {
+        self.tables.borrow_mut().revoked.entry(device).or_insert(now);
+        Ok(())
+    }
+
+    fn revoked_devices(&self) -> Result<Vec<DeviceId>, StoreError> {
+        Ok(self.tables.borrow().revoked.keys().copied().collect())
+    }
+
+    fn add_pending_history(&self, token: &[u8; 32], key: &[u8; 32], now: u64) -> Result<(), StoreError> {
+        self.tables.borrow_mut().pending_history.insert(*token, (*key, now));
+        Ok(())
+    }
+
+    fn pending_history(&self) -> Result<Vec<PendingHistory>, StoreError> {
+        Ok(self
+            .tables
+            .borrow()
+            .pending_history
+            .iter()
+            .map(|(token, (link_key, since))| PendingHistory {
+                token: *token,
+                link_key: *link_key,
+                since: *since,
+            })
+            .collect())
+    }
+
+    fn remove_pending_history(&self, token: &[u8; 32]) -> Result<(), StoreError> {
+        self.tables.borrow_mut().pending_history.remove(token);
+        Ok(())
+    }
+
+    fn pending_upload(&self, path: &str, purpose: &[u8; 32]) -> Result<Option<PendingUpload>, StoreError> {
+        Ok(self.tables.borrow().uploads.get(&(path.to_owned(), *purpose)).cloned())
+    }
+
+    fn save_pending_upload(
+        &self,
+        path: &str,
+        purpose: &[u8; 32],
+        blob: BlobId,
+        file_key: &[u8; 32],
+        nonce_seed: &[u8; 32],
+        _now: u64,
+    ) -> Result<(), StoreError> {
+        let upload = PendingUpload {
+            blob,
+            file_key: *file_key,
+            nonce_seed: *nonce_seed,
+        };
+        self.tables
+            .borrow_mut()
+            .uploads
+            .insert((path.to_owned(), *purpose), upload);
+        Ok(())
+    }
+
+    fn forget_pending_upload(&self, path: &str, purpose: &[u8; 32]) -> Result<(), StoreError> {
+        self.tables.borrow_mut().uploads.remove(&(path.to_owned(), *purpose));
+        Ok(())
+    }
 }
 
 /// The contract of [`ClientStore`], as tests every implementation runs:
@@ -676,9 +912,12 @@ impl ClientStore for MemoryStore {
 macro_rules! client_store_conformance {
     ($make:expr) => {
         mod client_store_conformance {
-            use fumi_proto::{AccountId, BlobId, GroupId, MessageId};
+            use fumi_proto::{AccountId, BlobId, DeviceId, GroupId, MessageId};
             use $crate::content::Attachment;
-            use $crate::store::{ClientStore, Conversation, FileView, OutboxEntry, StoreError, StoredMessage};
+            use $crate::franking::{Evidence, Franking, FrankingContext, ReportedContent};
+            use $crate::store::{
+                AccountRow, ClientStore, Conversation, FileView, OutboxEntry, PendingHistory, StoreError, StoredMessage,
+            };
 
             #[allow(unused_imports)]
             use super::*;
@@ -1004,6 +1243,181 @@ macro_rules! client_store_conformance {
                 );
                 assert_eq!(store.contact_avatar_digest(account(9)).unwrap(), None);
                 assert_eq!(store.contact(account(9)).unwrap(), None);
+            }
+
+            fn account_row(profile_key: [u8; 32], profile_key_set_at: u64) -> AccountRow {
+                AccountRow {
+                    server: "http://127.0.0.1:8080".into(),
+                    account_id: account(1),
+                    device_id: DeviceId::from_bytes([2; 16]),
+                    device_secret: [3; 32],
+                    identity_secret: [4; 32],
+                    signature_key: Some(vec![5; 32]),
+                    profile_key,
+                    username: Some("alice.42".into()),
+                    display_name: "Alice".into(),
+                    avatar_digest: None,
+                    profile_key_set_at,
+                }
+            }
+
+            fn same_account(a: &AccountRow, b: &AccountRow) -> bool {
+                (a.server == b.server)
+                    && (a.account_id, a.device_id) == (b.account_id, b.device_id)
+                    && (a.device_secret, a.identity_secret, a.profile_key)
+                        == (b.device_secret, b.identity_secret, b.profile_key)
+                    && (&a.signature_key, &a.username, &a.display_name, &a.avatar_digest)
+                        == (&b.signature_key, &b.username, &b.display_name, &b.avatar_digest)
+                    && a.profile_key_set_at == b.profile_key_set_at
+            }
+
+            fn evidence(text: &str) -> Evidence {
+                Evidence {
+                    context: FrankingContext {
+                        group: group(1),
+                        sender: account(2),
+                        device: DeviceId::from_bytes([2; 16]),
+                        message: MessageId::from_bytes([1; 16]),
+                        sent_at: 100,
+                    },
+                    content: ReportedContent {
+                        text: text.into(),
+                        file: None,
+                    },
+                    franking: Franking {
+                        key: "k".into(),
+                        commitment: "c".into(),
+                        signature: "s".into(),
+                    },
+                    signature_key: "key".into(),
+                    credential: "credential".into(),
+                }
+            }
+
+            #[test]
+            fn the_account_is_saved_and_follows_its_newest_profile_key() {
+                let store = $make;
+                assert!(store.account().unwrap().is_none());
+                assert!(
+                    !store.adopt_own_profile_key(&[9; 32], 10).unwrap(),
+                    "no account yet"
+                );
+                store.save_account(&account_row([6; 32], 1_000)).unwrap();
+                assert!(same_account(
+                    &store.account().unwrap().unwrap(),
+                    &account_row([6; 32], 1_000)
+                ));
+                assert!(!store.adopt_own_profile_key(&[7; 32], 900).unwrap(), "older");
+                assert!(
+                    !store.adopt_own_profile_key(&[6; 32], 2_000).unwrap(),
+                    "the same key"
+                );
+                assert!(store.adopt_own_profile_key(&[7; 32], 2_000).unwrap());
+                assert!(same_account(
+                    &store.account().unwrap().unwrap(),
+                    &account_row([7; 32], 2_000)
+                ));
+                store.save_account(&account_row([8; 32], 3_000)).unwrap();
+                assert!(same_account(
+                    &store.account().unwrap().unwrap(),
+                    &account_row([8; 32], 3_000)
+                ));
+            }
+
+            #[test]
+            fn evidence_is_found_for_received_messages_only_and_goes_when_they_expire() {
+                let store = $make;
+                let mut received = message(1, 2, 1, 100);
+                received.expires_at = Some(1_000);
+                let received = kept(&received, store.insert_message(&received, false, 1).unwrap());
+                let own = message(1, 1, 1, 100);
+                let own = kept(&own, store.insert_message(&own, true, 1).unwrap());
+                store
+                    .keep_franking_evidence(received.local_id, &evidence("first"))
+                    .unwrap();
+                store
+                    .keep_franking_evidence(received.local_id, &evidence("replaced"))
+                    .unwrap();
+                store
+                    .keep_franking_evidence(own.local_id, &evidence("own"))
+                    .unwrap();
+                assert_eq!(
+                    store.received_evidence(received.id).unwrap(),
+                    [evidence("replaced")]
+                );
+                assert_eq!(
+                    store.received_evidence(MessageId::from_bytes([7; 16])).unwrap(),
+                    []
+                );
+                // Another sender reusing the id: both are found (and no more than two).
+                for from in [3, 4] {
+                    let again = message(1, from, 1, 100);
+                    let again = kept(&again, store.insert_message(&again, false, 1).unwrap());
+                    store
+                        .keep_franking_evidence(again.local_id, &evidence("reused"))
+                        .unwrap();
+                }
+                assert_eq!(store.received_evidence(received.id).unwrap().len(), 2);
+                store.purge_expired(1_000).unwrap();
+                assert_eq!(
+                    store.received_evidence(received.id).unwrap(),
+                    [evidence("reused"), evidence("reused")]
+                );
+            }
+
+            #[test]
+            fn removed_devices_awaited_history_and_uploads_are_kept() {
+                let store = $make;
+                let (one, two) = (DeviceId::from_bytes([1; 16]), DeviceId::from_bytes([2; 16]));
+                store.revoke_device(two, 1).unwrap();
+                store.revoke_device(one, 2).unwrap();
+                store.revoke_device(two, 3).unwrap();
+                let mut revoked = store.revoked_devices().unwrap();
+                revoked.sort();
+                assert_eq!(revoked, [one, two]);
+
+                store.add_pending_history(&[1; 32], &[2; 32], 10).unwrap();
+                store.add_pending_history(&[3; 32], &[4; 32], 20).unwrap();
+                store.add_pending_history(&[1; 32], &[5; 32], 30).unwrap();
+                let mut awaited = store.pending_history().unwrap();
+                awaited.sort_by_key(|p| p.token);
+                assert_eq!(
+                    awaited,
+                    [
+                        PendingHistory {
+                            token: [1; 32],
+                            link_key: [5; 32],
+                            since: 30
+                        },
+                        PendingHistory {
+                            token: [3; 32],
+                            link_key: [4; 32],
+                            since: 20
+                        },
+                    ]
+                );
+                store.remove_pending_history(&[1; 32]).unwrap();
+                assert_eq!(store.pending_history().unwrap().len(), 1);
+
+                let blob = BlobId::from_bytes([6; 16]);
+                assert!(store.pending_upload("/a.txt", &[1; 32]).unwrap().is_none());
+                store
+                    .save_pending_upload("/a.txt", &[1; 32], blob, &[7; 32], &[8; 32], 1)
+                    .unwrap();
+                store
+                    .save_pending_upload("/a.txt", &[1; 32], blob, &[9; 32], &[8; 32], 2)
+                    .unwrap();
+                let upload = store.pending_upload("/a.txt", &[1; 32]).unwrap().expect("kept");
+                assert_eq!(
+                    (upload.blob, upload.file_key, upload.nonce_seed),
+                    (blob, [9; 32], [8; 32])
+                );
+                assert!(
+                    store.pending_upload("/a.txt", &[2; 32]).unwrap().is_none(),
+                    "another purpose"
+                );
+                store.forget_pending_upload("/a.txt", &[1; 32]).unwrap();
+                assert!(store.pending_upload("/a.txt", &[1; 32]).unwrap().is_none());
             }
 
             #[test]
