@@ -361,7 +361,7 @@ impl FumiClient {
                 <[u8; 32]>::try_from(directory.root_hash.as_slice()),
             )
         {
-            store.save_directory_state(&crate::store::keys::DirectoryState::pinned(
+            store.save_directory_state(&crate::store::DirectoryState::pinned(
                 log_key,
                 directory.epoch,
                 root_hash,

@@ -29,7 +29,7 @@ use fumi_core::store::ClientStore;
 use fumi_proto::{AccountId, DeviceId, ErrorCode};
 use serde::{Deserialize, Serialize};
 
-use crate::store::keys::DirectoryState;
+use crate::store::DirectoryState;
 use crate::transport::Transport;
 use crate::{ClientError, FumiClient, now_ms};
 
@@ -449,7 +449,7 @@ impl FumiClient {
                 }
             }
         }
-        self.store.known_devices()
+        Ok(self.store.known_devices()?)
     }
 
     /// The server shows no entry for this account: normal before its first epoch, an alarm once

@@ -1372,7 +1372,7 @@ impl FumiClient {
                     for member in &members {
                         self.check_identity(member)?;
                     }
-                    self.store.remove_pending_arrival(id)
+                    Ok(self.store.remove_pending_arrival(id)?)
                 })?,
                 // Checked again at the next sync, by which the removal has usually arrived.
                 Ok(keys::ArrivalCheck::RemovedButPresent) => {}
@@ -1397,7 +1397,7 @@ impl FumiClient {
                         if !refused.is_empty() {
                             self.store.refuse_conversation(group, &error.to_string(), &refused)?;
                         }
-                        self.store.remove_pending_arrival(id)
+                        Ok(self.store.remove_pending_arrival(id)?)
                     })?;
                     return Err(error);
                 }

@@ -5,15 +5,16 @@
 //! Received messages are processed inside one transaction that covers both OpenMLS's writes and
 //! ours, so a crash leaves either all of a message's effects or none.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::rc::Rc;
 
-use fumi_core::Attachment;
 use fumi_core::franking::Evidence;
 pub use fumi_core::store::{
-    AccountRow, ClientStore, Contact, Conversation, FileView, OutboxEntry, PendingHistory, PendingUpload,
-    PinnedContact, StoreError, StoredMessage,
+    AccountRow, ClientStore, Contact, Conversation, DirectoryState, FileView, OutboxEntry, PendingHistory,
+    PendingUpload, PinnedContact, StoreError, StoredMessage,
 };
+use fumi_core::{Attachment, Member};
 use fumi_proto::{AccountId, BlobId, DeviceId, GroupId, MessageId};
 use openmls_rust_crypto::RustCrypto;
 use openmls_sqlite_storage::{Codec, SqliteStorageProvider};
@@ -22,8 +23,11 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::ClientError;
 
-pub(crate) mod keys;
 pub(crate) mod official;
+
+/// An encoded member of a pending arrival: account (16) ‖ device (16) ‖ identity key (32) ‖
+/// signature key (32).
+const MEMBER_BYTES: usize = 96;
 
 /// File name of the store inside the home directory.
 pub const STORE_FILE: &str = "fumi.db";
@@ -425,6 +429,17 @@ impl Store {
             None => stmt.query_map([], map),
         }
         .map_err(store_error)?;
+        rows.collect::<Result<_, _>>().map_err(store_error)
+    }
+
+    /// Rows of (device id, time) as a map.
+    fn device_times(&self, query: &str) -> Result<HashMap<DeviceId, u64>, StoreError> {
+        let mut stmt = self.conn.prepare(query).map_err(store_error)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((id16(r.get(0)?, DeviceId::from_slice)?, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(store_error)?;
         rows.collect::<Result<_, _>>().map_err(store_error)
     }
 }
@@ -1154,6 +1169,218 @@ impl ClientStore for Store {
         rows.iter()
             .map(|json| serde_json::from_str(json).map_err(|e| StoreError(e.to_string())))
             .collect()
+    }
+
+    fn directory_state(&self) -> Result<Option<DirectoryState>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT log_key, epoch, root_hash, own_version, own_checked_epoch, own_alarm FROM key_directory WHERE id = 1",
+                [],
+                |r| {
+                    Ok(DirectoryState {
+                        log_key: key32(r.get(0)?)?,
+                        epoch: r.get::<_, i64>(1)? as u64,
+                        root_hash: key32(r.get(2)?)?,
+                        own_version: r.get::<_, i64>(3)? as u64,
+                        own_checked_epoch: r.get::<_, i64>(4)? as u64,
+                        own_alarm: r.get(5)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(store_error)
+    }
+
+    fn save_directory_state(&self, state: &DirectoryState) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO key_directory (id, log_key, epoch, root_hash, own_version, own_checked_epoch, own_alarm) \
+                 VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (id) DO UPDATE SET log_key = ?1, epoch = ?2, \
+                 root_hash = ?3, own_version = ?4, own_checked_epoch = ?5, own_alarm = ?6",
+                params![
+                    state.log_key.as_slice(),
+                    state.epoch as i64,
+                    state.root_hash.as_slice(),
+                    state.own_version as i64,
+                    state.own_checked_epoch as i64,
+                    state.own_alarm
+                ],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn record_own_review(&self, checked_epoch: u64, clean_version: Option<u64>, alarm: bool) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE key_directory SET own_checked_epoch = MAX(own_checked_epoch, ?1), \
+                 own_version = COALESCE(?2, own_version), own_alarm = ?3 WHERE id = 1",
+                params![checked_epoch as i64, clean_version.map(|v| v as i64), alarm],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn know_device(&self, device: DeviceId, signature_key: Option<&[u8; 32]>, now: u64) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO known_devices (device_id, learned_at, signature_key) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (device_id) DO UPDATE SET signature_key = COALESCE(signature_key, ?3)",
+                params![
+                    device.as_bytes().as_slice(),
+                    now as i64,
+                    signature_key.map(|k| k.as_slice())
+                ],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn known_devices(&self) -> Result<HashMap<DeviceId, Option<[u8; 32]>>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT device_id, signature_key FROM known_devices")
+            .map_err(store_error)?;
+        let rows = stmt
+            .query_map([], |r| {
+                let key: Option<Vec<u8>> = r.get(1)?;
+                Ok((id16(r.get(0)?, DeviceId::from_slice)?, key.map(key32).transpose()?))
+            })
+            .map_err(store_error)?;
+        rows.collect::<Result<_, _>>().map_err(store_error)
+    }
+
+    fn known_devices_learned_at(&self) -> Result<HashMap<DeviceId, u64>, StoreError> {
+        self.device_times("SELECT device_id, learned_at FROM known_devices")
+    }
+
+    fn revoked_devices_at(&self) -> Result<HashMap<DeviceId, u64>, StoreError> {
+        self.device_times("SELECT device_id, revoked_at FROM revoked_devices")
+    }
+
+    fn add_pending_arrival(&self, group: GroupId, members: &[Member]) -> Result<(), StoreError> {
+        let encoded: Vec<u8> = members
+            .iter()
+            .flat_map(|m| {
+                [
+                    m.account.as_bytes().as_slice(),
+                    m.device.as_bytes(),
+                    &m.identity_key,
+                    &m.signature_key,
+                ]
+                .concat()
+            })
+            .collect();
+        self.conn
+            .execute(
+                "INSERT INTO pending_arrivals (group_id, members) VALUES (?, ?)",
+                params![group.as_bytes().as_slice(), encoded],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn pending_arrivals(&self) -> Result<Vec<(i64, GroupId, Vec<Member>)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, group_id, members FROM pending_arrivals ORDER BY id")
+            .map_err(store_error)?;
+        let rows = stmt
+            .query_map([], |r| {
+                let members: Vec<u8> = r.get(2)?;
+                Ok((r.get::<_, i64>(0)?, id16(r.get(1)?, GroupId::from_slice)?, members))
+            })
+            .map_err(store_error)?;
+        let mut arrivals = Vec::new();
+        for row in rows {
+            let (id, group, bytes) = row.map_err(store_error)?;
+            let members = bytes
+                .chunks(MEMBER_BYTES)
+                .map(|m| {
+                    (m.len() == MEMBER_BYTES)
+                        .then(|| Member {
+                            account: AccountId::from_slice(&m[..16]).expect("16 bytes"),
+                            device: DeviceId::from_slice(&m[16..32]).expect("16 bytes"),
+                            identity_key: m[32..64].try_into().expect("32 bytes"),
+                            signature_key: m[64..96].try_into().expect("32 bytes"),
+                        })
+                        .ok_or_else(|| StoreError("a pending arrival is damaged".into()))
+                })
+                .collect::<Result<_, _>>()?;
+            arrivals.push((id, group, members));
+        }
+        Ok(arrivals)
+    }
+
+    fn remove_pending_arrival(&self, id: i64) -> Result<(), StoreError> {
+        self.conn
+            .execute("DELETE FROM pending_arrivals WHERE id = ?", [id])
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn has_pending_arrivals(&self, group: GroupId) -> Result<bool, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM pending_arrivals WHERE group_id = ?)",
+                [group.as_bytes().as_slice()],
+                |r| r.get(0),
+            )
+            .map_err(store_error)
+    }
+
+    fn refuse_conversation(&self, group: GroupId, reason: &str, devices: &[DeviceId]) -> Result<(), StoreError> {
+        let encoded: Vec<u8> = devices.iter().flat_map(|d| *d.as_bytes()).collect();
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO refused_conversations (group_id, reason, devices) VALUES (?, ?, ?)",
+                params![group.as_bytes().as_slice(), reason, encoded],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn conversation_refusal(&self, group: GroupId) -> Result<Option<String>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT reason FROM refused_conversations WHERE group_id = ?",
+                [group.as_bytes().as_slice()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(store_error)
+    }
+
+    fn refused_conversations(&self) -> Result<Vec<(GroupId, Vec<DeviceId>)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT group_id, devices FROM refused_conversations")
+            .map_err(store_error)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((id16(r.get(0)?, GroupId::from_slice)?, r.get::<_, Vec<u8>>(1)?))
+            })
+            .map_err(store_error)?;
+        let mut refused = Vec::new();
+        for row in rows {
+            let (group, bytes) = row.map_err(store_error)?;
+            let devices = bytes
+                .chunks(16)
+                .map(|d| DeviceId::from_slice(d).map_err(|_| StoreError("a refused conversation is damaged".into())))
+                .collect::<Result<_, _>>()?;
+            refused.push((group, devices));
+        }
+        Ok(refused)
+    }
+
+    fn lift_refusal(&self, group: GroupId) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "DELETE FROM refused_conversations WHERE group_id = ?",
+                [group.as_bytes().as_slice()],
+            )
+            .map_err(store_error)?;
+        Ok(())
     }
 }
 

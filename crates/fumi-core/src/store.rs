@@ -6,18 +6,20 @@
 //! The trait grows by sections as the machine moves into this crate (docs/ARCHITECTURE.md, "The
 //! client machine"). Today: the envelopes processed, the outbox, the conversations, their
 //! messages, the files waiting to be downloaded, the contacts with their pinned identity keys
-//! and profile keys, the account, franking evidence, removed devices, awaited history archives
-//! and uploads under way. Still in `fumi-client` only: the key directory's state and the
-//! official accounts' tables.
+//! and profile keys, the account, franking evidence, removed devices, awaited history archives,
+//! uploads under way, and the key directory's state (the pinned log key, the newest epoch, the
+//! own entry's review, this account's trusted devices, arrivals to check and conversations
+//! refused). Still in `fumi-client` only: the official accounts' tables.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use fumi_proto::{AccountId, BlobId, DeviceId, GroupId, MessageId};
 use thiserror::Error;
 
 use crate::content::Attachment;
 use crate::franking::Evidence;
+use crate::mls::Member;
 
 /// The store failed (its disk, its database): this device's fault, so a received envelope is not
 /// acknowledged and comes again.
@@ -188,6 +190,38 @@ pub struct PendingUpload {
     pub file_key: [u8; 32],
     /// Seeds the generator of the file's nonce prefix.
     pub nonce_seed: [u8; 32],
+}
+
+/// What this device remembers of the server's key directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectoryState {
+    /// The log key pinned on first use: every epoch head must be signed by it.
+    pub log_key: [u8; 32],
+    /// The newest epoch seen.
+    pub epoch: u64,
+    /// Its root hash.
+    pub root_hash: [u8; 32],
+    /// The newest version of this account's own entry that was reviewed.
+    pub own_version: u64,
+    /// The epoch at which the own entry was last looked at.
+    pub own_checked_epoch: u64,
+    /// The last review of the own entry found a problem.
+    pub own_alarm: bool,
+}
+
+impl DirectoryState {
+    /// The state of a device that has seen `epoch` with `root_hash`, under `log_key`, and not
+    /// yet reviewed its own entry.
+    pub fn pinned(log_key: [u8; 32], epoch: u64, root_hash: [u8; 32]) -> Self {
+        Self {
+            log_key,
+            epoch,
+            root_hash,
+            own_version: 0,
+            own_checked_epoch: 0,
+            own_alarm: false,
+        }
+    }
 }
 
 /// What the client machine keeps. Methods take `&self`: a store is one device's, used by one
@@ -371,6 +405,45 @@ pub trait ClientStore {
     ) -> Result<(), StoreError>;
     /// Forgets an upload (finished, or no longer on the server).
     fn forget_pending_upload(&self, path: &str, purpose: &[u8; 32]) -> Result<(), StoreError>;
+
+    // --- the key directory ------------------------------------------------------------------
+
+    /// What this device remembers of the key directory, once it saw a head.
+    fn directory_state(&self) -> Result<Option<DirectoryState>, StoreError>;
+    /// Replaces it.
+    fn save_directory_state(&self, state: &DirectoryState) -> Result<(), StoreError>;
+    /// Records a review of the own entry at `checked_epoch` (the newest such epoch is kept):
+    /// `clean_version` is the newest version found without problems (`None`: keep the previous
+    /// one), `alarm` whether one stands. The pinned key and the newest epoch stay; without a
+    /// state, nothing changes.
+    fn record_own_review(&self, checked_epoch: u64, clean_version: Option<u64>, alarm: bool) -> Result<(), StoreError>;
+    /// Remembers a device of this account as one of ours, when first learned of, with its
+    /// signature key if known (a key, once recorded, is not replaced).
+    fn know_device(&self, device: DeviceId, signature_key: Option<&[u8; 32]>, now: u64) -> Result<(), StoreError>;
+    /// The devices of this account known to be ours, with their signature keys where known.
+    fn known_devices(&self) -> Result<HashMap<DeviceId, Option<[u8; 32]>>, StoreError>;
+    /// When this device learned of each of them.
+    fn known_devices_learned_at(&self) -> Result<HashMap<DeviceId, u64>, StoreError>;
+    /// The removed devices of this account, with when they were recorded as removed.
+    fn revoked_devices_at(&self) -> Result<HashMap<DeviceId, u64>, StoreError>;
+    /// Records devices to check against the key directory (in the transaction that processes
+    /// the message bringing them).
+    fn add_pending_arrival(&self, group: GroupId, members: &[Member]) -> Result<(), StoreError>;
+    /// The arrivals not checked yet, oldest first, each with its id.
+    fn pending_arrivals(&self) -> Result<Vec<(i64, GroupId, Vec<Member>)>, StoreError>;
+    /// Removes a checked arrival.
+    fn remove_pending_arrival(&self, id: i64) -> Result<(), StoreError>;
+    /// Whether a group has devices not checked against the key directory yet.
+    fn has_pending_arrivals(&self, group: GroupId) -> Result<bool, StoreError>;
+    /// Stops sending to `group` while any of `devices` is in it, saying why (replacing an
+    /// earlier refusal of the group).
+    fn refuse_conversation(&self, group: GroupId, reason: &str, devices: &[DeviceId]) -> Result<(), StoreError>;
+    /// Why sending to `group` is stopped, if it is.
+    fn conversation_refusal(&self, group: GroupId) -> Result<Option<String>, StoreError>;
+    /// Every refused conversation with the devices that must leave it, in no particular order.
+    fn refused_conversations(&self) -> Result<Vec<(GroupId, Vec<DeviceId>)>, StoreError>;
+    /// Sending to `group` may resume.
+    fn lift_refusal(&self, group: GroupId) -> Result<(), StoreError>;
 }
 
 /// A store in memory, for tests and for the pair harness.
@@ -401,6 +474,14 @@ struct Tables {
     pending_history: BTreeMap<[u8; 32], ([u8; 32], u64)>,
     /// By (path, purpose).
     uploads: BTreeMap<(String, [u8; 32]), PendingUpload>,
+    directory: Option<DirectoryState>,
+    /// (signature key, learned at).
+    known_devices: BTreeMap<DeviceId, (Option<[u8; 32]>, u64)>,
+    /// By id, in insertion order.
+    arrivals: BTreeMap<i64, (GroupId, Vec<Member>)>,
+    last_arrival: i64,
+    /// (reason, devices).
+    refused: BTreeMap<GroupId, (String, Vec<DeviceId>)>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -902,6 +983,118 @@ impl ClientStore for MemoryStore {
         self.tables.borrow_mut().uploads.remove(&(path.to_owned(), *purpose));
         Ok(())
     }
+
+    fn directory_state(&self) -> Result<Option<DirectoryState>, StoreError> {
+        Ok(self.tables.borrow().directory.clone())
+    }
+
+    fn save_directory_state(&self, state: &DirectoryState) -> Result<(), StoreError> {
+        self.tables.borrow_mut().directory = Some(state.clone());
+        Ok(())
+    }
+
+    fn record_own_review(&self, checked_epoch: u64, clean_version: Option<u64>, alarm: bool) -> Result<(), StoreError> {
+        if let Some(state) = self.tables.borrow_mut().directory.as_mut() {
+            state.own_checked_epoch = state.own_checked_epoch.max(checked_epoch);
+            if let Some(version) = clean_version {
+                state.own_version = version;
+            }
+            state.own_alarm = alarm;
+        }
+        Ok(())
+    }
+
+    fn know_device(&self, device: DeviceId, signature_key: Option<&[u8; 32]>, now: u64) -> Result<(), StoreError> {
+        let mut tables = self.tables.borrow_mut();
+        let (key, _) = tables.known_devices.entry(device).or_insert((None, now));
+        if key.is_none() {
+            *key = signature_key.copied();
+        }
+        Ok(())
+    }
+
+    fn known_devices(&self) -> Result<HashMap<DeviceId, Option<[u8; 32]>>, StoreError> {
+        Ok(self
+            .tables
+            .borrow()
+            .known_devices
+            .iter()
+            .map(|(d, (key, _))| (*d, *key))
+            .collect())
+    }
+
+    fn known_devices_learned_at(&self) -> Result<HashMap<DeviceId, u64>, StoreError> {
+        Ok(self
+            .tables
+            .borrow()
+            .known_devices
+            .iter()
+            .map(|(d, (_, at))| (*d, *at))
+            .collect())
+    }
+
+    fn revoked_devices_at(&self) -> Result<HashMap<DeviceId, u64>, StoreError> {
+        Ok(self.tables.borrow().revoked.iter().map(|(d, at)| (*d, *at)).collect())
+    }
+
+    fn add_pending_arrival(&self, group: GroupId, members: &[Member]) -> Result<(), StoreError> {
+        let mut tables = self.tables.borrow_mut();
+        tables.last_arrival += 1;
+        let id = tables.last_arrival;
+        tables.arrivals.insert(id, (group, members.to_vec()));
+        Ok(())
+    }
+
+    fn pending_arrivals(&self) -> Result<Vec<(i64, GroupId, Vec<Member>)>, StoreError> {
+        Ok(self
+            .tables
+            .borrow()
+            .arrivals
+            .iter()
+            .map(|(id, (group, members))| (*id, *group, members.clone()))
+            .collect())
+    }
+
+    fn remove_pending_arrival(&self, id: i64) -> Result<(), StoreError> {
+        self.tables.borrow_mut().arrivals.remove(&id);
+        Ok(())
+    }
+
+    fn has_pending_arrivals(&self, group: GroupId) -> Result<bool, StoreError> {
+        Ok(self.tables.borrow().arrivals.values().any(|(g, _)| *g == group))
+    }
+
+    fn refuse_conversation(&self, group: GroupId, reason: &str, devices: &[DeviceId]) -> Result<(), StoreError> {
+        self.tables
+            .borrow_mut()
+            .refused
+            .insert(group, (reason.to_owned(), devices.to_vec()));
+        Ok(())
+    }
+
+    fn conversation_refusal(&self, group: GroupId) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .tables
+            .borrow()
+            .refused
+            .get(&group)
+            .map(|(reason, _)| reason.clone()))
+    }
+
+    fn refused_conversations(&self) -> Result<Vec<(GroupId, Vec<DeviceId>)>, StoreError> {
+        Ok(self
+            .tables
+            .borrow()
+            .refused
+            .iter()
+            .map(|(group, (_, devices))| (*group, devices.clone()))
+            .collect())
+    }
+
+    fn lift_refusal(&self, group: GroupId) -> Result<(), StoreError> {
+        self.tables.borrow_mut().refused.remove(&group);
+        Ok(())
+    }
 }
 
 /// The contract of [`ClientStore`], as tests every implementation runs:
@@ -915,6 +1108,8 @@ macro_rules! client_store_conformance {
             use fumi_proto::{AccountId, BlobId, DeviceId, GroupId, MessageId};
             use $crate::content::Attachment;
             use $crate::franking::{Evidence, Franking, FrankingContext, ReportedContent};
+            use $crate::mls::Member;
+            use $crate::store::DirectoryState;
             use $crate::store::{
                 AccountRow, ClientStore, Conversation, FileView, OutboxEntry, PendingHistory, StoreError, StoredMessage,
             };
@@ -1418,6 +1613,113 @@ macro_rules! client_store_conformance {
                 );
                 store.forget_pending_upload("/a.txt", &[1; 32]).unwrap();
                 assert!(store.pending_upload("/a.txt", &[1; 32]).unwrap().is_none());
+            }
+
+            #[test]
+            fn the_directory_state_is_pinned_and_the_own_review_recorded() {
+                let store = $make;
+                assert_eq!(store.directory_state().unwrap(), None);
+                store.record_own_review(5, Some(2), true).unwrap();
+                assert_eq!(store.directory_state().unwrap(), None, "no state: no review");
+                let pinned = DirectoryState::pinned([1; 32], 10, [2; 32]);
+                store.save_directory_state(&pinned).unwrap();
+                assert_eq!(store.directory_state().unwrap(), Some(pinned.clone()));
+                store.record_own_review(12, Some(3), true).unwrap();
+                store.record_own_review(11, None, false).unwrap();
+                let reviewed = store.directory_state().unwrap().unwrap();
+                assert_eq!(
+                    (
+                        reviewed.own_checked_epoch,
+                        reviewed.own_version,
+                        reviewed.own_alarm
+                    ),
+                    (12, 3, false),
+                    "the newest epoch looked at, the last clean version, the last verdict"
+                );
+                assert_eq!(
+                    (reviewed.log_key, reviewed.epoch, reviewed.root_hash),
+                    ([1; 32], 10, [2; 32])
+                );
+                let newer = DirectoryState {
+                    epoch: 20,
+                    root_hash: [3; 32],
+                    ..reviewed
+                };
+                store.save_directory_state(&newer).unwrap();
+                assert_eq!(store.directory_state().unwrap(), Some(newer));
+            }
+
+            #[test]
+            fn own_devices_are_known_once_with_the_first_key_recorded() {
+                let store = $make;
+                let (one, two) = (DeviceId::from_bytes([1; 16]), DeviceId::from_bytes([2; 16]));
+                store.know_device(one, None, 10).unwrap();
+                store.know_device(one, Some(&[7; 32]), 20).unwrap();
+                store.know_device(one, Some(&[8; 32]), 30).unwrap();
+                store.know_device(two, Some(&[9; 32]), 40).unwrap();
+                let known = store.known_devices().unwrap();
+                assert_eq!(
+                    (known.len(), known[&one], known[&two]),
+                    (2, Some([7; 32]), Some([9; 32]))
+                );
+                let learned = store.known_devices_learned_at().unwrap();
+                assert_eq!((learned[&one], learned[&two]), (10, 40));
+                store.revoke_device(two, 50).unwrap();
+                store.revoke_device(two, 60).unwrap();
+                assert_eq!(
+                    store.revoked_devices_at().unwrap(),
+                    [(two, 50)].into_iter().collect()
+                );
+            }
+
+            #[test]
+            fn arrivals_wait_in_order_until_checked() {
+                let store = $make;
+                let member = |n: u8| Member {
+                    account: account(n),
+                    device: DeviceId::from_bytes([n + 50; 16]),
+                    identity_key: [n; 32],
+                    signature_key: [n + 1; 32],
+                };
+                store
+                    .add_pending_arrival(group(2), &[member(1), member(2)])
+                    .unwrap();
+                store.add_pending_arrival(group(1), &[member(3)]).unwrap();
+                let waiting = store.pending_arrivals().unwrap();
+                assert_eq!(waiting.len(), 2);
+                assert!(waiting[0].0 < waiting[1].0);
+                assert_eq!(
+                    (waiting[0].1, &waiting[0].2[..]),
+                    (group(2), &[member(1), member(2)][..])
+                );
+                assert_eq!((waiting[1].1, &waiting[1].2[..]), (group(1), &[member(3)][..]));
+                assert!(store.has_pending_arrivals(group(2)).unwrap());
+                store.remove_pending_arrival(waiting[0].0).unwrap();
+                assert!(!store.has_pending_arrivals(group(2)).unwrap());
+                assert!(store.has_pending_arrivals(group(1)).unwrap());
+                assert_eq!(store.pending_arrivals().unwrap().len(), 1);
+            }
+
+            #[test]
+            fn a_refused_conversation_says_why_until_lifted() {
+                let store = $make;
+                let devices = [DeviceId::from_bytes([1; 16]), DeviceId::from_bytes([2; 16])];
+                assert_eq!(store.conversation_refusal(group(1)).unwrap(), None);
+                store.refuse_conversation(group(1), "first", &devices).unwrap();
+                store
+                    .refuse_conversation(group(1), "again", &devices[..1])
+                    .unwrap();
+                store.refuse_conversation(group(2), "other", &[]).unwrap();
+                assert_eq!(
+                    store.conversation_refusal(group(1)).unwrap().as_deref(),
+                    Some("again")
+                );
+                let mut refused = store.refused_conversations().unwrap();
+                refused.sort_by_key(|(g, _)| *g);
+                assert_eq!(refused, [(group(1), devices[..1].to_vec()), (group(2), vec![])]);
+                store.lift_refusal(group(1)).unwrap();
+                assert_eq!(store.conversation_refusal(group(1)).unwrap(), None);
+                assert_eq!(store.refused_conversations().unwrap().len(), 1);
             }
 
             #[test]
