@@ -31,7 +31,7 @@ use serde::Serialize;
 
 use crate::devices::{encode_server, parse_code};
 use crate::files::check_caption;
-use crate::store::official::{ChannelRow, SubmissionRecord, Submissions};
+use crate::store::{ChannelRow, SubmissionRecord, Submissions};
 use crate::store::{FileView, write_private};
 use crate::{ClientError, FumiClient, now_ms, random_bytes};
 
@@ -190,7 +190,13 @@ impl FumiClient {
         if ed25519_dalek::VerifyingKey::from_bytes(&key).is_err() {
             return Err(ClientError::Usage("this is not an Ed25519 public key".into()));
         }
-        self.store.add_authority(name, &key)
+        if self.store.add_authority(name, &key, now_ms())? {
+            Ok(())
+        } else {
+            Err(ClientError::Usage(
+                "an authority with this name or key is already trusted".into(),
+            ))
+        }
     }
 
     /// Stops trusting an authority.
@@ -203,7 +209,7 @@ impl FumiClient {
 
     /// The authorities this user trusts.
     pub fn trusted_authorities(&self) -> Result<Vec<TrustedAuthority>, ClientError> {
-        self.store.authorities()
+        Ok(self.store.authorities()?)
     }
 
     /// This account's organisation profile (by default: its display name, no logo, unverified).
@@ -303,7 +309,7 @@ impl FumiClient {
                 .transport
                 .request(endpoints::UPDATE_CHANNEL, &[&row.channel], Some(&update))
                 .await?;
-            self.store.save_channel(&row)?;
+            self.store.save_channel(&row, now_ms())?;
         }
         Ok(())
     }
@@ -359,7 +365,7 @@ impl FumiClient {
             .transport
             .request(endpoints::CREATE_CHANNEL, &[], Some(&create))
             .await?;
-        self.store.save_channel(&row)?;
+        self.store.save_channel(&row, now_ms())?;
         self.summary(&row, Some(0))
     }
 
@@ -440,7 +446,7 @@ impl FumiClient {
                 .request::<(), _>(endpoints::SUBSCRIBE, &[&row.channel], None)
                 .await?;
         }
-        self.store.save_channel(&row)?;
+        self.store.save_channel(&row, now_ms())?;
         self.fetch_posts(&row).await?;
         // Posts from before the subscription are history, not news.
         self.store.mark_posts_seen(Some(row.channel))?;
@@ -457,7 +463,7 @@ impl FumiClient {
                 .request::<(), _>(endpoints::UNSUBSCRIBE, &[&row.channel], None)
                 .await?;
         }
-        self.store.transaction(|| self.store.forget_channel(row.channel))
+        self.store.transaction(|| Ok(self.store.forget_channel(row.channel)?))
     }
 
     fn channel_row(&self, channel: &str) -> Result<ChannelRow, ClientError> {
@@ -487,7 +493,7 @@ impl FumiClient {
             match Self::open_description(&row.link(), state.sealed_info.as_slice()) {
                 Ok(info) => {
                     row.info = info;
-                    self.store.save_channel(&row)?;
+                    self.store.save_channel(&row, now_ms())?;
                 }
                 // Keep the last good description; say why the new one was refused.
                 Err(e) => {
@@ -584,7 +590,7 @@ impl FumiClient {
             {
                 Ok(()) => {
                     self.store.transaction(|| {
-                        self.store.insert_post(&post, true)?;
+                        self.store.insert_post(&post, true, now_ms())?;
                         // Posts of other staff devices before this one are still to fetch.
                         let last = self.store.channel_row(row.channel)?.map_or(0, |r| r.last_seq);
                         if last + 1 == seq {
@@ -660,7 +666,7 @@ impl FumiClient {
                             String::new()
                         }
                     );
-                    self.store.add_warning(row.channel, after + 1, &missing)?;
+                    self.store.add_warning(row.channel, after + 1, &missing, now_ms())?;
                 }
                 self.accept_post(row, post.seq, post.sealed_post.as_slice())?;
                 after = post.seq;
@@ -704,16 +710,16 @@ impl FumiClient {
                 Ok(post) => match &post.body {
                     PostBody::Form { form, .. } if form.validate().is_err() => {
                         self.store
-                            .add_warning(row.channel, seq, "a form that is not well formed")?
+                            .add_warning(row.channel, seq, "a form that is not well formed", now_ms())?
                     }
-                    _ => self.store.insert_post(&post, false)?,
+                    _ => self.store.insert_post(&post, false, now_ms())?,
                 },
                 Err(e) => {
                     tracing::warn!(channel = %row.info.name, seq, error = %e, "refused a channel post");
-                    self.store.add_warning(row.channel, seq, &e.to_string())?;
+                    self.store.add_warning(row.channel, seq, &e.to_string(), now_ms())?;
                 }
             }
-            self.store.set_last_seq(row.channel, seq)
+            Ok(self.store.set_last_seq(row.channel, seq)?)
         })
     }
 
@@ -906,7 +912,7 @@ impl FumiClient {
             outgoing: true,
             receipt_at: None,
         };
-        self.store.insert_submission(&record)?;
+        self.store.insert_submission(&record, now_ms())?;
         match self.send_content_as(group, id, body).await {
             Err(e @ (ClientError::Network(_) | ClientError::Server { status: 500.., .. })) => Err(e),
             Err(e) => {
@@ -978,7 +984,7 @@ impl FumiClient {
         };
         if sender.account == me {
             // Sent by another of our devices.
-            return self.store.insert_submission(&record);
+            return Ok(self.store.insert_submission(&record, now_ms())?);
         }
         if !self.store.channel_row(channel)?.is_some_and(|r| r.own) {
             return Err(ClientError::Protocol(
@@ -993,7 +999,7 @@ impl FumiClient {
             // checks it against the form.
             None => tracing::warn!("a submission to a form this device has not fetched yet"),
         }
-        self.store.insert_submission(&record)
+        Ok(self.store.insert_submission(&record, now_ms())?)
     }
 
     /// A staff device confirmed one of our submissions.
@@ -1001,7 +1007,7 @@ impl FumiClient {
         if sender.account == self.account.account_id {
             return Ok(());
         }
-        self.store.set_receipt(submission)
+        Ok(self.store.set_receipt(submission, now_ms())?)
     }
 
     /// Sends a receipt for every submission this device stored and has not confirmed yet.

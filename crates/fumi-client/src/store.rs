@@ -9,21 +9,21 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::rc::Rc;
 
+use fumi_core::form::FormDefinition;
 use fumi_core::franking::Evidence;
+use fumi_core::official::{ChannelKey, OrganisationProfile, Post, PostBody, TrustedAuthority};
 pub use fumi_core::store::{
-    AccountRow, ClientStore, Contact, Conversation, DirectoryState, FileView, OutboxEntry, PendingHistory,
-    PendingUpload, PinnedContact, StoreError, StoredMessage,
+    AccountRow, ChannelRow, ClientStore, Contact, Conversation, DirectoryState, FileView, OutboxEntry, PendingHistory,
+    PendingUpload, PinnedContact, StoreError, StoredMessage, SubmissionRecord, Submissions,
 };
 use fumi_core::{Attachment, Member};
-use fumi_proto::{AccountId, BlobId, DeviceId, GroupId, MessageId};
+use fumi_proto::{AccountId, BlobId, ChannelId, DeviceId, GroupId, MessageId};
 use openmls_rust_crypto::RustCrypto;
 use openmls_sqlite_storage::{Codec, SqliteStorageProvider};
 use openmls_traits::OpenMlsProvider;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::ClientError;
-
-pub(crate) mod official;
 
 /// An encoded member of a pending arrival: account (16) ‖ device (16) ‖ identity key (32) ‖
 /// signature key (32).
@@ -321,6 +321,14 @@ pub(crate) fn sql(error: rusqlite::Error) -> ClientError {
 
 fn store_error(error: rusqlite::Error) -> StoreError {
     StoreError(error.to_string())
+}
+
+fn json_err(e: serde_json::Error) -> StoreError {
+    StoreError(format!("stored JSON: {e}"))
+}
+
+fn channel_id(bytes: Vec<u8>) -> rusqlite::Result<ChannelId> {
+    id16(bytes, ChannelId::from_slice)
 }
 
 pub(crate) fn id16<T>(bytes: Vec<u8>, make: impl Fn(&[u8]) -> Result<T, fumi_proto::IdError>) -> rusqlite::Result<T> {
@@ -1378,6 +1386,465 @@ impl ClientStore for Store {
             .execute(
                 "DELETE FROM refused_conversations WHERE group_id = ?",
                 [group.as_bytes().as_slice()],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn add_authority(&self, name: &str, key: &[u8; 32], now: u64) -> Result<bool, StoreError> {
+        match self.conn.execute(
+            "INSERT INTO authorities (name, public_key, added_at) VALUES (?, ?, ?)",
+            params![name, key.as_slice(), now as i64],
+        ) {
+            Ok(_) => Ok(true),
+            Err(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                Ok(false)
+            }
+            Err(other) => Err(store_error(other)),
+        }
+    }
+
+    fn remove_authority(&self, name: &str) -> Result<bool, StoreError> {
+        let removed = self
+            .conn
+            .execute("DELETE FROM authorities WHERE name = ?", [name])
+            .map_err(store_error)?;
+        Ok(removed > 0)
+    }
+
+    fn authorities(&self) -> Result<Vec<TrustedAuthority>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT name, public_key FROM authorities ORDER BY name")
+            .map_err(store_error)?;
+        statement
+            .query_map([], |r| {
+                Ok(TrustedAuthority {
+                    name: r.get(0)?,
+                    public_key: key32(r.get(1)?)?,
+                })
+            })
+            .map_err(store_error)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(store_error)
+    }
+
+    fn organisation(&self) -> Result<Option<OrganisationProfile>, StoreError> {
+        let stored: Option<String> = self
+            .conn
+            .query_row("SELECT profile FROM organisation WHERE id = 1", [], |r| r.get(0))
+            .optional()
+            .map_err(store_error)?;
+        stored
+            .map(|json| serde_json::from_str(&json).map_err(json_err))
+            .transpose()
+    }
+
+    fn save_organisation(&self, profile: &OrganisationProfile) -> Result<(), StoreError> {
+        let json = serde_json::to_string(profile).map_err(json_err)?;
+        self.conn
+            .execute(
+                "INSERT INTO organisation (id, profile) VALUES (1, ?1) ON CONFLICT (id) DO UPDATE SET profile = ?1",
+                [json],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn save_channel(&self, row: &ChannelRow, now: u64) -> Result<(), StoreError> {
+        let info = serde_json::to_string(&row.info).map_err(json_err)?;
+        self.conn
+            .execute(
+                "INSERT INTO channels (channel_id, owner_account, owner_key, epoch, channel_key, own, info, last_seq, added_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (channel_id) DO UPDATE SET epoch = ?4, channel_key = ?5, info = ?7",
+                params![
+                    row.channel.as_bytes().as_slice(),
+                    row.owner.as_bytes().as_slice(),
+                    row.owner_key.as_slice(),
+                    row.key.epoch,
+                    row.key.key.as_slice(),
+                    row.own,
+                    info,
+                    row.last_seq as i64,
+                    now as i64
+                ],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn channel_rows(&self) -> Result<Vec<ChannelRow>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT channel_id, owner_account, owner_key, epoch, channel_key, own, info, last_seq
+                 FROM channels ORDER BY added_at",
+            )
+            .map_err(store_error)?;
+        let rows = statement
+            .query_map([], |r| {
+                Ok((
+                    channel_id(r.get(0)?)?,
+                    id16(r.get(1)?, AccountId::from_slice)?,
+                    key32(r.get(2)?)?,
+                    r.get::<_, u32>(3)?,
+                    key32(r.get(4)?)?,
+                    r.get::<_, bool>(5)?,
+                    r.get::<_, String>(6)?,
+                    r.get::<_, i64>(7)? as u64,
+                ))
+            })
+            .map_err(store_error)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(store_error)?;
+        rows.into_iter()
+            .map(|(channel, owner, owner_key, epoch, key, own, info, last_seq)| {
+                Ok(ChannelRow {
+                    channel,
+                    owner,
+                    owner_key,
+                    key: ChannelKey { epoch, key },
+                    own,
+                    info: serde_json::from_str(&info).map_err(json_err)?,
+                    last_seq,
+                })
+            })
+            .collect()
+    }
+
+    fn set_last_seq(&self, channel: ChannelId, seq: u64) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE channels SET last_seq = MAX(last_seq, ?) WHERE channel_id = ?",
+                params![seq as i64, channel.as_bytes().as_slice()],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn forget_channel(&self, channel: ChannelId) -> Result<(), StoreError> {
+        let id = channel.as_bytes().as_slice();
+        for statement in [
+            "DELETE FROM channel_posts WHERE channel_id = ?",
+            "DELETE FROM channel_warnings WHERE channel_id = ?",
+            "DELETE FROM channel_files WHERE channel_id = ?",
+            "DELETE FROM channels WHERE channel_id = ?",
+        ] {
+            self.conn.execute(statement, [id]).map_err(store_error)?;
+        }
+        Ok(())
+    }
+
+    fn insert_post(&self, post: &Post, seen: bool, now: u64) -> Result<(), StoreError> {
+        let json = serde_json::to_string(post).map_err(json_err)?;
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO channel_posts (channel_id, seq, post, received_at, seen) VALUES (?, ?, ?, ?, ?)",
+                params![
+                    post.channel.as_bytes().as_slice(),
+                    post.seq as i64,
+                    json,
+                    now as i64,
+                    seen
+                ],
+            )
+            .map_err(store_error)?;
+        if let PostBody::Form { form_id, form } = &post.body {
+            self.conn
+                .execute(
+                    "INSERT OR IGNORE INTO channel_forms (channel_id, form_id, definition, published_at) VALUES (?, ?, ?, ?)",
+                    params![
+                        post.channel.as_bytes().as_slice(),
+                        form_id,
+                        serde_json::to_string(form).map_err(json_err)?,
+                        post.sent_at as i64
+                    ],
+                )
+                .map_err(store_error)?;
+        }
+        Ok(())
+    }
+
+    fn posts(&self, channel: Option<ChannelId>, unseen_only: bool) -> Result<Vec<Post>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT post FROM channel_posts
+                 WHERE (?1 IS NULL OR channel_id = ?1) AND (?2 = 0 OR seen = 0) ORDER BY received_at, seq",
+            )
+            .map_err(store_error)?;
+        let posts = statement
+            .query_map(params![channel.map(|c| c.as_bytes().to_vec()), unseen_only], |r| {
+                r.get::<_, String>(0)
+            })
+            .map_err(store_error)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(store_error)?;
+        posts
+            .iter()
+            .map(|p| serde_json::from_str(p).map_err(json_err))
+            .collect()
+    }
+
+    fn mark_posts_seen(&self, channel: Option<ChannelId>) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE channel_posts SET seen = 1 WHERE seen = 0 AND (?1 IS NULL OR channel_id = ?1)",
+                [channel.map(|c| c.as_bytes().to_vec())],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn post_count(&self, channel: ChannelId) -> Result<u64, StoreError> {
+        let count: i64 = self
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM channel_posts WHERE channel_id = ?",
+                [channel.as_bytes().as_slice()],
+                |r| r.get(0),
+            )
+            .map_err(store_error)?;
+        Ok(count as u64)
+    }
+
+    fn set_channel_file(&self, channel: ChannelId, seq: u64, view: &FileView) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO channel_files (channel_id, seq, view) VALUES (?, ?, ?)",
+                params![
+                    channel.as_bytes().as_slice(),
+                    seq as i64,
+                    serde_json::to_string(view).map_err(json_err)?
+                ],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn channel_file(&self, channel: ChannelId, seq: u64) -> Result<Option<FileView>, StoreError> {
+        let view: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT view FROM channel_files WHERE channel_id = ? AND seq = ?",
+                params![channel.as_bytes().as_slice(), seq as i64],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(store_error)?;
+        view.map(|v| serde_json::from_str(&v).map_err(json_err)).transpose()
+    }
+
+    fn add_warning(&self, channel: ChannelId, seq: u64, warning: &str, now: u64) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO channel_warnings (channel_id, seq, warning, created_at) VALUES (?, ?, ?, ?)",
+                params![channel.as_bytes().as_slice(), seq as i64, warning, now as i64],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn take_warnings(&self, channel: Option<ChannelId>) -> Result<Vec<(ChannelId, u64, String)>, StoreError> {
+        let id = channel.map(|c| c.as_bytes().to_vec());
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT channel_id, seq, warning FROM channel_warnings
+                 WHERE seen = 0 AND (?1 IS NULL OR channel_id = ?1) ORDER BY id",
+            )
+            .map_err(store_error)?;
+        let found = statement
+            .query_map([&id], |r| {
+                Ok((
+                    channel_id(r.get(0)?)?,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, String>(2)?,
+                ))
+            })
+            .map_err(store_error)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(store_error)?;
+        self.conn
+            .execute(
+                "UPDATE channel_warnings SET seen = 1 WHERE seen = 0 AND (?1 IS NULL OR channel_id = ?1)",
+                [&id],
+            )
+            .map_err(store_error)?;
+        Ok(found)
+    }
+
+    fn form_definition(&self, channel: ChannelId, form_id: &str) -> Result<Option<FormDefinition>, StoreError> {
+        let definition: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT definition FROM channel_forms WHERE channel_id = ? AND form_id = ?",
+                params![channel.as_bytes().as_slice(), form_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(store_error)?;
+        definition
+            .map(|d| serde_json::from_str(&d).map_err(json_err))
+            .transpose()
+    }
+
+    fn forms(&self) -> Result<Vec<(ChannelId, String, FormDefinition)>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT channel_id, form_id, definition FROM channel_forms ORDER BY published_at")
+            .map_err(store_error)?;
+        let rows = statement
+            .query_map([], |r| {
+                Ok((channel_id(r.get(0)?)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+            })
+            .map_err(store_error)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(store_error)?;
+        rows.into_iter()
+            .map(|(channel, form_id, definition)| {
+                Ok((channel, form_id, serde_json::from_str(&definition).map_err(json_err)?))
+            })
+            .collect()
+    }
+
+    fn insert_submission(&self, s: &SubmissionRecord, now: u64) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO form_submissions
+                 (submission_id, channel_id, form_id, group_id, submitter, answers, sent_at, received_at, outgoing, seen)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                params![
+                    s.id.as_bytes().as_slice(),
+                    s.channel.as_bytes().as_slice(),
+                    s.form_id,
+                    s.group.as_bytes().as_slice(),
+                    s.submitter.as_bytes().as_slice(),
+                    serde_json::to_string(&s.answers).map_err(json_err)?,
+                    s.sent_at as i64,
+                    now as i64,
+                    s.outgoing,
+                    s.outgoing
+                ],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn delete_submission(&self, id: MessageId) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "DELETE FROM form_submissions WHERE submission_id = ?",
+                [id.as_bytes().as_slice()],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn submissions(&self, which: Submissions<'_>) -> Result<Vec<SubmissionRecord>, StoreError> {
+        use rusqlite::types::Value;
+        let (filter, arguments) = match which {
+            Submissions::Form(channel, form_id) => (
+                "channel_id = ? AND form_id = ?",
+                vec![
+                    Value::Blob(channel.as_bytes().to_vec()),
+                    Value::Text(form_id.to_owned()),
+                ],
+            ),
+            Submissions::Unseen => ("seen = 0", vec![]),
+        };
+        let query = format!(
+            "SELECT submission_id, channel_id, form_id, group_id, submitter, answers, sent_at, outgoing, receipt_at
+             FROM form_submissions WHERE {filter} ORDER BY sent_at, received_at"
+        );
+        let mut statement = self.conn.prepare(&query).map_err(store_error)?;
+        let rows = statement
+            .query_map(rusqlite::params_from_iter(arguments), |r| {
+                Ok((
+                    id16(r.get(0)?, MessageId::from_slice)?,
+                    channel_id(r.get(1)?)?,
+                    r.get::<_, String>(2)?,
+                    id16(r.get(3)?, GroupId::from_slice)?,
+                    id16(r.get(4)?, AccountId::from_slice)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, i64>(6)? as u64,
+                    r.get::<_, bool>(7)?,
+                    r.get::<_, Option<i64>>(8)?.map(|t| t as u64),
+                ))
+            })
+            .map_err(store_error)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(store_error)?;
+        if matches!(which, Submissions::Unseen) {
+            self.conn
+                .execute("UPDATE form_submissions SET seen = 1 WHERE seen = 0", [])
+                .map_err(store_error)?;
+        }
+        rows.into_iter()
+            .map(
+                |(id, channel, form_id, group, submitter, answers, sent_at, outgoing, receipt_at)| {
+                    Ok(SubmissionRecord {
+                        id,
+                        channel,
+                        form_id,
+                        group,
+                        submitter,
+                        answers: serde_json::from_str(&answers).map_err(json_err)?,
+                        sent_at,
+                        outgoing,
+                        receipt_at,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    fn submission_count(&self, channel: ChannelId, form_id: &str) -> Result<u64, StoreError> {
+        let count: i64 = self
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM form_submissions WHERE channel_id = ? AND form_id = ?",
+                params![channel.as_bytes().as_slice(), form_id],
+                |r| r.get(0),
+            )
+            .map_err(store_error)?;
+        Ok(count as u64)
+    }
+
+    fn set_receipt(&self, submission: MessageId, now: u64) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE form_submissions SET receipt_at = ?, seen = 0
+                 WHERE submission_id = ? AND outgoing = 1 AND receipt_at IS NULL",
+                params![now as i64, submission.as_bytes().as_slice()],
+            )
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    fn unconfirmed_submissions(&self) -> Result<Vec<(MessageId, GroupId)>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT submission_id, group_id FROM form_submissions WHERE outgoing = 0 AND receipt_sent = 0")
+            .map_err(store_error)?;
+        statement
+            .query_map([], |r| {
+                Ok((
+                    id16(r.get(0)?, MessageId::from_slice)?,
+                    id16(r.get(1)?, GroupId::from_slice)?,
+                ))
+            })
+            .map_err(store_error)?
+            .collect::<Result<_, _>>()
+            .map_err(store_error)
+    }
+
+    fn mark_receipt_sent(&self, submission: MessageId) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE form_submissions SET receipt_sent = 1 WHERE submission_id = ?",
+                [submission.as_bytes().as_slice()],
             )
             .map_err(store_error)?;
         Ok(())

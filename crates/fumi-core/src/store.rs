@@ -9,17 +9,20 @@
 //! and profile keys, the account, franking evidence, removed devices, awaited history archives,
 //! uploads under way, and the key directory's state (the pinned log key, the newest epoch, the
 //! own entry's review, this account's trusted devices, arrivals to check and conversations
-//! refused). Still in `fumi-client` only: the official accounts' tables.
+//! refused), and the official accounts' tables (trusted authorities, the organisation profile,
+//! channels, posts, their files and warnings, forms and submissions).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 
-use fumi_proto::{AccountId, BlobId, DeviceId, GroupId, MessageId};
+use fumi_proto::{AccountId, BlobId, ChannelId, DeviceId, GroupId, MessageId};
 use thiserror::Error;
 
 use crate::content::Attachment;
+use crate::form::{Answers, FormDefinition};
 use crate::franking::Evidence;
 use crate::mls::Member;
+use crate::official::{ChannelInfo, ChannelKey, ChannelLink, OrganisationProfile, Post, PostBody, TrustedAuthority};
 
 /// The store failed (its disk, its database): this device's fault, so a received envelope is not
 /// acknowledged and comes again.
@@ -222,6 +225,69 @@ impl DirectoryState {
             own_alarm: false,
         }
     }
+}
+
+/// A channel as this device keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelRow {
+    /// The channel.
+    pub channel: ChannelId,
+    /// The organisation account that owns it.
+    pub owner: AccountId,
+    /// The organisation identity key from its link.
+    pub owner_key: [u8; 32],
+    /// The key its description and posts are sealed under.
+    pub key: ChannelKey,
+    /// This account owns it (may post).
+    pub own: bool,
+    /// The description as last opened and verified.
+    pub info: ChannelInfo,
+    /// Every post up to this number was accepted or refused.
+    pub last_seq: u64,
+}
+
+impl ChannelRow {
+    /// The channel's link (what a subscriber needs).
+    pub fn link(&self) -> ChannelLink {
+        ChannelLink {
+            channel: self.channel,
+            owner: self.owner,
+            owner_key: self.owner_key,
+            key: self.key.clone(),
+        }
+    }
+}
+
+/// A form submission as kept: sent by this account, or received by its organisation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubmissionRecord {
+    /// The submission's message id.
+    pub id: MessageId,
+    /// The form's channel.
+    pub channel: ChannelId,
+    /// The form.
+    pub form_id: String,
+    /// The conversation it travelled in.
+    pub group: GroupId,
+    /// Who submitted it.
+    pub submitter: AccountId,
+    /// What they answered.
+    pub answers: Answers,
+    /// The submitter's clock.
+    pub sent_at: u64,
+    /// This account sent it.
+    pub outgoing: bool,
+    /// When the organisation's receipt arrived (sent submissions).
+    pub receipt_at: Option<u64>,
+}
+
+/// Which submissions to list.
+#[derive(Debug, Clone, Copy)]
+pub enum Submissions<'a> {
+    /// Of one form.
+    Form(ChannelId, &'a str),
+    /// Not shown yet (new received ones, and sent ones that got their receipt).
+    Unseen,
 }
 
 /// What the client machine keeps. Methods take `&self`: a store is one device's, used by one
@@ -444,6 +510,75 @@ pub trait ClientStore {
     fn refused_conversations(&self) -> Result<Vec<(GroupId, Vec<DeviceId>)>, StoreError>;
     /// Sending to `group` may resume.
     fn lift_refusal(&self, group: GroupId) -> Result<(), StoreError>;
+
+    // --- trusted authorities and the organisation profile -------------------------------------
+
+    /// Trusts an authority; false (and no change) if its name or key is already trusted.
+    fn add_authority(&self, name: &str, key: &[u8; 32], now: u64) -> Result<bool, StoreError>;
+    /// Forgets an authority; false if none had that name.
+    fn remove_authority(&self, name: &str) -> Result<bool, StoreError>;
+    /// The trusted authorities, by name.
+    fn authorities(&self) -> Result<Vec<TrustedAuthority>, StoreError>;
+    /// This account's organisation profile, if one was set.
+    fn organisation(&self) -> Result<Option<OrganisationProfile>, StoreError>;
+    /// Sets it.
+    fn save_organisation(&self, profile: &OrganisationProfile) -> Result<(), StoreError>;
+
+    // --- channels and posts -------------------------------------------------------------------
+
+    /// Saves a channel; one already kept takes the new key and description and keeps its owner,
+    /// ownership and number of accepted posts.
+    fn save_channel(&self, row: &ChannelRow, now: u64) -> Result<(), StoreError>;
+    /// Every channel kept, the first saved first.
+    fn channel_rows(&self) -> Result<Vec<ChannelRow>, StoreError>;
+    /// One channel.
+    fn channel_row(&self, channel: ChannelId) -> Result<Option<ChannelRow>, StoreError> {
+        Ok(self.channel_rows()?.into_iter().find(|r| r.channel == channel))
+    }
+    /// Records that every post up to `seq` was accepted or refused (never lowers it).
+    fn set_last_seq(&self, channel: ChannelId, seq: u64) -> Result<(), StoreError>;
+    /// Forgets a channel with its posts, files and warnings (its forms and submissions stay).
+    fn forget_channel(&self, channel: ChannelId) -> Result<(), StoreError>;
+    /// Keeps an accepted post (a post already kept under its number stays) and the form it
+    /// publishes (a form already kept under its channel and id stays).
+    fn insert_post(&self, post: &Post, seen: bool, now: u64) -> Result<(), StoreError>;
+    /// The posts of one channel (or all), in the order they arrived, then by number; only those
+    /// not shown yet if asked.
+    fn posts(&self, channel: Option<ChannelId>, unseen_only: bool) -> Result<Vec<Post>, StoreError>;
+    /// Marks the posts of one channel (or all) shown.
+    fn mark_posts_seen(&self, channel: Option<ChannelId>) -> Result<(), StoreError>;
+    /// How many posts of a channel are kept.
+    fn post_count(&self, channel: ChannelId) -> Result<u64, StoreError>;
+    /// Sets what the file of post `seq` shows.
+    fn set_channel_file(&self, channel: ChannelId, seq: u64, view: &FileView) -> Result<(), StoreError>;
+    /// What the file of post `seq` shows.
+    fn channel_file(&self, channel: ChannelId, seq: u64) -> Result<Option<FileView>, StoreError>;
+    /// Records why post `seq` of a channel was refused (or that posts were withheld).
+    fn add_warning(&self, channel: ChannelId, seq: u64, warning: &str, now: u64) -> Result<(), StoreError>;
+    /// The warnings not shown yet of one channel (or all), in the order recorded, marked shown.
+    fn take_warnings(&self, channel: Option<ChannelId>) -> Result<Vec<(ChannelId, u64, String)>, StoreError>;
+
+    // --- forms and submissions ----------------------------------------------------------------
+
+    /// A form's definition.
+    fn form_definition(&self, channel: ChannelId, form_id: &str) -> Result<Option<FormDefinition>, StoreError>;
+    /// Every form kept: (channel, form id, definition), the first published first.
+    fn forms(&self) -> Result<Vec<(ChannelId, String, FormDefinition)>, StoreError>;
+    /// Keeps a submission (one already kept under its id stays): a sent one as shown, a
+    /// received one as new.
+    fn insert_submission(&self, submission: &SubmissionRecord, now: u64) -> Result<(), StoreError>;
+    /// Forgets a submission that was never sent.
+    fn delete_submission(&self, id: MessageId) -> Result<(), StoreError>;
+    /// Submissions by the submitter's clock, then arrival; listing the unseen marks them shown.
+    fn submissions(&self, which: Submissions<'_>) -> Result<Vec<SubmissionRecord>, StoreError>;
+    /// How many submissions of a form are kept.
+    fn submission_count(&self, channel: ChannelId, form_id: &str) -> Result<u64, StoreError>;
+    /// Records the first receipt for a submission this account sent (shown as news once).
+    fn set_receipt(&self, submission: MessageId, now: u64) -> Result<(), StoreError>;
+    /// Received submissions not confirmed to their submitter yet, in no particular order.
+    fn unconfirmed_submissions(&self) -> Result<Vec<(MessageId, GroupId)>, StoreError>;
+    /// Records that a received submission's receipt was sent.
+    fn mark_receipt_sent(&self, submission: MessageId) -> Result<(), StoreError>;
 }
 
 /// A store in memory, for tests and for the pair harness.
@@ -482,6 +617,23 @@ struct Tables {
     last_arrival: i64,
     /// (reason, devices).
     refused: BTreeMap<GroupId, (String, Vec<DeviceId>)>,
+    /// By name.
+    authorities: BTreeMap<String, [u8; 32]>,
+    organisation: Option<OrganisationProfile>,
+    /// In the order first saved.
+    channels: Vec<ChannelRow>,
+    /// By (channel, seq): (post, arrived at, arrival order, seen).
+    posts: BTreeMap<(ChannelId, u64), (Post, u64, u64, bool)>,
+    arrivals_of_posts: u64,
+    channel_files: BTreeMap<(ChannelId, u64), FileView>,
+    /// In the order recorded: (channel, seq, warning, seen).
+    warnings: Vec<(ChannelId, u64, String, bool)>,
+    /// By (channel, form id): (definition, published at, order kept).
+    forms: BTreeMap<(ChannelId, String), (FormDefinition, u64, u64)>,
+    forms_kept: u64,
+    /// By id: (record, arrived at, arrival order, seen, receipt sent).
+    submissions: BTreeMap<MessageId, (SubmissionRecord, u64, u64, bool, bool)>,
+    submissions_kept: u64,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -1095,6 +1247,250 @@ impl ClientStore for MemoryStore {
         self.tables.borrow_mut().refused.remove(&group);
         Ok(())
     }
+
+    fn add_authority(&self, name: &str, key: &[u8; 32], _now: u64) -> Result<bool, StoreError> {
+        let mut tables = self.tables.borrow_mut();
+        if tables.authorities.contains_key(name) || tables.authorities.values().any(|k| k == key) {
+            return Ok(false);
+        }
+        tables.authorities.insert(name.to_owned(), *key);
+        Ok(true)
+    }
+
+    fn remove_authority(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.tables.borrow_mut().authorities.remove(name).is_some())
+    }
+
+    fn authorities(&self) -> Result<Vec<TrustedAuthority>, StoreError> {
+        Ok(self
+            .tables
+            .borrow()
+            .authorities
+            .iter()
+            .map(|(name, key)| TrustedAuthority {
+                name: name.clone(),
+                public_key: *key,
+            })
+            .collect())
+    }
+
+    fn organisation(&self) -> Result<Option<OrganisationProfile>, StoreError> {
+        Ok(self.tables.borrow().organisation.clone())
+    }
+
+    fn save_organisation(&self, profile: &OrganisationProfile) -> Result<(), StoreError> {
+        self.tables.borrow_mut().organisation = Some(profile.clone());
+        Ok(())
+    }
+
+    fn save_channel(&self, row: &ChannelRow, _now: u64) -> Result<(), StoreError> {
+        let mut tables = self.tables.borrow_mut();
+        match tables.channels.iter_mut().find(|c| c.channel == row.channel) {
+            Some(kept) => {
+                kept.key = row.key.clone();
+                kept.info = row.info.clone();
+            }
+            None => tables.channels.push(row.clone()),
+        }
+        Ok(())
+    }
+
+    fn channel_rows(&self) -> Result<Vec<ChannelRow>, StoreError> {
+        Ok(self.tables.borrow().channels.clone())
+    }
+
+    fn set_last_seq(&self, channel: ChannelId, seq: u64) -> Result<(), StoreError> {
+        if let Some(row) = self
+            .tables
+            .borrow_mut()
+            .channels
+            .iter_mut()
+            .find(|c| c.channel == channel)
+        {
+            row.last_seq = row.last_seq.max(seq);
+        }
+        Ok(())
+    }
+
+    fn forget_channel(&self, channel: ChannelId) -> Result<(), StoreError> {
+        let mut tables = self.tables.borrow_mut();
+        tables.posts.retain(|(c, _), _| *c != channel);
+        tables.warnings.retain(|(c, ..)| *c != channel);
+        tables.channel_files.retain(|(c, _), _| *c != channel);
+        tables.channels.retain(|c| c.channel != channel);
+        Ok(())
+    }
+
+    fn insert_post(&self, post: &Post, seen: bool, now: u64) -> Result<(), StoreError> {
+        let mut tables = self.tables.borrow_mut();
+        tables.arrivals_of_posts += 1;
+        let order = tables.arrivals_of_posts;
+        tables
+            .posts
+            .entry((post.channel, post.seq))
+            .or_insert_with(|| (post.clone(), now, order, seen));
+        if let PostBody::Form { form_id, form } = &post.body {
+            tables.forms_kept += 1;
+            let kept = tables.forms_kept;
+            tables
+                .forms
+                .entry((post.channel, form_id.clone()))
+                .or_insert_with(|| (form.clone(), post.sent_at, kept));
+        }
+        Ok(())
+    }
+
+    fn posts(&self, channel: Option<ChannelId>, unseen_only: bool) -> Result<Vec<Post>, StoreError> {
+        let tables = self.tables.borrow();
+        let mut posts: Vec<&(Post, u64, u64, bool)> = tables
+            .posts
+            .values()
+            .filter(|(p, _, _, seen)| channel.is_none_or(|c| p.channel == c) && !(unseen_only && *seen))
+            .collect();
+        posts.sort_by_key(|(p, arrived, order, _)| (*arrived, p.seq, *order));
+        Ok(posts.into_iter().map(|(p, ..)| p.clone()).collect())
+    }
+
+    fn mark_posts_seen(&self, channel: Option<ChannelId>) -> Result<(), StoreError> {
+        for (post, _, _, seen) in self.tables.borrow_mut().posts.values_mut() {
+            if channel.is_none_or(|c| post.channel == c) {
+                *seen = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn post_count(&self, channel: ChannelId) -> Result<u64, StoreError> {
+        Ok(self.tables.borrow().posts.keys().filter(|(c, _)| *c == channel).count() as u64)
+    }
+
+    fn set_channel_file(&self, channel: ChannelId, seq: u64, view: &FileView) -> Result<(), StoreError> {
+        self.tables
+            .borrow_mut()
+            .channel_files
+            .insert((channel, seq), view.clone());
+        Ok(())
+    }
+
+    fn channel_file(&self, channel: ChannelId, seq: u64) -> Result<Option<FileView>, StoreError> {
+        Ok(self.tables.borrow().channel_files.get(&(channel, seq)).cloned())
+    }
+
+    fn add_warning(&self, channel: ChannelId, seq: u64, warning: &str, _now: u64) -> Result<(), StoreError> {
+        self.tables
+            .borrow_mut()
+            .warnings
+            .push((channel, seq, warning.to_owned(), false));
+        Ok(())
+    }
+
+    fn take_warnings(&self, channel: Option<ChannelId>) -> Result<Vec<(ChannelId, u64, String)>, StoreError> {
+        let mut taken = Vec::new();
+        for (c, seq, warning, seen) in self.tables.borrow_mut().warnings.iter_mut() {
+            if !*seen && channel.is_none_or(|wanted| wanted == *c) {
+                *seen = true;
+                taken.push((*c, *seq, warning.clone()));
+            }
+        }
+        Ok(taken)
+    }
+
+    fn form_definition(&self, channel: ChannelId, form_id: &str) -> Result<Option<FormDefinition>, StoreError> {
+        Ok(self
+            .tables
+            .borrow()
+            .forms
+            .get(&(channel, form_id.to_owned()))
+            .map(|(form, ..)| form.clone()))
+    }
+
+    fn forms(&self) -> Result<Vec<(ChannelId, String, FormDefinition)>, StoreError> {
+        let tables = self.tables.borrow();
+        let mut forms: Vec<_> = tables
+            .forms
+            .iter()
+            .map(|((channel, form_id), (form, published_at, kept))| {
+                ((*published_at, *kept), (*channel, form_id.clone(), form.clone()))
+            })
+            .collect();
+        forms.sort_by_key(|(order, _)| *order);
+        Ok(forms.into_iter().map(|(_, form)| form).collect())
+    }
+
+    fn insert_submission(&self, submission: &SubmissionRecord, now: u64) -> Result<(), StoreError> {
+        let mut tables = self.tables.borrow_mut();
+        tables.submissions_kept += 1;
+        let order = tables.submissions_kept;
+        tables
+            .submissions
+            .entry(submission.id)
+            .or_insert_with(|| (submission.clone(), now, order, submission.outgoing, false));
+        Ok(())
+    }
+
+    fn delete_submission(&self, id: MessageId) -> Result<(), StoreError> {
+        self.tables.borrow_mut().submissions.remove(&id);
+        Ok(())
+    }
+
+    fn submissions(&self, which: Submissions<'_>) -> Result<Vec<SubmissionRecord>, StoreError> {
+        let mut tables = self.tables.borrow_mut();
+        let mut found: Vec<&(SubmissionRecord, u64, u64, bool, bool)> = tables
+            .submissions
+            .values()
+            .filter(|(s, _, _, seen, _)| match which {
+                Submissions::Form(channel, form_id) => s.channel == channel && s.form_id == form_id,
+                Submissions::Unseen => !seen,
+            })
+            .collect();
+        found.sort_by_key(|(s, arrived, order, ..)| (s.sent_at, *arrived, *order));
+        let found: Vec<SubmissionRecord> = found.into_iter().map(|(s, ..)| s.clone()).collect();
+        if matches!(which, Submissions::Unseen) {
+            for (_, _, _, seen, _) in tables.submissions.values_mut() {
+                *seen = true;
+            }
+        }
+        Ok(found)
+    }
+
+    fn submission_count(&self, channel: ChannelId, form_id: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .tables
+            .borrow()
+            .submissions
+            .values()
+            .filter(|(s, ..)| s.channel == channel && s.form_id == form_id)
+            .count() as u64)
+    }
+
+    fn set_receipt(&self, submission: MessageId, now: u64) -> Result<(), StoreError> {
+        if let Some((record, _, _, seen, _)) = self.tables.borrow_mut().submissions.get_mut(&submission)
+            && record.outgoing
+            && record.receipt_at.is_none()
+        {
+            record.receipt_at = Some(now);
+            *seen = false;
+        }
+        Ok(())
+    }
+
+    fn unconfirmed_submissions(&self) -> Result<Vec<(MessageId, GroupId)>, StoreError> {
+        Ok(self
+            .tables
+            .borrow()
+            .submissions
+            .values()
+            .filter(|(s, _, _, _, receipt_sent)| !s.outgoing && !receipt_sent)
+            .map(|(s, ..)| (s.id, s.group))
+            .collect())
+    }
+
+    fn mark_receipt_sent(&self, submission: MessageId) -> Result<(), StoreError> {
+        if let Some((_, _, _, _, receipt_sent)) = self.tables.borrow_mut().submissions.get_mut(&submission) {
+            *receipt_sent = true;
+        }
+        Ok(())
+    }
 }
 
 /// The contract of [`ClientStore`], as tests every implementation runs:
@@ -1105,14 +1501,17 @@ impl ClientStore for MemoryStore {
 macro_rules! client_store_conformance {
     ($make:expr) => {
         mod client_store_conformance {
-            use fumi_proto::{AccountId, BlobId, DeviceId, GroupId, MessageId};
+            use fumi_proto::{AccountId, BlobId, ChannelId, DeviceId, GroupId, MessageId};
             use $crate::content::Attachment;
+            use $crate::form::FormDefinition;
             use $crate::franking::{Evidence, Franking, FrankingContext, ReportedContent};
             use $crate::mls::Member;
+            use $crate::official::{ChannelInfo, ChannelKey, OrganisationProfile, Post, PostBody};
             use $crate::store::DirectoryState;
             use $crate::store::{
                 AccountRow, ClientStore, Conversation, FileView, OutboxEntry, PendingHistory, StoreError, StoredMessage,
             };
+            use $crate::store::{ChannelRow, SubmissionRecord, Submissions};
 
             #[allow(unused_imports)]
             use super::*;
@@ -1720,6 +2119,269 @@ macro_rules! client_store_conformance {
                 store.lift_refusal(group(1)).unwrap();
                 assert_eq!(store.conversation_refusal(group(1)).unwrap(), None);
                 assert_eq!(store.refused_conversations().unwrap().len(), 1);
+            }
+
+            fn channel(n: u8) -> ChannelId {
+                ChannelId::from_bytes([n; 16])
+            }
+
+            fn organisation(name: &str) -> OrganisationProfile {
+                OrganisationProfile {
+                    name: name.into(),
+                    logo: None,
+                    verification: None,
+                }
+            }
+
+            fn channel_row(n: u8, name: &str, key: u8) -> ChannelRow {
+                ChannelRow {
+                    channel: channel(n),
+                    owner: account(n),
+                    owner_key: [n; 32],
+                    key: ChannelKey {
+                        epoch: key as u32,
+                        key: [key; 32],
+                    },
+                    own: n % 2 == 0,
+                    info: ChannelInfo {
+                        v: 1,
+                        channel: channel(n),
+                        epoch: key as u32,
+                        name: name.into(),
+                        description: None,
+                        organisation: organisation("City"),
+                    },
+                    last_seq: 0,
+                }
+            }
+
+            fn form(title: &str) -> FormDefinition {
+                FormDefinition {
+                    title: title.into(),
+                    description: None,
+                    fields: vec![],
+                }
+            }
+
+            fn post(c: u8, seq: u64, body: PostBody) -> Post {
+                Post {
+                    v: 1,
+                    channel: channel(c),
+                    epoch: 0,
+                    seq,
+                    sent_at: seq * 10,
+                    body,
+                }
+            }
+
+            fn text(t: &str) -> PostBody {
+                PostBody::Text { text: t.into() }
+            }
+
+            fn submission(n: u8, form_id: &str, sent_at: u64, outgoing: bool) -> SubmissionRecord {
+                SubmissionRecord {
+                    id: MessageId::from_bytes([n; 16]),
+                    channel: channel(1),
+                    form_id: form_id.into(),
+                    group: group(n),
+                    submitter: account(n),
+                    answers: [("name".to_owned(), serde_json::json!(format!("answer {n}")))]
+                        .into_iter()
+                        .collect(),
+                    sent_at,
+                    outgoing,
+                    receipt_at: None,
+                }
+            }
+
+            #[test]
+            fn authorities_are_trusted_once_by_name_and_key() {
+                let store = $make;
+                assert!(store.add_authority("ministry", &[1; 32], 1).unwrap());
+                assert!(store.add_authority("agency", &[2; 32], 2).unwrap());
+                assert!(
+                    !store.add_authority("ministry", &[3; 32], 3).unwrap(),
+                    "the name is taken"
+                );
+                assert!(
+                    !store.add_authority("copy", &[1; 32], 4).unwrap(),
+                    "the key is trusted"
+                );
+                let names: Vec<String> = store.authorities().unwrap().into_iter().map(|a| a.name).collect();
+                assert_eq!(names, ["agency", "ministry"]);
+                assert!(store.remove_authority("agency").unwrap());
+                assert!(!store.remove_authority("agency").unwrap());
+                assert_eq!(store.authorities().unwrap()[0].public_key, [1; 32]);
+                assert_eq!(store.organisation().unwrap(), None);
+                store.save_organisation(&organisation("City")).unwrap();
+                store.save_organisation(&organisation("City Hall")).unwrap();
+                assert_eq!(store.organisation().unwrap(), Some(organisation("City Hall")));
+            }
+
+            #[test]
+            fn a_channel_saved_again_takes_its_new_key_and_keeps_its_progress() {
+                let store = $make;
+                store.save_channel(&channel_row(1, "clinic", 1), 10).unwrap();
+                store.save_channel(&channel_row(2, "helpline", 1), 20).unwrap();
+                store.set_last_seq(channel(1), 5).unwrap();
+                store.set_last_seq(channel(1), 3).unwrap();
+                let mut again = channel_row(1, "clinic (new name)", 2);
+                again.own = true;
+                again.last_seq = 0;
+                store.save_channel(&again, 30).unwrap();
+                let kept = store.channel_row(channel(1)).unwrap().unwrap();
+                assert_eq!(
+                    (kept.key.epoch, kept.info.name.as_str()),
+                    (2, "clinic (new name)")
+                );
+                assert_eq!(
+                    (kept.own, kept.last_seq),
+                    (false, 5),
+                    "ownership and progress stay"
+                );
+                assert_eq!(kept.link().owner_key, [1; 32]);
+                let order: Vec<ChannelId> = store.channel_rows().unwrap().iter().map(|r| r.channel).collect();
+                assert_eq!(order, [channel(1), channel(2)]);
+                assert_eq!(store.channel_row(channel(9)).unwrap(), None);
+            }
+
+            #[test]
+            fn posts_arrive_once_and_go_with_their_channel() {
+                let store = $make;
+                store.save_channel(&channel_row(1, "clinic", 1), 10).unwrap();
+                store.save_channel(&channel_row(2, "helpline", 1), 10).unwrap();
+                store
+                    .insert_post(&post(1, 2, text("second")), false, 100)
+                    .unwrap();
+                store.insert_post(&post(1, 1, text("first")), false, 100).unwrap();
+                store
+                    .insert_post(&post(2, 1, text("elsewhere")), true, 50)
+                    .unwrap();
+                store
+                    .insert_post(&post(1, 1, text("replayed")), false, 200)
+                    .unwrap();
+                let texts = |posts: Vec<Post>| -> Vec<String> {
+                    posts
+                        .into_iter()
+                        .map(|p| match p.body {
+                            PostBody::Text { text } => text,
+                            _ => panic!("a text post"),
+                        })
+                        .collect()
+                };
+                assert_eq!(
+                    texts(store.posts(None, false).unwrap()),
+                    ["elsewhere", "first", "second"]
+                );
+                assert_eq!(
+                    texts(store.posts(Some(channel(1)), true).unwrap()),
+                    ["first", "second"]
+                );
+                assert_eq!(store.post_count(channel(1)).unwrap(), 2);
+                store.mark_posts_seen(Some(channel(1))).unwrap();
+                assert_eq!(store.posts(None, true).unwrap(), []);
+                store.set_channel_file(channel(1), 2, &view("a.pdf")).unwrap();
+                store.set_channel_file(channel(1), 2, &view("b.pdf")).unwrap();
+                assert_eq!(store.channel_file(channel(1), 2).unwrap(), Some(view("b.pdf")));
+                assert_eq!(store.channel_file(channel(1), 3).unwrap(), None);
+                store.add_warning(channel(1), 3, "refused", 1).unwrap();
+                store.add_warning(channel(2), 2, "withheld", 2).unwrap();
+                store.add_warning(channel(1), 4, "refused again", 3).unwrap();
+                assert_eq!(
+                    store.take_warnings(Some(channel(1))).unwrap(),
+                    [
+                        (channel(1), 3, "refused".to_owned()),
+                        (channel(1), 4, "refused again".to_owned())
+                    ]
+                );
+                assert_eq!(store.take_warnings(Some(channel(1))).unwrap(), []);
+                store.add_warning(channel(1), 5, "late", 4).unwrap();
+                store.forget_channel(channel(1)).unwrap();
+                assert_eq!(
+                    store.take_warnings(None).unwrap(),
+                    [(channel(2), 2, "withheld".to_owned())]
+                );
+                assert_eq!(store.post_count(channel(1)).unwrap(), 0);
+                assert_eq!(store.channel_file(channel(1), 2).unwrap(), None);
+                assert_eq!(store.channel_row(channel(1)).unwrap(), None);
+                assert_eq!(store.post_count(channel(2)).unwrap(), 1);
+            }
+
+            #[test]
+            fn a_form_is_kept_from_its_first_post() {
+                let store = $make;
+                let publish = |seq: u64, form_id: &str, title: &str| {
+                    post(
+                        1,
+                        seq,
+                        PostBody::Form {
+                            form_id: form_id.into(),
+                            form: form(title),
+                        },
+                    )
+                };
+                store
+                    .insert_post(&publish(2, "vaccine", "Vaccination"), false, 1)
+                    .unwrap();
+                store
+                    .insert_post(&publish(1, "census", "Census"), false, 1)
+                    .unwrap();
+                store
+                    .insert_post(&publish(3, "vaccine", "Changed"), false, 1)
+                    .unwrap();
+                assert_eq!(
+                    store.form_definition(channel(1), "vaccine").unwrap(),
+                    Some(form("Vaccination"))
+                );
+                assert_eq!(store.form_definition(channel(2), "vaccine").unwrap(), None);
+                let forms: Vec<String> = store.forms().unwrap().into_iter().map(|(_, id, _)| id).collect();
+                assert_eq!(forms, ["census", "vaccine"], "by publication time");
+            }
+
+            #[test]
+            fn submissions_are_kept_once_listed_and_confirmed() {
+                let store = $make;
+                store
+                    .insert_submission(&submission(2, "vaccine", 200, false), 1)
+                    .unwrap();
+                store
+                    .insert_submission(&submission(1, "vaccine", 100, false), 2)
+                    .unwrap();
+                store
+                    .insert_submission(&submission(3, "census", 50, true), 3)
+                    .unwrap();
+                store
+                    .insert_submission(&submission(1, "vaccine", 999, false), 4)
+                    .unwrap();
+                let ids = |records: Vec<SubmissionRecord>| -> Vec<MessageId> { records.iter().map(|s| s.id).collect() };
+                let id = |n: u8| MessageId::from_bytes([n; 16]);
+                assert_eq!(
+                    ids(store
+                        .submissions(Submissions::Form(channel(1), "vaccine"))
+                        .unwrap()),
+                    [id(1), id(2)]
+                );
+                assert_eq!(store.submission_count(channel(1), "vaccine").unwrap(), 2);
+                // The received ones are news once; the sent one is not.
+                assert_eq!(
+                    ids(store.submissions(Submissions::Unseen).unwrap()),
+                    [id(1), id(2)]
+                );
+                assert_eq!(store.submissions(Submissions::Unseen).unwrap(), []);
+                // A receipt for the sent one makes it news once; for a received one, nothing.
+                store.set_receipt(id(3), 500).unwrap();
+                store.set_receipt(id(3), 600).unwrap();
+                store.set_receipt(id(1), 700).unwrap();
+                let news = store.submissions(Submissions::Unseen).unwrap();
+                assert_eq!((ids(news.clone()), news[0].receipt_at), (vec![id(3)], Some(500)));
+                let mut unconfirmed = store.unconfirmed_submissions().unwrap();
+                unconfirmed.sort();
+                assert_eq!(unconfirmed, [(id(1), group(1)), (id(2), group(2))]);
+                store.mark_receipt_sent(id(1)).unwrap();
+                assert_eq!(store.unconfirmed_submissions().unwrap(), [(id(2), group(2))]);
+                store.delete_submission(id(2)).unwrap();
+                assert_eq!(store.unconfirmed_submissions().unwrap(), []);
+                assert_eq!(store.submission_count(channel(1), "vaccine").unwrap(), 1);
             }
 
             #[test]
