@@ -431,25 +431,9 @@ impl FumiClient {
     /// itself, devices it linked, devices its trusted devices linked or added. A store from
     /// before key transparency starts from the devices of this account in its conversations.
     pub(crate) fn trusted_own_devices(&self) -> Result<HashMap<DeviceId, Option<[u8; 32]>>, ClientError> {
-        let known = self.store.known_devices()?;
-        if !known.is_empty() {
-            return Ok(known);
-        }
-        let now = now_ms();
-        self.store
-            .know_device(self.account.device_id, Some(&self.device.me().signature_key), now)?;
-        for conversation in self.store.conversations()? {
-            if !self.device.is_member(conversation.group_id) {
-                continue;
-            }
-            for member in self.device.members(conversation.group_id)? {
-                if member.account == self.account.account_id {
-                    self.store
-                        .know_device(member.device, Some(&member.signature_key), now)?;
-                }
-            }
-        }
-        Ok(self.store.known_devices()?)
+        self.receiver()
+            .trusted_own_devices(now_ms())
+            .map_err(|e| self.receive_error(e))
     }
 
     /// The server shows no entry for this account: normal before its first epoch, an alarm once

@@ -21,7 +21,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fumi_core::content::{Body, ContentError, MemberProfileKey};
 use fumi_core::message;
-use fumi_core::mls::{Commit, Incoming, Member, MlsDevice, MlsError};
+use fumi_core::mls::{Commit, Member, MlsDevice, MlsError};
+pub use fumi_core::receive::human_duration;
+use fumi_core::receive::{self, Outcome, ReceiveError, Receiver, describe_change, distinct_accounts, timer_event};
 use fumi_core::store::ClientStore;
 use fumi_core::{AccountIdentity, Profile, Username};
 use fumi_proto::*;
@@ -222,15 +224,6 @@ pub struct FumiClient {
     joined: Vec<GroupId>,
     /// Problems the last review of this account's key directory entry found.
     key_warnings: Vec<String>,
-}
-
-/// Devices that came into a group through one received message.
-struct Arrival {
-    group: GroupId,
-    /// We joined the group (through a Welcome).
-    joined: bool,
-    /// The group's members (when we joined) or the devices added.
-    members: Vec<Member>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -1072,223 +1065,58 @@ impl FumiClient {
 
     // --- receiving -----------------------------------------------------------------------
 
-    /// Processes one envelope in one transaction, then acknowledges it. An envelope that cannot
-    /// be processed (garbage, a message for a group we left) is recorded and acknowledged, so it
-    /// cannot block the mailbox.
+    /// Processes one envelope through the machine's receive step, then acknowledges it. The
+    /// step commits what the envelope produced before it says so; a failure of this device's own
+    /// store acknowledges nothing, and the envelope comes again. An envelope that is itself at
+    /// fault (garbage, a message for a group we left) is recorded and acknowledged, so it cannot
+    /// block the mailbox.
     async fn process_envelope(&mut self, delivery: &mut Delivery, seq: u64, bytes: &[u8]) -> Result<(), ClientError> {
-        if !self.store.is_processed(seq)? {
-            let result = self.store.transaction(|| {
-                let arrival = self.handle_incoming(bytes)?;
-                if let Some(arrival) = &arrival {
-                    // Kept with the message: no crash can skip the key directory check.
-                    self.store.add_pending_arrival(arrival.group, &arrival.members)?;
-                }
-                self.store.mark_processed(seq, now_ms())?;
-                Ok(arrival)
-            });
-            let result = result.map(|arrival| {
-                if let Some(arrival) = arrival.filter(|a| a.joined) {
-                    self.joined.push(arrival.group);
-                }
-            });
-            match result {
-                Ok(()) => {}
-                // Our failure: the envelope stays unacknowledged and comes again next time.
-                Err(error) if error.is_local() => return Err(error),
-                Err(error) => {
-                    tracing::warn!(seq, %error, "dropped a message that could not be processed");
-                    self.store
-                        .transaction(|| Ok(self.store.mark_processed(seq, now_ms())?))?;
-                }
+        let outcome = self
+            .receiver()
+            .handle_envelope(seq, bytes, now_ms(), &mut rand::rng())
+            .map_err(|e| self.receive_error(e))?;
+        match outcome {
+            Outcome::Applied(Some(arrival)) if arrival.joined => self.joined.push(arrival.group),
+            Outcome::Applied(_) | Outcome::AlreadyProcessed => {}
+            Outcome::Dropped(error) => {
+                let error = self.receive_error(error);
+                tracing::warn!(seq, %error, "dropped a message that could not be processed");
             }
         }
         delivery.ack(vec![seq]).await
     }
 
-    /// Applies one received message to the store; returns the devices that joined a group (or
-    /// whose group we joined), to be checked against the key directory.
-    fn handle_incoming(&self, bytes: &[u8]) -> Result<Option<Arrival>, ClientError> {
-        let me = self.account.account_id;
-        match self.device.handle_message(bytes)? {
-            Incoming::Joined { group, by, members } => {
-                for member in members.iter().chain([&by]) {
-                    self.check_pin(member)?;
-                }
-                let distinct: Vec<AccountId> = distinct_accounts(&members).into_iter().filter(|a| *a != me).collect();
-                let direct = distinct.len() == 1;
-                let conversation = Conversation {
-                    group_id: group,
-                    direct,
-                    name: None,
-                    peer: direct.then(|| distinct[0]),
-                    active: true,
-                    expire_after_ms: None,
+    /// The receive step of the client machine, over this device's MLS state and store.
+    pub(crate) fn receiver(&self) -> Receiver<'_, Provider, Store> {
+        Receiver {
+            device: &self.device,
+            store: &self.store,
+            me: self.account.account_id,
+            my_device: self.account.device_id,
+            identity_key: AccountIdentity::from_secret(&self.account.identity_secret).public_key(),
+        }
+    }
+
+    /// A receive-step error as the user reads it.
+    pub(crate) fn receive_error(&self, error: ReceiveError) -> ClientError {
+        match error {
+            ReceiveError::Store(e) => e.into(),
+            ReceiveError::Mls(e) => ClientError::Mls(e),
+            ReceiveError::Refused(reason) => ClientError::Protocol(reason),
+            ReceiveError::IdentityKeyChanged { own: true, .. } => {
+                ClientError::IdentityKeyChanged("a device claiming to be yours".into())
+            }
+            ReceiveError::IdentityKeyChanged { account, verified, .. } => {
+                let name = match self.display_account(account) {
+                    Ok(name) => name,
+                    Err(error) => return error,
                 };
-                self.store.insert_conversation(&conversation, now_ms())?;
-                let text = if by.account == me {
-                    "your other device added this device to the conversation".to_owned()
+                if verified {
+                    ClientError::VerifiedIdentityKeyChanged(name)
                 } else {
-                    format!("{} added you", mention(by.account))
-                };
-                self.store_event(group, by.account, &text, false)?;
-                Ok(Some(Arrival {
-                    group,
-                    joined: true,
-                    members,
-                }))
+                    ClientError::IdentityKeyChanged(name)
+                }
             }
-            Incoming::Application {
-                group,
-                sender,
-                plaintext,
-                sender_signature_key,
-                sender_credential,
-            } => {
-                // The sender's leaf must still be certified by its account's pinned key.
-                self.check_pin(&sender)?;
-                // A text or file message must be reportable: its franking proof must open.
-                let from = message::Sender {
-                    group,
-                    account: sender.account,
-                    device: sender.device,
-                };
-                let (content, evidence) = message::open(from, &plaintext, &sender_signature_key, &sender_credential)
-                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
-                let keep_evidence = |local_id: Option<i64>| -> Result<(), ClientError> {
-                    match (local_id, &evidence) {
-                        (Some(local_id), Some(evidence)) if sender.account != me => {
-                            Ok(self.store.keep_franking_evidence(local_id, evidence)?)
-                        }
-                        _ => Ok(()),
-                    }
-                };
-                if sender.account == me {
-                    // Another of our devices changed the profile (name, avatar): follow it.
-                    if sender.device != self.account.device_id {
-                        self.store
-                            .adopt_own_profile_key(&content.profile_key, content.sent_at)?;
-                    }
-                } else {
-                    self.store
-                        .set_profile_key(sender.account, &content.profile_key, content.sent_at)?;
-                }
-                let received = |text: String, is_event: bool, attachment: Option<FileView>| StoredMessage {
-                    local_id: 0,
-                    id: content.id,
-                    group_id: group,
-                    sender: sender.account,
-                    is_event,
-                    text,
-                    sent_at: content.sent_at,
-                    outgoing: sender.account == me && !is_event,
-                    attachment,
-                    expires_at: content.expire_after_ms.map(|ms| now_ms() + ms),
-                };
-                match content.body {
-                    Body::Text { text } => {
-                        let local_id = self
-                            .store
-                            .insert_message(&received(text, false, None), false, now_ms())?;
-                        keep_evidence(local_id)?;
-                    }
-                    Body::File { attachment, caption } => {
-                        let view = FileView::pending(&attachment);
-                        let message = received(caption.unwrap_or_default(), false, Some(view));
-                        let local_id = self.store.insert_message(&message, false, now_ms())?;
-                        if let Some(local_id) = local_id {
-                            self.store.add_download(local_id, &attachment)?;
-                        }
-                        keep_evidence(local_id)?;
-                    }
-                    Body::Timer { expire_after_ms } => {
-                        self.store.set_expire_after(group, expire_after_ms)?;
-                        let text = timer_event(&mention(sender.account), expire_after_ms);
-                        self.store_event(group, sender.account, &text, false)?;
-                    }
-                    Body::Conversation { name, profiles } => {
-                        let members = self.device.members(group)?;
-                        for profile in profiles {
-                            // Another member may only introduce a key we lack, never replace one:
-                            // each account announces its own key in its own messages.
-                            if profile.account != me
-                                && members.iter().any(|m| m.account == profile.account)
-                                && !self.store.has_profile_key(profile.account)?
-                            {
-                                self.store.set_profile_key(profile.account, &profile.profile_key, 0)?;
-                            }
-                        }
-                        let peer = if name.is_none() {
-                            members.iter().map(|m| m.account).find(|a| *a != me)
-                        } else {
-                            None
-                        };
-                        let name = name.map(|n| validate_group_name(&n)).transpose()?;
-                        self.store
-                            .update_conversation(group, name.is_none(), name.as_deref(), peer)?;
-                    }
-                    Body::Unknown => {
-                        let message = received("(a message this version of fumi cannot show)".into(), true, None);
-                        self.store.insert_message(&message, false, now_ms())?;
-                    }
-                    // The profile key in every content is all an introduction carries.
-                    Body::Introduction => {}
-                    Body::FormSubmission {
-                        channel,
-                        form_id,
-                        answers,
-                    } => {
-                        self.handle_form_submission(
-                            group,
-                            &sender,
-                            content.id,
-                            content.sent_at,
-                            channel,
-                            &form_id,
-                            &answers,
-                        )?;
-                    }
-                    Body::FormReceipt { submission } => self.handle_form_receipt(&sender, submission)?,
-                }
-                Ok(None)
-            }
-            Incoming::Commit {
-                group,
-                by,
-                added,
-                removed,
-                self_removed,
-            } => {
-                self.check_pin(&by)?;
-                if self_removed {
-                    self.store.deactivate_conversation(group)?;
-                    let text = format!(
-                        "{} removed you; you will receive nothing more in this conversation",
-                        mention(by.account)
-                    );
-                    self.store_event(group, by.account, &text, false)?;
-                    return Ok(None);
-                }
-                // Every device added, including another of the adder's own, must be certified by
-                // its account's pinned identity key.
-                for member in &added {
-                    self.check_pin(member)?;
-                }
-                // A device of ours removed anywhere is never added back by this device.
-                for member in removed.iter().filter(|m| m.account == me) {
-                    self.store.revoke_device(member.device, now_ms())?;
-                }
-                if let Some(change) = describe_change(by.account, &added, &removed, "their") {
-                    let text = format!("{} {change}", mention(by.account));
-                    self.store_event(group, by.account, &text, false)?;
-                }
-                self.learn_own_devices(&by, &added)?;
-                Ok((!added.is_empty()).then_some(Arrival {
-                    group,
-                    joined: false,
-                    members: added,
-                }))
-            }
-            Incoming::Other { .. } => Ok(None),
         }
     }
 
@@ -1336,20 +1164,6 @@ impl FumiClient {
             {
                 let _ = std::fs::remove_file(path);
             }
-        }
-        Ok(())
-    }
-
-    /// Devices of this account that a device we trust added to a group are ours too (with the
-    /// signature key the signed commit shows).
-    fn learn_own_devices(&self, by: &Member, added: &[Member]) -> Result<(), ClientError> {
-        let me = self.account.account_id;
-        if by.account != me || !self.trusted_own_devices()?.contains_key(&by.device) {
-            return Ok(());
-        }
-        for member in added.iter().filter(|m| m.account == me) {
-            self.store
-                .know_device(member.device, Some(&member.signature_key), now_ms())?;
         }
         Ok(())
     }
@@ -1448,45 +1262,23 @@ impl FumiClient {
         std::mem::take(&mut self.key_warnings)
     }
 
-    /// Refuses a member whose identity key differs from the one pinned for its account, without
-    /// pinning a key never seen (that waits for the key directory check).
-    fn check_pin(&self, member: &Member) -> Result<(), ClientError> {
-        if member.account == self.account.account_id {
-            return self.check_identity(member);
-        }
-        match self.store.pinned_identity_key(member.account)? {
-            Some(pinned) if pinned != member.identity_key => Err(self.identity_changed(member.account)?),
-            _ => Ok(()),
-        }
-    }
-
     /// Refuses a member whose identity key differs from the one pinned for its account; pins it
     /// on first sight (call only once the key directory confirmed the key).
     fn check_identity(&self, member: &Member) -> Result<(), ClientError> {
-        if member.account == self.account.account_id {
-            let own = AccountIdentity::from_secret(&self.account.identity_secret).public_key();
-            return if member.identity_key == own {
-                Ok(())
-            } else {
-                Err(ClientError::IdentityKeyChanged("a device claiming to be yours".into()))
-            };
-        }
-        if self.store.check_identity_key(member.account, &member.identity_key)? {
-            Ok(())
-        } else {
-            Err(self.identity_changed(member.account)?)
-        }
+        self.receiver()
+            .check_identity(member)
+            .map_err(|e| self.receive_error(e))
     }
 
     /// The error for an account that presented another identity key than the pinned one: louder
     /// if the user had verified the pinned key.
     pub(crate) fn identity_changed(&self, account: AccountId) -> Result<ClientError, ClientError> {
-        let name = self.display_account(account)?;
-        Ok(if self.store.is_verified(account)? {
-            ClientError::VerifiedIdentityKeyChanged(name)
-        } else {
-            ClientError::IdentityKeyChanged(name)
-        })
+        let verified = self.store.is_verified(account)?;
+        Ok(self.receive_error(ReceiveError::IdentityKeyChanged {
+            account,
+            own: false,
+            verified,
+        }))
     }
 
     // --- naming --------------------------------------------------------------------------
@@ -1633,79 +1425,8 @@ fn open_device(provider: Provider, account: &AccountRow) -> Result<MlsDevice<Pro
     )?)
 }
 
-/// A reference to an account inside a stored event text, resolved when shown.
-fn mention(account: AccountId) -> String {
-    format!("{{@{account}}}")
-}
-
-/// "added X, removed Y" for a commit by `by`; devices of `by`'s own account are named as such.
-fn describe_change(by: AccountId, added: &[Member], removed: &[Member], possessive: &str) -> Option<String> {
-    let mut parts = Vec::new();
-    let (own_added, others_added): (Vec<Member>, Vec<Member>) = added.iter().cloned().partition(|m| m.account == by);
-    let (own_removed, others_removed): (Vec<Member>, Vec<Member>) =
-        removed.iter().cloned().partition(|m| m.account == by);
-    for account in distinct_accounts(&others_added) {
-        parts.push(format!("added {}", mention(account)));
-    }
-    for account in distinct_accounts(&others_removed) {
-        parts.push(format!("removed {}", mention(account)));
-    }
-    match own_added.len() {
-        0 => {}
-        1 => parts.push("added a newly linked device".into()),
-        n => parts.push(format!("added {n} newly linked devices")),
-    }
-    match own_removed.len() {
-        0 => {}
-        1 => parts.push(format!("removed one of {possessive} devices")),
-        n => parts.push(format!("removed {n} of {possessive} devices")),
-    }
-    (!parts.is_empty()).then(|| parts.join(", "))
-}
-
-/// History text for a timer change by `who`.
-fn timer_event(who: &str, expire_after_ms: Option<u64>) -> String {
-    match expire_after_ms {
-        Some(ms) => format!(
-            "{who} set messages to disappear {} after they arrive",
-            human_duration(ms)
-        ),
-        None => format!("{who} turned disappearing messages off"),
-    }
-}
-
-/// "1h", "90s", "2d": the largest whole unit.
-pub fn human_duration(ms: u64) -> String {
-    let seconds = ms / 1000;
-    for (unit, size) in [("w", 7 * 86_400), ("d", 86_400), ("h", 3600), ("m", 60)] {
-        if seconds >= size && seconds.is_multiple_of(size) {
-            return format!("{}{unit}", seconds / size);
-        }
-    }
-    format!("{seconds}s")
-}
-
-fn distinct_accounts(members: &[Member]) -> Vec<AccountId> {
-    let mut accounts: Vec<AccountId> = Vec::new();
-    for member in members {
-        if !accounts.contains(&member.account) {
-            accounts.push(member.account);
-        }
-    }
-    accounts
-}
-
 fn validate_group_name(name: &str) -> Result<String, ClientError> {
-    let name = name.trim();
-    if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
-        return Err(ClientError::Usage("a group name is 1 to 64 characters".into()));
-    }
-    if Username::parse(name).is_ok() {
-        return Err(ClientError::Usage(
-            "a group name cannot look like a username (name.NN)".into(),
-        ));
-    }
-    Ok(name.to_owned())
+    receive::validate_group_name(name).map_err(ClientError::Usage)
 }
 
 pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {

@@ -19,7 +19,6 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use fumi_core::AccountIdentity;
 use fumi_core::content::Body;
 use fumi_core::form::{Answers, FormDefinition, SubmissionRow, to_csv};
-use fumi_core::mls::Member;
 use fumi_core::official::{
     CHANNEL_VERSION, ChannelInfo, ChannelKey, ChannelLink, LINK_PAYLOAD_BYTES, Logo, OrganisationClaim,
     OrganisationProfile, Post, PostBody, TrustedAuthority, Verification, VerificationStatement, open_info, open_post,
@@ -954,62 +953,6 @@ impl FumiClient {
     /// 1:1 conversation, for a channel this account runs, and fits the form if this device
     /// knows it yet.
     #[allow(clippy::too_many_arguments)] // the fields of one received content
-    pub(crate) fn handle_form_submission(
-        &self,
-        group: GroupId,
-        sender: &Member,
-        content_id: MessageId,
-        sent_at: u64,
-        channel: ChannelId,
-        form_id: &str,
-        answers: &Answers,
-    ) -> Result<(), ClientError> {
-        let me = self.account.account_id;
-        let direct = self.store.conversation(group)?.is_some_and(|c| c.direct);
-        if !direct {
-            return Err(ClientError::Protocol(
-                "a form submission outside a 1:1 conversation".into(),
-            ));
-        }
-        let record = SubmissionRecord {
-            id: content_id,
-            channel,
-            form_id: form_id.to_owned(),
-            group,
-            submitter: sender.account,
-            answers: answers.clone(),
-            sent_at,
-            outgoing: sender.account == me,
-            receipt_at: None,
-        };
-        if sender.account == me {
-            // Sent by another of our devices.
-            return Ok(self.store.insert_submission(&record, now_ms())?);
-        }
-        if !self.store.channel_row(channel)?.is_some_and(|r| r.own) {
-            return Err(ClientError::Protocol(
-                "a submission to a form of a channel we do not run".into(),
-            ));
-        }
-        match self.store.form_definition(channel, form_id)? {
-            Some(definition) => definition
-                .check_answers(answers)
-                .map_err(|e| ClientError::Protocol(format!("a submission that does not fit its form: {e}")))?,
-            // This staff device has not fetched the form yet: keep the submission; the export
-            // checks it against the form.
-            None => tracing::warn!("a submission to a form this device has not fetched yet"),
-        }
-        Ok(self.store.insert_submission(&record, now_ms())?)
-    }
-
-    /// A staff device confirmed one of our submissions.
-    pub(crate) fn handle_form_receipt(&self, sender: &Member, submission: MessageId) -> Result<(), ClientError> {
-        if sender.account == self.account.account_id {
-            return Ok(());
-        }
-        Ok(self.store.set_receipt(submission, now_ms())?)
-    }
-
     /// Sends a receipt for every submission this device stored and has not confirmed yet.
     pub(crate) async fn send_form_receipts(&mut self) -> Result<(), ClientError> {
         for (submission, group) in self.store.unconfirmed_submissions()? {

@@ -45,6 +45,7 @@ pub mod mls;
 pub mod official;
 pub mod padding;
 pub mod profile;
+pub mod receive;
 pub mod safety;
 pub mod sealing;
 pub mod store;
