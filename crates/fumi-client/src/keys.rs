@@ -431,7 +431,7 @@ impl FumiClient {
     /// itself, devices it linked, devices its trusted devices linked or added. A store from
     /// before key transparency starts from the devices of this account in its conversations.
     pub(crate) fn trusted_own_devices(&self) -> Result<HashMap<DeviceId, Option<[u8; 32]>>, ClientError> {
-        self.receiver()
+        self.machine()
             .trusted_own_devices(now_ms())
             .map_err(|e| self.receive_error(e))
     }

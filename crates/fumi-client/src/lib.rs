@@ -20,10 +20,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fumi_core::content::{Body, ContentError, MemberProfileKey};
-use fumi_core::message;
+use fumi_core::machine::Machine;
 use fumi_core::mls::{Commit, Member, MlsDevice, MlsError};
 pub use fumi_core::receive::human_duration;
-use fumi_core::receive::{self, Outcome, ReceiveError, Receiver, describe_change, distinct_accounts, timer_event};
+use fumi_core::receive::{self, Outcome, ReceiveError, describe_change, distinct_accounts, timer_event};
+use fumi_core::send::SendError;
 use fumi_core::store::ClientStore;
 use fumi_core::{AccountIdentity, Profile, Username};
 use fumi_proto::*;
@@ -952,64 +953,10 @@ impl FumiClient {
         body: Body,
         file: Option<FileView>,
     ) -> Result<MessageId, ClientError> {
-        self.refuse_unchecked(group)?;
-        let sent_at = now_ms();
-        let timer = self.store.conversation(group)?.and_then(|c| c.expire_after_ms);
-        let from = message::Sender {
-            group,
-            account: self.account.account_id,
-            device: self.account.device_id,
-        };
-        let content = message::compose(
-            from,
-            id,
-            sent_at,
-            self.account.profile_key,
-            body,
-            timer,
-            &mut rand::rng(),
-            |bytes| self.device.sign_labelled(bytes),
-        )?;
-        let expire_after_ms = content.expire_after_ms;
-        let entry = self.store.transaction(|| {
-            let outgoing = self.device.encrypt(group, &content.encode())?;
-            let request = SubmitMessage {
-                id,
-                message: Base64Bytes(outgoing.message),
-                recipients: outgoing.recipients.iter().map(|m| m.device).collect(),
-                welcome: None,
-                removed: vec![],
-            };
-            let shown = match &content.body {
-                Body::Text { text } => Some(text.clone()),
-                Body::File { caption, .. } => Some(caption.clone().unwrap_or_default()),
-                _ => None,
-            };
-            if let Some(text) = shown {
-                let stored = StoredMessage {
-                    local_id: 0,
-                    id,
-                    group_id: group,
-                    sender: self.account.account_id,
-                    is_event: false,
-                    text,
-                    sent_at,
-                    outgoing: true,
-                    attachment: file,
-                    expires_at: expire_after_ms.map(|ms| now_ms() + ms),
-                };
-                self.store.insert_message(&stored, true, now_ms())?;
-            }
-            let entry = OutboxEntry {
-                message_id: id,
-                group_id: group,
-                is_commit: false,
-                request: serde_json::to_string(&request).expect("serialises"),
-                event: None,
-            };
-            self.store.push_outbox(&entry, now_ms())?;
-            Ok(entry)
-        })?;
+        let entry = self
+            .machine()
+            .queue_content(group, id, body, file, now_ms(), &mut rand::rng())
+            .map_err(send_error)?;
         self.send_outbox_entry(&entry).await?;
         Ok(id)
     }
@@ -1072,7 +1019,7 @@ impl FumiClient {
     /// block the mailbox.
     async fn process_envelope(&mut self, delivery: &mut Delivery, seq: u64, bytes: &[u8]) -> Result<(), ClientError> {
         let outcome = self
-            .receiver()
+            .machine()
             .handle_envelope(seq, bytes, now_ms(), &mut rand::rng())
             .map_err(|e| self.receive_error(e))?;
         match outcome {
@@ -1086,14 +1033,15 @@ impl FumiClient {
         delivery.ack(vec![seq]).await
     }
 
-    /// The receive step of the client machine, over this device's MLS state and store.
-    pub(crate) fn receiver(&self) -> Receiver<'_, Provider, Store> {
-        Receiver {
+    /// The client machine over this device's MLS state and store.
+    pub(crate) fn machine(&self) -> Machine<'_, Provider, Store> {
+        Machine {
             device: &self.device,
             store: &self.store,
             me: self.account.account_id,
             my_device: self.account.device_id,
             identity_key: AccountIdentity::from_secret(&self.account.identity_secret).public_key(),
+            profile_key: self.account.profile_key,
         }
     }
 
@@ -1244,17 +1192,7 @@ impl FumiClient {
     /// Nothing is encrypted to a group with devices not yet checked against the key directory,
     /// or with a device the directory never listed.
     fn refuse_unchecked(&self, group: GroupId) -> Result<(), ClientError> {
-        if let Some(reason) = self.store.conversation_refusal(group)? {
-            return Err(ClientError::KeyTransparency(reason));
-        }
-        if self.store.has_pending_arrivals(group)? {
-            return Err(ClientError::Usage(
-                "new members of this conversation are not checked against the key directory yet, or a device \
-                 its account removed is still in it; run `fumi receive` and try again"
-                    .into(),
-            ));
-        }
-        Ok(())
+        self.machine().check_sendable(group).map_err(send_error)
     }
 
     /// Warnings from the last review of this account's key directory entry, once.
@@ -1265,9 +1203,7 @@ impl FumiClient {
     /// Refuses a member whose identity key differs from the one pinned for its account; pins it
     /// on first sight (call only once the key directory confirmed the key).
     fn check_identity(&self, member: &Member) -> Result<(), ClientError> {
-        self.receiver()
-            .check_identity(member)
-            .map_err(|e| self.receive_error(e))
+        self.machine().check_identity(member).map_err(|e| self.receive_error(e))
     }
 
     /// The error for an account that presented another identity key than the pinned one: louder
@@ -1423,6 +1359,16 @@ fn open_device(provider: Provider, account: &AccountRow) -> Result<MlsDevice<Pro
         account.device_id,
         signature_key,
     )?)
+}
+
+/// A send-step error as the user reads it.
+fn send_error(error: SendError) -> ClientError {
+    match error {
+        SendError::Store(e) => e.into(),
+        SendError::Mls(e) => ClientError::Mls(e),
+        SendError::Refused(reason) => ClientError::KeyTransparency(reason),
+        unchecked @ SendError::Unchecked => ClientError::Usage(unchecked.to_string()),
+    }
 }
 
 fn validate_group_name(name: &str) -> Result<String, ClientError> {

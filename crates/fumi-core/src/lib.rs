@@ -40,6 +40,7 @@ pub mod content;
 pub mod form;
 pub mod franking;
 pub mod identity;
+pub mod machine;
 pub mod message;
 pub mod mls;
 pub mod official;
@@ -48,6 +49,7 @@ pub mod profile;
 pub mod receive;
 pub mod safety;
 pub mod sealing;
+pub mod send;
 pub mod store;
 pub mod username;
 

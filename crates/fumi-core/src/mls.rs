@@ -643,17 +643,7 @@ mod tests {
     use openmls_rust_crypto::OpenMlsRustCrypto;
 
     fn device(n: u8) -> MlsDevice<OpenMlsRustCrypto> {
-        let provider = OpenMlsRustCrypto::default();
-        let key = MlsDevice::generate_signature_key(&provider).unwrap();
-        let identity = AccountIdentity::generate(&mut rand::rng());
-        MlsDevice::open(
-            provider,
-            &identity,
-            AccountId::from_bytes([n; 16]),
-            DeviceId::from_bytes([n; 16]),
-            &key,
-        )
-        .unwrap()
+        crate::machine::testing::device(n).0
     }
 
     #[test]

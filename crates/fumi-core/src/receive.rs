@@ -15,8 +15,9 @@ use thiserror::Error;
 
 use crate::content::Body;
 use crate::form::Answers;
+use crate::machine::Machine;
 use crate::message;
-use crate::mls::{Incoming, Member, MlsDevice, MlsError};
+use crate::mls::{Incoming, Member, MlsError};
 use crate::store::{ClientStore, Conversation, FileView, StoreError, StoredMessage, SubmissionRecord};
 use crate::username::Username;
 
@@ -80,21 +81,7 @@ pub enum Outcome {
     Dropped(ReceiveError),
 }
 
-/// One device receiving: its MLS state, its store, and who it is.
-pub struct Receiver<'a, P: OpenMlsProvider, S: ClientStore> {
-    /// The device's MLS state.
-    pub device: &'a MlsDevice<P>,
-    /// The client store (its transactions cover OpenMLS's writes too, natively).
-    pub store: &'a S,
-    /// This device's account.
-    pub me: AccountId,
-    /// This device.
-    pub my_device: DeviceId,
-    /// This account's identity public key.
-    pub identity_key: [u8; 32],
-}
-
-impl<P: OpenMlsProvider, S: ClientStore> Receiver<'_, P, S> {
+impl<P: OpenMlsProvider, S: ClientStore> Machine<'_, P, S> {
     /// Processes the envelope with delivery number `seq` in one store transaction. `Err` only
     /// for a failure of this device: then nothing was stored and the envelope must not be
     /// acknowledged.
@@ -545,6 +532,7 @@ mod tests {
 
     use super::*;
     use crate::AccountIdentity;
+    use crate::mls::MlsDevice;
     use crate::store::MemoryStore;
 
     /// One device with its MLS state in memory and a memory store.
@@ -556,17 +544,7 @@ mod tests {
 
     impl Device {
         fn new(n: u8) -> Self {
-            let provider = OpenMlsRustCrypto::default();
-            let key = MlsDevice::generate_signature_key(&provider).unwrap();
-            let identity = AccountIdentity::generate(&mut rand::rng());
-            let mls = MlsDevice::open(
-                provider,
-                &identity,
-                AccountId::from_bytes([n; 16]),
-                DeviceId::from_bytes([n; 16]),
-                &key,
-            )
-            .unwrap();
+            let (mls, identity) = crate::machine::testing::device(n);
             Self {
                 mls,
                 identity,
@@ -574,13 +552,14 @@ mod tests {
             }
         }
 
-        fn receiver(&self) -> Receiver<'_, OpenMlsRustCrypto, MemoryStore> {
-            Receiver {
+        fn receiver(&self) -> Machine<'_, OpenMlsRustCrypto, MemoryStore> {
+            Machine {
                 device: &self.mls,
                 store: &self.store,
                 me: self.mls.me().account,
                 my_device: self.mls.me().device,
                 identity_key: self.identity.public_key(),
+                profile_key: [9; 32],
             }
         }
 
