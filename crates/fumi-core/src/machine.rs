@@ -37,7 +37,11 @@ pub(crate) mod testing {
 
     /// Device `n` of account `n`, its MLS state in memory, with its identity.
     pub(crate) fn device(n: u8) -> (MlsDevice<OpenMlsRustCrypto>, AccountIdentity) {
-        let provider = OpenMlsRustCrypto::default();
+        open(n, OpenMlsRustCrypto::default())
+    }
+
+    /// Device `n` of account `n` over `provider`, with its identity.
+    pub(crate) fn open<P: openmls_traits::OpenMlsProvider>(n: u8, provider: P) -> (MlsDevice<P>, AccountIdentity) {
         let key = MlsDevice::generate_signature_key(&provider).unwrap();
         let identity = AccountIdentity::generate(&mut rand::rng());
         let device = MlsDevice::open(

@@ -528,31 +528,28 @@ pub fn validate_group_name(name: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use fumi_proto::GroupId;
-    use openmls_rust_crypto::OpenMlsRustCrypto;
 
     use super::*;
     use crate::AccountIdentity;
     use crate::mls::MlsDevice;
-    use crate::store::MemoryStore;
+    use crate::store::{MemoryProvider, MemoryStore};
 
     /// One device with its MLS state in memory and a memory store.
     struct Device {
-        mls: MlsDevice<OpenMlsRustCrypto>,
+        mls: MlsDevice<MemoryProvider>,
         identity: AccountIdentity,
         store: MemoryStore,
     }
 
     impl Device {
         fn new(n: u8) -> Self {
-            let (mls, identity) = crate::machine::testing::device(n);
-            Self {
-                mls,
-                identity,
-                store: MemoryStore::new(),
-            }
+            // The device's MLS state lives in its store: a failed step rolls both back.
+            let store = MemoryStore::new();
+            let (mls, identity) = crate::machine::testing::open(n, store.provider());
+            Self { mls, identity, store }
         }
 
-        fn receiver(&self) -> Machine<'_, OpenMlsRustCrypto, MemoryStore> {
+        fn receiver(&self) -> Machine<'_, MemoryProvider, MemoryStore> {
             Machine {
                 device: &self.mls,
                 store: &self.store,
@@ -677,6 +674,7 @@ mod tests {
             }
         ));
         assert_eq!(bob.store.conversation(group).unwrap(), None, "nothing kept");
+        assert!(!bob.mls.is_member(group), "and the MLS state rolled back with it");
         assert!(bob.store.is_processed(1).unwrap());
     }
 

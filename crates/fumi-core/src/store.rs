@@ -14,8 +14,12 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
 
 use fumi_proto::{AccountId, BlobId, ChannelId, DeviceId, GroupId, MessageId};
+use openmls_memory_storage::MemoryStorage;
+use openmls_rust_crypto::RustCrypto;
+use openmls_traits::OpenMlsProvider;
 use thiserror::Error;
 
 use crate::content::Attachment;
@@ -581,10 +585,37 @@ pub trait ClientStore {
     fn mark_receipt_sent(&self, submission: MessageId) -> Result<(), StoreError>;
 }
 
-/// A store in memory, for tests and for the pair harness.
+/// A store in memory, for tests and for the pair harness. Its transactions cover the OpenMLS
+/// state of the provider it hands out ([`MemoryStore::provider`]), as the SQLite store's cover
+/// the provider that shares its connection: a failed step leaves neither changed.
 #[derive(Default)]
 pub struct MemoryStore {
     tables: RefCell<Tables>,
+    mls: Rc<MemoryStorage>,
+}
+
+/// An OpenMLS provider whose state lives in a [`MemoryStore`].
+pub struct MemoryProvider {
+    crypto: RustCrypto,
+    storage: Rc<MemoryStorage>,
+}
+
+impl OpenMlsProvider for MemoryProvider {
+    type CryptoProvider = RustCrypto;
+    type RandProvider = RustCrypto;
+    type StorageProvider = MemoryStorage;
+
+    fn storage(&self) -> &MemoryStorage {
+        &self.storage
+    }
+
+    fn crypto(&self) -> &RustCrypto {
+        &self.crypto
+    }
+
+    fn rand(&self) -> &RustCrypto {
+        &self.crypto
+    }
 }
 
 #[derive(Default, Clone)]
@@ -666,6 +697,23 @@ impl MemoryStore {
         Self::default()
     }
 
+    /// An OpenMLS provider keeping its state in this store (one per device: hand it to the
+    /// device's `MlsDevice`).
+    pub fn provider(&self) -> MemoryProvider {
+        MemoryProvider {
+            crypto: RustCrypto::default(),
+            storage: self.mls.clone(),
+        }
+    }
+
+    fn mls_values(&self) -> std::collections::HashMap<Vec<u8>, Vec<u8>> {
+        self.mls
+            .values
+            .read()
+            .expect("no step panicked while holding the lock")
+            .clone()
+    }
+
     fn with_conversation(&self, group: GroupId, change: impl FnOnce(&mut Conversation)) -> Result<(), StoreError> {
         if let Some((conversation, _)) = self
             .tables
@@ -682,10 +730,15 @@ impl MemoryStore {
 
 impl ClientStore for MemoryStore {
     fn in_transaction<T, E: From<StoreError>>(&self, f: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
-        let before = self.tables.borrow().clone();
+        let before = (self.tables.borrow().clone(), self.mls_values());
         let result = f();
         if result.is_err() {
-            *self.tables.borrow_mut() = before;
+            *self.tables.borrow_mut() = before.0;
+            *self
+                .mls
+                .values
+                .write()
+                .expect("no step panicked while holding the lock") = before.1;
         }
         result
     }

@@ -10,32 +10,29 @@ use fumi_core::content::Body;
 use fumi_core::machine::Machine;
 use fumi_core::mls::MlsDevice;
 use fumi_core::receive::Outcome;
-use fumi_core::store::{ClientStore, Conversation, MemoryStore, OutboxEntry};
+use fumi_core::store::{ClientStore, Conversation, MemoryProvider, MemoryStore, OutboxEntry};
 use fumi_proto::{AccountId, DeviceId, GroupId, MessageId, SubmitMessage};
-use openmls_rust_crypto::OpenMlsRustCrypto;
 
-/// One device: its MLS state and its store, in memory.
+/// One device: its MLS state and its store, in memory (the MLS state inside the store, so a
+/// failed step rolls both back).
 struct Peer {
-    mls: MlsDevice<OpenMlsRustCrypto>,
+    mls: MlsDevice<MemoryProvider>,
     identity: AccountIdentity,
     store: MemoryStore,
 }
 
 impl Peer {
     fn new(n: u8) -> Self {
-        let provider = OpenMlsRustCrypto::default();
+        let store = MemoryStore::new();
+        let provider = store.provider();
         let key = MlsDevice::generate_signature_key(&provider).unwrap();
         let identity = AccountIdentity::generate(&mut rand::rng());
         let (account, device) = (AccountId::from_bytes([n; 16]), DeviceId::from_bytes([n; 16]));
         let mls = MlsDevice::open(provider, &identity, account, device, &key).unwrap();
-        Self {
-            mls,
-            identity,
-            store: MemoryStore::new(),
-        }
+        Self { mls, identity, store }
     }
 
-    fn machine(&self) -> Machine<'_, OpenMlsRustCrypto, MemoryStore> {
+    fn machine(&self) -> Machine<'_, MemoryProvider, MemoryStore> {
         Machine {
             device: &self.mls,
             store: &self.store,
